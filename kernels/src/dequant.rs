@@ -1,0 +1,247 @@
+//! Scalar reference dequantization of every block format.
+
+use crate::QuantType;
+
+#[inline(always)]
+pub(crate) fn f16_at(b: &[u8], o: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[o], b[o + 1]])).to_f32()
+}
+
+#[inline(always)]
+pub(crate) fn bf16_at(b: &[u8], o: usize) -> f32 {
+    f32::from_bits((u16::from_le_bytes([b[o], b[o + 1]]) as u32) << 16)
+}
+
+#[inline(always)]
+pub(crate) fn f32_at(b: &[u8], o: usize) -> f32 {
+    f32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+#[inline(always)]
+pub(crate) fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+/// Unpacks the 8 (scale, min) 6-bit pairs of a Q4_K / Q5_K block.
+#[inline(always)]
+pub(crate) fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let mut sc = [0u8; 8];
+    let mut mn = [0u8; 8];
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = s[j] & 63;
+            mn[j] = s[j + 4] & 63;
+        } else {
+            sc[j] = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+            mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+    }
+    (sc, mn)
+}
+
+/// Unpacks the 16 signed 6-bit scales of a Q3_K block (already minus 32).
+#[inline(always)]
+pub(crate) fn scales_q3k(s: &[u8]) -> [i8; 16] {
+    let mut out = [0i8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        let lo = if i < 8 { s[i] & 0x0f } else { s[i - 8] >> 4 };
+        let hi = (s[8 + (i % 4)] >> (2 * (i / 4))) & 3;
+        *o = ((lo | (hi << 4)) as i8) - 32;
+    }
+    out
+}
+
+pub(crate) fn dequantize(ty: QuantType, data: &[u8], out: &mut [f32]) {
+    let bs = ty.block_size();
+    let bb = ty.block_bytes();
+    match ty {
+        QuantType::F32 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = f32_at(data, 4 * i);
+            }
+        }
+        QuantType::F16 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = f16_at(data, 2 * i);
+            }
+        }
+        QuantType::BF16 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = bf16_at(data, 2 * i);
+            }
+        }
+        _ => {
+            for (blk, y) in data.chunks_exact(bb).zip(out.chunks_exact_mut(bs)) {
+                dequantize_block(ty, blk, y);
+            }
+        }
+    }
+}
+
+fn dequantize_block(ty: QuantType, b: &[u8], y: &mut [f32]) {
+    match ty {
+        QuantType::Q4_0 => {
+            let d = f16_at(b, 0);
+            let qs = &b[2..18];
+            for j in 0..16 {
+                y[j] = ((qs[j] & 0x0f) as i32 - 8) as f32 * d;
+                y[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
+            }
+        }
+        QuantType::Q4_1 => {
+            let d = f16_at(b, 0);
+            let m = f16_at(b, 2);
+            let qs = &b[4..20];
+            for j in 0..16 {
+                y[j] = (qs[j] & 0x0f) as f32 * d + m;
+                y[j + 16] = (qs[j] >> 4) as f32 * d + m;
+            }
+        }
+        QuantType::Q5_0 => {
+            let d = f16_at(b, 0);
+            let qh = u32_at(b, 2);
+            let qs = &b[6..22];
+            for j in 0..16 {
+                let h0 = ((qh >> j) & 1) << 4;
+                let h1 = ((qh >> (j + 16)) & 1) << 4;
+                y[j] = (((qs[j] & 0x0f) as u32 | h0) as i32 - 16) as f32 * d;
+                y[j + 16] = (((qs[j] >> 4) as u32 | h1) as i32 - 16) as f32 * d;
+            }
+        }
+        QuantType::Q5_1 => {
+            let d = f16_at(b, 0);
+            let m = f16_at(b, 2);
+            let qh = u32_at(b, 4);
+            let qs = &b[8..24];
+            for j in 0..16 {
+                let h0 = ((qh >> j) & 1) << 4;
+                let h1 = ((qh >> (j + 16)) & 1) << 4;
+                y[j] = ((qs[j] & 0x0f) as u32 | h0) as f32 * d + m;
+                y[j + 16] = ((qs[j] >> 4) as u32 | h1) as f32 * d + m;
+            }
+        }
+        QuantType::Q8_0 => {
+            let d = f16_at(b, 0);
+            for j in 0..32 {
+                y[j] = b[2 + j] as i8 as f32 * d;
+            }
+        }
+        QuantType::Q2K => {
+            let scales = &b[0..16];
+            let qs = &b[16..80];
+            let d = f16_at(b, 80);
+            let dmin = f16_at(b, 82);
+            let mut is = 0;
+            let mut yi = 0;
+            for n in 0..2 {
+                let q = &qs[32 * n..32 * n + 32];
+                for shift in [0u32, 2, 4, 6] {
+                    for half in 0..2 {
+                        let sc = scales[is];
+                        is += 1;
+                        let dl = d * (sc & 0x0f) as f32;
+                        let ml = dmin * (sc >> 4) as f32;
+                        for l in 0..16 {
+                            y[yi] = dl * ((q[l + 16 * half] >> shift) & 3) as f32 - ml;
+                            yi += 1;
+                        }
+                    }
+                }
+            }
+        }
+        QuantType::Q3K => {
+            let hm = &b[0..32];
+            let qs = &b[32..96];
+            let sc = scales_q3k(&b[96..108]);
+            let d = f16_at(b, 108);
+            let mut is = 0;
+            let mut yi = 0;
+            let mut m = 1u8;
+            for n in 0..2 {
+                let q = &qs[32 * n..32 * n + 32];
+                for shift in [0u32, 2, 4, 6] {
+                    for half in 0..2 {
+                        let dl = d * sc[is] as f32;
+                        is += 1;
+                        for l in 16 * half..16 * half + 16 {
+                            let v =
+                                ((q[l] >> shift) & 3) as i32 - if hm[l] & m != 0 { 0 } else { 4 };
+                            y[yi] = dl * v as f32;
+                            yi += 1;
+                        }
+                    }
+                    m <<= 1;
+                }
+            }
+        }
+        QuantType::Q4K => {
+            let d = f16_at(b, 0);
+            let dmin = f16_at(b, 2);
+            let (sc, mn) = scale_min_k4(&b[4..16]);
+            let qs = &b[16..144];
+            for j in 0..4 {
+                let q = &qs[32 * j..32 * j + 32];
+                let d1 = d * sc[2 * j] as f32;
+                let m1 = dmin * mn[2 * j] as f32;
+                let d2 = d * sc[2 * j + 1] as f32;
+                let m2 = dmin * mn[2 * j + 1] as f32;
+                for l in 0..32 {
+                    y[64 * j + l] = d1 * (q[l] & 0x0f) as f32 - m1;
+                    y[64 * j + 32 + l] = d2 * (q[l] >> 4) as f32 - m2;
+                }
+            }
+        }
+        QuantType::Q5K => {
+            let d = f16_at(b, 0);
+            let dmin = f16_at(b, 2);
+            let (sc, mn) = scale_min_k4(&b[4..16]);
+            let qh = &b[16..48];
+            let qs = &b[48..176];
+            for j in 0..4 {
+                let q = &qs[32 * j..32 * j + 32];
+                let d1 = d * sc[2 * j] as f32;
+                let m1 = dmin * mn[2 * j] as f32;
+                let d2 = d * sc[2 * j + 1] as f32;
+                let m2 = dmin * mn[2 * j + 1] as f32;
+                let u1 = 1u8 << (2 * j);
+                let u2 = 2u8 << (2 * j);
+                for l in 0..32 {
+                    let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+                    let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+                    y[64 * j + l] = d1 * ((q[l] & 0x0f) + h1) as f32 - m1;
+                    y[64 * j + 32 + l] = d2 * ((q[l] >> 4) + h2) as f32 - m2;
+                }
+            }
+        }
+        QuantType::Q6K => {
+            let ql = &b[0..128];
+            let qh = &b[128..192];
+            let sc = &b[192..208];
+            let d = f16_at(b, 208);
+            for n in 0..2 {
+                let ql = &ql[64 * n..];
+                let qh = &qh[32 * n..];
+                let sc = &sc[8 * n..];
+                let y = &mut y[128 * n..];
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
+                    let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                    y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                    y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                    y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                    y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                }
+            }
+        }
+        QuantType::Q8K => {
+            let d = f32_at(b, 0);
+            for j in 0..256 {
+                y[j] = d * b[4 + j] as i8 as f32;
+            }
+        }
+        QuantType::F32 | QuantType::F16 | QuantType::BF16 => unreachable!(),
+    }
+}

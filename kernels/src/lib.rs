@@ -1,0 +1,303 @@
+//! Quantized GGML block formats and matrix-multiply kernels for qwen-run.
+//!
+//! The public entry point is [`matmul`]: `rows x cols` quantized weights (raw GGUF
+//! bytes) times `n_tokens` f32 activation vectors. Activations are quantized once
+//! per call (Q8 blocks of 32 for the 32-element formats, Q8_K blocks of 256 for
+//! the K-quants) and then combined with the weights using integer dot products.
+//! An AVX2+FMA path is selected at run time; a portable scalar path computes the
+//! same thing and serves as the test reference.
+
+mod act;
+mod dequant;
+mod driver;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use act::{BlockQ8, BlockQ8K};
+
+/// Tensor element types of GGUF files that these kernels understand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    Q8K,
+}
+
+impl QuantType {
+    /// All supported types.
+    pub const ALL: [QuantType; 14] = [
+        QuantType::F32,
+        QuantType::F16,
+        QuantType::BF16,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::Q8_0,
+        QuantType::Q2K,
+        QuantType::Q3K,
+        QuantType::Q4K,
+        QuantType::Q5K,
+        QuantType::Q6K,
+        QuantType::Q8K,
+    ];
+
+    /// Maps a ggml type id (as stored in GGUF tensor infos) to a [`QuantType`].
+    pub fn from_ggml_id(id: u32) -> Option<QuantType> {
+        Some(match id {
+            0 => QuantType::F32,
+            1 => QuantType::F16,
+            2 => QuantType::Q4_0,
+            3 => QuantType::Q4_1,
+            6 => QuantType::Q5_0,
+            7 => QuantType::Q5_1,
+            8 => QuantType::Q8_0,
+            10 => QuantType::Q2K,
+            11 => QuantType::Q3K,
+            12 => QuantType::Q4K,
+            13 => QuantType::Q5K,
+            14 => QuantType::Q6K,
+            15 => QuantType::Q8K,
+            30 => QuantType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// The ggml type id.
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            QuantType::F32 => 0,
+            QuantType::F16 => 1,
+            QuantType::Q4_0 => 2,
+            QuantType::Q4_1 => 3,
+            QuantType::Q5_0 => 6,
+            QuantType::Q5_1 => 7,
+            QuantType::Q8_0 => 8,
+            QuantType::Q2K => 10,
+            QuantType::Q3K => 11,
+            QuantType::Q4K => 12,
+            QuantType::Q5K => 13,
+            QuantType::Q6K => 14,
+            QuantType::Q8K => 15,
+            QuantType::BF16 => 30,
+        }
+    }
+
+    /// ggml-style name ("Q4_K", "F16", ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::F32 => "F32",
+            QuantType::F16 => "F16",
+            QuantType::BF16 => "BF16",
+            QuantType::Q4_0 => "Q4_0",
+            QuantType::Q4_1 => "Q4_1",
+            QuantType::Q5_0 => "Q5_0",
+            QuantType::Q5_1 => "Q5_1",
+            QuantType::Q8_0 => "Q8_0",
+            QuantType::Q2K => "Q2_K",
+            QuantType::Q3K => "Q3_K",
+            QuantType::Q4K => "Q4_K",
+            QuantType::Q5K => "Q5_K",
+            QuantType::Q6K => "Q6_K",
+            QuantType::Q8K => "Q8_K",
+        }
+    }
+
+    /// Elements per block (1 for the float types).
+    pub fn block_size(self) -> usize {
+        match self {
+            QuantType::F32 | QuantType::F16 | QuantType::BF16 => 1,
+            QuantType::Q4_0
+            | QuantType::Q4_1
+            | QuantType::Q5_0
+            | QuantType::Q5_1
+            | QuantType::Q8_0 => 32,
+            QuantType::Q2K
+            | QuantType::Q3K
+            | QuantType::Q4K
+            | QuantType::Q5K
+            | QuantType::Q6K
+            | QuantType::Q8K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantType::F32 => 4,
+            QuantType::F16 | QuantType::BF16 => 2,
+            QuantType::Q4_0 => 18,
+            QuantType::Q4_1 => 20,
+            QuantType::Q5_0 => 22,
+            QuantType::Q5_1 => 24,
+            QuantType::Q8_0 => 34,
+            QuantType::Q2K => 84,
+            QuantType::Q3K => 110,
+            QuantType::Q4K => 144,
+            QuantType::Q5K => 176,
+            QuantType::Q6K => 210,
+            QuantType::Q8K => 292,
+        }
+    }
+
+    /// Bytes of a row of `n` elements, `None` if `n` is not a multiple of the block size.
+    pub fn row_bytes(self, n: usize) -> Option<usize> {
+        let bs = self.block_size();
+        if n % bs != 0 {
+            None
+        } else {
+            Some(n / bs * self.block_bytes())
+        }
+    }
+
+    /// True for the float (non block-quantized) types.
+    pub fn is_float(self) -> bool {
+        matches!(self, QuantType::F32 | QuantType::F16 | QuantType::BF16)
+    }
+}
+
+impl std::fmt::Display for QuantType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Scalar reference dequantization of `out.len()` elements.
+///
+/// `data.len()` must equal `ty.row_bytes(out.len())`; panics otherwise.
+pub fn dequantize(ty: QuantType, data: &[u8], out: &mut [f32]) {
+    let rb = ty.row_bytes(out.len()).unwrap_or_else(|| {
+        panic!(
+            "dequantize {}: {} elements not a multiple of the block size",
+            ty,
+            out.len()
+        )
+    });
+    assert_eq!(data.len(), rb, "dequantize {}: data length mismatch", ty);
+    dequant::dequantize(ty, data, out);
+}
+
+/// Which implementation [`matmul_with`] should use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// Portable scalar code (the reference).
+    Scalar,
+    /// AVX2 + FMA + F16C (x86_64 only; requires those features at run time).
+    Avx2,
+}
+
+impl Backend {
+    /// The best backend available on this machine (detected at run time, cached).
+    pub fn detect() -> Backend {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::sync::OnceLock;
+            static B: OnceLock<Backend> = OnceLock::new();
+            *B.get_or_init(|| {
+                let forced_scalar = std::env::var("QWEN_RUN_KERNELS_SCALAR")
+                    .map(|v| !v.is_empty() && v != "0")
+                    .unwrap_or(false);
+                if !forced_scalar
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+                {
+                    Backend::Avx2
+                } else {
+                    Backend::Scalar
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Backend::Scalar
+        }
+    }
+
+    /// Whether this backend can run on the current machine.
+    pub fn is_available(self) -> bool {
+        match self {
+            Backend::Scalar => true,
+            Backend::Avx2 => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    is_x86_feature_detected!("avx2")
+                        && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("f16c")
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// Which SIMD path [`matmul`] uses: "AVX2+FMA" or "scalar" (detected at run time).
+pub fn simd_name() -> &'static str {
+    match Backend::detect() {
+        Backend::Avx2 => "AVX2+FMA",
+        Backend::Scalar => "scalar",
+    }
+}
+
+/// `y[t*rows + r] = dot(W row r, x[t*cols .. (t+1)*cols])` for `t in 0..n_tokens`.
+///
+/// `w` holds `rows` rows of `cols` elements of type `ty`, row-major, raw GGUF bytes
+/// (no alignment requirement). Runs on the current rayon pool.
+///
+/// Panics if the slice lengths do not match the shapes or `cols` is not a
+/// multiple of the block size.
+pub fn matmul(
+    ty: QuantType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) {
+    driver::matmul(Backend::detect(), ty, w, rows, cols, x, n_tokens, y)
+}
+
+/// [`matmul`] with the portable scalar implementation (reference for tests).
+pub fn matmul_scalar(
+    ty: QuantType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) {
+    driver::matmul(Backend::Scalar, ty, w, rows, cols, x, n_tokens, y)
+}
+
+/// [`matmul`] with an explicit backend. Panics if the backend is not available.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_with(
+    backend: Backend,
+    ty: QuantType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) {
+    assert!(backend.is_available(), "backend {backend:?} not available");
+    driver::matmul(backend, ty, w, rows, cols, x, n_tokens, y)
+}

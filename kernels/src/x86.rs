@@ -1,0 +1,613 @@
+//! AVX2 + FMA + F16C kernels.
+//!
+//! Every weight type has a `tile` computing an `R x T` block of outputs (R weight
+//! rows, T tokens): each weight block is loaded and unpacked once per tile and
+//! combined with the T activation blocks using `maddubs`/`madd` integer dot
+//! products. `gemm` walks a row chunk in tiles.
+
+use crate::act::{BlockQ8, BlockQ8K};
+use crate::driver::{Act, YPtr};
+use crate::QuantType;
+use std::arch::x86_64::*;
+use std::mem::size_of;
+
+const K_Q4_0: u8 = 0;
+const K_Q4_1: u8 = 1;
+const K_Q5_0: u8 = 2;
+const K_Q5_1: u8 = 3;
+const K_Q8_0: u8 = 4;
+const K_Q4K: u8 = 5;
+const K_Q5K: u8 = 6;
+const K_Q6K: u8 = 7;
+const K_Q8K: u8 = 8;
+const K_F32: u8 = 9;
+const K_F16: u8 = 10;
+const K_BF16: u8 = 11;
+
+/// Tokens processed together before moving to the next row tile (keeps the
+/// quantized activations of a token chunk in L2 while weights stream).
+const TOKEN_CHUNK: usize = 64;
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_ld(p: *const u8) -> f32 {
+    let bits = std::ptr::read_unaligned(p as *const u16);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld256(p: *const u8) -> __m256i {
+    _mm256_loadu_si256(p as *const __m256i)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld128(p: *const u8) -> __m128i {
+    _mm_loadu_si128(p as *const __m128i)
+}
+
+/// 16 packed nibbles -> 32 bytes: low nibbles then high nibbles.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles32(p: *const u8) -> __m256i {
+    let v = ld128(p);
+    let m = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(v, m);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), m);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// 32 bits -> 32 bytes, 0xFF where the bit is set.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bits32(p: *const u8) -> __m256i {
+    let qh = std::ptr::read_unaligned(p as *const u32);
+    let v = _mm256_set1_epi32(qh as i32);
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0,
+    );
+    let v = _mm256_shuffle_epi8(v, shuf);
+    let bm = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(v, bm), bm)
+}
+
+const fn q32_block_bytes(k: u8) -> usize {
+    match k {
+        K_Q4_0 => 18,
+        K_Q4_1 => 20,
+        K_Q5_0 => 22,
+        K_Q5_1 => 24,
+        _ => 34,
+    }
+}
+
+/// Unpacks a 32-element block: (values, d, m). Signed values for Q4_0/Q5_0/Q8_0,
+/// unsigned for Q4_1/Q5_1.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack32<const K: u8>(p: *const u8) -> (__m256i, f32, f32) {
+    match K {
+        K_Q4_0 => {
+            let w = _mm256_sub_epi8(nibbles32(p.add(2)), _mm256_set1_epi8(8));
+            (w, f16_ld(p), 0.0)
+        }
+        K_Q4_1 => (nibbles32(p.add(4)), f16_ld(p), f16_ld(p.add(2))),
+        K_Q5_0 => {
+            let hb = bits32(p.add(2));
+            let w = _mm256_or_si256(
+                nibbles32(p.add(6)),
+                _mm256_andnot_si256(hb, _mm256_set1_epi8(0xf0u8 as i8)),
+            );
+            (w, f16_ld(p), 0.0)
+        }
+        K_Q5_1 => {
+            let hb = bits32(p.add(4));
+            let w = _mm256_or_si256(
+                nibbles32(p.add(8)),
+                _mm256_and_si256(hb, _mm256_set1_epi8(0x10)),
+            );
+            (w, f16_ld(p), f16_ld(p.add(2)))
+        }
+        _ => (ld256(p.add(2)), f16_ld(p), 0.0),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q32<const K: u8, const R: usize, const T: usize>(
+    w: *const u8,
+    rb: usize,
+    a: *const u8,
+    astride: usize,
+    nb: usize,
+) -> [[f32; T]; R] {
+    let bb = q32_block_bytes(K);
+    let signed = matches!(K, K_Q4_0 | K_Q5_0 | K_Q8_0);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut corr = [[0f32; T]; R];
+    for b in 0..nb {
+        let mut av = [_mm256_setzero_si256(); T];
+        let mut ad = [0f32; T];
+        let mut asum = [0f32; T];
+        for t in 0..T {
+            let ab = &*(a.add(t * astride) as *const BlockQ8).add(b);
+            av[t] = ld256(ab.qs.as_ptr() as *const u8);
+            ad[t] = ab.d;
+            asum[t] = ab.s;
+        }
+        for r in 0..R {
+            let (wv, dw, mw) = unpack32::<K>(w.add(r * rb + b * bb));
+            if signed {
+                let ax = _mm256_sign_epi8(wv, wv);
+                for t in 0..T {
+                    let sy = _mm256_sign_epi8(av[t], wv);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
+                    acc[r][t] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(p),
+                        _mm256_set1_ps(dw * ad[t]),
+                        acc[r][t],
+                    );
+                }
+            } else {
+                for t in 0..T {
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av[t]), ones);
+                    acc[r][t] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(p),
+                        _mm256_set1_ps(dw * ad[t]),
+                        acc[r][t],
+                    );
+                    corr[r][t] += mw * asum[t];
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum_ps(acc[r][t]) + corr[r][t];
+        }
+    }
+    out
+}
+
+/// Q4_K (FIVE = false) and Q5_K (FIVE = true).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q45k<const FIVE: bool, const R: usize, const T: usize>(
+    w: *const u8,
+    rb: usize,
+    a: *const u8,
+    astride: usize,
+    nb: usize,
+) -> [[f32; T]; R] {
+    let bb = if FIVE { 176 } else { 144 };
+    let m4 = _mm256_set1_epi8(0x0f);
+    let one = _mm256_set1_epi8(1);
+    let two = _mm256_set1_epi8(2);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..nb {
+        for r in 0..R {
+            let p = w.add(r * rb + b * bb);
+            let d = f16_ld(p);
+            let dmin = f16_ld(p.add(2));
+            let s = std::slice::from_raw_parts(p.add(4), 12);
+            let (sc, mn) = crate::dequant::scale_min_k4(s);
+            let mut mins16 = [0i16; 16];
+            for j in 0..8 {
+                mins16[2 * j] = mn[j] as i16;
+                mins16[2 * j + 1] = mn[j] as i16;
+            }
+            let mv = ld256(mins16.as_ptr() as *const u8);
+            let qs = p.add(if FIVE { 48 } else { 16 });
+            let qhv = if FIVE {
+                ld256(p.add(16))
+            } else {
+                _mm256_setzero_si256()
+            };
+            let mut isum = [_mm256_setzero_si256(); T];
+            for j in 0..4 {
+                let q = ld256(qs.add(32 * j));
+                let mut lo = _mm256_and_si256(q, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                if FIVE {
+                    let h = _mm256_srl_epi16(qhv, _mm_cvtsi32_si128(2 * j as i32));
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(h, one)));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16::<3>(_mm256_and_si256(h, two)));
+                }
+                let s0 = _mm256_set1_epi16(sc[2 * j] as i16);
+                let s1 = _mm256_set1_epi16(sc[2 * j + 1] as i16);
+                for t in 0..T {
+                    let ab = &*(a.add(t * astride) as *const BlockQ8K).add(b);
+                    let aq = ab.qs.as_ptr() as *const u8;
+                    let a0 = ld256(aq.add(64 * j));
+                    let a1 = ld256(aq.add(64 * j + 32));
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), s0);
+                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), s1);
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(p0, p1));
+                }
+            }
+            for t in 0..T {
+                let ab = &*(a.add(t * astride) as *const BlockQ8K).add(b);
+                let pm = _mm256_madd_epi16(ld256(ab.bsums.as_ptr() as *const u8), mv);
+                acc[r][t] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(isum[t]),
+                    _mm256_set1_ps(d * ab.d),
+                    acc[r][t],
+                );
+                acc[r][t] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(pm),
+                    _mm256_set1_ps(-dmin * ab.d),
+                    acc[r][t],
+                );
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q6k<const R: usize, const T: usize>(
+    w: *const u8,
+    rb: usize,
+    a: *const u8,
+    astride: usize,
+    nb: usize,
+) -> [[f32; T]; R] {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m3 = _mm256_set1_epi8(3);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..nb {
+        for r in 0..R {
+            let p = w.add(r * rb + b * 210);
+            let d = f16_ld(p.add(208));
+            let sc = std::slice::from_raw_parts(p.add(192) as *const i8, 16);
+            let sc16 = _mm256_cvtepi8_epi16(ld128(p.add(192)));
+            let mut isum = [_mm256_setzero_si256(); T];
+            for n in 0..2 {
+                let qla = ld256(p.add(64 * n));
+                let qlb = ld256(p.add(64 * n + 32));
+                let qh = ld256(p.add(128 + 32 * n));
+                let q = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(qla, m4),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m3)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(qlb, m4),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m3)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(qla), m4),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m3)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(qlb), m4),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m3)),
+                    ),
+                ];
+                for (k, qk) in q.iter().enumerate() {
+                    let g = 8 * n + 2 * k;
+                    let sv = _mm256_set_m128i(
+                        _mm_set1_epi16(sc[g + 1] as i16),
+                        _mm_set1_epi16(sc[g] as i16),
+                    );
+                    for t in 0..T {
+                        let ab = &*(a.add(t * astride) as *const BlockQ8K).add(b);
+                        let av = ld256((ab.qs.as_ptr() as *const u8).add(128 * n + 32 * k));
+                        let pr = _mm256_madd_epi16(_mm256_maddubs_epi16(*qk, av), sv);
+                        isum[t] = _mm256_add_epi32(isum[t], pr);
+                    }
+                }
+            }
+            for t in 0..T {
+                let ab = &*(a.add(t * astride) as *const BlockQ8K).add(b);
+                let c = _mm256_madd_epi16(ld256(ab.bsums.as_ptr() as *const u8), sc16);
+                let i = _mm256_sub_epi32(isum[t], _mm256_slli_epi32::<5>(c));
+                acc[r][t] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(d * ab.d), acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q8k<const R: usize, const T: usize>(
+    w: *const u8,
+    rb: usize,
+    a: *const u8,
+    astride: usize,
+    nb: usize,
+) -> [[f32; T]; R] {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..nb {
+        for r in 0..R {
+            let p = w.add(r * rb + b * 292);
+            let d = std::ptr::read_unaligned(p as *const f32);
+            let mut isum = [_mm256_setzero_si256(); T];
+            for k in 0..8 {
+                let wv = ld256(p.add(4 + 32 * k));
+                let ax = _mm256_sign_epi8(wv, wv);
+                for t in 0..T {
+                    let ab = &*(a.add(t * astride) as *const BlockQ8K).add(b);
+                    let av = ld256((ab.qs.as_ptr() as *const u8).add(32 * k));
+                    let sy = _mm256_sign_epi8(av, wv);
+                    let pr = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
+                    isum[t] = _mm256_add_epi32(isum[t], pr);
+                }
+            }
+            for t in 0..T {
+                let ab = &*(a.add(t * astride) as *const BlockQ8K).add(b);
+                acc[r][t] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(isum[t]),
+                    _mm256_set1_ps(d * ab.d),
+                    acc[r][t],
+                );
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8<const K: u8>(row: *const u8, k: usize) -> __m256 {
+    match K {
+        K_F32 => _mm256_loadu_ps((row as *const f32).add(k)),
+        K_F16 => _mm256_cvtph_ps(ld128(row.add(2 * k))),
+        _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(ld128(
+            row.add(2 * k),
+        )))),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load1<const K: u8>(row: *const u8, k: usize) -> f32 {
+    match K {
+        K_F32 => std::ptr::read_unaligned((row as *const f32).add(k)),
+        K_F16 => f16_ld(row.add(2 * k)),
+        _ => f32::from_bits((std::ptr::read_unaligned(row.add(2 * k) as *const u16) as u32) << 16),
+    }
+}
+
+/// Float weights (F32/F16/BF16) against f32 activations; `cols` elements.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_float<const K: u8, const R: usize, const T: usize>(
+    w: *const u8,
+    rb: usize,
+    a: *const u8,
+    astride: usize,
+    cols: usize,
+) -> [[f32; T]; R] {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let n8 = cols / 8 * 8;
+    let mut k = 0;
+    while k < n8 {
+        let mut xs = [_mm256_setzero_ps(); T];
+        for t in 0..T {
+            xs[t] = _mm256_loadu_ps((a.add(t * astride) as *const f32).add(k));
+        }
+        for r in 0..R {
+            let wv = load8::<K>(w.add(r * rb), k);
+            for t in 0..T {
+                acc[r][t] = _mm256_fmadd_ps(wv, xs[t], acc[r][t]);
+            }
+        }
+        k += 8;
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            let mut s = hsum_ps(acc[r][t]);
+            for kk in n8..cols {
+                s += load1::<K>(w.add(r * rb), kk) * *(a.add(t * astride) as *const f32).add(kk);
+            }
+            out[r][t] = s;
+        }
+    }
+    out
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile<const K: u8, const R: usize, const T: usize>(
+    w: *const u8,
+    rb: usize,
+    a: *const u8,
+    astride: usize,
+    nb: usize,
+) -> [[f32; T]; R] {
+    match K {
+        K_Q4_0 | K_Q4_1 | K_Q5_0 | K_Q5_1 | K_Q8_0 => tile_q32::<K, R, T>(w, rb, a, astride, nb),
+        K_Q4K => tile_q45k::<false, R, T>(w, rb, a, astride, nb),
+        K_Q5K => tile_q45k::<true, R, T>(w, rb, a, astride, nb),
+        K_Q6K => tile_q6k::<R, T>(w, rb, a, astride, nb),
+        K_Q8K => tile_q8k::<R, T>(w, rb, a, astride, nb),
+        _ => tile_float::<K, R, T>(w, rb, a, astride, nb),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_tiles<const K: u8, const R: usize, const T: usize>(
+    w: *const u8,
+    rb: usize,
+    a: *const u8,
+    astride: usize,
+    nb: usize,
+    t0: usize,
+    t1: usize,
+    y: *mut f32,
+    ystride: usize,
+) {
+    let mut t = t0;
+    while t + T <= t1 {
+        let o = tile::<K, R, T>(w, rb, a.add(t * astride), astride, nb);
+        for (r, or) in o.iter().enumerate() {
+            for (j, v) in or.iter().enumerate() {
+                *y.add((t + j) * ystride + r) = *v;
+            }
+        }
+        t += T;
+    }
+    while t < t1 {
+        let o = tile::<K, R, 1>(w, rb, a.add(t * astride), astride, nb);
+        for (r, or) in o.iter().enumerate() {
+            *y.add(t * ystride + r) = or[0];
+        }
+        t += 1;
+    }
+}
+
+/// Rows `0..nrows` (starting at `w`, outputs at `y`) for all `ntok` tokens.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm<const K: u8, const R: usize, const T: usize>(
+    w: *const u8,
+    rb: usize,
+    nrows: usize,
+    a: *const u8,
+    astride: usize,
+    nb: usize,
+    ntok: usize,
+    y: *mut f32,
+    ystride: usize,
+) {
+    let mut tc = 0;
+    while tc < ntok {
+        let te = (tc + TOKEN_CHUNK).min(ntok);
+        let mut r = 0;
+        while r + R <= nrows {
+            row_tiles::<K, R, T>(w.add(r * rb), rb, a, astride, nb, tc, te, y.add(r), ystride);
+            r += R;
+        }
+        while r < nrows {
+            row_tiles::<K, 1, T>(w.add(r * rb), rb, a, astride, nb, tc, te, y.add(r), ystride);
+            r += 1;
+        }
+        tc = te;
+    }
+}
+
+/// AVX2 implementation of rows `r0..r1` for all tokens.
+///
+/// # Safety
+/// Requires AVX2, FMA and F16C; `y` must be valid for `n_tokens * rows` writes and
+/// rows `r0..r1` must not be written concurrently by anyone else.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn chunk_rows(
+    ty: QuantType,
+    w: &[u8],
+    rb: usize,
+    rows: usize,
+    cols: usize,
+    act: Act<'_>,
+    n_tokens: usize,
+    y: YPtr,
+    r0: usize,
+    r1: usize,
+) {
+    let nrows = r1 - r0;
+    let wp = w.as_ptr().add(r0 * rb);
+    let yp = y.0.add(r0);
+    macro_rules! q8 {
+        ($k:expr, $a:expr) => {{
+            let nb = cols / 32;
+            gemm::<{ $k }, 4, 4>(
+                wp,
+                rb,
+                nrows,
+                $a.as_ptr() as *const u8,
+                nb * size_of::<BlockQ8>(),
+                nb,
+                n_tokens,
+                yp,
+                rows,
+            )
+        }};
+    }
+    macro_rules! q8k {
+        ($k:expr, $a:expr) => {{
+            let nb = cols / 256;
+            gemm::<{ $k }, 4, 4>(
+                wp,
+                rb,
+                nrows,
+                $a.as_ptr() as *const u8,
+                nb * size_of::<BlockQ8K>(),
+                nb,
+                n_tokens,
+                yp,
+                rows,
+            )
+        }};
+    }
+    macro_rules! fl {
+        ($k:expr, $x:expr) => {{
+            gemm::<{ $k }, 4, 2>(
+                wp,
+                rb,
+                nrows,
+                $x.as_ptr() as *const u8,
+                cols * 4,
+                cols,
+                n_tokens,
+                yp,
+                rows,
+            )
+        }};
+    }
+    match (ty, act) {
+        (QuantType::Q4_0, Act::Q8(a)) => q8!(K_Q4_0, a),
+        (QuantType::Q4_1, Act::Q8(a)) => q8!(K_Q4_1, a),
+        (QuantType::Q5_0, Act::Q8(a)) => q8!(K_Q5_0, a),
+        (QuantType::Q5_1, Act::Q8(a)) => q8!(K_Q5_1, a),
+        (QuantType::Q8_0, Act::Q8(a)) => q8!(K_Q8_0, a),
+        (QuantType::Q4K, Act::Q8K(a)) => q8k!(K_Q4K, a),
+        (QuantType::Q5K, Act::Q8K(a)) => q8k!(K_Q5K, a),
+        (QuantType::Q6K, Act::Q8K(a)) => q8k!(K_Q6K, a),
+        (QuantType::Q8K, Act::Q8K(a)) => q8k!(K_Q8K, a),
+        (QuantType::F32, Act::F32(x)) => fl!(K_F32, x),
+        (QuantType::F16, Act::F32(x)) => fl!(K_F16, x),
+        (QuantType::BF16, Act::F32(x)) => fl!(K_BF16, x),
+        _ => crate::driver::chunk_rows_scalar(ty, w, rb, rows, cols, act, n_tokens, y, r0, r1),
+    }
+}

@@ -1,0 +1,294 @@
+//! Correctness of dequantization (against candle) and of matmul (SIMD and
+//! scalar against dequantize + f64 dot).
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use qwen_run_kernels::{dequantize, matmul, matmul_scalar, matmul_with, Backend, QuantType};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn candle_dtype(ty: QuantType) -> Option<GgmlDType> {
+    Some(match ty {
+        QuantType::Q4_0 => GgmlDType::Q4_0,
+        QuantType::Q4_1 => GgmlDType::Q4_1,
+        QuantType::Q5_0 => GgmlDType::Q5_0,
+        QuantType::Q5_1 => GgmlDType::Q5_1,
+        QuantType::Q8_0 => GgmlDType::Q8_0,
+        QuantType::Q2K => GgmlDType::Q2K,
+        QuantType::Q3K => GgmlDType::Q3K,
+        QuantType::Q4K => GgmlDType::Q4K,
+        QuantType::Q5K => GgmlDType::Q5K,
+        QuantType::Q6K => GgmlDType::Q6K,
+        QuantType::Q8K => GgmlDType::Q8K,
+        _ => return None,
+    })
+}
+
+fn random_values(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            // roughly gaussian, with an occasional outlier and a per-32 offset
+            let g: f32 = (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 0.5;
+            let o = if rng.random_range(0..97) == 0 {
+                4.0
+            } else {
+                1.0
+            };
+            g * o + 0.1 * ((i / 32) % 5) as f32 - 0.2
+        })
+        .collect()
+}
+
+/// Raw bytes of `rows x cols` weights of type `ty`, plus the exact values they encode.
+fn make_weights(ty: QuantType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let vals = random_values(&mut rng, rows * cols);
+    match ty {
+        QuantType::F32 => {
+            let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (bytes, vals)
+        }
+        QuantType::F16 => {
+            let h: Vec<half::f16> = vals.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let bytes = h.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (bytes, h.iter().map(|v| v.to_f32()).collect())
+        }
+        QuantType::BF16 => {
+            let h: Vec<half::bf16> = vals.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let bytes = h.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (bytes, h.iter().map(|v| v.to_f32()).collect())
+        }
+        _ => {
+            let t = Tensor::from_vec(vals, (rows, cols), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&t, candle_dtype(ty).unwrap()).unwrap();
+            let bytes = q.data().unwrap().to_vec();
+            let deq = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            (bytes, deq)
+        }
+    }
+}
+
+#[test]
+fn ids_names_sizes() {
+    for ty in QuantType::ALL {
+        assert_eq!(QuantType::from_ggml_id(ty.ggml_id()), Some(ty));
+        let rb = ty.row_bytes(ty.block_size() * 3).unwrap();
+        assert_eq!(rb, 3 * ty.block_bytes());
+        if let Some(cd) = candle_dtype(ty) {
+            assert_eq!(cd.block_size(), ty.block_size(), "{ty}");
+            assert_eq!(cd.type_size(), ty.block_bytes(), "{ty}");
+        }
+    }
+    assert_eq!(QuantType::Q4K.name(), "Q4_K");
+    assert_eq!(QuantType::Q4_0.name(), "Q4_0");
+    assert_eq!(QuantType::from_ggml_id(30), Some(QuantType::BF16));
+    assert_eq!(QuantType::from_ggml_id(4), None);
+    assert_eq!(QuantType::Q4K.row_bytes(100), None);
+    assert_eq!(QuantType::F16.row_bytes(7), Some(14));
+}
+
+#[test]
+fn dequantize_matches_candle() {
+    for (i, ty) in QuantType::ALL.into_iter().enumerate() {
+        let (rows, cols) = (6, 768);
+        let (bytes, reference) = make_weights(ty, rows, cols, 100 + i as u64);
+        assert_eq!(bytes.len(), ty.row_bytes(cols).unwrap() * rows, "{ty}");
+        // whole tensor at once and row by row (unaligned starting offsets)
+        let mut out = vec![0f32; rows * cols];
+        dequantize(ty, &bytes, &mut out);
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut out_rows = vec![0f32; rows * cols];
+        for r in 0..rows {
+            let mut shifted = vec![0u8; rb + 1];
+            shifted[1..].copy_from_slice(&bytes[r * rb..(r + 1) * rb]);
+            dequantize(ty, &shifted[1..], &mut out_rows[r * cols..(r + 1) * cols]);
+        }
+        for (j, ((&a, &b), &c)) in out.iter().zip(&reference).zip(&out_rows).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                "{ty}: element {j}: ours {a} candle {b}"
+            );
+            assert_eq!(
+                a.to_bits(),
+                c.to_bits(),
+                "{ty}: row-wise dequantization differs"
+            );
+        }
+    }
+}
+
+/// Checks both backends against the f64 reference for one shape.
+fn check_matmul(ty: QuantType, rows: usize, cols: usize, n_tokens: usize, seed: u64) {
+    let (bytes, wv) = make_weights(ty, rows, cols, seed);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xabcdef);
+    let x = random_values(&mut rng, n_tokens * cols);
+    // f64 reference on the exact weight values, and a rigorous bound on the
+    // error introduced by quantizing the activations (|dx| <= amax_block / 254).
+    let blk = match ty.block_size() {
+        1 => 0,
+        b => b,
+    };
+    let mut reference = vec![0f64; n_tokens * rows];
+    let mut bound = vec![0f64; n_tokens * rows];
+    for t in 0..n_tokens {
+        let xt = &x[t * cols..(t + 1) * cols];
+        let dx: Vec<f64> = if blk == 0 {
+            vec![0.0; cols]
+        } else {
+            xt.chunks(blk)
+                .flat_map(|c| {
+                    let amax = c.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                    std::iter::repeat_n(amax / 254.0, c.len())
+                })
+                .collect()
+        };
+        for r in 0..rows {
+            let wr = &wv[r * cols..(r + 1) * cols];
+            let mut s = 0f64;
+            let mut e = 0f64;
+            let mut mag = 0f64;
+            for k in 0..cols {
+                s += wr[k] as f64 * xt[k] as f64;
+                e += (wr[k] as f64).abs() * dx[k];
+                mag += (wr[k] as f64 * xt[k] as f64).abs();
+            }
+            reference[t * rows + r] = s;
+            bound[t * rows + r] = e * 1.01 + 2e-5 * mag + 1e-5;
+        }
+    }
+    let mut ys = vec![f32::NAN; n_tokens * rows];
+    matmul_scalar(ty, &bytes, rows, cols, &x, n_tokens, &mut ys);
+    let mut yd = vec![f32::NAN; n_tokens * rows];
+    matmul(ty, &bytes, rows, cols, &x, n_tokens, &mut yd);
+    for i in 0..n_tokens * rows {
+        let what = format!(
+            "{ty} rows={rows} cols={cols} n={n_tokens} t={} r={}",
+            i / rows,
+            i % rows
+        );
+        assert!(
+            (ys[i] as f64 - reference[i]).abs() <= bound[i],
+            "scalar {what}: {} vs {} (bound {})",
+            ys[i],
+            reference[i],
+            bound[i]
+        );
+        assert!(
+            (yd[i] as f64 - reference[i]).abs() <= bound[i],
+            "{} {what}: {} vs {} (bound {})",
+            qwen_run_kernels::simd_name(),
+            yd[i],
+            reference[i],
+            bound[i]
+        );
+        // both backends quantize activations identically: they differ only by
+        // float summation order.
+        let scale = 1e-5 * (bound[i] + reference[i].abs()) + 1e-6;
+        assert!(
+            (yd[i] - ys[i]).abs() as f64 <= scale.max(2e-5 * ys[i].abs() as f64 + 1e-5),
+            "simd vs scalar {what}: {} vs {}",
+            yd[i],
+            ys[i]
+        );
+    }
+}
+
+#[test]
+fn matmul_all_types_shapes() {
+    let mut seed = 1;
+    for ty in QuantType::ALL {
+        let bs = ty.block_size().max(32);
+        let col_options = if ty.block_size() == 1 {
+            vec![8, 37, 96]
+        } else {
+            vec![bs, 3 * bs]
+        };
+        for &cols in &col_options {
+            for &(rows, n_tokens) in &[(1, 1), (5, 3), (13, 7), (9, 64), (37, 1), (6, 5)] {
+                check_matmul(ty, rows, cols, n_tokens, seed);
+                seed += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_larger_shapes() {
+    // enough rows to be split across tasks, rows not a multiple of 4
+    for (i, ty) in [
+        QuantType::Q4_0,
+        QuantType::Q5_0,
+        QuantType::Q8_0,
+        QuantType::Q4_1,
+        QuantType::Q5_1,
+        QuantType::Q4K,
+        QuantType::Q5K,
+        QuantType::Q6K,
+        QuantType::F16,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check_matmul(ty, 203, 512, 1, 500 + i as u64);
+        check_matmul(ty, 67, 512, 70, 600 + i as u64);
+    }
+}
+
+#[test]
+fn matmul_in_custom_pools() {
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            check_matmul(QuantType::Q4K, 101, 512, 5, 7);
+            check_matmul(QuantType::Q8_0, 130, 256, 1, 8);
+        });
+    }
+}
+
+#[test]
+fn backends_and_name() {
+    let name = qwen_run_kernels::simd_name();
+    assert!(name == "AVX2+FMA" || name == "scalar");
+    assert!(Backend::Scalar.is_available());
+    if Backend::Avx2.is_available() {
+        let (bytes, _) = make_weights(QuantType::Q6K, 8, 256, 3);
+        let x = vec![0.5f32; 256 * 2];
+        let mut a = vec![0f32; 16];
+        let mut b = vec![0f32; 16];
+        matmul_with(Backend::Avx2, QuantType::Q6K, &bytes, 8, 256, &x, 2, &mut a);
+        matmul_with(
+            Backend::Scalar,
+            QuantType::Q6K,
+            &bytes,
+            8,
+            256,
+            &x,
+            2,
+            &mut b,
+        );
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() <= 1e-4 * q.abs().max(1.0));
+        }
+    }
+}
+
+#[test]
+fn unaligned_weights_and_zero_activations() {
+    let (bytes, _) = make_weights(QuantType::Q5_0, 12, 128, 11);
+    let mut buf = vec![0u8; bytes.len() + 3];
+    buf[3..].copy_from_slice(&bytes);
+    let x = vec![0f32; 128 * 2];
+    let mut y = vec![1f32; 24];
+    matmul(QuantType::Q5_0, &buf[3..], 12, 128, &x, 2, &mut y);
+    assert!(y.iter().all(|&v| v == 0.0));
+    check_matmul(QuantType::Q8_0, 4, 64, 2, 12);
+}

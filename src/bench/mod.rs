@@ -1,0 +1,279 @@
+//! `qwen-run bench`: llama-bench's tests (pp = prompt processing, tg = text generation) and its
+//! table, plus what llama-bench does not report: load time, time to first token, peak RSS and
+//! decode speed against the memory-bandwidth roofline.
+
+mod roofline;
+
+pub use roofline::{decode_bytes_per_token, measure_read_bandwidth};
+
+use crate::engine::{Engine, LoadOptions};
+use crate::model::Logits;
+use anyhow::{bail, Result};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub load: LoadOptions,
+    pub prompt_lens: Vec<usize>,
+    pub gen_lens: Vec<usize>,
+    pub threads: Vec<usize>,
+    pub repetitions: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub model: String,
+    pub size_bytes: u64,
+    pub params: u64,
+    pub backend: String,
+    pub threads: usize,
+    pub test: String,
+    pub n_tokens: usize,
+    pub samples_ts: Vec<f64>,
+    pub avg_ts: f64,
+    pub stddev_ts: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchExtras {
+    pub load_s: f64,
+    pub ttft_ms: f64,
+    pub ttft_prompt_tokens: usize,
+    pub peak_rss_mib: f64,
+    pub read_bandwidth_gbs: f64,
+    pub decode_bytes_per_token: u64,
+    /// Decode t/s of the last tg test divided by bandwidth / bytes per token.
+    pub roofline_pct: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub rows: Vec<BenchRow>,
+    pub extras: BenchExtras,
+}
+
+pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    if opts.repetitions == 0 {
+        bail!("-r/--repetitions must be at least 1");
+    }
+    let mut rows = Vec::new();
+    let mut load_s = 0.0;
+    let mut ttft_ms = 0.0;
+    let mut ttft_prompt_tokens = 0;
+    let mut bytes_per_token = 0;
+    for &threads in &opts.threads {
+        let mut load = opts.load.clone();
+        load.threads = threads;
+        let need = opts.prompt_lens.iter().chain(&opts.gen_lens).copied().max().unwrap_or(0) + 1;
+        if load.ctx_size == 0 {
+            load.ctx_size = need.max(512);
+        }
+        let engine = Engine::load(&load)?;
+        if need > engine.ctx_size {
+            bail!("a test needs {need} positions but --ctx-size is {}", engine.ctx_size);
+        }
+        load_s = engine.load_time.as_secs_f64();
+        bytes_per_token = decode_bytes_per_token(&engine);
+        let ttft = time_to_first_token(&engine)?;
+        ttft_ms = ttft.0.as_secs_f64() * 1e3;
+        ttft_prompt_tokens = ttft.1;
+        let tests = opts
+            .prompt_lens
+            .iter()
+            .filter(|&&n| n > 0)
+            .map(|&n| (format!("pp{n}"), n, true))
+            .chain(opts.gen_lens.iter().filter(|&&n| n > 0).map(|&n| (format!("tg{n}"), n, false)));
+        for (name, n, is_prompt) in tests {
+            let once = |e: &Engine| if is_prompt { time_prompt(e, n) } else { time_generation(e, n) };
+            once(&engine)?; // warm-up, as llama-bench does
+            let samples = (0..opts.repetitions)
+                .map(|_| once(&engine).map(|d| n as f64 / d.as_secs_f64()))
+                .collect::<Result<Vec<f64>>>()?;
+            let (avg, sd) = mean_sd(&samples);
+            rows.push(BenchRow {
+                model: model_label(&engine),
+                size_bytes: engine.gguf.tensors.iter().map(|t| t.size as u64).sum(),
+                params: engine.gguf.tensors.iter().map(|t| t.elements() as u64).sum(),
+                backend: engine.device_name(),
+                threads: engine.threads,
+                test: name,
+                n_tokens: n,
+                samples_ts: samples,
+                avg_ts: avg,
+                stddev_ts: sd,
+            });
+        }
+    }
+    let read_bandwidth_gbs = measure_read_bandwidth(*opts.threads.iter().max().unwrap_or(&1));
+    let roofline_pct = rows
+        .iter()
+        .rev()
+        .find(|r| r.test.starts_with("tg"))
+        .map(|r| 100.0 * r.avg_ts * bytes_per_token as f64 / (read_bandwidth_gbs * 1e9));
+    Ok(BenchReport {
+        rows,
+        extras: BenchExtras {
+            load_s,
+            ttft_ms,
+            ttft_prompt_tokens,
+            peak_rss_mib: peak_rss_bytes() as f64 / (1 << 20) as f64,
+            read_bandwidth_gbs,
+            decode_bytes_per_token: bytes_per_token,
+            roofline_pct,
+        },
+    })
+}
+
+/// Token ids spread over the vocabulary, like llama-bench's random prompt; fixed so runs compare.
+fn bench_tokens(engine: &Engine, n: usize) -> Vec<u32> {
+    let vocab = engine.config().vocab_size.min(150_000) as u64;
+    (0..n as u64).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
+}
+
+fn time_prompt(engine: &Engine, n: usize) -> Result<Duration> {
+    let tokens = bench_tokens(engine, n);
+    let mut session = engine.new_session()?;
+    let t0 = Instant::now();
+    engine.forward(&mut session, &tokens, Logits::Last)?;
+    Ok(t0.elapsed())
+}
+
+/// n single-token steps from an almost empty context, as llama-bench's tg test runs them.
+fn time_generation(engine: &Engine, n: usize) -> Result<Duration> {
+    let tokens = bench_tokens(engine, n);
+    let mut session = engine.new_session()?;
+    let t0 = Instant::now();
+    for &t in &tokens {
+        engine.forward(&mut session, &[t], Logits::Last)?;
+    }
+    Ok(t0.elapsed())
+}
+
+/// A short chat prompt from an empty cache to the first sampled token.
+fn time_to_first_token(engine: &Engine) -> Result<(Duration, usize)> {
+    let messages = [crate::tokenizer::Message::new("user", "Write a haiku about Rust.")];
+    let tokens = engine.tokenizer.encode(&engine.template.render(&messages, None, true)?)?;
+    let mut sampler = crate::sampler::Sampler::new(crate::sampler::SamplingParams::greedy())?;
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let mut session = engine.new_session()?;
+        let g = engine.generate(&mut session, &tokens, 1, &mut sampler, |_| true)?;
+        best = best.min(g.ttft);
+    }
+    Ok((best, tokens.len()))
+}
+
+fn mean_sd(x: &[f64]) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mean = x.iter().sum::<f64>() / n;
+    let var = if x.len() > 1 { x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+fn model_label(engine: &Engine) -> String {
+    let g = &engine.gguf;
+    let arch = g.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("?");
+    let size = g.get("general.size_label").and_then(|v| v.as_str()).unwrap_or("");
+    let ftype = g.get("general.file_type").and_then(|v| v.as_u64()).map_or("?", file_type_name);
+    format!("{arch} {size} {ftype}").replace("  ", " ")
+}
+
+/// llama.cpp's names for `general.file_type`.
+pub fn file_type_name(ft: u64) -> &'static str {
+    match ft {
+        0 => "all F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K - Medium",
+        11 => "Q3_K - Small",
+        12 => "Q3_K - Medium",
+        13 => "Q3_K - Large",
+        14 => "Q4_K - Small",
+        15 => "Q4_K - Medium",
+        16 => "Q5_K - Small",
+        17 => "Q5_K - Medium",
+        18 => "Q6_K",
+        32 => "BF16",
+        _ => "mixed",
+    }
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes; 0 where /proc is unavailable.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn human_size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.2} MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+fn human_params(n: u64) -> String {
+    if n >= 1_000_000_000 {
+        format!("{:.2} B", n as f64 / 1e9)
+    } else {
+        format!("{:.2} M", n as f64 / 1e6)
+    }
+}
+
+/// llama-bench's markdown table.
+pub fn to_markdown(report: &BenchReport) -> String {
+    let mut s = String::new();
+    s.push_str("| model                          |       size |     params | backend    | threads |            test |                  t/s |\n");
+    s.push_str("| ------------------------------ | ---------: | ---------: | ---------- | ------: | --------------: | -------------------: |\n");
+    for r in &report.rows {
+        s.push_str(&format!(
+            "| {:<30} | {:>10} | {:>10} | {:<10} | {:>7} | {:>15} | {:>20} |\n",
+            r.model,
+            human_size(r.size_bytes),
+            human_params(r.params),
+            r.backend,
+            r.threads,
+            r.test,
+            format!("{:.2} ± {:.2}", r.avg_ts, r.stddev_ts)
+        ));
+    }
+    let e = &report.extras;
+    s.push_str(&format!(
+        "\nload {:.3} s | time to first token {:.1} ms ({} prompt tokens) | peak RSS {:.0} MiB | memory read bandwidth {:.1} GB/s | weights read per token {:.1} MiB",
+        e.load_s,
+        e.ttft_ms,
+        e.ttft_prompt_tokens,
+        e.peak_rss_mib,
+        e.read_bandwidth_gbs,
+        e.decode_bytes_per_token as f64 / (1 << 20) as f64
+    ));
+    if let Some(p) = e.roofline_pct {
+        s.push_str(&format!(" | decode at {p:.0}% of the bandwidth roofline"));
+    }
+    s.push('\n');
+    s
+}
+
+pub fn to_csv(report: &BenchReport) -> String {
+    let mut s = String::from("model,size_bytes,params,backend,threads,test,n_tokens,avg_ts,stddev_ts\n");
+    for r in &report.rows {
+        s.push_str(&format!(
+            "\"{}\",{},{},\"{}\",{},{},{},{:.4},{:.4}\n",
+            r.model, r.size_bytes, r.params, r.backend, r.threads, r.test, r.n_tokens, r.avg_ts, r.stddev_ts
+        ));
+    }
+    s
+}

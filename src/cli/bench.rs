@@ -1,0 +1,26 @@
+use super::BenchArgs;
+use crate::bench::{run, to_csv, to_markdown, BenchOptions};
+use anyhow::Result;
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    let threads = match &args.model.threads[..] {
+        [] => vec![num_cpus::get_physical().max(1)],
+        list => list.to_vec(),
+    };
+    let mut model = args.model.clone();
+    model.threads.truncate(1);
+    let report = run(&BenchOptions {
+        load: model.load_options()?,
+        prompt_lens: args.n_prompt.clone(),
+        gen_lens: args.n_gen.clone(),
+        threads,
+        repetitions: args.repetitions,
+    })?;
+    let text = match args.output.as_str() {
+        "json" => serde_json::to_string_pretty(&report)? + "\n",
+        "csv" => to_csv(&report),
+        _ => to_markdown(&report),
+    };
+    print!("{text}");
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! The `qwen-run` command line.
+
+mod args;
+mod bench;
+mod run;
+
+pub use args::{BenchArgs, Cli, Command, ModelArgs, RunArgs, SamplingArgs};
+
+use clap::Parser;
+
+/// Parses the command line and runs it; returns the process exit code. Every failure is one
+/// readable paragraph on stderr and exit code 1, never a panic or a backtrace.
+pub fn main() -> i32 {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error in qwen-run: {info}. Please report this with the command you ran.");
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let result = std::panic::catch_unwind(|| match cli.command {
+        Some(Command::Run(args)) => run::run(&args),
+        Some(Command::Bench(args)) => bench::bench(&args),
+        None => run::run(&cli.run),
+    });
+    match result {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+        Err(_) => 1,
+    }
+}

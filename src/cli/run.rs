@@ -1,0 +1,71 @@
+use super::RunArgs;
+use crate::engine::{Engine, Generation};
+use crate::sampler::Sampler;
+use crate::tokenizer::Message;
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+
+pub fn run(args: &RunArgs) -> Result<()> {
+    let prompt = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the prompt file {}", f.display()))?,
+        (None, None) => bail!("no prompt given: pass --prompt TEXT or --file FILE"),
+    };
+    let max_tokens = match args.n_predict {
+        n if n < 0 => usize::MAX,
+        n => n as usize,
+    };
+    let mut sampler = Sampler::new(args.sampling.params())?;
+    let engine = Engine::load(&args.model.load_options()?)?;
+    let text = if args.no_chat_template {
+        prompt
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = &args.system {
+            messages.push(Message::new("system", s));
+        }
+        messages.push(Message::new("user", &prompt));
+        engine.template.render(&messages, None, true)?
+    };
+    let tokens = engine.tokenizer.encode(&text)?;
+    let mut session = engine.new_session()?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_failed = false;
+    let generation = engine.generate(&mut session, &tokens, max_tokens, &mut sampler, |piece| {
+        // A closed pipe (`| head`) ends generation quietly instead of failing.
+        write_failed = out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_err();
+        !write_failed
+    })?;
+    if !write_failed {
+        let _ = writeln!(out);
+    }
+    if !args.quiet {
+        eprintln!("{}", report(&engine, &generation));
+    }
+    Ok(())
+}
+
+pub fn report(engine: &Engine, g: &Generation) -> String {
+    let cached = if g.reused_tokens > 0 {
+        format!(" ({} from cache)", g.reused_tokens)
+    } else {
+        String::new()
+    };
+    format!(
+        "\n[qwen-run] load {:.2} s | prompt {} tokens{cached} | time to first token {:.0} ms | prefill {:.1} tok/s | generated {} tokens | decode {:.1} tok/s | stop: {} | {} | {} threads | ctx {} | KV {} {:.0} MiB",
+        engine.load_time.as_secs_f64(),
+        g.prompt_tokens,
+        g.ttft.as_secs_f64() * 1e3,
+        g.prefill_tok_s(),
+        g.tokens.len(),
+        g.decode_tok_s(),
+        g.finish.as_str(),
+        engine.device_name(),
+        engine.threads,
+        engine.ctx_size,
+        engine.cache_type.name(),
+        engine.config().kv_bytes_per_token(engine.cache_type) as f64 * engine.ctx_size as f64 / (1 << 20) as f64,
+    )
+}

@@ -1,0 +1,7 @@
+//! Model code: Qwen2 built from GGUF weights, device-generic over Candle tensors.
+
+mod qwen2;
+mod weights;
+
+pub use qwen2::{check_shapes, Config, Logits, Qwen2};
+pub use weights::{Embedding, Linear, QMatrix};

@@ -1,0 +1,274 @@
+//! Qwen2 / Qwen2.5: a decoder-only transformer with grouped-query attention (q/k/v biases),
+//! rotary embeddings in the NeoX layout, RMSNorm and a SwiGLU MLP.
+
+use super::weights::{load_vector, Embedding, Linear};
+use crate::gguf::GgufFile;
+use crate::kv_cache::{CacheType, KvCache};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_base: f32,
+    pub rms_eps: f32,
+    pub context_length: usize,
+    pub vocab_size: usize,
+}
+
+impl Config {
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Config> {
+        let arch = gguf.get_str("general.architecture")?;
+        if arch != "qwen2" {
+            bail!(
+                "{} is a '{arch}' model; qwen-run runs Qwen2 and Qwen2.5 models (architecture 'qwen2')",
+                gguf.path.display()
+            );
+        }
+        let u = |k: &str| -> Result<usize> { Ok(gguf.get_u64(&format!("qwen2.{k}"))? as usize) };
+        let hidden = u("embedding_length")?;
+        let n_heads = u("attention.head_count")?;
+        let n_kv_heads = gguf
+            .get("qwen2.attention.head_count_kv")
+            .and_then(|v| v.as_u64())
+            .map_or(n_heads, |v| v as usize);
+        if n_heads == 0 || n_kv_heads == 0 || hidden % n_heads != 0 || n_heads % n_kv_heads != 0 {
+            bail!("inconsistent attention shape in {}: hidden {hidden}, {n_heads} heads, {n_kv_heads} KV heads", gguf.path.display());
+        }
+        let embd = gguf.require_tensor("token_embd.weight")?;
+        Ok(Config {
+            n_layers: u("block_count")?,
+            hidden,
+            ffn: u("feed_forward_length")?,
+            n_heads,
+            n_kv_heads,
+            head_dim: hidden / n_heads,
+            rope_base: gguf.get("qwen2.rope.freq_base").and_then(|v| v.as_f64()).unwrap_or(1e6) as f32,
+            rms_eps: gguf
+                .get("qwen2.attention.layer_norm_rms_epsilon")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-6) as f32,
+            context_length: u("context_length")?,
+            vocab_size: *embd.dims.get(1).context("token_embd.weight is not a matrix")?,
+        })
+    }
+
+    pub fn kv_bytes_per_token(&self, ty: CacheType) -> usize {
+        2 * self.n_layers * self.n_kv_heads * self.head_dim * ty.dtype().size_in_bytes()
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Which positions the output head runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position (generation).
+    Last,
+    /// Every position (fidelity checks, perplexity).
+    All,
+}
+
+pub struct Qwen2 {
+    pub cfg: Config,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: Linear,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+    device: Device,
+}
+
+impl Qwen2 {
+    pub fn load(gguf: &Arc<GgufFile>, device: &Device, max_positions: usize) -> Result<Qwen2> {
+        let cfg = Config::from_gguf(gguf)?;
+        let lin = |name: &str, bias: bool| {
+            Linear::load(gguf, &format!("{name}.weight"), bias.then(|| format!("{name}.bias")).as_deref(), device)
+        };
+        let vec = |name: &str| load_vector(gguf, name, device);
+        let layers = (0..cfg.n_layers)
+            .map(|i| {
+                let p = format!("blk.{i}");
+                Ok(Layer {
+                    attn_norm: vec(&format!("{p}.attn_norm.weight"))?,
+                    q: lin(&format!("{p}.attn_q"), true)?,
+                    k: lin(&format!("{p}.attn_k"), true)?,
+                    v: lin(&format!("{p}.attn_v"), true)?,
+                    o: lin(&format!("{p}.attn_output"), false)?,
+                    ffn_norm: vec(&format!("{p}.ffn_norm.weight"))?,
+                    gate: lin(&format!("{p}.ffn_gate"), false)?,
+                    up: lin(&format!("{p}.ffn_up"), false)?,
+                    down: lin(&format!("{p}.ffn_down"), false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed = Embedding::load(gguf, "token_embd.weight")?;
+        let output = match gguf.tensor("output.weight") {
+            Some(_) => lin("output", false)?,
+            None => embed.as_linear(device)?,
+        };
+        let (rope_cos, rope_sin) = rope_tables(cfg.head_dim, cfg.rope_base, max_positions, device)?;
+        Ok(Qwen2 {
+            norm: vec("output_norm.weight")?,
+            cfg,
+            embed,
+            layers,
+            output,
+            rope_cos,
+            rope_sin,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self, capacity: usize, ty: CacheType) -> Result<KvCache> {
+        if capacity > self.rope_cos.dim(0)? {
+            bail!("a cache of {capacity} positions exceeds the {} the model was loaded for", self.rope_cos.dim(0)?);
+        }
+        let c = &self.cfg;
+        KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, capacity, ty, &self.device)
+    }
+
+    /// Runs `tokens` at positions `cache.len()..` and returns logits `[n, vocab]` (f32) for the
+    /// positions `which` asks for.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (n, pos) = (tokens.len(), cache.len());
+        if n == 0 {
+            bail!("forward needs at least one token");
+        }
+        if pos + n > cache.capacity() {
+            bail!(
+                "the context is full: {pos} tokens cached + {n} new exceed the context size {} (raise --ctx-size)",
+                cache.capacity()
+            );
+        }
+        let cos = self.rope_cos.narrow(0, pos, n)?;
+        let sin = self.rope_sin.narrow(0, pos, n)?;
+        let mask = causal_mask(n, pos, &self.device)?;
+        let group = c.n_heads / c.n_kv_heads;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+
+        let mut h = self.embed.forward(tokens, &self.device)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            // Attention.
+            let x = candle_nn::ops::rms_norm(&h, &l.attn_norm, c.rms_eps)?;
+            let heads = |y: Tensor, nh: usize| -> Result<Tensor> {
+                Ok(y.reshape((n, nh, c.head_dim))?.transpose(0, 1)?.contiguous()?)
+            };
+            let q = heads(l.q.forward(&x)?, c.n_heads)?;
+            let k = heads(l.k.forward(&x)?, c.n_kv_heads)?;
+            let v = heads(l.v.forward(&x)?, c.n_kv_heads)?;
+            let q = candle_nn::rotary_emb::rope(&q.unsqueeze(0)?, &cos, &sin)?.squeeze(0)?;
+            let k = candle_nn::rotary_emb::rope(&k.unsqueeze(0)?, &cos, &sin)?.squeeze(0)?;
+            let (k_all, v_all) = cache.append(i, &k, &v)?;
+            // Grouped-query attention: the `group` query heads that share a KV head are stacked as
+            // rows of one matrix, so each KV head is read once.
+            let q = q.reshape((c.n_kv_heads, group * n, c.head_dim))?;
+            let mut att = (q.matmul(&k_all.t()?)? * scale)?;
+            if let Some(mask) = &mask {
+                let l_all = k_all.dim(1)?;
+                att = att
+                    .reshape((c.n_kv_heads, group, n, l_all))?
+                    .broadcast_add(mask)?
+                    .reshape((c.n_kv_heads, group * n, l_all))?;
+            }
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att
+                .matmul(&v_all)?
+                .reshape((c.n_heads, n, c.head_dim))?
+                .transpose(0, 1)?
+                .reshape((n, c.hidden))?;
+            h = (h + l.o.forward(&y)?)?;
+            // MLP.
+            let x = candle_nn::ops::rms_norm(&h, &l.ffn_norm, c.rms_eps)?;
+            let y = (candle_nn::ops::silu(&l.gate.forward(&x)?)? * l.up.forward(&x)?)?;
+            h = (h + l.down.forward(&y)?)?;
+        }
+        cache.advance(n);
+        let h = match which {
+            Logits::Last => h.narrow(0, n - 1, 1)?,
+            Logits::All => h,
+        };
+        let h = candle_nn::ops::rms_norm(&h, &self.norm, c.rms_eps)?;
+        Ok(self.output.forward(&h)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// `[n, pos + n]` additive mask: query `i` (at position `pos + i`) sees keys `0..=pos + i`.
+fn causal_mask(n: usize, pos: usize, device: &Device) -> Result<Option<Tensor>> {
+    if n == 1 {
+        return Ok(None);
+    }
+    let total = pos + n;
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..total).map(move |j| if j <= pos + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (n, total), device)?))
+}
+
+/// cos/sin tables `[positions, head_dim / 2]` for NeoX-style rotary embeddings.
+fn rope_tables(head_dim: usize, base: f32, positions: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| base.powf(-2.0 * i as f32 / head_dim as f32)).collect();
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        for &f in &inv_freq {
+            let theta = p as f32 * f;
+            cos.push(theta.cos());
+            sin.push(theta.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (positions, half), device)?,
+        Tensor::from_vec(sin, (positions, half), device)?,
+    ))
+}
+
+/// Checks that shapes match the config, so a malformed file fails at load with a message.
+pub fn check_shapes(gguf: &GgufFile, cfg: &Config) -> Result<()> {
+    let kv = cfg.n_kv_heads * cfg.head_dim;
+    let expect = |name: &str, dims: &[usize]| -> Result<()> {
+        let t = gguf.require_tensor(name)?;
+        if t.dims != dims {
+            bail!("tensor '{name}' has shape {:?}, expected {dims:?} for this model's config", t.dims);
+        }
+        Ok(())
+    };
+    expect("token_embd.weight", &[cfg.hidden, cfg.vocab_size])?;
+    for i in 0..cfg.n_layers {
+        let p = format!("blk.{i}");
+        expect(&format!("{p}.attn_q.weight"), &[cfg.hidden, cfg.hidden])?;
+        expect(&format!("{p}.attn_k.weight"), &[cfg.hidden, kv])?;
+        expect(&format!("{p}.attn_v.weight"), &[cfg.hidden, kv])?;
+        expect(&format!("{p}.attn_output.weight"), &[cfg.hidden, cfg.hidden])?;
+        expect(&format!("{p}.ffn_gate.weight"), &[cfg.hidden, cfg.ffn])?;
+        expect(&format!("{p}.ffn_up.weight"), &[cfg.hidden, cfg.ffn])?;
+        expect(&format!("{p}.ffn_down.weight"), &[cfg.ffn, cfg.hidden])?;
+    }
+    if gguf.tensor("output.weight").is_some() {
+        expect("output.weight", &[cfg.hidden, cfg.vocab_size])?;
+    }
+    Ok(())
+}

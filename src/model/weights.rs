@@ -1,0 +1,186 @@
+//! Weights as the model uses them: quantized matrices that stay quantized, and small float tensors.
+
+use crate::gguf::{GgufFile, TensorInfo};
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use qwen_run_kernels::QuantType;
+use std::sync::Arc;
+
+/// A `rows x cols` weight matrix in its GGUF block format, read in place from the mapping.
+pub struct QMatrix {
+    file: Arc<GgufFile>,
+    info: TensorInfo,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl QMatrix {
+    pub fn load(file: &Arc<GgufFile>, name: &str) -> Result<QMatrix> {
+        let info = file.require_tensor(name)?.clone();
+        let (cols, rows) = match info.dims[..] {
+            [c] => (c, 1),
+            [c, r] => (c, r),
+            _ => bail!("tensor '{name}' has dimensions {:?}, expected a matrix", info.dims),
+        };
+        Ok(QMatrix {
+            file: file.clone(),
+            info,
+            rows,
+            cols,
+        })
+    }
+
+    pub fn ty(&self) -> QuantType {
+        self.info.ty
+    }
+
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    pub fn data(&self) -> &[u8] {
+        self.file.tensor_data(&self.info)
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        self.info.size / self.rows
+    }
+
+    /// Row `r` as f32 (embedding lookups).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let rb = self.row_bytes();
+        qwen_run_kernels::dequantize(self.ty(), &self.data()[r * rb..(r + 1) * rb], out);
+    }
+
+    pub fn dequantize_all(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        qwen_run_kernels::dequantize(self.ty(), self.data(), &mut out);
+        out
+    }
+
+    fn to_candle(&self, device: &Device) -> Result<candle_core::quantized::QMatMul> {
+        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
+        let dtype = match self.ty() {
+            QuantType::F32 => GgmlDType::F32,
+            QuantType::F16 => GgmlDType::F16,
+            QuantType::BF16 => GgmlDType::BF16,
+            QuantType::Q4_0 => GgmlDType::Q4_0,
+            QuantType::Q4_1 => GgmlDType::Q4_1,
+            QuantType::Q5_0 => GgmlDType::Q5_0,
+            QuantType::Q5_1 => GgmlDType::Q5_1,
+            QuantType::Q8_0 => GgmlDType::Q8_0,
+            QuantType::Q2K => GgmlDType::Q2K,
+            QuantType::Q3K => GgmlDType::Q3K,
+            QuantType::Q4K => GgmlDType::Q4K,
+            QuantType::Q5K => GgmlDType::Q5K,
+            QuantType::Q6K => GgmlDType::Q6K,
+            QuantType::Q8K => GgmlDType::Q8K,
+        };
+        let q = qtensor_from_ggml(dtype, self.data(), vec![self.rows, self.cols], device)?;
+        Ok(QMatMul::from_qtensor(q)?)
+    }
+}
+
+/// `y = x W^T + b`, with W quantized. On the CPU our own kernels read W straight from the
+/// mapping; on other devices Candle's quantized matmul holds a device copy.
+pub enum Linear {
+    Native { w: Arc<QMatrix>, bias: Option<Tensor> },
+    Candle { w: candle_core::quantized::QMatMul, bias: Option<Tensor> },
+}
+
+impl Linear {
+    pub fn load(file: &Arc<GgufFile>, name: &str, bias: Option<&str>, device: &Device) -> Result<Linear> {
+        let w = QMatrix::load(file, name)?;
+        let bias = bias.map(|b| load_vector(file, b, device)).transpose()?;
+        if let Some(b) = &bias {
+            if b.dims1()? != w.rows {
+                bail!("bias of '{name}' has {} elements, expected {}", b.dims1()?, w.rows);
+            }
+        }
+        Ok(match device {
+            Device::Cpu => Linear::Native { w: Arc::new(w), bias },
+            _ => Linear::Candle { w: w.to_candle(device)?, bias },
+        })
+    }
+
+    /// `x`: `[n, cols]` f32 -> `[n, rows]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, bias) = match self {
+            Linear::Native { w, bias } => (x.contiguous()?.apply_op1_no_bwd(&NativeMatMul(w.clone()))?, bias),
+            Linear::Candle { w, bias } => (x.apply(w)?, bias),
+        };
+        Ok(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+struct NativeMatMul(Arc<QMatrix>);
+
+impl CustomOp1 for NativeMatMul {
+    fn name(&self) -> &'static str {
+        "qwen-run-qmatmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = &self.0;
+        let x = match storage {
+            CpuStorage::F32(x) => x,
+            _ => candle_core::bail!("qmatmul expects f32 activations"),
+        };
+        let (n, k) = layout.shape().dims2()?;
+        if k != w.cols {
+            candle_core::bail!("qmatmul: input has {k} columns, weight '{}' has {}", w.name(), w.cols);
+        }
+        let x = match layout.contiguous_offsets() {
+            Some((a, b)) => &x[a..b],
+            None => candle_core::bail!("qmatmul expects a contiguous input"),
+        };
+        let mut y = vec![0f32; n * w.rows];
+        qwen_run_kernels::matmul(w.ty(), w.data(), w.rows, w.cols, x, n, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((n, w.rows))))
+    }
+}
+
+/// A 1-D float tensor (norm weights, biases) as f32 on the device.
+pub fn load_vector(file: &Arc<GgufFile>, name: &str, device: &Device) -> Result<Tensor> {
+    let m = QMatrix::load(file, name)?;
+    let v = m.dequantize_all();
+    Ok(Tensor::from_vec(v, m.rows * m.cols, device)?.to_dtype(DType::F32)?)
+}
+
+/// The token embedding table: rows are dequantized on lookup, so the table stays quantized.
+pub struct Embedding {
+    table: QMatrix,
+}
+
+impl Embedding {
+    pub fn load(file: &Arc<GgufFile>, name: &str) -> Result<Embedding> {
+        Ok(Embedding {
+            table: QMatrix::load(file, name)?,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.table.rows
+    }
+
+    pub fn forward(&self, tokens: &[u32], device: &Device) -> Result<Tensor> {
+        let dim = self.table.cols;
+        let mut out = vec![0f32; tokens.len() * dim];
+        for (row, &t) in out.chunks_exact_mut(dim).zip(tokens) {
+            if t as usize >= self.table.rows {
+                bail!("token id {t} is outside the vocabulary of {} tokens", self.table.rows);
+            }
+            self.table.dequantize_row(t as usize, row);
+        }
+        Ok(Tensor::from_vec(out, (tokens.len(), dim), device)?)
+    }
+
+    /// Tied output heads reuse the embedding table as a matrix.
+    pub fn as_linear(&self, device: &Device) -> Result<Linear> {
+        let file = self.table.file.clone();
+        Linear::load(&file, &self.table.info.name, None, device)
+    }
+}

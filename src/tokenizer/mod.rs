@@ -1,0 +1,210 @@
+//! The tokenizer and chat template, both built from the GGUF metadata alone (no tokenizer.json).
+
+mod chat_template;
+mod stream;
+
+pub use chat_template::{ChatTemplate, Message};
+pub use stream::TextStream;
+
+use crate::gguf::{GgufFile, Value};
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+/// Qwen2's pre-tokenizer split (the `qwen2` pre-tokenizer of llama.cpp, the same regex as the
+/// model's own tokenizer.json): single digits, letters with one leading non-letter, punctuation
+/// runs, newline runs.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// The raw bytes each token stands for; empty for control tokens, which print nothing.
+    token_bytes: Vec<Vec<u8>>,
+    /// Literal text of every token (control tokens included), for `--special` style output.
+    token_text: Vec<String>,
+    eog: Vec<u32>,
+    pub eos: u32,
+    pub add_bos: Option<u32>,
+}
+
+impl Tokenizer {
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
+        let model = gguf.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            bail!(
+                "the tokenizer of {} is '{model}'; qwen-run supports the gpt2 byte-level BPE that Qwen2 models use",
+                gguf.path.display()
+            );
+        }
+        if let Some(pre) = gguf.get("tokenizer.ggml.pre").and_then(Value::as_str) {
+            if pre != "qwen2" {
+                tracing_warn(&format!(
+                    "pre-tokenizer '{pre}' is not 'qwen2'; tokenizing with the Qwen2 rules"
+                ));
+            }
+        }
+        let tokens: Vec<&str> = gguf
+            .get_array("tokenizer.ggml.tokens")?
+            .iter()
+            .map(|v| v.as_str().context("tokenizer.ggml.tokens holds a non-string"))
+            .collect::<Result<_>>()?;
+        let types: Vec<i64> = match gguf.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .as_array()
+                .context("tokenizer.ggml.token_type is not an array")?
+                .iter()
+                .map(|t| t.as_i64().unwrap_or(1))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        let merges: Vec<(String, String)> = gguf
+            .get_array("tokenizer.ggml.merges")?
+            .iter()
+            .map(|m| {
+                let m = m.as_str().context("tokenizer.ggml.merges holds a non-string")?;
+                let (a, b) = m
+                    .split_once(' ')
+                    .with_context(|| format!("merge rule {m:?} is not two tokens separated by a space"))?;
+                Ok((a.to_string(), b.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        let vocab: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the BPE tokenizer from the GGUF vocabulary: {e}"))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let split = Split::new(
+            SplitPattern::Regex(QWEN2_SPLIT.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?;
+        inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Split(split),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
+        ]))));
+        inner.with_decoder(Some(ByteLevel::default()));
+
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &ty)| ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED)
+            .map(|(t, &ty)| AddedToken::from(t.to_string(), ty == TOKEN_TYPE_CONTROL))
+            .collect();
+        inner.add_special_tokens(&added);
+
+        let decode_byte = byte_level_decoder();
+        let token_bytes = tokens
+            .iter()
+            .zip(&types)
+            .map(|(t, &ty)| match ty {
+                TOKEN_TYPE_CONTROL => Vec::new(),
+                TOKEN_TYPE_USER_DEFINED => t.as_bytes().to_vec(),
+                _ => t
+                    .chars()
+                    .map(|c| decode_byte.get(&c).copied().unwrap_or(b'?'))
+                    .collect(),
+            })
+            .collect();
+        let id = |key: &str| gguf.get(key).and_then(Value::as_u64).map(|v| v as u32);
+        let eos = id("tokenizer.ggml.eos_token_id").context("the GGUF has no tokenizer.ggml.eos_token_id")?;
+        let mut eog = vec![eos];
+        eog.extend(id("tokenizer.ggml.eot_token_id"));
+        for name in ["<|endoftext|>", "<|im_end|>", "<|eot_id|>"] {
+            if let Some(&i) = vocab_lookup(&tokens, name).as_ref() {
+                eog.push(i);
+            }
+        }
+        eog.sort_unstable();
+        eog.dedup();
+        let add_bos = match gguf.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool) {
+            Some(true) => id("tokenizer.ggml.bos_token_id"),
+            _ => None,
+        };
+        Ok(Tokenizer {
+            inner,
+            token_bytes,
+            token_text: tokens.iter().map(|t| t.to_string()).collect(),
+            eog,
+            eos,
+            add_bos,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.token_bytes.len()
+    }
+
+    /// Tokenizes text; special tokens written in the text (`<|im_start|>`) become their ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing the prompt failed: {e}"))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        ids.extend(self.add_bos);
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.eog.contains(&id)
+    }
+
+    pub fn eog_tokens(&self) -> &[u32] {
+        &self.eog
+    }
+
+    /// Raw bytes of a token as it appears in generated text (control tokens: none).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.token_bytes.get(id as usize).map_or(&[], |b| b.as_slice())
+    }
+
+    pub fn token_text(&self, id: u32) -> &str {
+        self.token_text.get(id as usize).map_or("", |s| s.as_str())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.token_bytes(i).iter().copied()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+fn vocab_lookup(tokens: &[&str], name: &str) -> Option<u32> {
+    // Special tokens sit at the end of the vocabulary; search from there.
+    tokens.iter().rposition(|t| *t == name).map(|i| i as u32)
+}
+
+/// GPT-2's byte-level alphabet: printable bytes stand for themselves, the others are shifted to
+/// code points from 256 on, in order. This is the inverse map.
+fn byte_level_decoder() -> HashMap<char, u8> {
+    let mut map = HashMap::with_capacity(256);
+    let mut shifted = 0u32;
+    for b in 0..=255u8 {
+        let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+        let c = if printable {
+            char::from(b)
+        } else {
+            shifted += 1;
+            char::from_u32(255 + shifted).expect("valid code point")
+        };
+        map.insert(c, b);
+    }
+    map
+}
+
+fn tracing_warn(msg: &str) {
+    eprintln!("warning: {msg}");
+}

@@ -1,0 +1,148 @@
+//! Bad input through the real binary: every case is one clear message and exit code 1, never a
+//! panic or a backtrace.
+
+mod common;
+
+use qwen_run::gguf::Value;
+use qwen_run_kernels::QuantType;
+use std::path::Path;
+use std::process::Command;
+
+fn qwen_run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qwen-run")).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "panic: {stderr}");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+fn expect_error(args: &[&str], needles: &[&str]) {
+    let (code, stderr) = qwen_run(args);
+    assert_eq!(code, 1, "exit code for {args:?}: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{args:?}: expected {n:?} in: {stderr}");
+    }
+}
+
+fn run_model(path: &Path, needles: &[&str]) {
+    expect_error(&["-m", path.to_str().unwrap(), "-p", "hi", "-n", "2"], needles);
+}
+
+#[test]
+fn missing_file() {
+    run_model(Path::new("/nonexistent/model.gguf"), &["cannot open model file", "/nonexistent/model.gguf"]);
+}
+
+#[test]
+fn not_a_gguf_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("notes.gguf");
+    std::fs::write(&p, "this is a text file, not a model").unwrap();
+    run_model(&p, &["not a GGUF file", "magic"]);
+    std::fs::write(&p, "GG").unwrap();
+    run_model(&p, &["not a GGUF file", "2 bytes"]);
+}
+
+#[test]
+fn truncated_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = std::fs::read(common::write_tiny_model(dir.path(), QuantType::Q8_0)).unwrap();
+    let p = dir.path().join("cut.gguf");
+    // Cut inside the tensor data, then inside the header.
+    std::fs::write(&p, &full[..full.len() - 1000]).unwrap();
+    run_model(&p, &["is truncated", "tensor '", "Download the file again"]);
+    std::fs::write(&p, &full[..200]).unwrap();
+    run_model(&p, &["is truncated", "header"]);
+}
+
+#[test]
+fn corrupt_header_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(common::write_tiny_model(dir.path(), QuantType::Q8_0)).unwrap();
+    bytes[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    let p = dir.path().join("corrupt.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    run_model(&p, &["corrupt", "tensors"]);
+}
+
+#[test]
+fn unsupported_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(common::write_tiny_model(dir.path(), QuantType::Q8_0)).unwrap();
+    bytes[4..8].copy_from_slice(&1u32.to_le_bytes());
+    let p = dir.path().join("v1.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    run_model(&p, &["GGUF version 1", "versions 2 and 3"]);
+}
+
+#[test]
+fn unsupported_tensor_type_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(common::write_tiny_model(dir.path(), QuantType::Q8_0)).unwrap();
+    // The type field follows the name, the dimension count and two u64 dimensions.
+    let name = b"blk.0.attn_q.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4 + 16;
+    bytes[at..at + 4].copy_from_slice(&20u32.to_le_bytes());
+    let p = dir.path().join("iq4.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    run_model(&p, &["blk.0.attn_q.weight", "IQ4_NL", "does not support", "Q4_K"]);
+}
+
+#[test]
+fn other_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = common::tiny_model_writer(QuantType::Q8_0);
+    w.meta("general.architecture", Value::String("llama".into()));
+    let p = dir.path().join("llama.gguf");
+    w.write(&p).unwrap();
+    run_model(&p, &["'llama' model", "qwen2"]);
+}
+
+#[test]
+fn directory_instead_of_file() {
+    let dir = tempfile::tempdir().unwrap();
+    run_model(dir.path(), &["directory"]);
+}
+
+#[test]
+fn bad_flags() {
+    expect_error(&["--bogus-flag"], &["--bogus-flag"]);
+    expect_error(&["-m", "x.gguf", "-p", "hi", "--threads", "many"], &["invalid value 'many'"]);
+    expect_error(&["-m", "x.gguf", "-p", "hi", "--device", "tpu"], &["unknown device 'tpu'"]);
+    expect_error(&["-m", "x.gguf", "-p", "hi", "--cache-type", "q3"], &["unknown KV cache type"]);
+    expect_error(&["-p", "hi"], &["no model given", "--model"]);
+}
+
+#[test]
+fn bad_values_with_a_real_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = common::write_tiny_model(dir.path(), QuantType::Q8_0);
+    let m = p.to_str().unwrap();
+    expect_error(&["-m", m, "-p", "hi", "--top-p", "2"], &["top-p must be between 0 and 1"]);
+    expect_error(&["-m", m, "-p", "hi", "-c", "100000"], &["exceeds the model's trained context"]);
+    expect_error(&["-m", m], &["no prompt given"]);
+    let long = "hello ".repeat(300);
+    expect_error(&["-m", m, "-p", &long, "-c", "64"], &["the context holds 64", "--ctx-size"]);
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_cuda_support_is_an_error_not_a_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = common::write_tiny_model(dir.path(), QuantType::Q8_0);
+    expect_error(&["-m", p.to_str().unwrap(), "-p", "hi", "--device", "cuda"], &["built without CUDA support", "--features cuda"]);
+}
+
+#[test]
+fn a_good_run_streams_text_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = common::write_tiny_model(dir.path(), QuantType::Q4K);
+    let out = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
+        .args(["-m", p.to_str().unwrap(), "-p", "hello", "-n", "8", "--temp", "0", "-t", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for field in ["load", "time to first token", "prefill", "decode", "tok/s", "2 threads"] {
+        assert!(stderr.contains(field), "report lacks {field:?}: {stderr}");
+    }
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): formatting, lints, then every test, the real-model
+# fidelity tests included. Fetches the two real test models first (cached after the first run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== fetching the real test models (cached after the first run)"
+export QWEN_RUN_MODEL_0_5B="$(python3 models/fetch.py 0.5b)"
+export QWEN_RUN_MODEL_1_5B="$(python3 models/fetch.py 1.5b)"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --release --workspace --all-targets -- -D warnings
+
+echo "== cargo test"
+# Release mode: the real-model tests run the model, and share the build with clippy's deps.
+cargo test --release --workspace
