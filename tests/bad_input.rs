@@ -9,9 +9,15 @@ use std::path::Path;
 use std::process::Command;
 
 fn qwen_run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qwen-run")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
+        .args(args)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "panic: {stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "panic: {stderr}"
+    );
     (out.status.code().unwrap_or(-1), stderr)
 }
 
@@ -24,12 +30,18 @@ fn expect_error(args: &[&str], needles: &[&str]) {
 }
 
 fn run_model(path: &Path, needles: &[&str]) {
-    expect_error(&["-m", path.to_str().unwrap(), "-p", "hi", "-n", "2"], needles);
+    expect_error(
+        &["-m", path.to_str().unwrap(), "-p", "hi", "-n", "2"],
+        needles,
+    );
 }
 
 #[test]
 fn missing_file() {
-    run_model(Path::new("/nonexistent/model.gguf"), &["cannot open model file", "/nonexistent/model.gguf"]);
+    run_model(
+        Path::new("/nonexistent/model.gguf"),
+        &["cannot open model file", "/nonexistent/model.gguf"],
+    );
 }
 
 #[test]
@@ -84,7 +96,10 @@ fn unsupported_tensor_type_is_named() {
     bytes[at..at + 4].copy_from_slice(&20u32.to_le_bytes());
     let p = dir.path().join("iq4.gguf");
     std::fs::write(&p, &bytes).unwrap();
-    run_model(&p, &["blk.0.attn_q.weight", "IQ4_NL", "does not support", "Q4_K"]);
+    run_model(
+        &p,
+        &["blk.0.attn_q.weight", "IQ4_NL", "does not support", "Q4_K"],
+    );
 }
 
 #[test]
@@ -106,9 +121,18 @@ fn directory_instead_of_file() {
 #[test]
 fn bad_flags() {
     expect_error(&["--bogus-flag"], &["--bogus-flag"]);
-    expect_error(&["-m", "x.gguf", "-p", "hi", "--threads", "many"], &["invalid value 'many'"]);
-    expect_error(&["-m", "x.gguf", "-p", "hi", "--device", "tpu"], &["unknown device 'tpu'"]);
-    expect_error(&["-m", "x.gguf", "-p", "hi", "--cache-type", "q3"], &["unknown KV cache type"]);
+    expect_error(
+        &["-m", "x.gguf", "-p", "hi", "--threads", "many"],
+        &["invalid value 'many'"],
+    );
+    expect_error(
+        &["-m", "x.gguf", "-p", "hi", "--device", "tpu"],
+        &["unknown device 'tpu'"],
+    );
+    expect_error(
+        &["-m", "x.gguf", "-p", "hi", "--cache-type", "q3"],
+        &["unknown KV cache type"],
+    );
     expect_error(&["-p", "hi"], &["no model given", "--model"]);
 }
 
@@ -117,11 +141,20 @@ fn bad_values_with_a_real_file() {
     let dir = tempfile::tempdir().unwrap();
     let p = common::write_tiny_model(dir.path(), QuantType::Q8_0);
     let m = p.to_str().unwrap();
-    expect_error(&["-m", m, "-p", "hi", "--top-p", "2"], &["top-p must be between 0 and 1"]);
-    expect_error(&["-m", m, "-p", "hi", "-c", "100000"], &["exceeds the model's trained context"]);
+    expect_error(
+        &["-m", m, "-p", "hi", "--top-p", "2"],
+        &["top-p must be between 0 and 1"],
+    );
+    expect_error(
+        &["-m", m, "-p", "hi", "-c", "100000"],
+        &["exceeds the model's trained context"],
+    );
     expect_error(&["-m", m], &["no prompt given"]);
     let long = "hello ".repeat(300);
-    expect_error(&["-m", m, "-p", &long, "-c", "64"], &["the context holds 64", "--ctx-size"]);
+    expect_error(
+        &["-m", m, "-p", &long, "-c", "64"],
+        &["the context holds 64", "--ctx-size"],
+    );
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -129,7 +162,10 @@ fn bad_values_with_a_real_file() {
 fn cuda_without_cuda_support_is_an_error_not_a_fallback() {
     let dir = tempfile::tempdir().unwrap();
     let p = common::write_tiny_model(dir.path(), QuantType::Q8_0);
-    expect_error(&["-m", p.to_str().unwrap(), "-p", "hi", "--device", "cuda"], &["built without CUDA support", "--features cuda"]);
+    expect_error(
+        &["-m", p.to_str().unwrap(), "-p", "hi", "--device", "cuda"],
+        &["built without CUDA support", "--features cuda"],
+    );
 }
 
 #[test]
@@ -137,12 +173,30 @@ fn a_good_run_streams_text_and_reports() {
     let dir = tempfile::tempdir().unwrap();
     let p = common::write_tiny_model(dir.path(), QuantType::Q4K);
     let out = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
-        .args(["-m", p.to_str().unwrap(), "-p", "hello", "-n", "8", "--temp", "0", "-t", "2"])
+        .args([
+            "-m",
+            p.to_str().unwrap(),
+            "-p",
+            "hello",
+            "-n",
+            "8",
+            "--temp",
+            "0",
+            "-t",
+            "2",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    for field in ["load", "time to first token", "prefill", "decode", "tok/s", "2 threads"] {
+    for field in [
+        "load",
+        "time to first token",
+        "prefill",
+        "decode",
+        "tok/s",
+        "2 threads",
+    ] {
         assert!(stderr.contains(field), "report lacks {field:?}: {stderr}");
     }
 }

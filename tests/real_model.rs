@@ -29,7 +29,11 @@ fn engine_05b() -> &'static Engine {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -37,7 +41,11 @@ fn raw_tokenization_matches_llama_cpp() {
     let e = engine_05b();
     for case in reference()["raw_tokenization"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(e.tokenizer.encode(text).unwrap(), ids(&case["ids"]), "text {text:?}");
+        assert_eq!(
+            e.tokenizer.encode(text).unwrap(),
+            ids(&case["ids"]),
+            "text {text:?}"
+        );
         assert_eq!(e.tokenizer.decode(&ids(&case["ids"])), text);
     }
 }
@@ -69,7 +77,10 @@ fn greedy_continuations_match_llama_cpp() {
         let want = ids(&p["greedy_ids"]);
         let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
         let mut session = e.new_session().unwrap();
-        let got = e.generate(&mut session, &prompt, want.len(), &mut sampler, |_| true).unwrap().tokens;
+        let got = e
+            .generate(&mut session, &prompt, want.len(), &mut sampler, |_| true)
+            .unwrap()
+            .tokens;
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         if got == want {
             matched += 1;
@@ -83,23 +94,39 @@ fn greedy_continuations_match_llama_cpp() {
         ));
     }
     eprintln!("{}", report.join("\n"));
-    assert!(matched >= 7, "only {matched}/8 prompts token-identical to llama.cpp:\n{}", report.join("\n"));
+    assert!(
+        matched >= 7,
+        "only {matched}/8 prompts token-identical to llama.cpp:\n{}",
+        report.join("\n")
+    );
 }
 
 #[test]
 fn first_position_logits_agree_with_llama_cpp() {
     let e = engine_05b();
-    for (i, p) in reference()["prompts_flash_attn_off"].as_array().unwrap().iter().enumerate() {
+    for (i, p) in reference()["prompts_flash_attn_off"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let mut session = e.new_session().unwrap();
-        let logits = e.forward(&mut session, &ids(&p["prompt_ids"]), Logits::Last).unwrap().remove(0);
-        let top: Vec<(u32, f32)> = serde_json::from_value::<Vec<Vec<(u32, f32)>>>(p["per_step_top10"].clone())
+        let logits = e
+            .forward(&mut session, &ids(&p["prompt_ids"]), Logits::Last)
             .unwrap()
             .remove(0);
+        let top: Vec<(u32, f32)> =
+            serde_json::from_value::<Vec<Vec<(u32, f32)>>>(p["per_step_top10"].clone())
+                .unwrap()
+                .remove(0);
         let argmax = qwen_run::sampler::argmax(&logits);
         assert_eq!(argmax, top[0].0, "prompt {i}: top-1 differs");
         for (id, want) in top {
             let got = logits[id as usize];
-            assert!((got - want).abs() < 0.5, "prompt {i}, token {id}: logit {got} vs llama.cpp {want}");
+            assert!(
+                (got - want).abs() < 0.5,
+                "prompt {i}, token {id}: logit {got} vs llama.cpp {want}"
+            );
         }
     }
 }
@@ -110,10 +137,16 @@ fn first_position_logits_agree_with_llama_cpp() {
 fn first_position_distribution_close_to_llama_cpp() {
     let e = engine_05b();
     let bytes = include_bytes!("data/qwen2.5-coder-0.5b-q4_k_m.prompt0_pos0_logits_f32.bin");
-    let want: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let want: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     let p = &reference()["prompts"][0];
     let mut session = e.new_session().unwrap();
-    let got = e.forward(&mut session, &ids(&p["prompt_ids"]), Logits::Last).unwrap().remove(0);
+    let got = e
+        .forward(&mut session, &ids(&p["prompt_ids"]), Logits::Last)
+        .unwrap()
+        .remove(0);
     assert_eq!(got.len(), want.len());
     let kl = kl_divergence(&want, &got);
     eprintln!("KL(llama.cpp || qwen-run) at the first position: {kl:.6}");
@@ -135,13 +168,36 @@ fn second_model_loads_and_answers() {
     let mut opts = LoadOptions::new(common::real_model("1.5b"));
     opts.ctx_size = 256;
     let e = Engine::load(&opts).unwrap();
-    let inspect: Value = serde_json::from_str(include_str!("data/qwen2.5-coder-1.5b-instruct-q4_k_m.inspect.json")).unwrap();
-    assert_eq!(e.gguf.tensors.len() as u64, inspect["n_tensors"].as_u64().unwrap());
+    let inspect: Value = serde_json::from_str(include_str!(
+        "data/qwen2.5-coder-1.5b-instruct-q4_k_m.inspect.json"
+    ))
+    .unwrap();
+    assert_eq!(
+        e.gguf.tensors.len() as u64,
+        inspect["n_tensors"].as_u64().unwrap()
+    );
     let cfg = e.config();
-    assert_eq!((cfg.n_layers, cfg.hidden, cfg.ffn, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), (28, 1536, 8960, 12, 2, 128));
+    assert_eq!(
+        (
+            cfg.n_layers,
+            cfg.hidden,
+            cfg.ffn,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim
+        ),
+        (28, 1536, 8960, 12, 2, 128)
+    );
     let prompt = e
         .template
-        .render(&[Message::new("system", "You are a helpful assistant."), Message::new("user", "What is the capital of France?")], None, true)
+        .render(
+            &[
+                Message::new("system", "You are a helpful assistant."),
+                Message::new("user", "What is the capital of France?"),
+            ],
+            None,
+            true,
+        )
         .unwrap();
     let tokens = e.tokenizer.encode(&prompt).unwrap();
     let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();

@@ -19,7 +19,10 @@ fn load(path: &std::path::Path) -> Engine {
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -42,9 +45,14 @@ fn every_weight_type_loads_and_runs() {
     ] {
         let engine = load(&write_tiny_model(dir.path(), ty));
         let mut session = engine.new_session().unwrap();
-        let logits = engine.forward(&mut session, &[1, 2, 3, 4], Logits::All).unwrap();
+        let logits = engine
+            .forward(&mut session, &[1, 2, 3, 4], Logits::All)
+            .unwrap();
         assert_eq!(logits.len(), 4, "{ty:?}");
-        assert!(logits.iter().flatten().all(|x| x.is_finite()), "{ty:?} gives non-finite logits");
+        assert!(
+            logits.iter().flatten().all(|x| x.is_finite()),
+            "{ty:?} gives non-finite logits"
+        );
     }
 }
 
@@ -65,9 +73,20 @@ fn cached_decode_matches_full_prefill() {
         let mut step = engine.new_session().unwrap();
         for (i, &t) in tokens.iter().enumerate() {
             let one = engine.forward(&mut step, &[t], Logits::Last).unwrap();
-            let d = max_abs_diff(&one[0], &all[i]);
-            let tol = if cache_type == CacheType::F32 { 1e-3 } else { 2e-2 };
-            assert!(d < tol, "position {i}, cache {cache_type:?}: max diff {d}");
+            // Relative to the logits' scale. With f16, a 1e-5 difference between the prefill and decode
+            // kernels' summation orders can round K/V to neighbouring f16 values (5e-4 apart), and
+            // random weights give sharp attention that amplifies it.
+            let scale = all[i].iter().fold(0f32, |m, x| m.max(x.abs()));
+            let d = max_abs_diff(&one[0], &all[i]) / scale;
+            let tol = if cache_type == CacheType::F32 {
+                1e-4
+            } else {
+                2e-2
+            };
+            assert!(
+                d < tol,
+                "position {i}, cache {cache_type:?}: relative max diff {d} (scale {scale})"
+            );
         }
     }
 }
@@ -99,7 +118,9 @@ fn greedy_generation_is_deterministic_and_reuses_the_session_prefix() {
     let prompt = engine.tokenizer.encode("hello world").unwrap();
     let run = |session: &mut qwen_run::engine::Session| {
         let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
-        engine.generate(session, &prompt, 12, &mut sampler, |_| true).unwrap()
+        engine
+            .generate(session, &prompt, 12, &mut sampler, |_| true)
+            .unwrap()
     };
     let mut s1 = engine.new_session().unwrap();
     let a = run(&mut s1);
@@ -118,9 +139,20 @@ fn seeded_sampling_is_reproducible() {
     let engine = load(&write_tiny_model(dir.path(), QuantType::Q8_0));
     let prompt = engine.tokenizer.encode("hello").unwrap();
     let run = |seed| {
-        let mut sampler = Sampler::new(SamplingParams { seed, temperature: 1.5, top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() }).unwrap();
+        let mut sampler = Sampler::new(SamplingParams {
+            seed,
+            temperature: 1.5,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..Default::default()
+        })
+        .unwrap();
         let mut s = engine.new_session().unwrap();
-        engine.generate(&mut s, &prompt, 16, &mut sampler, |_| true).unwrap().tokens
+        engine
+            .generate(&mut s, &prompt, 16, &mut sampler, |_| true)
+            .unwrap()
+            .tokens
     };
     assert_eq!(run(1), run(1));
     assert_ne!(run(1), run(2));
@@ -133,7 +165,9 @@ fn prompt_longer_than_context_is_a_clear_error() {
     let prompt: Vec<u32> = vec![7; 200];
     let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
     let mut s = engine.new_session().unwrap();
-    let err = engine.generate(&mut s, &prompt, 4, &mut sampler, |_| true).unwrap_err();
+    let err = engine
+        .generate(&mut s, &prompt, 4, &mut sampler, |_| true)
+        .unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("200 tokens") && msg.contains("128"), "{msg}");
 }
@@ -142,14 +176,20 @@ fn prompt_longer_than_context_is_a_clear_error() {
 fn split_model_loads_as_one_and_matches_single_file() {
     let dir = tempfile::tempdir().unwrap();
     let single = write_tiny_model(dir.path(), QuantType::Q6K);
-    let parts = tiny_model_writer(QuantType::Q6K).write_split(dir.path(), "tiny-split", 3).unwrap();
+    let parts = tiny_model_writer(QuantType::Q6K)
+        .write_split(dir.path(), "tiny-split", 3)
+        .unwrap();
     assert_eq!(parts.len(), 3);
     let a = load(&single);
     let b = load(&parts[0]);
     assert_eq!(b.gguf.paths().len(), 3);
     let tokens = [1u32, 2, 3];
-    let la = a.forward(&mut a.new_session().unwrap(), &tokens, Logits::Last).unwrap();
-    let lb = b.forward(&mut b.new_session().unwrap(), &tokens, Logits::Last).unwrap();
+    let la = a
+        .forward(&mut a.new_session().unwrap(), &tokens, Logits::Last)
+        .unwrap();
+    let lb = b
+        .forward(&mut b.new_session().unwrap(), &tokens, Logits::Last)
+        .unwrap();
     assert_eq!(la, lb);
     // A missing part is named.
     std::fs::remove_file(&parts[2]).unwrap();
@@ -162,7 +202,12 @@ fn tokenizer_round_trips_text() {
     let dir = tempfile::tempdir().unwrap();
     let engine = load(&write_tiny_model(dir.path(), QuantType::Q8_0));
     let t = &engine.tokenizer;
-    for text in ["hello world", "  spaces\tand\nnewlines", "émojis 🦀 中文", ""] {
+    for text in [
+        "hello world",
+        "  spaces\tand\nnewlines",
+        "émojis 🦀 中文",
+        "",
+    ] {
         let ids = t.encode(text).unwrap();
         assert_eq!(t.decode(&ids), text);
     }

@@ -171,3 +171,62 @@ pub(crate) mod avx2 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize) -> Vec<f32> {
+        let mut s = 12345u32;
+        (0..n)
+            .map(|i| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                let v = (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                // include exact ties, zeros and a zero block
+                if i % 97 == 0 || (256..288).contains(&i) {
+                    0.0
+                } else {
+                    v * if i % 31 == 0 { 10.0 } else { 1.0 }
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn simd_quantization_is_bit_identical() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::Backend::Avx2.is_available() {
+            let x = data(1024);
+            let mut a = vec![BlockQ8::default(); 32];
+            let mut b = vec![BlockQ8::default(); 32];
+            quantize_q8_scalar(&x, &mut a);
+            unsafe { avx2::quantize_q8(&x, &mut b) };
+            for (p, q) in a.iter().zip(&b) {
+                assert_eq!(p.qs, q.qs);
+                assert_eq!(p.d.to_bits(), q.d.to_bits());
+                assert_eq!(p.s.to_bits(), q.s.to_bits());
+            }
+            let mut a = vec![BlockQ8K::default(); 4];
+            let mut b = vec![BlockQ8K::default(); 4];
+            quantize_q8k_scalar(&x, &mut a);
+            unsafe { avx2::quantize_q8k(&x, &mut b) };
+            for (p, q) in a.iter().zip(&b) {
+                assert_eq!(p.qs, q.qs);
+                assert_eq!(p.bsums, q.bsums);
+                assert_eq!(p.d.to_bits(), q.d.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn quantization_error_is_bounded() {
+        let x = data(256);
+        let mut a = vec![BlockQ8::default(); 8];
+        quantize_q8_scalar(&x, &mut a);
+        for (xb, ab) in x.chunks(32).zip(&a) {
+            for (v, q) in xb.iter().zip(&ab.qs) {
+                assert!((v - ab.d * *q as f32).abs() <= ab.d * 0.5 + 1e-7);
+            }
+        }
+    }
+}

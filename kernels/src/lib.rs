@@ -155,7 +155,7 @@ impl QuantType {
     /// Bytes of a row of `n` elements, `None` if `n` is not a multiple of the block size.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
         let bs = self.block_size();
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             None
         } else {
             Some(n / bs * self.block_bytes())

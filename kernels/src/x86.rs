@@ -5,11 +5,16 @@
 //! combined with the T activation blocks using `maddubs`/`madd` integer dot
 //! products. `gemm` walks a row chunk in tiles.
 
+#![allow(clippy::needless_range_loop)]
+
 use crate::act::{BlockQ8, BlockQ8K};
 use crate::driver::{Act, YPtr};
 use crate::QuantType;
 use std::arch::x86_64::*;
 use std::mem::size_of;
+
+#[path = "x86_panel.rs"]
+mod panel;
 
 const K_Q4_0: u8 = 0;
 const K_Q4_1: u8 = 1;
@@ -28,6 +33,14 @@ const K_BF16: u8 = 11;
 /// quantized activations of a token chunk in L2 while weights stream).
 const TOKEN_CHUNK: usize = 64;
 
+/// Decode prefetch distance, in row tiles ahead (the hardware prefetcher alone
+/// reached only ~60% of the streaming bandwidth).
+const PREFETCH_TILES: usize = 1;
+
+/// From this many tokens on, the 32-element and K-quant formats use the
+/// pre-unpacked panel kernels (x86_panel.rs).
+const PANEL_MIN_TOKENS: usize = 4;
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn hsum_ps(v: __m256) -> f32 {
@@ -42,6 +55,17 @@ unsafe fn hsum_ps(v: __m256) -> f32 {
 unsafe fn f16_ld(p: *const u8) -> f32 {
     let bits = std::ptr::read_unaligned(p as *const u16);
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Prefetches the cache lines of `len` bytes at `p` (no fault if out of range).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn prefetch(p: *const u8, len: usize) {
+    let mut o = 0;
+    while o < len {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o) as *const i8);
+        o += 64;
+    }
 }
 
 #[inline]
@@ -60,11 +84,10 @@ unsafe fn ld128(p: *const u8) -> __m128i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn nibbles32(p: *const u8) -> __m256i {
-    let v = ld128(p);
-    let m = _mm_set1_epi8(0x0f);
-    let lo = _mm_and_si128(v, m);
-    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), m);
-    _mm256_set_m128i(hi, lo)
+    // same 16 bytes in both lanes, the upper lane shifted right by 4
+    let v = _mm256_broadcastsi128_si256(ld128(p));
+    let v = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4));
+    _mm256_and_si256(v, _mm256_set1_epi8(0x0f))
 }
 
 /// 32 bits -> 32 bytes, 0xFF where the bit is set.
@@ -133,6 +156,7 @@ unsafe fn tile_q32<const K: u8, const R: usize, const T: usize>(
     a: *const u8,
     astride: usize,
     nb: usize,
+    pf: usize,
 ) -> [[f32; T]; R] {
     let bb = q32_block_bytes(K);
     let signed = matches!(K, K_Q4_0 | K_Q5_0 | K_Q8_0);
@@ -150,7 +174,11 @@ unsafe fn tile_q32<const K: u8, const R: usize, const T: usize>(
             asum[t] = ab.s;
         }
         for r in 0..R {
-            let (wv, dw, mw) = unpack32::<K>(w.add(r * rb + b * bb));
+            let p = w.add(r * rb + b * bb);
+            if pf != 0 {
+                prefetch(p.wrapping_add(pf), bb);
+            }
+            let (wv, dw, mw) = unpack32::<K>(p);
             if signed {
                 let ax = _mm256_sign_epi8(wv, wv);
                 for t in 0..T {
@@ -184,6 +212,96 @@ unsafe fn tile_q32<const K: u8, const R: usize, const T: usize>(
     out
 }
 
+/// Decode kernel for the 32-element formats: 4 rows x 1 token. The four rows'
+/// products are folded with horizontal adds into one [r0 r1 r2 r3 | r0 r1 r2 r3]
+/// vector, so scaling costs one or two fma per block for all four rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q32_dec<const K: u8>(
+    w: *const u8,
+    rb: usize,
+    a: *const u8,
+    nb: usize,
+    pf: usize,
+) -> [f32; 4] {
+    let bb = q32_block_bytes(K);
+    let ones = _mm256_set1_epi16(1);
+    let a = a as *const BlockQ8;
+    let mut acc = _mm256_setzero_ps();
+    let ld16 = |p: *const u8| std::ptr::read_unaligned(p as *const i16);
+    for b in 0..nb {
+        let ab = &*a.add(b);
+        let av = ld256(ab.qs.as_ptr() as *const u8);
+        let p0 = w.add(b * bb);
+        let p1 = p0.add(rb);
+        let p2 = p1.add(rb);
+        let p3 = p2.add(rb);
+        if pf != 0 {
+            prefetch(p0.wrapping_add(pf), 1);
+            prefetch(p1.wrapping_add(pf), 1);
+            prefetch(p2.wrapping_add(pf), 1);
+            prefetch(p3.wrapping_add(pf), 1);
+        }
+        let dh = _mm_setr_epi16(ld16(p0), ld16(p1), ld16(p2), ld16(p3), 0, 0, 0, 0);
+        let d4 = _mm_cvtph_ps(dh);
+        let d8 = _mm256_set_m128(d4, d4);
+        let da = _mm256_broadcast_ss(&ab.d);
+        if K == K_Q8_0 {
+            let dot = |p: *const u8| {
+                let v = ld256(p.add(2));
+                _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(av, v)),
+                    ones,
+                )
+            };
+            let h = _mm256_hadd_epi32(
+                _mm256_hadd_epi32(dot(p0), dot(p1)),
+                _mm256_hadd_epi32(dot(p2), dot(p3)),
+            );
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(d8, da), acc);
+        } else {
+            let dot = |p: *const u8| {
+                let (v, _, _) = panel::unpack32u_vals::<K>(p);
+                _mm256_maddubs_epi16(v, av)
+            };
+            let h = _mm256_hadd_epi16(
+                _mm256_hadd_epi16(dot(p0), dot(p1)),
+                _mm256_hadd_epi16(dot(p2), dot(p3)),
+            );
+            let hf = _mm256_cvtepi32_ps(_mm256_madd_epi16(h, ones));
+            let s = _mm256_broadcast_ss(&ab.s);
+            match K {
+                K_Q4_0 | K_Q5_0 => {
+                    let off = if K == K_Q4_0 { -8.0 } else { -16.0 };
+                    // d * (da * isum + off * s); the upper half gets no offset term
+                    let offv = _mm256_setr_ps(off, off, off, off, 0.0, 0.0, 0.0, 0.0);
+                    let t = _mm256_fmadd_ps(hf, da, _mm256_mul_ps(offv, s));
+                    acc = _mm256_fmadd_ps(t, d8, acc);
+                }
+                _ => {
+                    let mh = _mm_setr_epi16(
+                        ld16(p0.add(2)),
+                        ld16(p1.add(2)),
+                        ld16(p2.add(2)),
+                        ld16(p3.add(2)),
+                        0,
+                        0,
+                        0,
+                        0,
+                    );
+                    let m8 = _mm256_set_m128(_mm_setzero_ps(), _mm_cvtph_ps(mh));
+                    acc = _mm256_fmadd_ps(hf, _mm256_mul_ps(d8, da), acc);
+                    acc = _mm256_fmadd_ps(m8, s, acc);
+                }
+            }
+        }
+    }
+    let v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let mut c = [0f32; 4];
+    _mm_storeu_ps(c.as_mut_ptr(), v);
+    c
+}
+
 /// Q4_K (FIVE = false) and Q5_K (FIVE = true).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -193,6 +311,7 @@ unsafe fn tile_q45k<const FIVE: bool, const R: usize, const T: usize>(
     a: *const u8,
     astride: usize,
     nb: usize,
+    pf: usize,
 ) -> [[f32; T]; R] {
     let bb = if FIVE { 176 } else { 144 };
     let m4 = _mm256_set1_epi8(0x0f);
@@ -202,6 +321,9 @@ unsafe fn tile_q45k<const FIVE: bool, const R: usize, const T: usize>(
     for b in 0..nb {
         for r in 0..R {
             let p = w.add(r * rb + b * bb);
+            if pf != 0 {
+                prefetch(p.wrapping_add(pf), bb);
+            }
             let d = f16_ld(p);
             let dmin = f16_ld(p.add(2));
             let s = std::slice::from_raw_parts(p.add(4), 12);
@@ -273,6 +395,7 @@ unsafe fn tile_q6k<const R: usize, const T: usize>(
     a: *const u8,
     astride: usize,
     nb: usize,
+    pf: usize,
 ) -> [[f32; T]; R] {
     let m4 = _mm256_set1_epi8(0x0f);
     let m3 = _mm256_set1_epi8(3);
@@ -280,6 +403,9 @@ unsafe fn tile_q6k<const R: usize, const T: usize>(
     for b in 0..nb {
         for r in 0..R {
             let p = w.add(r * rb + b * 210);
+            if pf != 0 {
+                prefetch(p.wrapping_add(pf), 210);
+            }
             let d = f16_ld(p.add(208));
             let sc = std::slice::from_raw_parts(p.add(192) as *const i8, 16);
             let sc16 = _mm256_cvtepi8_epi16(ld128(p.add(192)));
@@ -346,12 +472,16 @@ unsafe fn tile_q8k<const R: usize, const T: usize>(
     a: *const u8,
     astride: usize,
     nb: usize,
+    pf: usize,
 ) -> [[f32; T]; R] {
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for b in 0..nb {
         for r in 0..R {
             let p = w.add(r * rb + b * 292);
+            if pf != 0 {
+                prefetch(p.wrapping_add(pf), 292);
+            }
             let d = std::ptr::read_unaligned(p as *const f32);
             let mut isum = [_mm256_setzero_si256(); T];
             for k in 0..8 {
@@ -415,6 +545,7 @@ unsafe fn tile_float<const K: u8, const R: usize, const T: usize>(
     a: *const u8,
     astride: usize,
     cols: usize,
+    pf: usize,
 ) -> [[f32; T]; R] {
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     let n8 = cols / 8 * 8;
@@ -425,6 +556,13 @@ unsafe fn tile_float<const K: u8, const R: usize, const T: usize>(
             xs[t] = _mm256_loadu_ps((a.add(t * astride) as *const f32).add(k));
         }
         for r in 0..R {
+            if pf != 0 && k % 32 == 0 {
+                prefetch(
+                    w.add(r * rb + k * (if K == K_F32 { 4 } else { 2 }))
+                        .wrapping_add(pf),
+                    1,
+                );
+            }
             let wv = load8::<K>(w.add(r * rb), k);
             for t in 0..T {
                 acc[r][t] = _mm256_fmadd_ps(wv, xs[t], acc[r][t]);
@@ -453,14 +591,25 @@ unsafe fn tile<const K: u8, const R: usize, const T: usize>(
     a: *const u8,
     astride: usize,
     nb: usize,
+    pf: usize,
 ) -> [[f32; T]; R] {
     match K {
-        K_Q4_0 | K_Q4_1 | K_Q5_0 | K_Q5_1 | K_Q8_0 => tile_q32::<K, R, T>(w, rb, a, astride, nb),
-        K_Q4K => tile_q45k::<false, R, T>(w, rb, a, astride, nb),
-        K_Q5K => tile_q45k::<true, R, T>(w, rb, a, astride, nb),
-        K_Q6K => tile_q6k::<R, T>(w, rb, a, astride, nb),
-        K_Q8K => tile_q8k::<R, T>(w, rb, a, astride, nb),
-        _ => tile_float::<K, R, T>(w, rb, a, astride, nb),
+        K_Q4_0 | K_Q4_1 | K_Q5_0 | K_Q5_1 | K_Q8_0 if R == 4 && T == 1 => {
+            let o = tile_q32_dec::<K>(w, rb, a, nb, pf);
+            let mut out = [[0f32; T]; R];
+            for r in 0..R {
+                out[r][0] = o[r];
+            }
+            out
+        }
+        K_Q4_0 | K_Q4_1 | K_Q5_0 | K_Q5_1 | K_Q8_0 => {
+            tile_q32::<K, R, T>(w, rb, a, astride, nb, pf)
+        }
+        K_Q4K => tile_q45k::<false, R, T>(w, rb, a, astride, nb, pf),
+        K_Q5K => tile_q45k::<true, R, T>(w, rb, a, astride, nb, pf),
+        K_Q6K => tile_q6k::<R, T>(w, rb, a, astride, nb, pf),
+        K_Q8K => tile_q8k::<R, T>(w, rb, a, astride, nb, pf),
+        _ => tile_float::<K, R, T>(w, rb, a, astride, nb, pf),
     }
 }
 
@@ -477,10 +626,11 @@ unsafe fn row_tiles<const K: u8, const R: usize, const T: usize>(
     t1: usize,
     y: *mut f32,
     ystride: usize,
+    pf: usize,
 ) {
     let mut t = t0;
     while t + T <= t1 {
-        let o = tile::<K, R, T>(w, rb, a.add(t * astride), astride, nb);
+        let o = tile::<K, R, T>(w, rb, a.add(t * astride), astride, nb, 0);
         for (r, or) in o.iter().enumerate() {
             for (j, v) in or.iter().enumerate() {
                 *y.add((t + j) * ystride + r) = *v;
@@ -489,7 +639,7 @@ unsafe fn row_tiles<const K: u8, const R: usize, const T: usize>(
         t += T;
     }
     while t < t1 {
-        let o = tile::<K, R, 1>(w, rb, a.add(t * astride), astride, nb);
+        let o = tile::<K, R, 1>(w, rb, a.add(t * astride), astride, nb, pf);
         for (r, or) in o.iter().enumerate() {
             *y.add(t * ystride + r) = or[0];
         }
@@ -511,16 +661,43 @@ unsafe fn gemm<const K: u8, const R: usize, const T: usize>(
     y: *mut f32,
     ystride: usize,
 ) {
+    let pf = if ntok == 1 {
+        PREFETCH_TILES * R * rb
+    } else {
+        0
+    };
     let mut tc = 0;
     while tc < ntok {
         let te = (tc + TOKEN_CHUNK).min(ntok);
         let mut r = 0;
         while r + R <= nrows {
-            row_tiles::<K, R, T>(w.add(r * rb), rb, a, astride, nb, tc, te, y.add(r), ystride);
+            row_tiles::<K, R, T>(
+                w.add(r * rb),
+                rb,
+                a,
+                astride,
+                nb,
+                tc,
+                te,
+                y.add(r),
+                ystride,
+                pf,
+            );
             r += R;
         }
         while r < nrows {
-            row_tiles::<K, 1, T>(w.add(r * rb), rb, a, astride, nb, tc, te, y.add(r), ystride);
+            row_tiles::<K, 1, T>(
+                w.add(r * rb),
+                rb,
+                a,
+                astride,
+                nb,
+                tc,
+                te,
+                y.add(r),
+                ystride,
+                pf / R,
+            );
             r += 1;
         }
         tc = te;
@@ -596,6 +773,43 @@ pub(crate) unsafe fn chunk_rows(
         }};
     }
     match (ty, act) {
+        (
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 | QuantType::Q8_0,
+            Act::Q8(a),
+        ) if n_tokens >= PANEL_MIN_TOKENS => {
+            let nb = cols / 32;
+            let ap = a.as_ptr();
+            match ty {
+                QuantType::Q4_0 => {
+                    panel::gemm_panel_q32::<K_Q4_0>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                }
+                QuantType::Q4_1 => {
+                    panel::gemm_panel_q32::<K_Q4_1>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                }
+                QuantType::Q5_0 => {
+                    panel::gemm_panel_q32::<K_Q5_0>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                }
+                QuantType::Q5_1 => {
+                    panel::gemm_panel_q32::<K_Q5_1>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                }
+                _ => panel::gemm_panel_q32::<K_Q8_0>(wp, rb, nrows, ap, nb, n_tokens, yp, rows),
+            }
+        }
+        (QuantType::Q4K | QuantType::Q5K | QuantType::Q6K, Act::Q8K(a))
+            if n_tokens >= PANEL_MIN_TOKENS =>
+        {
+            let nb = cols / 256;
+            let ap = a.as_ptr();
+            match ty {
+                QuantType::Q4K => {
+                    panel::gemm_panel_k::<K_Q4K>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                }
+                QuantType::Q5K => {
+                    panel::gemm_panel_k::<K_Q5K>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                }
+                _ => panel::gemm_panel_k::<K_Q6K>(wp, rb, nrows, ap, nb, n_tokens, yp, rows),
+            }
+        }
         (QuantType::Q4_0, Act::Q8(a)) => q8!(K_Q4_0, a),
         (QuantType::Q4_1, Act::Q8(a)) => q8!(K_Q4_1, a),
         (QuantType::Q5_0, Act::Q8(a)) => q8!(K_Q5_0, a),

@@ -65,13 +65,23 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     for &threads in &opts.threads {
         let mut load = opts.load.clone();
         load.threads = threads;
-        let need = opts.prompt_lens.iter().chain(&opts.gen_lens).copied().max().unwrap_or(0) + 1;
+        let need = opts
+            .prompt_lens
+            .iter()
+            .chain(&opts.gen_lens)
+            .copied()
+            .max()
+            .unwrap_or(0)
+            + 1;
         if load.ctx_size == 0 {
             load.ctx_size = need.max(512);
         }
         let engine = Engine::load(&load)?;
         if need > engine.ctx_size {
-            bail!("a test needs {need} positions but --ctx-size is {}", engine.ctx_size);
+            bail!(
+                "a test needs {need} positions but --ctx-size is {}",
+                engine.ctx_size
+            );
         }
         load_s = engine.load_time.as_secs_f64();
         bytes_per_token = decode_bytes_per_token(&engine);
@@ -83,9 +93,20 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             .iter()
             .filter(|&&n| n > 0)
             .map(|&n| (format!("pp{n}"), n, true))
-            .chain(opts.gen_lens.iter().filter(|&&n| n > 0).map(|&n| (format!("tg{n}"), n, false)));
+            .chain(
+                opts.gen_lens
+                    .iter()
+                    .filter(|&&n| n > 0)
+                    .map(|&n| (format!("tg{n}"), n, false)),
+            );
         for (name, n, is_prompt) in tests {
-            let once = |e: &Engine| if is_prompt { time_prompt(e, n) } else { time_generation(e, n) };
+            let once = |e: &Engine| {
+                if is_prompt {
+                    time_prompt(e, n)
+                } else {
+                    time_generation(e, n)
+                }
+            };
             once(&engine)?; // warm-up, as llama-bench does
             let samples = (0..opts.repetitions)
                 .map(|_| once(&engine).map(|d| n as f64 / d.as_secs_f64()))
@@ -94,7 +115,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             rows.push(BenchRow {
                 model: model_label(&engine),
                 size_bytes: engine.gguf.tensors.iter().map(|t| t.size as u64).sum(),
-                params: engine.gguf.tensors.iter().map(|t| t.elements() as u64).sum(),
+                params: engine
+                    .gguf
+                    .tensors
+                    .iter()
+                    .map(|t| t.elements() as u64)
+                    .sum(),
                 backend: engine.device_name(),
                 threads: engine.threads,
                 test: name,
@@ -128,7 +154,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
 /// Token ids spread over the vocabulary, like llama-bench's random prompt; fixed so runs compare.
 fn bench_tokens(engine: &Engine, n: usize) -> Vec<u32> {
     let vocab = engine.config().vocab_size.min(150_000) as u64;
-    (0..n as u64).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
+    (0..n as u64)
+        .map(|i| ((i * 7919 + 13) % vocab) as u32)
+        .collect()
 }
 
 fn time_prompt(engine: &Engine, n: usize) -> Result<Duration> {
@@ -152,8 +180,13 @@ fn time_generation(engine: &Engine, n: usize) -> Result<Duration> {
 
 /// A short chat prompt from an empty cache to the first sampled token.
 fn time_to_first_token(engine: &Engine) -> Result<(Duration, usize)> {
-    let messages = [crate::tokenizer::Message::new("user", "Write a haiku about Rust.")];
-    let tokens = engine.tokenizer.encode(&engine.template.render(&messages, None, true)?)?;
+    let messages = [crate::tokenizer::Message::new(
+        "user",
+        "Write a haiku about Rust.",
+    )];
+    let tokens = engine
+        .tokenizer
+        .encode(&engine.template.render(&messages, None, true)?)?;
     let mut sampler = crate::sampler::Sampler::new(crate::sampler::SamplingParams::greedy())?;
     let mut best = Duration::MAX;
     for _ in 0..3 {
@@ -167,15 +200,28 @@ fn time_to_first_token(engine: &Engine) -> Result<(Duration, usize)> {
 fn mean_sd(x: &[f64]) -> (f64, f64) {
     let n = x.len() as f64;
     let mean = x.iter().sum::<f64>() / n;
-    let var = if x.len() > 1 { x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    let var = if x.len() > 1 {
+        x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
     (mean, var.sqrt())
 }
 
 fn model_label(engine: &Engine) -> String {
     let g = &engine.gguf;
-    let arch = g.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("?");
-    let size = g.get("general.size_label").and_then(|v| v.as_str()).unwrap_or("");
-    let ftype = g.get("general.file_type").and_then(|v| v.as_u64()).map_or("?", file_type_name);
+    let arch = g
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .unwrap_or("?");
+    let size = g
+        .get("general.size_label")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let ftype = g
+        .get("general.file_type")
+        .and_then(|v| v.as_u64())
+        .map_or("?", file_type_name);
     format!("{arch} {size} {ftype}").replace("  ", " ")
 }
 
@@ -268,11 +314,20 @@ pub fn to_markdown(report: &BenchReport) -> String {
 }
 
 pub fn to_csv(report: &BenchReport) -> String {
-    let mut s = String::from("model,size_bytes,params,backend,threads,test,n_tokens,avg_ts,stddev_ts\n");
+    let mut s =
+        String::from("model,size_bytes,params,backend,threads,test,n_tokens,avg_ts,stddev_ts\n");
     for r in &report.rows {
         s.push_str(&format!(
             "\"{}\",{},{},\"{}\",{},{},{},{:.4},{:.4}\n",
-            r.model, r.size_bytes, r.params, r.backend, r.threads, r.test, r.n_tokens, r.avg_ts, r.stddev_ts
+            r.model,
+            r.size_bytes,
+            r.params,
+            r.backend,
+            r.threads,
+            r.test,
+            r.n_tokens,
+            r.avg_ts,
+            r.stddev_ts
         ));
     }
     s

@@ -22,7 +22,10 @@ pub fn measure_read_bandwidth(threads: usize) -> f64 {
     const BYTES: usize = 512 << 20;
     let words = BYTES / 8;
     let buf: Vec<u64> = (0..words as u64).collect();
-    let pool = match rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build() {
+    let pool = match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+    {
         Ok(p) => p,
         Err(_) => return 0.0,
     };

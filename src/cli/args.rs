@@ -33,10 +33,20 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Prompt lengths to test (pp), comma separated; 0 skips.
-    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "512")]
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
     pub n_prompt: Vec<usize>,
     /// Generation lengths to test (tg), comma separated; 0 skips.
-    #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_value = "128")]
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
     pub n_gen: Vec<usize>,
     /// Repetitions of each test, after one warm-up run.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
@@ -56,7 +66,12 @@ pub struct ModelArgs {
     #[arg(short = 't', long, value_delimiter = ',')]
     pub threads: Vec<usize>,
     /// Context size in tokens (default: min(model context, 4096)).
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 0, hide_default_value = true)]
+    #[arg(
+        short = 'c',
+        long = "ctx-size",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
     pub ctx_size: usize,
     /// Prompt tokens processed per forward pass.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
@@ -138,7 +153,12 @@ pub struct RunArgs {
     #[arg(short = 'p', long)]
     pub prompt: Option<String>,
     /// Read the prompt from a file.
-    #[arg(short = 'f', long = "file", value_name = "FILE", conflicts_with = "prompt")]
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        conflicts_with = "prompt"
+    )]
     pub prompt_file: Option<PathBuf>,
     /// System message for the chat template.
     #[arg(long = "system", visible_alias = "sys")]

@@ -35,7 +35,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut write_failed = false;
     let generation = engine.generate(&mut session, &tokens, max_tokens, &mut sampler, |piece| {
         // A closed pipe (`| head`) ends generation quietly instead of failing.
-        write_failed = out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_err();
+        write_failed = out
+            .write_all(piece.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err();
         !write_failed
     })?;
     if !write_failed {
@@ -54,7 +57,7 @@ pub fn report(engine: &Engine, g: &Generation) -> String {
         String::new()
     };
     format!(
-        "\n[qwen-run] load {:.2} s | prompt {} tokens{cached} | time to first token {:.0} ms | prefill {:.1} tok/s | generated {} tokens | decode {:.1} tok/s | stop: {} | {} | {} threads | ctx {} | KV {} {:.0} MiB",
+        "\n[qwen-run] load {:.2} s | prompt {} tokens{cached} | time to first token {:.0} ms | prefill {:.1} tok/s | generated {} tokens | decode {:.1} tok/s | finish: {} | {} | {} threads | ctx {} | KV {} {:.0} MiB",
         engine.load_time.as_secs_f64(),
         g.prompt_tokens,
         g.ttft.as_secs_f64() * 1e3,

@@ -126,10 +126,17 @@ impl Engine {
 
     /// Runs the model on `tokens` appended to the session; returns the logits of the last
     /// position (or every position) as rows of f32.
-    pub fn forward(&self, session: &mut Session, tokens: &[u32], which: Logits) -> Result<Vec<Vec<f32>>> {
+    pub fn forward(
+        &self,
+        session: &mut Session,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<Vec<Vec<f32>>> {
         let mut rows = Vec::new();
         for chunk in tokens.chunks(self.batch_size) {
-            let logits = self.pool.install(|| self.model.forward(chunk, &mut session.cache, which))?;
+            let logits = self
+                .pool
+                .install(|| self.model.forward(chunk, &mut session.cache, which))?;
             session.tokens.extend_from_slice(chunk);
             rows = match which {
                 Logits::Last => logits.to_vec2::<f32>()?,
@@ -198,7 +205,10 @@ impl Engine {
             if step + 1 == budget {
                 break;
             }
-            logits = self.forward(session, &[next], Logits::Last)?.pop().context("no logits")?;
+            logits = self
+                .forward(session, &[next], Logits::Last)?
+                .pop()
+                .context("no logits")?;
         }
         let rest = stream.finish();
         if !rest.is_empty() {
@@ -231,7 +241,11 @@ impl Session {
     }
 
     pub fn common_prefix(&self, tokens: &[u32]) -> usize {
-        self.tokens.iter().zip(tokens).take_while(|(a, b)| a == b).count()
+        self.tokens
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
     }
 
     pub fn truncate(&mut self, len: usize) {

@@ -177,11 +177,13 @@ struct Part {
 
 impl Part {
     fn open(path: &Path, part: usize) -> Result<Part> {
-        let file = File::open(path).with_context(|| {
-            format!("cannot open model file {}", path.display())
-        })?;
+        let file = File::open(path)
+            .with_context(|| format!("cannot open model file {}", path.display()))?;
         if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            bail!("{} is a directory, expected a .gguf model file", path.display());
+            bail!(
+                "{} is a directory, expected a .gguf model file",
+                path.display()
+            );
         }
         // SAFETY: the mapping is read-only; a model file changed under a running process is the
         // same hazard every mmap-based engine accepts (llama.cpp does the same).
@@ -277,7 +279,10 @@ impl Part {
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
                 .filter(|&n| n <= map.len() as u64 * 8)
                 .with_context(|| {
-                    format!("{} is corrupt: tensor '{name}' has dimensions {dims:?}", path.display())
+                    format!(
+                        "{} is corrupt: tensor '{name}' has dimensions {dims:?}",
+                        path.display()
+                    )
                 })? as usize;
             let size = if !(dims[0] as usize).is_multiple_of(ty.block_size()) {
                 bail!(
@@ -290,7 +295,9 @@ impl Part {
             } else {
                 elements / ty.block_size() * ty.block_bytes()
             };
-            let start = (data_start as u64).checked_add(offset).filter(|s| s % alignment as u64 == 0);
+            let start = (data_start as u64)
+                .checked_add(offset)
+                .filter(|s| s % alignment as u64 == 0);
             let Some(start) = start else {
                 bail!(
                     "{} is corrupt: tensor '{name}' starts at offset {offset}, not aligned to {alignment} bytes",
@@ -327,7 +334,11 @@ impl Part {
         match self.metadata.get("split.count").and_then(Value::as_u64) {
             None | Some(0) | Some(1) => Ok(1),
             Some(n) => {
-                let no = self.metadata.get("split.no").and_then(Value::as_u64).unwrap_or(0);
+                let no = self
+                    .metadata
+                    .get("split.no")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
                 if no != 0 {
                     bail!(
                         "{} is part {} of a split model; give the first part (…-00001-of-{n:05}.gguf)",
@@ -343,7 +354,10 @@ impl Part {
 
 /// `model-00001-of-00003.gguf` -> the paths of all three parts, each of which must exist.
 fn split_paths(first: &Path, count: usize) -> Result<Vec<PathBuf>> {
-    let name = first.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = first
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     let suffix = format!("-00001-of-{count:05}.gguf");
     let Some(stem) = name.strip_suffix(&suffix) else {
         bail!(
@@ -435,7 +449,7 @@ impl<'a> Cursor<'a> {
                 }
                 if n > (self.data.len() - self.pos) as u64 {
                     bail!(
-                        "{} is truncated or corrupt: metadata '{key}' claims {n} elements, more than the rest of the file holds",
+                        "{} is truncated (or its header is corrupt): metadata '{key}' claims {n} elements, more than the rest of the file holds. Download the file again",
                         self.path.display()
                     );
                 }

@@ -104,9 +104,19 @@ impl Value {
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Value::String(s) if s.len() > 60 => write!(f, "{:?}... ({} bytes)", &s[..s.floor_char_boundary_compat(60)], s.len()),
+            Value::String(s) if s.len() > 60 => write!(
+                f,
+                "{:?}... ({} bytes)",
+                &s[..s.floor_char_boundary_compat(60)],
+                s.len()
+            ),
             Value::String(s) => write!(f, "{s:?}"),
-            Value::Array(a) => write!(f, "[{} x {}]", a.len(), a.first().map_or("?", |v| v.type_name())),
+            Value::Array(a) => write!(
+                f,
+                "[{} x {}]",
+                a.len(),
+                a.first().map_or("?", |v| v.type_name())
+            ),
             Value::U8(v) => write!(f, "{v}"),
             Value::I8(v) => write!(f, "{v}"),
             Value::U16(v) => write!(f, "{v}"),

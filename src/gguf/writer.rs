@@ -24,11 +24,20 @@ impl GgufWriter {
     }
 
     /// `dims` in ggml order (innermost first); `data` is the raw block bytes.
-    pub fn tensor(&mut self, name: &str, dims: &[usize], ty: QuantType, data: Vec<u8>) -> Result<&mut Self> {
+    pub fn tensor(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+        ty: QuantType,
+        data: Vec<u8>,
+    ) -> Result<&mut Self> {
         let n: usize = dims.iter().product();
-        let expected = ty
-            .row_bytes(n)
-            .with_context(|| format!("tensor {name}: {n} elements is not a whole number of {} blocks", ty.name()))?;
+        let expected = ty.row_bytes(n).with_context(|| {
+            format!(
+                "tensor {name}: {n} elements is not a whole number of {} blocks",
+                ty.name()
+            )
+        })?;
         ensure!(
             data.len() == expected,
             "tensor {name}: {} bytes given, {} expected for {n} x {}",
@@ -36,13 +45,15 @@ impl GgufWriter {
             expected,
             ty.name()
         );
-        self.tensors.push((name.to_string(), dims.to_vec(), ty, data));
+        self.tensors
+            .push((name.to_string(), dims.to_vec(), ty, data));
         Ok(self)
     }
 
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
         let mut w = BufWriter::new(file);
         self.write_to(&mut w)?;
         w.flush()?;
@@ -53,7 +64,11 @@ impl GgufWriter {
     /// llama.cpp's gguf-split does (metadata in the first part, tensors spread over all); returns
     /// the paths.
     pub fn write_split(&self, dir: &Path, stem: &str, n: usize) -> Result<Vec<std::path::PathBuf>> {
-        ensure!(n >= 1 && n <= self.tensors.len().max(1), "cannot split {} tensors into {n} parts", self.tensors.len());
+        ensure!(
+            n >= 1 && n <= self.tensors.len().max(1),
+            "cannot split {} tensors into {n} parts",
+            self.tensors.len()
+        );
         let per = self.tensors.len().div_ceil(n);
         let mut paths = Vec::new();
         for i in 0..n {
@@ -64,7 +79,13 @@ impl GgufWriter {
             part.meta("split.no", Value::U16(i as u16));
             part.meta("split.count", Value::U16(n as u16));
             part.meta("split.tensors.count", Value::I32(self.tensors.len() as i32));
-            part.tensors = self.tensors.iter().skip(i * per).take(per).cloned().collect();
+            part.tensors = self
+                .tensors
+                .iter()
+                .skip(i * per)
+                .take(per)
+                .cloned()
+                .collect();
             let path = dir.join(format!("{stem}-{:05}-of-{n:05}.gguf", i + 1));
             part.write(&path)?;
             paths.push(path);

@@ -49,13 +49,19 @@ impl Config {
             n_heads,
             n_kv_heads,
             head_dim: hidden / n_heads,
-            rope_base: gguf.get("qwen2.rope.freq_base").and_then(|v| v.as_f64()).unwrap_or(1e6) as f32,
+            rope_base: gguf
+                .get("qwen2.rope.freq_base")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e6) as f32,
             rms_eps: gguf
                 .get("qwen2.attention.layer_norm_rms_epsilon")
                 .and_then(|v| v.as_f64())
                 .unwrap_or(1e-6) as f32,
             context_length: u("context_length")?,
-            vocab_size: *embd.dims.get(1).context("token_embd.weight is not a matrix")?,
+            vocab_size: *embd
+                .dims
+                .get(1)
+                .context("token_embd.weight is not a matrix")?,
         })
     }
 
@@ -100,7 +106,12 @@ impl Qwen2 {
     pub fn load(gguf: &Arc<GgufFile>, device: &Device, max_positions: usize) -> Result<Qwen2> {
         let cfg = Config::from_gguf(gguf)?;
         let lin = |name: &str, bias: bool| {
-            Linear::load(gguf, &format!("{name}.weight"), bias.then(|| format!("{name}.bias")).as_deref(), device)
+            Linear::load(
+                gguf,
+                &format!("{name}.weight"),
+                bias.then(|| format!("{name}.bias")).as_deref(),
+                device,
+            )
         };
         let vec = |name: &str| load_vector(gguf, name, device);
         let layers = (0..cfg.n_layers)
@@ -143,10 +154,20 @@ impl Qwen2 {
 
     pub fn new_cache(&self, capacity: usize, ty: CacheType) -> Result<KvCache> {
         if capacity > self.rope_cos.dim(0)? {
-            bail!("a cache of {capacity} positions exceeds the {} the model was loaded for", self.rope_cos.dim(0)?);
+            bail!(
+                "a cache of {capacity} positions exceeds the {} the model was loaded for",
+                self.rope_cos.dim(0)?
+            );
         }
         let c = &self.cfg;
-        KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, capacity, ty, &self.device)
+        KvCache::new(
+            c.n_layers,
+            c.n_kv_heads,
+            c.head_dim,
+            capacity,
+            ty,
+            &self.device,
+        )
     }
 
     /// Runs `tokens` at positions `cache.len()..` and returns logits `[n, vocab]` (f32) for the
@@ -174,7 +195,9 @@ impl Qwen2 {
             // Attention.
             let x = candle_nn::ops::rms_norm(&h, &l.attn_norm, c.rms_eps)?;
             let heads = |y: Tensor, nh: usize| -> Result<Tensor> {
-                Ok(y.reshape((n, nh, c.head_dim))?.transpose(0, 1)?.contiguous()?)
+                Ok(y.reshape((n, nh, c.head_dim))?
+                    .transpose(0, 1)?
+                    .contiguous()?)
             };
             let q = heads(l.q.forward(&x)?, c.n_heads)?;
             let k = heads(l.k.forward(&x)?, c.n_kv_heads)?;
@@ -228,9 +251,16 @@ fn causal_mask(n: usize, pos: usize, device: &Device) -> Result<Option<Tensor>> 
 }
 
 /// cos/sin tables `[positions, head_dim / 2]` for NeoX-style rotary embeddings.
-fn rope_tables(head_dim: usize, base: f32, positions: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+fn rope_tables(
+    head_dim: usize,
+    base: f32,
+    positions: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half).map(|i| base.powf(-2.0 * i as f32 / head_dim as f32)).collect();
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| base.powf(-2.0 * i as f32 / head_dim as f32))
+        .collect();
     let mut cos = Vec::with_capacity(positions * half);
     let mut sin = Vec::with_capacity(positions * half);
     for p in 0..positions {
@@ -252,7 +282,10 @@ pub fn check_shapes(gguf: &GgufFile, cfg: &Config) -> Result<()> {
     let expect = |name: &str, dims: &[usize]| -> Result<()> {
         let t = gguf.require_tensor(name)?;
         if t.dims != dims {
-            bail!("tensor '{name}' has shape {:?}, expected {dims:?} for this model's config", t.dims);
+            bail!(
+                "tensor '{name}' has shape {:?}, expected {dims:?} for this model's config",
+                t.dims
+            );
         }
         Ok(())
     };
@@ -262,7 +295,10 @@ pub fn check_shapes(gguf: &GgufFile, cfg: &Config) -> Result<()> {
         expect(&format!("{p}.attn_q.weight"), &[cfg.hidden, cfg.hidden])?;
         expect(&format!("{p}.attn_k.weight"), &[cfg.hidden, kv])?;
         expect(&format!("{p}.attn_v.weight"), &[cfg.hidden, kv])?;
-        expect(&format!("{p}.attn_output.weight"), &[cfg.hidden, cfg.hidden])?;
+        expect(
+            &format!("{p}.attn_output.weight"),
+            &[cfg.hidden, cfg.hidden],
+        )?;
         expect(&format!("{p}.ffn_gate.weight"), &[cfg.hidden, cfg.ffn])?;
         expect(&format!("{p}.ffn_up.weight"), &[cfg.hidden, cfg.ffn])?;
         expect(&format!("{p}.ffn_down.weight"), &[cfg.ffn, cfg.hidden])?;

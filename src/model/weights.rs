@@ -20,7 +20,10 @@ impl QMatrix {
         let (cols, rows) = match info.dims[..] {
             [c] => (c, 1),
             [c, r] => (c, r),
-            _ => bail!("tensor '{name}' has dimensions {:?}, expected a matrix", info.dims),
+            _ => bail!(
+                "tensor '{name}' has dimensions {:?}, expected a matrix",
+                info.dims
+            ),
         };
         Ok(QMatrix {
             file: file.clone(),
@@ -84,29 +87,53 @@ impl QMatrix {
 /// `y = x W^T + b`, with W quantized. On the CPU our own kernels read W straight from the
 /// mapping; on other devices Candle's quantized matmul holds a device copy.
 pub enum Linear {
-    Native { w: Arc<QMatrix>, bias: Option<Tensor> },
-    Candle { w: candle_core::quantized::QMatMul, bias: Option<Tensor> },
+    Native {
+        w: Arc<QMatrix>,
+        bias: Option<Tensor>,
+    },
+    Candle {
+        w: candle_core::quantized::QMatMul,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {
-    pub fn load(file: &Arc<GgufFile>, name: &str, bias: Option<&str>, device: &Device) -> Result<Linear> {
+    pub fn load(
+        file: &Arc<GgufFile>,
+        name: &str,
+        bias: Option<&str>,
+        device: &Device,
+    ) -> Result<Linear> {
         let w = QMatrix::load(file, name)?;
         let bias = bias.map(|b| load_vector(file, b, device)).transpose()?;
         if let Some(b) = &bias {
             if b.dims1()? != w.rows {
-                bail!("bias of '{name}' has {} elements, expected {}", b.dims1()?, w.rows);
+                bail!(
+                    "bias of '{name}' has {} elements, expected {}",
+                    b.dims1()?,
+                    w.rows
+                );
             }
         }
         Ok(match device {
-            Device::Cpu => Linear::Native { w: Arc::new(w), bias },
-            _ => Linear::Candle { w: w.to_candle(device)?, bias },
+            Device::Cpu => Linear::Native {
+                w: Arc::new(w),
+                bias,
+            },
+            _ => Linear::Candle {
+                w: w.to_candle(device)?,
+                bias,
+            },
         })
     }
 
     /// `x`: `[n, cols]` f32 -> `[n, rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
-            Linear::Native { w, bias } => (x.contiguous()?.apply_op1_no_bwd(&NativeMatMul(w.clone()))?, bias),
+            Linear::Native { w, bias } => (
+                x.contiguous()?.apply_op1_no_bwd(&NativeMatMul(w.clone()))?,
+                bias,
+            ),
             Linear::Candle { w, bias } => (x.apply(w)?, bias),
         };
         Ok(match bias {
@@ -123,7 +150,11 @@ impl CustomOp1 for NativeMatMul {
         "qwen-run-qmatmul"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = &self.0;
         let x = match storage {
             CpuStorage::F32(x) => x,
@@ -131,7 +162,11 @@ impl CustomOp1 for NativeMatMul {
         };
         let (n, k) = layout.shape().dims2()?;
         if k != w.cols {
-            candle_core::bail!("qmatmul: input has {k} columns, weight '{}' has {}", w.name(), w.cols);
+            candle_core::bail!(
+                "qmatmul: input has {k} columns, weight '{}' has {}",
+                w.name(),
+                w.cols
+            );
         }
         let x = match layout.contiguous_offsets() {
             Some((a, b)) => &x[a..b],
@@ -171,7 +206,10 @@ impl Embedding {
         let mut out = vec![0f32; tokens.len() * dim];
         for (row, &t) in out.chunks_exact_mut(dim).zip(tokens) {
             if t as usize >= self.table.rows {
-                bail!("token id {t} is outside the vocabulary of {} tokens", self.table.rows);
+                bail!(
+                    "token id {t} is outside the vocabulary of {} tokens",
+                    self.table.rows
+                );
             }
             self.table.dequantize_row(t as usize, row);
         }

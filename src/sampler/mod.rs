@@ -46,7 +46,10 @@ impl SamplingParams {
 
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            bail!("temperature must be a number >= 0, got {}", self.temperature);
+            bail!(
+                "temperature must be a number >= 0, got {}",
+                self.temperature
+            );
         }
         if !(0.0..=1.0).contains(&self.top_p) {
             bail!("top-p must be between 0 and 1, got {}", self.top_p);
@@ -92,7 +95,11 @@ impl Sampler {
             seen.dedup();
             for t in seen {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repeat_penalty
+                    } else {
+                        *l * p.repeat_penalty
+                    };
                 }
             }
         }
@@ -101,8 +108,14 @@ impl Sampler {
         }
         let c = &mut self.candidates;
         c.clear();
-        c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)));
-        let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l / p.temperature)),
+        );
+        let by_logit_desc =
+            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < c.len() {
             c.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
             c.truncate(p.top_k);
@@ -171,8 +184,14 @@ mod tests {
     fn same_seed_same_tokens() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 17) as f32 * 0.3).collect();
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed, ..Default::default() }).unwrap();
-            (0..20).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingParams {
+                seed,
+                ..Default::default()
+            })
+            .unwrap();
+            (0..20)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
@@ -180,7 +199,11 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let mut s = Sampler::new(SamplingParams { top_k: 1, ..Default::default() }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            ..Default::default()
+        })
+        .unwrap();
         for _ in 0..10 {
             assert_eq!(s.sample(&mut [0.5, 2.0, 1.9, -1.0], &[]), 1);
         }
@@ -188,13 +211,25 @@ mod tests {
 
     #[test]
     fn repeat_penalty_demotes_seen_tokens() {
-        let mut s = Sampler::new(SamplingParams { repeat_penalty: 2.0, ..SamplingParams::greedy() }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            repeat_penalty: 2.0,
+            ..SamplingParams::greedy()
+        })
+        .unwrap();
         assert_eq!(s.sample(&mut [1.0, 1.5, 1.0], &[1]), 0);
     }
 
     #[test]
     fn rejects_bad_params() {
-        assert!(Sampler::new(SamplingParams { top_p: 1.5, ..Default::default() }).is_err());
-        assert!(Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
+        assert!(Sampler::new(SamplingParams {
+            top_p: 1.5,
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        })
+        .is_err());
     }
 }

@@ -119,7 +119,11 @@ mod tests {
     fn chatml_fallback_renders_generation_prompt() {
         let t = ChatTemplate::new(CHATML).unwrap();
         let s = t
-            .render(&[Message::new("system", "S"), Message::new("user", "hi")], None, true)
+            .render(
+                &[Message::new("system", "S"), Message::new("user", "hi")],
+                None,
+                true,
+            )
             .unwrap();
         assert_eq!(s, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     }
@@ -129,6 +133,9 @@ mod tests {
         let t = ChatTemplate::new("{{ tools[0] | tojson }}").unwrap();
         let tools = serde_json::json!([{"name": "f", "parameters": {"a": [1, 2], "b": "<x>"}}]);
         let s = t.render(&[], Some(&tools), false).unwrap();
-        assert_eq!(s, r#"{"name": "f", "parameters": {"a": [1, 2], "b": "<x>"}}"#);
+        assert_eq!(
+            s,
+            r#"{"name": "f", "parameters": {"a": [1, 2], "b": "<x>"}}"#
+        );
     }
 }

@@ -53,7 +53,10 @@ impl Tokenizer {
         let tokens: Vec<&str> = gguf
             .get_array("tokenizer.ggml.tokens")?
             .iter()
-            .map(|v| v.as_str().context("tokenizer.ggml.tokens holds a non-string"))
+            .map(|v| {
+                v.as_str()
+                    .context("tokenizer.ggml.tokens holds a non-string")
+            })
             .collect::<Result<_>>()?;
         let types: Vec<i64> = match gguf.get("tokenizer.ggml.token_type") {
             Some(v) => v
@@ -68,10 +71,12 @@ impl Tokenizer {
             .get_array("tokenizer.ggml.merges")?
             .iter()
             .map(|m| {
-                let m = m.as_str().context("tokenizer.ggml.merges holds a non-string")?;
-                let (a, b) = m
-                    .split_once(' ')
-                    .with_context(|| format!("merge rule {m:?} is not two tokens separated by a space"))?;
+                let m = m
+                    .as_str()
+                    .context("tokenizer.ggml.merges holds a non-string")?;
+                let (a, b) = m.split_once(' ').with_context(|| {
+                    format!("merge rule {m:?} is not two tokens separated by a space")
+                })?;
                 Ok((a.to_string(), b.to_string()))
             })
             .collect::<Result<_>>()?;
@@ -81,9 +86,16 @@ impl Tokenizer {
             .map(|(i, t)| (t.to_string(), i as u32))
             .collect();
         let bpe = BPE::builder()
-            .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+            .vocab_and_merges(
+                vocab
+                    .into_iter()
+                    .collect::<tokenizers::models::bpe::Vocab>(),
+                merges,
+            )
             .build()
-            .map_err(|e| anyhow::anyhow!("cannot build the BPE tokenizer from the GGUF vocabulary: {e}"))?;
+            .map_err(|e| {
+                anyhow::anyhow!("cannot build the BPE tokenizer from the GGUF vocabulary: {e}")
+            })?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         let split = Split::new(
             SplitPattern::Regex(QWEN2_SPLIT.to_string()),
@@ -119,7 +131,8 @@ impl Tokenizer {
             })
             .collect();
         let id = |key: &str| gguf.get(key).and_then(Value::as_u64).map(|v| v as u32);
-        let eos = id("tokenizer.ggml.eos_token_id").context("the GGUF has no tokenizer.ggml.eos_token_id")?;
+        let eos = id("tokenizer.ggml.eos_token_id")
+            .context("the GGUF has no tokenizer.ggml.eos_token_id")?;
         let mut eog = vec![eos];
         eog.extend(id("tokenizer.ggml.eot_token_id"));
         for name in ["<|endoftext|>", "<|im_end|>", "<|eot_id|>"] {
@@ -129,7 +142,10 @@ impl Tokenizer {
         }
         eog.sort_unstable();
         eog.dedup();
-        let add_bos = match gguf.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool) {
+        let add_bos = match gguf
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(Value::as_bool)
+        {
             Some(true) => id("tokenizer.ggml.bos_token_id"),
             _ => None,
         };
@@ -169,7 +185,9 @@ impl Tokenizer {
 
     /// Raw bytes of a token as it appears in generated text (control tokens: none).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        self.token_bytes.get(id as usize).map_or(&[], |b| b.as_slice())
+        self.token_bytes
+            .get(id as usize)
+            .map_or(&[], |b| b.as_slice())
     }
 
     pub fn token_text(&self, id: u32) -> &str {
@@ -177,7 +195,10 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.token_bytes(i).iter().copied()).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| self.token_bytes(i).iter().copied())
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }

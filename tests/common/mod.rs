@@ -17,7 +17,9 @@ pub const LAYERS: usize = 2;
 /// A byte-level vocabulary: the 256 byte symbols, a few merges, and Qwen's special tokens.
 pub fn tokenizer_metadata(w: &mut GgufWriter) -> usize {
     let mut tokens: Vec<String> = byte_symbols();
-    let merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d"];
+    let merges = [
+        "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d",
+    ];
     for m in merges {
         tokens.push(m.replace(' ', ""));
     }
@@ -29,9 +31,23 @@ pub fn tokenizer_metadata(w: &mut GgufWriter) -> usize {
     let n = tokens.len();
     w.meta("tokenizer.ggml.model", Value::String("gpt2".into()))
         .meta("tokenizer.ggml.pre", Value::String("qwen2".into()))
-        .meta("tokenizer.ggml.tokens", Value::Array(tokens.into_iter().map(Value::String).collect()))
-        .meta("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect()))
-        .meta("tokenizer.ggml.merges", Value::Array(merges.iter().map(|m| Value::String(m.to_string())).collect()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        )
+        .meta(
+            "tokenizer.ggml.token_type",
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        )
+        .meta(
+            "tokenizer.ggml.merges",
+            Value::Array(
+                merges
+                    .iter()
+                    .map(|m| Value::String(m.to_string()))
+                    .collect(),
+            ),
+        )
         .meta("tokenizer.ggml.eos_token_id", Value::U32(n as u32 - 1))
         .meta("tokenizer.ggml.bos_token_id", Value::U32(n as u32 - 3))
         .meta("tokenizer.ggml.add_bos_token", Value::Bool(false));
@@ -76,10 +92,14 @@ fn candle_dtype(ty: QuantType) -> GgmlDType {
 /// Random weights of `rows x cols`, quantized to `ty` (by Candle, an independent quantizer).
 pub fn random_weights(ty: QuantType, rows: usize, cols: usize, scale: f32, seed: u64) -> Vec<u8> {
     let n = rows * cols;
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let values: Vec<f32> = (0..n)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0 * scale
         })
         .collect();
@@ -109,21 +129,50 @@ pub fn tiny_model_writer(ty: QuantType) -> GgufWriter {
     let mut mat = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: QuantType| {
         seed += 1;
         // Norm weights and biases are 1-D in real files.
-        let dims = if rows == 1 { vec![cols] } else { vec![cols, rows] };
-        w.tensor(name, &dims, ty, random_weights(ty, rows, cols, 0.5, seed)).unwrap();
+        let dims = if rows == 1 {
+            vec![cols]
+        } else {
+            vec![cols, rows]
+        };
+        w.tensor(name, &dims, ty, random_weights(ty, rows, cols, 0.5, seed))
+            .unwrap();
     };
     mat(&mut w, "token_embd.weight", vocab, HIDDEN, ty);
     for i in 0..LAYERS {
         let p = format!("blk.{i}");
-        mat(&mut w, &format!("{p}.attn_norm.weight"), 1, HIDDEN, QuantType::F32);
+        mat(
+            &mut w,
+            &format!("{p}.attn_norm.weight"),
+            1,
+            HIDDEN,
+            QuantType::F32,
+        );
         mat(&mut w, &format!("{p}.attn_q.weight"), HIDDEN, HIDDEN, ty);
-        mat(&mut w, &format!("{p}.attn_q.bias"), 1, HIDDEN, QuantType::F32);
+        mat(
+            &mut w,
+            &format!("{p}.attn_q.bias"),
+            1,
+            HIDDEN,
+            QuantType::F32,
+        );
         mat(&mut w, &format!("{p}.attn_k.weight"), kv, HIDDEN, ty);
         mat(&mut w, &format!("{p}.attn_k.bias"), 1, kv, QuantType::F32);
         mat(&mut w, &format!("{p}.attn_v.weight"), kv, HIDDEN, ty);
         mat(&mut w, &format!("{p}.attn_v.bias"), 1, kv, QuantType::F32);
-        mat(&mut w, &format!("{p}.attn_output.weight"), HIDDEN, HIDDEN, ty);
-        mat(&mut w, &format!("{p}.ffn_norm.weight"), 1, HIDDEN, QuantType::F32);
+        mat(
+            &mut w,
+            &format!("{p}.attn_output.weight"),
+            HIDDEN,
+            HIDDEN,
+            ty,
+        );
+        mat(
+            &mut w,
+            &format!("{p}.ffn_norm.weight"),
+            1,
+            HIDDEN,
+            QuantType::F32,
+        );
         mat(&mut w, &format!("{p}.ffn_gate.weight"), FFN, HIDDEN, ty);
         mat(&mut w, &format!("{p}.ffn_up.weight"), FFN, HIDDEN, ty);
         mat(&mut w, &format!("{p}.ffn_down.weight"), HIDDEN, FFN, ty);
@@ -146,13 +195,16 @@ pub fn real_model(size: &str) -> PathBuf {
         return PathBuf::from(p);
     }
     let out = std::process::Command::new("python3")
-        .args([concat!(env!("CARGO_MANIFEST_DIR"), "/models/fetch.py"), size, "--cached-only"])
+        .args([
+            concat!(env!("CARGO_MANIFEST_DIR"), "/models/fetch.py"),
+            size,
+        ])
         .output()
         .expect("python3 runs");
     let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(
         out.status.success() && Path::new(&path).exists(),
-        "the real {size} test model is not cached: run `python3 models/fetch.py {size}` (or set {var}). {}",
+        "the real {size} test model could not be fetched: run `python3 models/fetch.py {size}` (or set {var}). {}",
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(path)

@@ -1,0 +1,198 @@
+//! Simple timing harness (no criterion): `cargo bench -p qwen-run-kernels --bench matmul [filter]`.
+//!
+//! For every shape it reports, on the current rayon pool (RAYON_NUM_THREADS,
+//! default = all cores):
+//!  * n=1 (decode): time per call and GB/s of weights streamed. The weights are
+//!    rotated through enough copies (>= 256 MiB) that they come from DRAM, as in
+//!    a real forward pass.
+//!  * n=512 (prefill): time per call, GFLOP/s and tokens x rows per second.
+//!
+//! It also measures the machine's streaming-read bandwidth for comparison.
+
+use qwen_run_kernels::{matmul, matmul_with, Backend, QuantType};
+use rayon::prelude::*;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+fn rng_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 24) as u8
+        })
+        .collect()
+}
+
+/// Random blocks with sane f16 scale fields (no NaN/Inf/denormals).
+fn make_weights(ty: QuantType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let rb = ty.row_bytes(cols).unwrap();
+    let mut w = rng_bytes(rows * rb, seed);
+    let d = half::f16::from_f32(0.01).to_le_bytes();
+    let fields: &[usize] = match ty {
+        QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => &[0],
+        QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4K | QuantType::Q5K => &[0, 2],
+        QuantType::Q6K => &[208],
+        QuantType::Q2K => &[80, 82],
+        QuantType::Q3K => &[108],
+        QuantType::F16 => {
+            for c in w.chunks_exact_mut(2) {
+                c.copy_from_slice(&d);
+            }
+            &[]
+        }
+        _ => &[],
+    };
+    if !fields.is_empty() {
+        for blk in w.chunks_exact_mut(ty.block_bytes()) {
+            for &f in fields {
+                blk[f..f + 2].copy_from_slice(&d);
+            }
+        }
+    }
+    w
+}
+
+fn time_it(min_time: Duration, min_iters: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up
+    let mut iters = 0usize;
+    let start = Instant::now();
+    while iters < min_iters || start.elapsed() < min_time {
+        f();
+        iters += 1;
+    }
+    start.elapsed().as_secs_f64() / iters as f64
+}
+
+fn stream_bandwidth() -> f64 {
+    let n = 512 << 20; // 512 MiB
+    let v: Vec<u64> = (0..n / 8).map(|i| i as u64).collect();
+    let per = time_it(Duration::from_millis(1500), 3, || {
+        let s: u64 = v
+            .par_chunks(1 << 20)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .sum();
+        black_box(s);
+    });
+    n as f64 / per / 1e9
+}
+
+fn bench_shape(ty: QuantType, rows: usize, cols: usize, backend: Backend, n_list: &[usize]) {
+    let rb = ty.row_bytes(cols).unwrap();
+    let bytes = rows * rb;
+    for &n in n_list {
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let mut y = vec![0f32; n * rows];
+        if n == 1 {
+            let copies = ((256usize << 20) / bytes).max(2);
+            let ws: Vec<Vec<u8>> = (0..copies)
+                .map(|c| make_weights(ty, rows, cols, c as u64 + 1))
+                .collect();
+            let mut i = 0;
+            let per = time_it(Duration::from_millis(1500), 20, || {
+                matmul_with(backend, ty, &ws[i % copies], rows, cols, &x, n, &mut y);
+                i += 1;
+                black_box(&y);
+            });
+            println!(
+                "{:<5} {:>6}x{:<5} n={:<4} {:>9.1} us  {:>6.2} GB/s  {:>7.1} GFLOP/s",
+                ty.name(),
+                rows,
+                cols,
+                n,
+                per * 1e6,
+                bytes as f64 / per / 1e9,
+                2.0 * (rows * cols * n) as f64 / per / 1e9
+            );
+        } else {
+            let w = make_weights(ty, rows, cols, 1);
+            let per = time_it(Duration::from_millis(2000), 3, || {
+                matmul_with(backend, ty, &w, rows, cols, &x, n, &mut y);
+                black_box(&y);
+            });
+            println!(
+                "{:<5} {:>6}x{:<5} n={:<4} {:>9.1} us  {:>6.2} GB/s  {:>7.1} GFLOP/s  {:>7.2} M tok*rows/s",
+                ty.name(),
+                rows,
+                cols,
+                n,
+                per * 1e6,
+                bytes as f64 / per / 1e9,
+                2.0 * (rows * cols * n) as f64 / per / 1e9,
+                (rows * n) as f64 / per / 1e6
+            );
+        }
+    }
+}
+
+fn main() {
+    // like the engine: all calls are made from inside the pool (ThreadPool::install)
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        });
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(real_main);
+}
+
+fn real_main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let filter = args.first().cloned().unwrap_or_default();
+    let backend = if std::env::var("BENCH_SCALAR").is_ok() {
+        Backend::Scalar
+    } else {
+        Backend::detect()
+    };
+    println!(
+        "simd: {}  backend: {:?}  threads: {}",
+        qwen_run_kernels::simd_name(),
+        backend,
+        rayon::current_num_threads()
+    );
+    if filter.is_empty() || filter == "bw" {
+        println!("streaming read bandwidth: {:.2} GB/s", stream_bandwidth());
+    }
+    let n_list: Vec<usize> = std::env::var("BENCH_N")
+        .ok()
+        .map(|s| s.split(',').map(|v| v.parse().unwrap()).collect())
+        .unwrap_or_else(|| vec![1, 512]);
+    let shapes = [
+        (QuantType::Q5_0, 896, 896),
+        (QuantType::Q8_0, 4864, 896),
+        (QuantType::Q4K, 1536, 1536),
+        (QuantType::Q4K, 8960, 1536),
+        (QuantType::Q6K, 1536, 8960),
+        (QuantType::Q5_0, 128, 896),
+        (QuantType::Q5_0, 4864, 896),
+        (QuantType::Q4_0, 4864, 896),
+        (QuantType::Q5_1, 896, 896),
+        (QuantType::Q8_0, 151936, 896),
+    ];
+    for (ty, rows, cols) in shapes {
+        let tag = format!("{}:{}x{}", ty.name(), rows, cols);
+        if !filter.is_empty() && !tag.contains(&filter) {
+            continue;
+        }
+        let ns: Vec<usize> = if rows == 151936 {
+            vec![1]
+        } else {
+            n_list.clone()
+        };
+        bench_shape(ty, rows, cols, backend, &ns);
+    }
+    let _ = matmul; // re-exported API used by the engine
+}
