@@ -4,6 +4,7 @@
 
 mod common;
 
+use qwen_run::bench::fidelity::{greedy_match, kl_divergence};
 use qwen_run::engine::{Engine, LoadOptions};
 use qwen_run::model::Logits;
 use qwen_run::sampler::{Sampler, SamplingParams};
@@ -75,13 +76,7 @@ fn greedy_continuations_match_llama_cpp() {
     for p in prompts {
         let prompt = ids(&p["prompt_ids"]);
         let want = ids(&p["greedy_ids"]);
-        let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
-        let mut session = e.new_session().unwrap();
-        let got = e
-            .generate(&mut session, &prompt, want.len(), &mut sampler, |_| true)
-            .unwrap()
-            .tokens;
-        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        let (same, got) = greedy_match(e, &prompt, &want).unwrap();
         if got == want {
             matched += 1;
         }
@@ -151,16 +146,6 @@ fn first_position_distribution_close_to_llama_cpp() {
     let kl = kl_divergence(&want, &got);
     eprintln!("KL(llama.cpp || qwen-run) at the first position: {kl:.6}");
     assert!(kl < 0.01, "KL divergence {kl}");
-}
-
-fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
-    let log_softmax = |l: &[f32]| -> Vec<f64> {
-        let max = l.iter().cloned().fold(f32::MIN, f32::max) as f64;
-        let lse = l.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
-        l.iter().map(|&x| x as f64 - lse).collect()
-    };
-    let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
-    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum()
 }
 
 #[test]

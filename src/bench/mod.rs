@@ -2,6 +2,7 @@
 //! table, plus what llama-bench does not report: load time, time to first token, peak RSS and
 //! decode speed against the memory-bandwidth roofline.
 
+pub mod fidelity;
 mod roofline;
 
 pub use roofline::{decode_bytes_per_token, measure_read_bandwidth};
@@ -74,7 +75,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             .unwrap_or(0)
             + 1;
         if load.ctx_size == 0 {
-            load.ctx_size = need.max(512);
+            // Room for the time-to-first-token chat prompt too.
+            load.ctx_size = need.max(256);
         }
         let engine = Engine::load(&load)?;
         if need > engine.ctx_size {

@@ -1,4 +1,7 @@
-use crate::engine::{DeviceChoice, LoadOptions};
+use crate::engine::{
+    DeviceChoice, LoadOptions, DEFAULT_CACHE_RAM_MIB, DEFAULT_PREFIX_BLOCK,
+    DEFAULT_PROMPT_CACHE_MAX_MIB,
+};
 use crate::kv_cache::CacheType;
 use crate::sampler::SamplingParams;
 use anyhow::{bail, Result};
@@ -24,8 +27,14 @@ pub struct Cli {
 pub enum Command {
     /// Generate a completion for one prompt (the default command).
     Run(RunArgs),
+    /// Interactive multi-turn chat on stdin/stdout (/reset, /system TEXT, /exit).
+    Chat(ChatArgs),
     /// Measure prompt processing and generation speed, as llama-bench does.
     Bench(BenchArgs),
+    /// Serve the model over HTTP with OpenAI- and Ollama-compatible APIs.
+    Serve(crate::server::ServeArgs),
+    /// Compare next-token distributions and greedy continuations with llama.cpp's.
+    Fidelity(FidelityArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -56,12 +65,45 @@ pub struct BenchArgs {
     pub output: String,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct FidelityArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// llama.cpp's logits at every position of a text (made by benches/llama_logits.c).
+    #[arg(long, value_name = "FILE")]
+    pub logits: Option<PathBuf>,
+    /// llama.cpp's greedy continuations: a reference JSON with prompt_ids and greedy_ids.
+    #[arg(long, value_name = "FILE")]
+    pub greedy: Option<PathBuf>,
+    /// Which list of prompts in the --greedy file to use.
+    #[arg(long = "greedy-set", default_value = "prompts_flash_attn_off")]
+    pub greedy_set: String,
+    /// Output format: md or json.
+    #[arg(short = 'o', long = "output", default_value = "md", value_parser = ["md", "json"])]
+    pub output: String,
+}
+
 /// Where the model comes from and how it is loaded; shared by every command.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Path of the GGUF model file (the first part of a split model).
     #[arg(short = 'm', long = "model", value_name = "FILE")]
     pub model: Option<PathBuf>,
+    /// Hugging Face model repo to download the model from (or use from the cache), with an
+    /// optional quantization picking the GGUF file (default Q4_K_M), e.g.
+    /// `-hf Qwen/Qwen2.5-7B-Instruct-GGUF:Q5_K_M`. Env: HF_TOKEN, HF_ENDPOINT, HF_HOME,
+    /// HF_HUB_OFFLINE=1.
+    #[arg(
+        long = "hf-repo",
+        visible_alias = "hf",
+        value_name = "REPO[:QUANT]",
+        conflicts_with = "model"
+    )]
+    pub hf_repo: Option<String>,
+    /// The GGUF file of --hf-repo to use (of a split model, its first part), instead of picking
+    /// one by quantization.
+    #[arg(long = "hf-file", value_name = "FILE", requires = "hf_repo")]
+    pub hf_file: Option<String>,
     /// Worker threads for the CPU (default: physical cores); `bench` takes a comma list.
     #[arg(short = 't', long, value_delimiter = ',')]
     pub threads: Vec<usize>,
@@ -79,28 +121,70 @@ pub struct ModelArgs {
     /// cpu, cuda or auto (auto picks the GPU when one is compiled in and visible).
     #[arg(long, default_value = "cpu", value_parser = DeviceChoice::parse)]
     pub device: DeviceChoice,
-    /// Storage type of the KV cache: f32 or f16.
+    /// Storage type of the KV cache, keys and values: f32, f16 or q8_0.
     #[arg(long = "cache-type", default_value = "f32", value_parser = CacheType::parse)]
     pub cache_type: CacheType,
+    /// Storage type of the cached keys (overrides --cache-type): f32, f16 or q8_0.
+    #[arg(long = "cache-type-k", value_name = "TYPE", value_parser = CacheType::parse)]
+    pub cache_type_k: Option<CacheType>,
+    /// Storage type of the cached values (overrides --cache-type): f32, f16 or q8_0.
+    #[arg(long = "cache-type-v", value_name = "TYPE", value_parser = CacheType::parse)]
+    pub cache_type_v: Option<CacheType>,
+    /// Memory for the in-process prompt-prefix cache, in MiB (0: off). Requests that start with
+    /// the same long prompt (a system prompt, a tool list) reuse its KV instead of prefilling it.
+    #[arg(long = "cache-ram", value_name = "MiB", default_value_t = DEFAULT_CACHE_RAM_MIB)]
+    pub cache_ram: usize,
+    /// Directory of the persistent prompt cache, which lets a new process skip the prefill of a
+    /// prompt prefix seen before (default: $XDG_CACHE_HOME/qwen-run/prompt-cache, or
+    /// ~/.cache/qwen-run/prompt-cache).
+    #[arg(long = "prompt-cache", value_name = "DIR")]
+    pub prompt_cache: Option<PathBuf>,
+    /// Do not read or write the persistent prompt cache.
+    #[arg(long = "no-prompt-cache", conflicts_with = "prompt_cache")]
+    pub no_prompt_cache: bool,
+    /// Size limit of the persistent prompt cache, in MiB; the least recently used files go first.
+    #[arg(long = "prompt-cache-max", value_name = "MiB", default_value_t = DEFAULT_PROMPT_CACHE_MAX_MIB)]
+    pub prompt_cache_max: u64,
+}
+
+/// The default directory of the persistent prompt cache, if a home or cache directory is known.
+pub fn default_prompt_cache_dir() -> Option<PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?).join(".cache"),
+    };
+    Some(base.join("qwen-run").join("prompt-cache"))
 }
 
 impl ModelArgs {
     pub fn load_options(&self) -> Result<LoadOptions> {
-        let Some(model) = &self.model else {
-            bail!("no model given: pass --model FILE.gguf (run `python3 models/fetch.py` to get the test model)");
-        };
         let threads = match self.threads[..] {
             [] => 0,
             [t] => t,
             _ => bail!("--threads takes one number here; only `qwen-run bench` takes a list"),
         };
+        let model = match (&self.model, &self.hf_repo) {
+            (Some(model), _) => model.clone(),
+            (None, Some(repo)) => crate::hub::resolve_model(repo, self.hf_file.as_deref())?,
+            (None, None) => bail!("no model given: pass --model FILE.gguf or -hf ORG/REPO[:QUANT] (run `python3 models/fetch.py` to get the test model)"),
+        };
         Ok(LoadOptions {
-            model: model.clone(),
+            model,
             device: self.device,
             threads,
             ctx_size: self.ctx_size,
             batch_size: self.batch_size,
             cache_type: self.cache_type,
+            cache_type_k: self.cache_type_k,
+            cache_type_v: self.cache_type_v,
+            cache_ram_mib: self.cache_ram,
+            prompt_cache: if self.no_prompt_cache {
+                None
+            } else {
+                self.prompt_cache.clone().or_else(default_prompt_cache_dir)
+            },
+            prompt_cache_max_mib: self.prompt_cache_max,
+            prefix_block: DEFAULT_PREFIX_BLOCK,
         })
     }
 }
@@ -170,6 +254,43 @@ pub struct RunArgs {
     #[arg(short = 'n', long = "n-predict", default_value_t = -1, allow_negative_numbers = true)]
     pub n_predict: i64,
     /// No timing report on stderr.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+    /// Run the same prompt N times in one process, each in a new session (the prompt-prefix
+    /// cache serves the repeats; for measuring it).
+    #[arg(long = "repeat", default_value_t = 1, value_name = "N")]
+    pub repeat: usize,
+}
+
+/// What `chat` does when the conversation no longer fits the context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ContextOverflow {
+    /// Stop with an error that says what to do.
+    Error,
+    /// Keep the system prompt and drop the oldest turns until the conversation fits.
+    DropOldest,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// System message for the conversation (change it with /system TEXT).
+    #[arg(long = "system", visible_alias = "sys")]
+    pub system: Option<String>,
+    /// Read the system message from a file.
+    #[arg(long = "system-file", value_name = "FILE", conflicts_with = "system")]
+    pub system_file: Option<PathBuf>,
+    /// Tokens to generate at most per reply (-1: until the model stops or the context is full).
+    #[arg(short = 'n', long = "n-predict", default_value_t = -1, allow_negative_numbers = true)]
+    pub n_predict: i64,
+    /// When the conversation outgrows the context: error, or drop-oldest (keeps the system
+    /// prompt and drops the oldest turns).
+    #[arg(long = "context-overflow", value_enum, default_value_t = ContextOverflow::Error)]
+    pub context_overflow: ContextOverflow,
+    /// No timing report on stderr after each reply.
     #[arg(short = 'q', long)]
     pub quiet: bool,
 }

@@ -9,8 +9,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     };
     let mut model = args.model.clone();
     model.threads.truncate(1);
+    let mut load = model.load_options()?;
+    // Every repetition must do the full work: no prompt-prefix caching.
+    load.cache_ram_mib = 0;
+    load.prompt_cache = None;
     let report = run(&BenchOptions {
-        load: model.load_options()?,
+        load,
         prompt_lens: args.n_prompt.clone(),
         gen_lens: args.n_gen.clone(),
         threads,

@@ -2,9 +2,14 @@
 
 mod args;
 mod bench;
+mod chat;
+mod fidelity;
 mod run;
 
-pub use args::{BenchArgs, Cli, Command, ModelArgs, RunArgs, SamplingArgs};
+pub use args::{
+    default_prompt_cache_dir, BenchArgs, ChatArgs, Cli, Command, ContextOverflow, FidelityArgs,
+    ModelArgs, RunArgs, SamplingArgs,
+};
 
 use clap::Parser;
 
@@ -14,7 +19,7 @@ pub fn main() -> i32 {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error in qwen-run: {info}. Please report this with the command you ran.");
     }));
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(crate::hub::expand_hf_flags(std::env::args_os())) {
         Ok(cli) => cli,
         Err(e) => {
             let code = if e.use_stderr() { 1 } else { 0 };
@@ -25,6 +30,9 @@ pub fn main() -> i32 {
     let result = std::panic::catch_unwind(|| match cli.command {
         Some(Command::Run(args)) => run::run(&args),
         Some(Command::Bench(args)) => bench::bench(&args),
+        Some(Command::Chat(args)) => chat::chat(&args),
+        Some(Command::Serve(args)) => crate::server::serve(&args),
+        Some(Command::Fidelity(args)) => fidelity::fidelity(&args),
         None => run::run(&cli.run),
     });
     match result {

@@ -29,35 +29,55 @@ pub fn run(args: &RunArgs) -> Result<()> {
         engine.template.render(&messages, None, true)?
     };
     let tokens = engine.tokenizer.encode(&text)?;
-    let mut session = engine.new_session()?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut write_failed = false;
-    let generation = engine.generate(&mut session, &tokens, max_tokens, &mut sampler, |piece| {
-        // A closed pipe (`| head`) ends generation quietly instead of failing.
-        write_failed = out
-            .write_all(piece.as_bytes())
-            .and_then(|_| out.flush())
-            .is_err();
-        !write_failed
-    })?;
-    if !write_failed {
-        let _ = writeln!(out);
-    }
-    if !args.quiet {
-        eprintln!("{}", report(&engine, &generation));
+    for _ in 0..args.repeat.max(1) {
+        let mut session = engine.new_session()?;
+        let mut write_failed = false;
+        let generation =
+            engine.generate(&mut session, &tokens, max_tokens, &mut sampler, |piece| {
+                // A closed pipe (`| head`) ends generation quietly instead of failing.
+                write_failed = out
+                    .write_all(piece.as_bytes())
+                    .and_then(|_| out.flush())
+                    .is_err();
+                !write_failed
+            })?;
+        if !write_failed {
+            let _ = writeln!(out);
+        }
+        if !args.quiet {
+            eprintln!("{}", report(&engine, &generation));
+        }
+        if write_failed {
+            break;
+        }
     }
     Ok(())
 }
 
 pub fn report(engine: &Engine, g: &Generation) -> String {
     let cached = if g.reused_tokens > 0 {
-        format!(" ({} from cache)", g.reused_tokens)
+        format!(" ({} from {})", g.reused_tokens, g.cache_source.as_str())
     } else {
         String::new()
     };
+    let types = if engine.cache_type_k == engine.cache_type_v {
+        engine.cache_type_k.name().to_string()
+    } else {
+        format!(
+            "K {} V {}",
+            engine.cache_type_k.name(),
+            engine.cache_type_v.name()
+        )
+    };
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let prefix = match engine.prefix_cache_stats() {
+        Some((used, _, _)) => format!(" | prefix cache {:.1} MiB", mib(used)),
+        None => String::new(),
+    };
     format!(
-        "\n[qwen-run] load {:.2} s | prompt {} tokens{cached} | time to first token {:.0} ms | prefill {:.1} tok/s | generated {} tokens | decode {:.1} tok/s | finish: {} | {} | {} threads | ctx {} | KV {} {:.0} MiB",
+        "\n[qwen-run] load {:.2} s | prompt {} tokens{cached} | time to first token {:.0} ms | prefill {:.1} tok/s | generated {} tokens | decode {:.1} tok/s | finish: {} | {} | {} threads | ctx {} | KV {types} {:.1} MiB used of {:.0} MiB{prefix}",
         engine.load_time.as_secs_f64(),
         g.prompt_tokens,
         g.ttft.as_secs_f64() * 1e3,
@@ -68,7 +88,7 @@ pub fn report(engine: &Engine, g: &Generation) -> String {
         engine.device_name(),
         engine.threads,
         engine.ctx_size,
-        engine.cache_type.name(),
-        engine.config().kv_bytes_per_token(engine.cache_type) as f64 * engine.ctx_size as f64 / (1 << 20) as f64,
+        mib(g.kv_bytes),
+        mib(engine.kv_bytes_per_token() * engine.ctx_size),
     )
 }

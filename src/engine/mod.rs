@@ -6,14 +6,15 @@ mod device;
 pub use device::{select_device, DeviceChoice};
 
 use crate::gguf::GgufFile;
-use crate::kv_cache::{CacheType, KvCache};
+use crate::kv_cache::{CacheType, KvBlock, KvCache};
 use crate::model::{check_shapes, Config, Logits, Qwen2};
+use crate::prefix_cache::{chain_hashes, chain_seed, model_identity, DiskCache, PrefixCache};
 use crate::sampler::Sampler;
 use crate::tokenizer::{ChatTemplate, TextStream, Tokenizer};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -26,8 +27,26 @@ pub struct LoadOptions {
     pub ctx_size: usize,
     /// Prompt tokens per forward pass during prefill.
     pub batch_size: usize,
+    /// Storage type of keys and values, unless `cache_type_k` / `cache_type_v` say otherwise.
     pub cache_type: CacheType,
+    pub cache_type_k: Option<CacheType>,
+    pub cache_type_v: Option<CacheType>,
+    /// Memory for the in-process prompt-prefix cache, in MiB; 0 turns it off.
+    pub cache_ram_mib: usize,
+    /// Directory of the persistent prompt cache; None turns it off.
+    pub prompt_cache: Option<PathBuf>,
+    /// Size limit of the persistent prompt cache, in MiB.
+    pub prompt_cache_max_mib: u64,
+    /// Tokens per prefix-cache block (prefixes are cached in whole blocks).
+    pub prefix_block: usize,
 }
+
+/// Default memory budget of the prompt-prefix cache, MiB.
+pub const DEFAULT_CACHE_RAM_MIB: usize = 1024;
+/// Default size limit of the on-disk prompt cache, MiB.
+pub const DEFAULT_PROMPT_CACHE_MAX_MIB: u64 = 4096;
+/// Default tokens per prefix-cache block.
+pub const DEFAULT_PREFIX_BLOCK: usize = 64;
 
 impl LoadOptions {
     pub fn new(model: impl Into<PathBuf>) -> Self {
@@ -38,6 +57,36 @@ impl LoadOptions {
             ctx_size: 0,
             batch_size: 512,
             cache_type: CacheType::F32,
+            cache_type_k: None,
+            cache_type_v: None,
+            cache_ram_mib: DEFAULT_CACHE_RAM_MIB,
+            prompt_cache: None,
+            prompt_cache_max_mib: DEFAULT_PROMPT_CACHE_MAX_MIB,
+            prefix_block: DEFAULT_PREFIX_BLOCK,
+        }
+    }
+}
+
+/// Where a request's reused prompt tokens came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheSource {
+    /// Nothing was reused.
+    None,
+    /// The session already held them (the previous turn of a conversation).
+    Session,
+    /// The in-process prefix cache.
+    Memory,
+    /// The persistent prompt cache on disk.
+    Disk,
+}
+
+impl CacheSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheSource::None => "none",
+            CacheSource::Session => "session",
+            CacheSource::Memory => "prefix cache",
+            CacheSource::Disk => "disk prompt cache",
         }
     }
 }
@@ -49,10 +98,15 @@ pub struct Engine {
     pub template: ChatTemplate,
     pub ctx_size: usize,
     pub batch_size: usize,
-    pub cache_type: CacheType,
+    pub cache_type_k: CacheType,
+    pub cache_type_v: CacheType,
     pub threads: usize,
     pub load_time: Duration,
     pool: rayon::ThreadPool,
+    /// Tokens per prefix-cache block.
+    pub prefix_block: usize,
+    prefix: Option<Mutex<PrefixCache>>,
+    disk: Option<DiskCache>,
 }
 
 impl Engine {
@@ -87,6 +141,36 @@ impl Engine {
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let template = ChatTemplate::from_gguf(&gguf)?;
         let model = Qwen2::load(&gguf, &device, ctx_size)?;
+        let cache_type_k = opts.cache_type_k.unwrap_or(opts.cache_type);
+        let cache_type_v = opts.cache_type_v.unwrap_or(opts.cache_type);
+        for ty in [cache_type_k, cache_type_v] {
+            if ty == CacheType::Q8_0 && !cfg.head_dim.is_multiple_of(crate::kv_cache::Q8_0_BLOCK) {
+                bail!("a q8_0 KV cache needs a head size that is a multiple of 32; this model's is {}: use f16 or f32", cfg.head_dim);
+            }
+        }
+        if opts.prefix_block == 0 {
+            bail!("the prefix-cache block size must be at least 1 token");
+        }
+        let prefix = (opts.cache_ram_mib > 0).then(|| {
+            Mutex::new(PrefixCache::new(
+                opts.prefix_block,
+                opts.cache_ram_mib << 20,
+            ))
+        });
+        let disk = match &opts.prompt_cache {
+            Some(dir) if opts.prompt_cache_max_mib > 0 => Some(DiskCache::new(
+                dir.clone(),
+                opts.prompt_cache_max_mib << 20,
+                model_identity(gguf.paths())?,
+                cache_type_k,
+                cache_type_v,
+                cfg.n_layers,
+                cfg.n_kv_heads,
+                cfg.head_dim,
+                opts.prefix_block,
+            )),
+            _ => None,
+        };
         Ok(Engine {
             gguf,
             model,
@@ -94,10 +178,14 @@ impl Engine {
             template,
             ctx_size,
             batch_size: opts.batch_size,
-            cache_type: opts.cache_type,
+            cache_type_k,
+            cache_type_v,
             threads,
             load_time: t0.elapsed(),
             pool,
+            prefix_block: opts.prefix_block,
+            prefix,
+            disk,
         })
     }
 
@@ -118,10 +206,160 @@ impl Engine {
     }
 
     pub fn new_session(&self) -> Result<Session> {
+        let c = self.config();
         Ok(Session {
-            cache: self.model.new_cache(self.ctx_size, self.cache_type)?,
+            cache: KvCache::with_types(
+                c.n_layers,
+                c.n_kv_heads,
+                c.head_dim,
+                self.ctx_size,
+                self.cache_type_k,
+                self.cache_type_v,
+                self.device(),
+            )?,
             tokens: Vec::new(),
         })
+    }
+
+    /// Bytes of KV per token, all layers, in this engine's cache types.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = self.config();
+        c.n_layers
+            * c.n_kv_heads
+            * (self.cache_type_k.row_bytes(c.head_dim) + self.cache_type_v.row_bytes(c.head_dim))
+    }
+
+    /// The in-process prefix cache, if enabled: (bytes held, budget bytes, blocks held).
+    pub fn prefix_cache_stats(&self) -> Option<(usize, usize, usize)> {
+        self.prefix.as_ref().map(|p| {
+            let p = p.lock().unwrap_or_else(|e| e.into_inner());
+            (p.used_bytes(), p.budget_bytes(), p.len())
+        })
+    }
+
+    /// The persistent prompt cache, if enabled.
+    pub fn disk_cache(&self) -> Option<&DiskCache> {
+        self.disk.as_ref()
+    }
+
+    /// Empties the in-process prefix cache.
+    pub fn clear_prefix_cache(&self) {
+        if let Some(p) = &self.prefix {
+            p.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
+
+    fn prefix_hashes(&self, prompt: &[u32]) -> Vec<u64> {
+        if self.prefix.is_none() && self.disk.is_none() {
+            return Vec::new();
+        }
+        let seed = chain_seed(self.cache_type_k, self.cache_type_v, self.prefix_block);
+        chain_hashes(prompt, self.prefix_block, seed)
+    }
+
+    /// Brings the session's cache to the longest cached prefix of `prompt` (memory, then disk)
+    /// when that is longer than what the session holds (`reused`). Returns the tokens the
+    /// session now holds, where they came from, and the disk entries found unusable.
+    fn restore_prefix(
+        &self,
+        session: &mut Session,
+        prompt: &[u32],
+        hashes: &[u64],
+        reused: usize,
+    ) -> Result<(usize, CacheSource, Vec<usize>)> {
+        let b = self.prefix_block;
+        let limit = prompt.len() - 1;
+        let mut blocks = match &self.prefix {
+            Some(p) => p
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .lookup(prompt, hashes),
+            None => Vec::new(),
+        };
+        let mut source = CacheSource::Memory;
+        let mut rejected = Vec::new();
+        if let Some(disk) = &self.disk {
+            // Only worth a look when a longer prefix than memory and session give is possible.
+            if hashes.len() > blocks.len() && hashes.len() * b > reused.max(blocks.len() * b) {
+                let start = blocks.len();
+                let found = disk.load(prompt, hashes, start);
+                rejected = found.rejected;
+                if ((start + found.blocks.len()) * b).min(limit) > reused.max(start * b) {
+                    if let Some(p) = &self.prefix {
+                        let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+                        for (j, blk) in found.blocks.iter().enumerate() {
+                            p.insert(prompt, hashes, start + j, blk.clone());
+                        }
+                    }
+                    blocks.extend(found.blocks);
+                    source = CacheSource::Disk;
+                }
+            }
+        }
+        let held = (blocks.len() * b).min(limit);
+        if held <= reused {
+            return Ok((reused, CacheSource::Session, rejected));
+        }
+        // Blocks before the one holding `reused` are already in the session.
+        let first = reused / b;
+        session.truncate(first * b);
+        for (i, blk) in blocks.iter().enumerate().skip(first) {
+            session.cache.import(i * b, blk)?;
+        }
+        session.tokens.clear();
+        session
+            .tokens
+            .extend_from_slice(&prompt[..blocks.len() * b]);
+        session.truncate(held);
+        Ok((held, source, rejected))
+    }
+
+    /// Stores the prompt's whole blocks (now in the session's cache) in the prefix caches.
+    fn store_prefix(&self, session: &Session, prompt: &[u32], hashes: &[u64], rejected: &[usize]) {
+        let b = self.prefix_block;
+        let n = hashes.len().min(session.cache.len() / b);
+        if n == 0 || session.tokens.len() < n * b || session.tokens[..n * b] != prompt[..n * b] {
+            return;
+        }
+        let export = |i: usize| -> Option<Arc<KvBlock>> {
+            session.cache.export(i * b, b).ok().map(Arc::new)
+        };
+        let mut blocks: Vec<Arc<KvBlock>> = Vec::new();
+        if let Some(p) = &self.prefix {
+            let cached = p
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .lookup(prompt, &hashes[..n]);
+            blocks = cached;
+            let mut new = Vec::new();
+            for i in blocks.len()..n {
+                match export(i) {
+                    Some(blk) => new.push(blk),
+                    None => return,
+                }
+            }
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            for blk in new {
+                p.insert(prompt, hashes, blocks.len(), blk.clone());
+                blocks.push(blk);
+            }
+        }
+        if let Some(disk) = &self.disk {
+            let on_disk =
+                (0..n).all(|i| !rejected.contains(&i) && disk.path_for(hashes[i]).exists());
+            if on_disk {
+                return;
+            }
+            for i in blocks.len()..n {
+                match export(i) {
+                    Some(blk) => blocks.push(blk),
+                    None => return,
+                }
+            }
+            if let Err(e) = disk.store(prompt, &hashes[..n], &blocks[..n], rejected) {
+                eprintln!("warning: the prompt cache was not saved: {e:#}");
+            }
+        }
     }
 
     /// Runs the model on `tokens` appended to the session; returns the logits of the last
@@ -176,6 +414,17 @@ impl Engine {
         // its logits.
         let reused = session.common_prefix(prompt).min(prompt.len() - 1);
         session.truncate(reused);
+        let hashes = self.prefix_hashes(prompt);
+        let (reused, cache_source, rejected) = if hashes.is_empty() {
+            (reused, CacheSource::Session, Vec::new())
+        } else {
+            self.restore_prefix(session, prompt, &hashes, reused)?
+        };
+        let cache_source = if reused == 0 {
+            CacheSource::None
+        } else {
+            cache_source
+        };
         let mut logits = self
             .forward(session, &prompt[reused..], Logits::Last)?
             .pop()
@@ -217,9 +466,14 @@ impl Engine {
         if finish == FinishReason::Length && budget < max_tokens {
             finish = FinishReason::ContextFull;
         }
+        if !hashes.is_empty() {
+            self.store_prefix(session, prompt, &hashes, &rejected);
+        }
         Ok(Generation {
             prompt_tokens: prompt.len(),
             reused_tokens: reused,
+            cache_source,
+            kv_bytes: session.cache.used_bytes(),
             tokens: generated,
             prefill_time,
             decode_time: t_decode.elapsed(),
@@ -281,6 +535,10 @@ pub struct Generation {
     pub prompt_tokens: usize,
     /// Prompt tokens served from the session's cache instead of being processed.
     pub reused_tokens: usize,
+    /// Where the reused tokens came from.
+    pub cache_source: CacheSource,
+    /// Bytes of KV the session holds at the end (prompt and generated tokens).
+    pub kv_bytes: usize,
     /// Generated token ids, the end-of-generation token included if one was produced.
     pub tokens: Vec<u32>,
     pub prefill_time: Duration,

@@ -9,7 +9,7 @@ mod writer;
 
 pub use reader::{GgufFile, TensorInfo};
 pub use value::Value;
-pub use writer::GgufWriter;
+pub use writer::{GgufWriter, TensorSource};
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const DEFAULT_ALIGNMENT: usize = 32;

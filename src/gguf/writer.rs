@@ -3,13 +3,33 @@ use anyhow::{ensure, Context, Result};
 use qwen_run_kernels::QuantType;
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use std::sync::Arc;
+
+/// Writes one tensor's bytes when the file is written, for files too large to hold in memory
+/// (`models/synth_gguf.rs`). It must write exactly the tensor's size in bytes.
+pub type TensorSource = Arc<dyn Fn(&mut dyn Write) -> Result<()> + Send + Sync>;
+
+#[derive(Clone)]
+enum TensorData {
+    Bytes(Vec<u8>),
+    Streamed(usize, TensorSource),
+}
+
+impl TensorData {
+    fn len(&self) -> usize {
+        match self {
+            TensorData::Bytes(b) => b.len(),
+            TensorData::Streamed(n, _) => *n,
+        }
+    }
+}
 
 /// Writes GGUF v3 files: tests use it for tiny models with random weights, and `models/` for a
 /// synthetic file with the exact layout of a large model.
 #[derive(Default)]
 pub struct GgufWriter {
     metadata: Vec<(String, Value)>,
-    tensors: Vec<(String, Vec<usize>, QuantType, Vec<u8>)>,
+    tensors: Vec<(String, Vec<usize>, QuantType, TensorData)>,
 }
 
 impl GgufWriter {
@@ -31,13 +51,8 @@ impl GgufWriter {
         ty: QuantType,
         data: Vec<u8>,
     ) -> Result<&mut Self> {
+        let expected = Self::size_of(name, dims, ty)?;
         let n: usize = dims.iter().product();
-        let expected = ty.row_bytes(n).with_context(|| {
-            format!(
-                "tensor {name}: {n} elements is not a whole number of {} blocks",
-                ty.name()
-            )
-        })?;
         ensure!(
             data.len() == expected,
             "tensor {name}: {} bytes given, {} expected for {n} x {}",
@@ -46,8 +61,36 @@ impl GgufWriter {
             ty.name()
         );
         self.tensors
-            .push((name.to_string(), dims.to_vec(), ty, data));
+            .push((name.to_string(), dims.to_vec(), ty, TensorData::Bytes(data)));
         Ok(self)
+    }
+
+    /// Like [`GgufWriter::tensor`], but the bytes come from `source` while the file is written.
+    pub fn tensor_streamed(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+        ty: QuantType,
+        source: TensorSource,
+    ) -> Result<&mut Self> {
+        let size = Self::size_of(name, dims, ty)?;
+        self.tensors.push((
+            name.to_string(),
+            dims.to_vec(),
+            ty,
+            TensorData::Streamed(size, source),
+        ));
+        Ok(self)
+    }
+
+    fn size_of(name: &str, dims: &[usize], ty: QuantType) -> Result<usize> {
+        let n: usize = dims.iter().product();
+        ty.row_bytes(n).with_context(|| {
+            format!(
+                "tensor {name}: {n} elements is not a whole number of {} blocks",
+                ty.name()
+            )
+        })
     }
 
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
@@ -118,11 +161,39 @@ impl GgufWriter {
         }
         header.resize(header.len().div_ceil(align) * align, 0);
         w.write_all(&header)?;
-        for (_, _, _, data) in &self.tensors {
-            w.write_all(data)?;
+        for (name, _, _, data) in &self.tensors {
+            match data {
+                TensorData::Bytes(b) => w.write_all(b)?,
+                TensorData::Streamed(size, source) => {
+                    let mut counted = Counted { inner: w, n: 0 };
+                    source(&mut counted)?;
+                    ensure!(
+                        counted.n == *size,
+                        "tensor {name}: its source wrote {} bytes, {size} expected",
+                        counted.n
+                    );
+                }
+            }
             w.write_all(&vec![0u8; data.len().div_ceil(align) * align - data.len()])?;
         }
         Ok(())
+    }
+}
+
+struct Counted<'a, W: Write> {
+    inner: &'a mut W,
+    n: usize,
+}
+
+impl<W: Write> Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let k = self.inner.write(buf)?;
+        self.n += k;
+        Ok(k)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 

@@ -1,0 +1,203 @@
+//! Server metrics in the Prometheus text format (`GET /metrics`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+const TTFT_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const TOKEN_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe_n(&mut self, v: f64, n: u64) {
+        for (b, c) in self.bounds.iter().zip(&mut self.counts) {
+            if v <= *b {
+                *c += n;
+            }
+        }
+        self.sum += v * n as f64;
+        self.count += n;
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    prompt_tokens: AtomicU64,
+    reused_tokens: AtomicU64,
+    generated_tokens: AtomicU64,
+    generations: AtomicU64,
+    pub queue_depth: AtomicUsize,
+    pub busy: AtomicUsize,
+    ttft: Mutex<Histogram>,
+    per_token: Mutex<Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Mutex::default(),
+            prompt_tokens: AtomicU64::new(0),
+            reused_tokens: AtomicU64::new(0),
+            generated_tokens: AtomicU64::new(0),
+            generations: AtomicU64::new(0),
+            queue_depth: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            ttft: Mutex::new(Histogram::new(TTFT_BUCKETS)),
+            per_token: Mutex::new(Histogram::new(TOKEN_BUCKETS)),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn record_request(&self, endpoint: &str, status: u16) {
+        let mut m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry((endpoint.to_string(), status)).or_default() += 1;
+    }
+
+    /// One finished generation. `decode`: the time of the tokens after the first.
+    pub fn record_generation(
+        &self,
+        prompt: usize,
+        reused: usize,
+        generated: usize,
+        ttft: Duration,
+        decode: Duration,
+    ) {
+        self.generations.fetch_add(1, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(prompt as u64, Ordering::Relaxed);
+        self.reused_tokens
+            .fetch_add(reused as u64, Ordering::Relaxed);
+        self.generated_tokens
+            .fetch_add(generated as u64, Ordering::Relaxed);
+        if generated > 0 {
+            self.ttft
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .observe_n(ttft.as_secs_f64(), 1);
+        }
+        if generated > 1 {
+            let n = generated as u64 - 1;
+            self.per_token
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .observe_n(decode.as_secs_f64() / n as f64, n);
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP qwen_run_requests_total HTTP requests by endpoint and status.\n# TYPE qwen_run_requests_total counter\n");
+        for ((ep, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "qwen_run_requests_total{{endpoint=\"{ep}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let prompt = self.prompt_tokens.load(Ordering::Relaxed);
+        let reused = self.reused_tokens.load(Ordering::Relaxed);
+        let counters = [
+            (
+                "qwen_run_generations_total",
+                "Finished generations.",
+                self.generations.load(Ordering::Relaxed),
+            ),
+            (
+                "qwen_run_prompt_tokens_total",
+                "Prompt tokens of finished generations.",
+                prompt,
+            ),
+            (
+                "qwen_run_prompt_tokens_reused_total",
+                "Prompt tokens served from the KV cache instead of being processed.",
+                reused,
+            ),
+            (
+                "qwen_run_generated_tokens_total",
+                "Generated tokens.",
+                self.generated_tokens.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        }
+        let hit = if prompt == 0 {
+            0.0
+        } else {
+            reused as f64 / prompt as f64
+        };
+        let gauges = [
+            (
+                "qwen_run_prefix_cache_hit_ratio",
+                "Share of prompt tokens served from the KV cache.",
+                hit,
+            ),
+            (
+                "qwen_run_queue_depth",
+                "Requests waiting for the worker.",
+                self.queue_depth.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "qwen_run_requests_processing",
+                "Requests being generated now.",
+                self.busy.load(Ordering::Relaxed) as f64,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        self.ttft.lock().unwrap_or_else(|e| e.into_inner()).write(
+            &mut out,
+            "qwen_run_time_to_first_token_seconds",
+            "Time from the start of processing to the first generated token.",
+        );
+        self.per_token
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(
+                &mut out,
+                "qwen_run_time_per_output_token_seconds",
+                "Time per generated token after the first.",
+            );
+        out
+    }
+}

@@ -1,0 +1,479 @@
+//! The OpenAI API: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
+
+use super::state::{ApiError, AppState, Finish, GenRequest, OutEvent, Output, Summary};
+use super::tool_calls::ToolCall;
+use super::{chat_prompt, normalize_tool_calls, parse_body, stream_response, unix_now, Sampling};
+use crate::tokenizer::Message;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+pub fn error(e: ApiError) -> Response {
+    let kind = match e.status {
+        StatusCode::NOT_FOUND => "not_found_error",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable_error",
+        s if s.is_server_error() => "server_error",
+        _ => "invalid_request_error",
+    };
+    (
+        e.status,
+        Json(json!({"error": {"message": e.message, "type": kind, "param": null, "code": e.status.as_u16()}})),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct InMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+    #[serde(default)]
+    tool_calls: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Fields shared by both endpoints.
+#[derive(Deserialize)]
+struct Common {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    top_k: Option<i64>,
+    #[serde(default)]
+    min_p: Option<f32>,
+    #[serde(default)]
+    repeat_penalty: Option<f32>,
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    stop: Option<StopField>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<InMessage>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: PromptField,
+    #[serde(flatten)]
+    common: Common,
+}
+
+impl Common {
+    fn request(
+        &self,
+        state: &AppState,
+        prompt: Vec<u32>,
+        default_max: Option<i64>,
+    ) -> Result<GenRequest, ApiError> {
+        if self.n.unwrap_or(1) != 1 {
+            return Err(ApiError::bad_request("only n = 1 is supported"));
+        }
+        let params = Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: None,
+            seed: self.seed,
+        }
+        .params()?;
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) => v.clone(),
+        };
+        let asked = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .or(default_max);
+        Ok(GenRequest {
+            prompt,
+            max_tokens: state.budget(asked)?,
+            params,
+            stop,
+        })
+    }
+
+    fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+}
+
+fn to_messages(msgs: Vec<InMessage>) -> Result<Vec<Message>, ApiError> {
+    msgs.into_iter()
+        .map(|m| {
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    let mut s = String::new();
+                    for p in parts {
+                        if p.kind != "text" {
+                            return Err(ApiError::bad_request(format!(
+                                "content parts of type '{}' are not supported; this model reads text only",
+                                p.kind
+                            )));
+                        }
+                        s.push_str(p.text.as_deref().unwrap_or(""));
+                    }
+                    s
+                }
+            };
+            let role = match m.role.as_str() {
+                "developer" => "system".to_string(),
+                _ => m.role,
+            };
+            let tool_calls = match m.tool_calls {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(normalize_tool_calls(&v)?),
+            };
+            Ok(Message {
+                role,
+                content,
+                tool_calls,
+            })
+        })
+        .collect()
+}
+
+fn usage(s: &Summary) -> Value {
+    json!({
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.completion_tokens,
+        "total_tokens": s.prompt_tokens + s.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": s.reused_tokens},
+    })
+}
+
+fn finish_str(f: Finish) -> &'static str {
+    match f {
+        // The client is gone; nobody reads this, but keep to the API's values.
+        Finish::Cancelled => "stop",
+        f => f.as_str(),
+    }
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}{:016x}", rand::random::<u64>())
+}
+
+fn tool_call_json(c: &ToolCall, index: Option<usize>) -> Value {
+    let mut v = json!({
+        "id": new_id("call_"),
+        "type": "function",
+        "function": {"name": c.name, "arguments": c.arguments_string()},
+    });
+    if let Some(i) = index {
+        v["index"] = json!(i);
+    }
+    v
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> Response {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "qwen-run",
+            "meta": {
+                "n_ctx": state.engine.ctx_size,
+                "n_ctx_train": state.engine.config().context_length,
+                "size": state.engine.gguf.file_size(),
+            },
+        }],
+    }))
+    .into_response()
+}
+
+pub async fn chat(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match chat_inner(state, body).await {
+        Ok(r) => r,
+        Err(e) => error(e),
+    }
+}
+
+async fn chat_inner(
+    state: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse_body(body)?;
+    state.check_model(req.common.model.as_deref())?;
+    let tools = match (&req.tools, &req.tool_choice) {
+        (_, Some(Value::String(c))) if c == "none" => None,
+        (Some(t), _) if t.as_array().is_some_and(|a| !a.is_empty()) => Some(t.clone()),
+        (Some(Value::Array(_)) | Some(Value::Null) | None, _) => None,
+        (Some(_), _) => return Err(ApiError::bad_request("'tools' must be an array")),
+    };
+    let messages = to_messages(req.messages)?;
+    let prompt = chat_prompt(&state, &messages, tools.as_ref())?;
+    let gen = req.common.request(&state, prompt, None)?;
+    let out = state.submit(gen)?.with_tools(tools.as_ref());
+    let id = new_id("chatcmpl-");
+    let created = unix_now();
+    let model = state.model_name.clone();
+    if !req.common.stream.unwrap_or(false) {
+        let c = out.collect().await?;
+        let s = c.summary.expect("checked by collect");
+        let mut message = json!({"role": "assistant", "content": c.text});
+        if !c.calls.is_empty() {
+            let text = c.text.trim();
+            message["content"] = if text.is_empty() {
+                Value::Null
+            } else {
+                json!(text)
+            };
+            message["tool_calls"] = c.calls.iter().map(|c| tool_call_json(c, None)).collect();
+        }
+        return Ok(Json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": concat!("qwen-run-", env!("CARGO_PKG_VERSION")),
+            "choices": [{
+                "index": 0,
+                "message": message,
+                "logprobs": null,
+                "finish_reason": finish_str(s.finish),
+            }],
+            "usage": usage(&s),
+        }))
+        .into_response());
+    }
+    let include_usage = req.common.include_usage();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+    tokio::spawn(async move {
+        let chunk = |delta: Value, finish: Option<&str>| {
+            json!({
+                "id": id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": concat!("qwen-run-", env!("CARGO_PKG_VERSION")),
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            })
+        };
+        if tx
+            .send(sse(&chunk(
+                json!({"role": "assistant", "content": ""}),
+                None,
+            )))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        stream_events(out, &tx, |e, n_calls| match e {
+            OutEvent::Text(t) => Some(chunk(json!({"content": t}), None)),
+            OutEvent::Call(c) => Some(chunk(
+                json!({"tool_calls": [tool_call_json(&c, Some(n_calls))]}),
+                None,
+            )),
+            OutEvent::Done(s) => {
+                let mut last = vec![chunk(json!({}), Some(finish_str(s.finish)))];
+                if include_usage {
+                    let mut u = chunk(json!({}), None);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(&s);
+                    last.push(u);
+                }
+                Some(Value::Array(last))
+            }
+            OutEvent::Error(_) => None,
+        })
+        .await;
+    });
+    Ok(stream_response("text/event-stream", rx))
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// Sends the SSE events of a generation, then `[DONE]`. `format` turns an event into one chunk
+/// (or an array of chunks, for the end); errors become an `error` event.
+async fn stream_events(
+    mut out: Output,
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
+    format: impl Fn(OutEvent, usize) -> Option<Value>,
+) {
+    let mut n_calls = 0;
+    let mut saw_call = false;
+    while let Some(e) = out.next().await {
+        let chunks = match e {
+            OutEvent::Error(msg) => {
+                vec![json!({"error": {"message": msg, "type": "server_error", "code": 500}})]
+            }
+            // Whitespace between tool calls is not worth a chunk.
+            OutEvent::Text(t) if saw_call && t.trim().is_empty() => continue,
+            e => {
+                let is_call = matches!(e, OutEvent::Call(_));
+                let v = format(e, n_calls);
+                if is_call {
+                    n_calls += 1;
+                    saw_call = true;
+                }
+                match v {
+                    Some(Value::Array(a)) => a,
+                    Some(v) => vec![v],
+                    None => continue,
+                }
+            }
+        };
+        for c in chunks {
+            if tx.send(sse(&c)).await.is_err() {
+                return; // Client gone: dropping `out` stops the generation.
+            }
+        }
+    }
+    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match completions_inner(state, body).await {
+        Ok(r) => r,
+        Err(e) => error(e),
+    }
+}
+
+async fn completions_inner(
+    state: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse_body(body)?;
+    state.check_model(req.common.model.as_deref())?;
+    let text = match req.prompt {
+        PromptField::One(s) => s,
+        PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
+        PromptField::Many(_) => {
+            return Err(ApiError::bad_request(
+                "'prompt' must be one string (batches of prompts are not supported)",
+            ))
+        }
+    };
+    let prompt = state.tokenize(&text)?;
+    // OpenAI's default for this endpoint is 16 tokens.
+    let gen = req.common.request(&state, prompt, Some(16))?;
+    let out = state.submit(gen)?;
+    let id = new_id("cmpl-");
+    let created = unix_now();
+    let model = state.model_name.clone();
+    if !req.common.stream.unwrap_or(false) {
+        let c = out.collect().await?;
+        let s = c.summary.expect("checked by collect");
+        return Ok(Json(json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": concat!("qwen-run-", env!("CARGO_PKG_VERSION")),
+            "choices": [{"text": c.text, "index": 0, "logprobs": null, "finish_reason": finish_str(s.finish)}],
+            "usage": usage(&s),
+        }))
+        .into_response());
+    }
+    let include_usage = req.common.include_usage();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+    tokio::spawn(async move {
+        let chunk = |text: &str, finish: Option<&str>| {
+            json!({
+                "id": id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "system_fingerprint": concat!("qwen-run-", env!("CARGO_PKG_VERSION")),
+                "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
+            })
+        };
+        stream_events(out, &tx, |e, _| match e {
+            OutEvent::Text(t) => Some(chunk(&t, None)),
+            OutEvent::Done(s) => {
+                let mut last = vec![chunk("", Some(finish_str(s.finish)))];
+                if include_usage {
+                    let mut u = chunk("", None);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(&s);
+                    last.push(u);
+                }
+                Some(Value::Array(last))
+            }
+            _ => None,
+        })
+        .await;
+    });
+    Ok(stream_response("text/event-stream", rx))
+}

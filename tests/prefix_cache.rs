@@ -1,0 +1,505 @@
+//! Prompt-prefix caching on tiny random-weight models: output with the cache (in memory and on
+//! disk) is token-identical to output without it; bad cache files are rejected with a warning;
+//! both caches stay within their budgets; the q8_0 KV cache stays close to f32; `qwen-run chat`
+//! carries a conversation across turns.
+
+mod common;
+
+use common::*;
+use qwen_run::engine::{CacheSource, Engine, Generation, LoadOptions};
+use qwen_run::kv_cache::CacheType;
+use qwen_run::model::Logits;
+use qwen_run::sampler::{Sampler, SamplingParams};
+use qwen_run_kernels::QuantType;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const BLOCK: usize = 16;
+
+fn options(model: &Path) -> LoadOptions {
+    let mut o = LoadOptions::new(model);
+    o.threads = 2;
+    o.ctx_size = 256;
+    o.prefix_block = BLOCK;
+    o
+}
+
+fn no_cache(model: &Path) -> Engine {
+    let mut o = options(model);
+    o.cache_ram_mib = 0;
+    Engine::load(&o).unwrap()
+}
+
+fn generate(engine: &Engine, prompt: &[u32]) -> Generation {
+    let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
+    let mut s = engine.new_session().unwrap();
+    engine
+        .generate(&mut s, prompt, 10, &mut sampler, |_| true)
+        .unwrap()
+}
+
+/// A long "system prompt" of about `n` tokens (the tiny vocabulary is mostly single bytes).
+fn system_text(n: usize, salt: usize) -> String {
+    (0..n)
+        .map(|i| char::from(b'a' + ((i * 7 + salt * 3 + i / 5) % 26) as u8))
+        .collect()
+}
+
+fn tokens(engine: &Engine, text: &str) -> Vec<u32> {
+    engine.tokenizer.encode(text).unwrap()
+}
+
+#[test]
+fn memory_cache_output_is_token_identical() {
+    fn shared_across_threads<T: Send + Sync>() {}
+    shared_across_threads::<Engine>();
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny_model(dir.path(), QuantType::Q8_0);
+    let reference = no_cache(&model);
+    let cached = Engine::load(&options(&model)).unwrap();
+    let system = system_text(120, 0);
+    let prompts: Vec<Vec<u32>> = ["one question", "another, longer question?", "one question"]
+        .iter()
+        .map(|q| tokens(&cached, &format!("{system}\n{q}")))
+        .collect();
+    for (i, p) in prompts.iter().enumerate() {
+        let want = generate(&reference, p);
+        let got = generate(&cached, p);
+        assert_eq!(got.tokens, want.tokens, "prompt {i}");
+        if i == 0 {
+            assert_eq!(got.reused_tokens, 0);
+        } else {
+            // Every whole block of the shared system prompt comes from the cache.
+            assert!(
+                got.reused_tokens >= 120 / BLOCK * BLOCK,
+                "{}",
+                got.reused_tokens
+            );
+            assert_eq!(got.cache_source, CacheSource::Memory);
+        }
+    }
+    // A prompt that is exactly whole blocks still runs its last token.
+    let exact = &prompts[0][..BLOCK * 4];
+    let want = generate(&reference, exact);
+    let _ = generate(&cached, exact);
+    let got = generate(&cached, exact);
+    assert_eq!(got.reused_tokens, BLOCK * 4 - 1);
+    assert_eq!(got.tokens, want.tokens);
+    // A session that already holds part of the prompt is extended from the cache.
+    let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
+    let mut s = cached.new_session().unwrap();
+    cached
+        .generate(&mut s, &prompts[0][..20], 1, &mut sampler, |_| true)
+        .unwrap();
+    let g = cached
+        .generate(&mut s, &prompts[1], 10, &mut sampler, |_| true)
+        .unwrap();
+    assert_eq!(g.cache_source, CacheSource::Memory);
+    assert_eq!(g.tokens, generate(&reference, &prompts[1]).tokens);
+}
+
+#[test]
+fn disk_cache_output_is_token_identical_in_a_new_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("prompt-cache");
+    let model = write_tiny_model(dir.path(), QuantType::Q4K);
+    let reference = no_cache(&model);
+    let with_disk = || {
+        let mut o = options(&model);
+        o.prompt_cache = Some(cache_dir.clone());
+        Engine::load(&o).unwrap()
+    };
+    let system = system_text(150, 1);
+    let first = with_disk();
+    let p1 = tokens(&first, &format!("{system}\nfirst"));
+    assert_eq!(
+        generate(&first, &p1).tokens,
+        generate(&reference, &p1).tokens
+    );
+    // One file per whole block of the prompt.
+    assert_eq!(cache_files(&cache_dir).len(), p1.len() / BLOCK);
+    // A new engine (a new process, as far as the cache can tell) with an empty memory cache.
+    let second = with_disk();
+    let p2 = tokens(&second, &format!("{system}\nsecond question"));
+    let g = generate(&second, &p2);
+    assert_eq!(g.cache_source, CacheSource::Disk);
+    assert!(
+        g.reused_tokens >= 150 / BLOCK * BLOCK,
+        "{}",
+        g.reused_tokens
+    );
+    assert_eq!(g.tokens, generate(&reference, &p2).tokens);
+    // Then memory serves it.
+    assert_eq!(generate(&second, &p2).cache_source, CacheSource::Memory);
+    // Without the memory cache the disk alone serves it too.
+    let mut o = options(&model);
+    o.prompt_cache = Some(cache_dir.clone());
+    o.cache_ram_mib = 0;
+    let third = Engine::load(&o).unwrap();
+    let g = generate(&third, &p1);
+    assert_eq!(g.cache_source, CacheSource::Disk);
+    assert_eq!(g.tokens, generate(&reference, &p1).tokens);
+}
+
+/// Runs the binary; returns (exit code, stdout, stderr).
+fn qwen_run(args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+fn cache_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.retain(|p| p.extension().is_some_and(|e| e == "qkv"));
+    v.sort();
+    v
+}
+
+fn smallest(files: &[PathBuf]) -> PathBuf {
+    files
+        .iter()
+        .min_by_key(|f| f.metadata().unwrap().len())
+        .unwrap()
+        .clone()
+}
+
+fn new_files(dir: &Path, before: &[PathBuf]) -> Vec<PathBuf> {
+    let mut v = cache_files(dir);
+    v.retain(|p| !before.contains(p));
+    v
+}
+
+#[test]
+fn bad_disk_cache_files_are_rejected_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("pc");
+    let model = write_tiny_model(dir.path(), QuantType::Q8_0);
+    let other_model = write_tiny_model(dir.path(), QuantType::Q5_0);
+    let prompt = format!("{}\nquestion", system_text(150, 2));
+    let run = |model: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "-m",
+            model.to_str().unwrap(),
+            "--no-chat-template",
+            "-p",
+            &prompt,
+            "-n",
+            "6",
+            "--temp",
+            "0",
+            "-t",
+            "2",
+            "--prompt-cache",
+            cache.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = qwen_run(&args, "");
+        assert_eq!(code, 0, "{err}");
+        (out, err)
+    };
+    let (want, err) = run(&model, &[]);
+    assert!(!err.contains("from disk"), "{err}");
+    // One file per 64-token block; the first block's file is the smallest (each file holds the
+    // token ids of its whole prefix).
+    let files = vec![smallest(&cache_files(&cache))];
+    assert!(cache_files(&cache).len() >= 2);
+    let good = std::fs::read(&files[0]).unwrap();
+    let (out, err) = run(&model, &[]);
+    assert!(err.contains("from disk prompt cache"), "{err}");
+    assert_eq!(out, want);
+
+    let expect_rejected = |bytes: &[u8], path: &Path, model: &Path, extra: &[&str], why: &str| {
+        std::fs::write(path, bytes).unwrap();
+        let (out, err) = run(model, extra);
+        assert!(
+            err.contains("warning: ignoring prompt cache file") && err.contains(why),
+            "{why}: {err}"
+        );
+        assert!(!err.contains("from disk"), "{why}: used anyway: {err}");
+        out
+    };
+    // Corrupt: one flipped bit in the KV data.
+    let mut corrupt = good.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0x10;
+    assert_eq!(
+        expect_rejected(&corrupt, &files[0], &model, &[], "checksum"),
+        want
+    );
+    // The rejected file was replaced by a good one.
+    assert_eq!(std::fs::read(&files[0]).unwrap(), good);
+    // Truncated.
+    let out = expect_rejected(
+        &good[..good.len() - 100],
+        &files[0],
+        &model,
+        &[],
+        "truncated",
+    );
+    assert_eq!(out, want);
+    // Another format version.
+    let mut stale = good.clone();
+    stale[8..12].copy_from_slice(&99u32.to_le_bytes());
+    assert_eq!(
+        expect_rejected(&stale, &files[0], &model, &[], "version"),
+        want
+    );
+    // Not a cache file at all.
+    expect_rejected(b"hello", &files[0], &model, &[], "magic");
+    std::fs::write(&files[0], &good).unwrap();
+
+    // Another model: its entry's name, holding the first model's file.
+    let before = cache_files(&cache);
+    let (other_want, _) = run(&other_model, &[]);
+    let other_file = smallest(&new_files(&cache, &before));
+    let out = expect_rejected(&good, &other_file, &other_model, &[], "another model");
+    assert_eq!(out, other_want);
+    // Another cache type.
+    let before = cache_files(&cache);
+    let (f16_want, _) = run(&model, &["--cache-type", "f16"]);
+    let f16_file = smallest(&new_files(&cache, &before));
+    let out = expect_rejected(
+        &good,
+        &f16_file,
+        &model,
+        &["--cache-type", "f16"],
+        "f32/f32",
+    );
+    assert_eq!(out, f16_want);
+    // --no-prompt-cache neither reads nor writes.
+    let before = cache_files(&cache);
+    let (code, out, err) = qwen_run(
+        &[
+            "-m",
+            model.to_str().unwrap(),
+            "--no-chat-template",
+            "-p",
+            &format!("{prompt} more"),
+            "-n",
+            "6",
+            "--temp",
+            "0",
+            "--no-prompt-cache",
+            "--cache-ram",
+            "0",
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("from"), "{err}");
+    assert!(out.len() > 0);
+    assert_eq!(cache_files(&cache), before);
+}
+
+#[test]
+fn memory_cache_respects_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny_model(dir.path(), QuantType::Q8_0);
+    let mut o = options(&model);
+    o.cache_ram_mib = 1;
+    let engine = Engine::load(&o).unwrap();
+    // 2 layers x 2 KV heads x 64 x (4 + 4) bytes = 2 KiB per token: 1 MiB holds 512 tokens.
+    assert_eq!(engine.kv_bytes_per_token(), 2048);
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| tokens(&engine, &system_text(200, 10 + i)))
+        .collect();
+    for p in &prompts {
+        generate(&engine, p);
+        let (used, budget, blocks) = engine.prefix_cache_stats().unwrap();
+        assert!(used <= budget, "{used} > {budget}");
+        assert!(blocks > 0);
+    }
+    let (used, _, _) = engine.prefix_cache_stats().unwrap();
+    assert!(used > (1 << 20) / 2, "the budget is used: {used}");
+    // The most recent prompt is still cached; the oldest is gone.
+    assert_eq!(
+        generate(&engine, &prompts[5]).cache_source,
+        CacheSource::Memory
+    );
+    assert_eq!(generate(&engine, &prompts[0]).reused_tokens, 0);
+}
+
+#[test]
+fn disk_cache_respects_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("pc");
+    let model = write_tiny_model(dir.path(), QuantType::Q8_0);
+    let mut o = options(&model);
+    o.cache_ram_mib = 0;
+    o.prompt_cache = Some(cache.clone());
+    o.prompt_cache_max_mib = 1;
+    let engine = Engine::load(&o).unwrap();
+    // 192 tokens of KV = 384 KiB per prompt (12 files): two prompts fit in 1 MiB.
+    for i in 0..5 {
+        let p = tokens(&engine, &system_text(200, 20 + i));
+        generate(&engine, &p);
+        let total: u64 = cache_files(&cache)
+            .iter()
+            .map(|f| f.metadata().unwrap().len())
+            .sum();
+        assert!(total <= 1 << 20, "{total} bytes on disk");
+        assert!(!cache_files(&cache).is_empty());
+        assert_eq!(engine.disk_cache().unwrap().used_bytes(), total);
+    }
+    let total = engine.disk_cache().unwrap().used_bytes();
+    assert!(total > (1 << 20) / 2, "the budget is used: {total}");
+    let last = tokens(&engine, &system_text(200, 24));
+    assert_eq!(generate(&engine, &last).cache_source, CacheSource::Disk);
+}
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
+}
+
+#[test]
+fn q8_0_cache_runs_and_stays_close_to_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny_model(dir.path(), QuantType::Q8_0);
+    let load = |k: CacheType, v: CacheType| {
+        let mut o = options(&model);
+        o.cache_type_k = Some(k);
+        o.cache_type_v = Some(v);
+        Engine::load(&o).unwrap()
+    };
+    let f32e = load(CacheType::F32, CacheType::F32);
+    let toks: Vec<u32> = (0..40).map(|i| (i * 37 % 260) as u32).collect();
+    let want = f32e
+        .forward(&mut f32e.new_session().unwrap(), &toks, Logits::All)
+        .unwrap();
+    for (k, v) in [
+        (CacheType::Q8_0, CacheType::Q8_0),
+        (CacheType::F16, CacheType::Q8_0),
+        (CacheType::Q8_0, CacheType::F32),
+    ] {
+        let e = load(k, v);
+        // Prefill, then token by token through the cache.
+        let mut s = e.new_session().unwrap();
+        let all = e.forward(&mut s, &toks[..20], Logits::All).unwrap();
+        let mut rows = all;
+        for &t in &toks[20..] {
+            rows.extend(e.forward(&mut s, &[t], Logits::Last).unwrap());
+        }
+        for (i, (got, want)) in rows.iter().zip(&want).enumerate() {
+            let d = max_rel_diff(got, want);
+            assert!(d < 5e-2, "{k:?}/{v:?} position {i}: relative diff {d}");
+        }
+        // The memory figure is real: q8_0 is 34 bytes per 32 values.
+        assert_eq!(
+            s.cache.used_bytes(),
+            40 * 2 * 2 * (k.row_bytes(64) + v.row_bytes(64))
+        );
+    }
+    let q8 = load(CacheType::Q8_0, CacheType::Q8_0);
+    assert_eq!(
+        q8.kv_bytes_per_token() * 128,
+        f32e.kv_bytes_per_token() * 34
+    );
+    // The prefix cache works with q8_0 too, token-identical to q8_0 without it.
+    let mut o = options(&model);
+    o.cache_type = CacheType::Q8_0;
+    o.cache_ram_mib = 0;
+    let q8_ref = Engine::load(&o).unwrap();
+    let p = tokens(&q8, &format!("{}\nq", system_text(100, 5)));
+    let a = generate(&q8, &p);
+    let b = generate(&q8, &p);
+    assert_eq!(b.cache_source, CacheSource::Memory);
+    assert_eq!(a.tokens, b.tokens);
+    assert_eq!(b.tokens, generate(&q8_ref, &p).tokens);
+}
+
+#[test]
+fn chat_keeps_the_conversation_and_reuses_its_kv() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny_model(dir.path(), QuantType::Q8_0);
+    let m = model.to_str().unwrap();
+    let base = [
+        "chat",
+        "-m",
+        m,
+        "-n",
+        "8",
+        "--temp",
+        "0",
+        "-t",
+        "2",
+        "--no-prompt-cache",
+    ];
+    let (code, out, err) = qwen_run(
+        &base,
+        "hello world\nand again\n/system be brief\nhello world\n/reset\nhello world\n/bogus\n/exit\nnot read\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    let reports: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("[qwen-run] load"))
+        .collect();
+    assert_eq!(reports.len(), 4, "{err}");
+    // The second turn extends the first: most of its prompt is the session's.
+    assert!(reports[1].contains("from session"), "{}", reports[1]);
+    assert!(err.contains("system message set") && err.contains("conversation cleared"));
+    assert!(err.contains("unknown command /bogus"));
+    // Replies match fresh chats of one message: the first, and (the system message stays
+    // across /reset) the last two, whatever the session held before (replies of random weights
+    // may hold newlines, so compare whole outputs rather than lines).
+    let (_, first, _) = qwen_run(&base, "hello world\n");
+    assert!(out.starts_with(&first), "{first:?} in {out:?}");
+    let with_system: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--system", "be brief"])
+        .collect();
+    let (_, brief, _) = qwen_run(&with_system, "hello world\n");
+    assert!(
+        out.ends_with(&format!("{brief}{brief}")),
+        "{brief:?} in {out:?}"
+    );
+
+    // A small context: by default a clear error, with drop-oldest the chat goes on.
+    let long = "the quick brown fox jumps";
+    let input = format!("{long}\n{long}\n{long}\n{long}\n");
+    let small = ["-c", "96"];
+    let args: Vec<&str> = base.iter().chain(&small).copied().collect();
+    let (code, _, err) = qwen_run(&args, &input);
+    assert_eq!(code, 0);
+    assert!(err.contains("context holds 96"), "{err}");
+    let args: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--context-overflow", "drop-oldest"])
+        .collect();
+    let (code, out, err) = qwen_run(&args, &input);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("dropped the oldest turn"), "{err}");
+    assert!(!err.contains("error"), "{err}");
+    let replies = err
+        .lines()
+        .filter(|l| l.starts_with("[qwen-run] load"))
+        .count();
+    assert_eq!(replies, 4, "{out}");
+}
