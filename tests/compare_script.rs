@@ -51,13 +51,28 @@ fn compare_script_prints_the_table() {
         .args(["--model", model.to_str().unwrap()])
         .args(["--qwen-run", env!("CARGO_BIN_EXE_qwen-run")])
         .args(["--llama-bin", bin.to_str().unwrap()])
-        .args(["--no-fidelity", "-t", "1", "-p", "16", "-n", "4", "-r", "2", "--rounds", "2"])
+        .args([
+            "--no-fidelity",
+            "-t",
+            "1",
+            "-p",
+            "16",
+            "-n",
+            "4",
+            "-r",
+            "2",
+            "--rounds",
+            "2",
+        ])
         .args(["--json", raw.to_str().unwrap()])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "compare.py failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "compare.py failed:\n{stdout}\n{stderr}"
+    );
     for needle in [
         "| metric | qwen-run | llama.cpp | ratio (qwen-run / llama.cpp) |",
         "| pp16 (t/s) |",
@@ -71,7 +86,8 @@ fn compare_script_prints_the_table() {
     ] {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }
-    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(raw).unwrap()).unwrap();
+    let raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(raw).unwrap()).unwrap();
     // 2 rounds x 2 repetitions of each engine.
     assert_eq!(raw["qwen_run"]["pp16"].as_array().unwrap().len(), 4);
     assert_eq!(raw["llama_cpp"]["tg4"].as_array().unwrap().len(), 4);

@@ -222,7 +222,7 @@ fn bad_disk_cache_files_are_rejected_with_a_warning() {
     assert!(!err.contains("from disk"), "{err}");
     // One file per 64-token block; the first block's file is the smallest (each file holds the
     // token ids of its whole prefix).
-    let files = vec![smallest(&cache_files(&cache))];
+    let files = [smallest(&cache_files(&cache))];
     assert!(cache_files(&cache).len() >= 2);
     let good = std::fs::read(&files[0]).unwrap();
     let (out, err) = run(&model, &[]);
@@ -308,7 +308,7 @@ fn bad_disk_cache_files_are_rejected_with_a_warning() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("from"), "{err}");
-    assert!(out.len() > 0);
+    assert!(!out.is_empty());
     assert_eq!(cache_files(&cache), before);
 }
 

@@ -23,9 +23,11 @@ pub struct LogitsReference {
 
 impl LogitsReference {
     pub fn open(path: &Path) -> Result<LogitsReference> {
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: read-only mapping of a file this process does not modify.
-        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
         let u32_at = |o: usize| u32::from_le_bytes(map[o..o + 4].try_into().unwrap()) as usize;
         if map.len() < 16 || &map[..8] != MAGIC {
             bail!("{} is not a llama.cpp logits file (expected magic QRLOGIT1; make it with benches/llama_logits.c)", path.display());
@@ -33,7 +35,11 @@ impl LogitsReference {
         let (n, vocab) = (u32_at(8), u32_at(12));
         let want = 16 + 4 * n + 4 * n * vocab;
         if map.len() != want {
-            bail!("{} holds {} bytes, expected {want} for {n} tokens x {vocab} logits", path.display(), map.len());
+            bail!(
+                "{} holds {} bytes, expected {want} for {n} tokens x {vocab} logits",
+                path.display(),
+                map.len()
+            );
         }
         let tokens = (0..n).map(|i| u32_at(16 + 4 * i) as u32).collect();
         Ok(LogitsReference { map, tokens, vocab })
@@ -108,7 +114,9 @@ pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
 pub fn greedy_match(engine: &Engine, prompt: &[u32], want: &[u32]) -> Result<(usize, Vec<u32>)> {
     let mut sampler = Sampler::new(SamplingParams::greedy())?;
     let mut session = engine.new_session()?;
-    let got = engine.generate(&mut session, prompt, want.len(), &mut sampler, |_| true)?.tokens;
+    let got = engine
+        .generate(&mut session, prompt, want.len(), &mut sampler, |_| true)?
+        .tokens;
     let same = got.iter().zip(want).take_while(|(a, b)| a == b).count();
     Ok((same, got))
 }

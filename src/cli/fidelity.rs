@@ -21,23 +21,41 @@ pub fn fidelity(args: &FidelityArgs) -> Result<()> {
     if args.logits.is_none() && args.greedy.is_none() {
         bail!("nothing to compare: pass --logits FILE (from benches/llama_logits.c) and/or --greedy FILE (a reference JSON)");
     }
-    let reference = args.logits.as_deref().map(LogitsReference::open).transpose()?;
+    let reference = args
+        .logits
+        .as_deref()
+        .map(LogitsReference::open)
+        .transpose()?;
     let mut load = args.model.load_options()?;
+    // Every position must be computed, not served from a prompt cache.
+    load.cache_ram_mib = 0;
+    load.prompt_cache = None;
     if load.ctx_size == 0 {
-        load.ctx_size = reference.as_ref().map_or(0, |r| r.tokens.len() + 1).max(512);
+        load.ctx_size = reference
+            .as_ref()
+            .map_or(0, |r| r.tokens.len() + 1)
+            .max(512);
     }
     let engine = Engine::load(&load)?;
-    let logits = reference.as_ref().map(|r| compare_logits(&engine, r)).transpose()?;
+    let logits = reference
+        .as_ref()
+        .map(|r| compare_logits(&engine, r))
+        .transpose()?;
     let mut greedy = Vec::new();
     if let Some(path) = &args.greedy {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
         let prompts = json[&args.greedy_set].as_array().with_context(|| {
-            format!("{} has no list '{}' of prompts", path.display(), args.greedy_set)
+            format!(
+                "{} has no list '{}' of prompts",
+                path.display(),
+                args.greedy_set
+            )
         })?;
         let ids = |v: &serde_json::Value| -> Result<Vec<u32>> {
-            Ok(serde_json::from_value(v.clone()).context("token ids must be a list of integers")?)
+            serde_json::from_value(v.clone()).context("token ids must be a list of integers")
         };
         for p in prompts {
             let want = ids(&p["greedy_ids"])?;
@@ -69,7 +87,12 @@ pub fn fidelity(args: &FidelityArgs) -> Result<()> {
         println!("| prompt | greedy tokens equal to llama.cpp |");
         println!("| --- | ---: |");
         for g in &report.greedy {
-            println!("| {} | {}/{} |", g.prompt.replace('|', "\\|"), g.matched, g.of);
+            println!(
+                "| {} | {}/{} |",
+                g.prompt.replace('|', "\\|"),
+                g.matched,
+                g.of
+            );
         }
     }
     Ok(())

@@ -29,6 +29,9 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device> {
                 bail!("--device cuda: this qwen-run was built without CUDA support. Rebuild with `cargo build --release --features cuda` (see README), or use --device cpu");
             }
             Device::new_cuda(0).map_err(|e| {
+                // Candle appends a backtrace when RUST_BACKTRACE is set; keep the first line.
+                let e = e.to_string();
+                let e = e.lines().next().unwrap_or_default();
                 anyhow::anyhow!("--device cuda: no usable CUDA GPU ({e}). Check the driver with nvidia-smi, or use --device cpu")
             })
         }
