@@ -119,7 +119,7 @@ pub struct ModelArgs {
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     pub batch_size: usize,
     /// cpu, cuda or auto (auto picks the GPU when one is compiled in and visible).
-    #[arg(long, default_value = "cpu", value_parser = DeviceChoice::parse)]
+    #[arg(long, default_value = "auto", value_parser = DeviceChoice::parse)]
     pub device: DeviceChoice,
     /// Storage type of the KV cache, keys and values: f32, f16 or q8_0.
     #[arg(long = "cache-type", default_value = "f32", value_parser = CacheType::parse)]
