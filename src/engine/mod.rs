@@ -8,7 +8,9 @@ pub use device::{select_device, DeviceChoice};
 use crate::gguf::GgufFile;
 use crate::kv_cache::{CacheType, KvBlock, KvCache};
 use crate::model::{check_shapes, Config, Logits, Qwen2};
-use crate::prefix_cache::{chain_hashes, chain_seed, model_identity, DiskCache, PrefixCache};
+use crate::prefix_cache::{
+    chain_hashes, chain_seed, model_identity, DiskCache, PrefixCache, Shape,
+};
 use crate::sampler::Sampler;
 use crate::tokenizer::{ChatTemplate, TextStream, Tokenizer};
 use anyhow::{bail, Context, Result};
@@ -161,13 +163,15 @@ impl Engine {
             Some(dir) if opts.prompt_cache_max_mib > 0 => Some(DiskCache::new(
                 dir.clone(),
                 opts.prompt_cache_max_mib << 20,
-                model_identity(gguf.paths())?,
-                cache_type_k,
-                cache_type_v,
-                cfg.n_layers,
-                cfg.n_kv_heads,
-                cfg.head_dim,
-                opts.prefix_block,
+                Shape {
+                    model: model_identity(gguf.paths())?,
+                    type_k: cache_type_k,
+                    type_v: cache_type_v,
+                    layers: cfg.n_layers,
+                    kv_heads: cfg.n_kv_heads,
+                    head_dim: cfg.head_dim,
+                    block: opts.prefix_block,
+                },
             )),
             _ => None,
         };

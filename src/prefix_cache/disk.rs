@@ -58,14 +58,16 @@ pub fn model_identity(paths: &[PathBuf]) -> Result<u64> {
 
 /// What the cache expects of a file: everything but the tokens and the data.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Shape {
-    model: u64,
-    type_k: CacheType,
-    type_v: CacheType,
-    layers: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    block: usize,
+pub struct Shape {
+    /// `model_identity` of the GGUF file(s).
+    pub model: u64,
+    pub type_k: CacheType,
+    pub type_v: CacheType,
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Tokens per block.
+    pub block: usize,
 }
 
 pub struct DiskCache {
@@ -86,30 +88,11 @@ pub struct DiskLoad {
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl DiskCache {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        dir: PathBuf,
-        max_bytes: u64,
-        model: u64,
-        type_k: CacheType,
-        type_v: CacheType,
-        layers: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        block: usize,
-    ) -> DiskCache {
+    pub fn new(dir: PathBuf, max_bytes: u64, shape: Shape) -> DiskCache {
         DiskCache {
             dir,
             max_bytes,
-            shape: Shape {
-                model,
-                type_k,
-                type_v,
-                layers,
-                kv_heads,
-                head_dim,
-                block,
-            },
+            shape,
         }
     }
 

@@ -10,7 +10,7 @@
 
 mod disk;
 
-pub use disk::{model_identity, DiskCache, DiskLoad, FORMAT_VERSION, MAGIC};
+pub use disk::{model_identity, DiskCache, DiskLoad, Shape, FORMAT_VERSION, MAGIC};
 
 use crate::kv_cache::{CacheType, KvBlock};
 use std::collections::HashMap;
