@@ -167,10 +167,7 @@ pub async fn chat(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match chat_inner(state, body).await {
-        Ok(r) => r,
-        Err(e) => error(e),
-    }
+    chat_inner(state, body).await.unwrap_or_else(error)
 }
 
 async fn chat_inner(
@@ -274,10 +271,7 @@ pub async fn generate(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match generate_inner(state, body).await {
-        Ok(r) => r,
-        Err(e) => error(e),
-    }
+    generate_inner(state, body).await.unwrap_or_else(error)
 }
 
 async fn generate_inner(

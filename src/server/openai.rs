@@ -257,10 +257,7 @@ pub async fn chat(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match chat_inner(state, body).await {
-        Ok(r) => r,
-        Err(e) => error(e),
-    }
+    chat_inner(state, body).await.unwrap_or_else(error)
 }
 
 async fn chat_inner(
@@ -404,10 +401,7 @@ pub async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match completions_inner(state, body).await {
-        Ok(r) => r,
-        Err(e) => error(e),
-    }
+    completions_inner(state, body).await.unwrap_or_else(error)
 }
 
 async fn completions_inner(
