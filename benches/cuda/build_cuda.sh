@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Build qwen-run with `--features cuda` on a machine without a CUDA toolkit (and without a GPU).
 #
-# The toolkit comes from NVIDIA's CUDA 13.4 PyPI wheels (CUDA 12 wheels ship no nvcc/cicc), installed
-# into a venv under ${QWEN_RUN_TOOLS:-~/.cache/qwen-run/tools}/cuda. The wheels give a
+# The toolkit comes from NVIDIA's CUDA 13.0 PyPI wheels (CUDA 12 wheels ship no nvcc/cicc), installed
+# into a venv under ${QWEN_RUN_TOOLS:-~/.cache/qwen-run/tools}/cuda-13.0. 13.0, the oldest CUDA 13,
+# because candle's kernels are embedded as PTX and JIT-compiled by the driver at run time, and a driver
+# rejects PTX newer than itself: 13.0's PTX (ISA 9.0) loads on every CUDA 13 driver (>= 580), 13.4's
+# (ISA 9.4) only on drivers from 13.4 on (CUDA_ERROR_UNSUPPORTED_PTX_VERSION otherwise). The wheels give a
 # toolkit-shaped tree (site-packages/nvidia/cu13/{bin,include,lib,nvvm}) but lack two things the link
 # needs, which this script adds under .../tools/cuda/root:
 #   root/lib/lib{cudart,cublas,cublasLt,curand,nvrtc}.so  unversioned links to the wheels' libraries;
@@ -35,14 +38,15 @@ done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TOOLS="${QWEN_RUN_TOOLS:-${HOME}/.cache/qwen-run/tools}"
-CUDA_DIR="${TOOLS}/cuda"
+CUDA_VERSION="13.0"
+CUDA_DIR="${TOOLS}/cuda-${CUDA_VERSION}"
 VENV="${CUDA_DIR}/venv"
 LINKROOT="${CUDA_DIR}/root"
 PYTHON="${PYTHON:-python3}"
 CUDA_PKGS=(
-  "nvidia-cuda-nvcc==13.4.*" "nvidia-cuda-crt==13.4.*" "nvidia-nvvm==13.4.*"
-  "nvidia-cuda-runtime==13.4.*" "nvidia-cuda-nvrtc==13.4.*" nvidia-cuda-cccl
-  nvidia-cublas nvidia-curand
+  "nvidia-cuda-nvcc==${CUDA_VERSION}.*" "nvidia-cuda-crt==${CUDA_VERSION}.*" "nvidia-nvvm==${CUDA_VERSION}.*"
+  "nvidia-cuda-runtime==${CUDA_VERSION}.*" "nvidia-cuda-nvrtc==${CUDA_VERSION}.*" "nvidia-cuda-cccl==${CUDA_VERSION}.*"
+  "nvidia-cublas==${CUDA_VERSION}.*" "nvidia-curand==10.4.0.*"
 )
 
 log() { echo "build_cuda.sh: $*" >&2; }
@@ -54,7 +58,7 @@ find_cu() { ls -d "${VENV}"/lib/python3*/site-packages/nvidia/cu13 2>/dev/null |
 CU="$(find_cu || true)"
 if [[ -z "${CU}" || ! -x "${CU}/bin/nvcc" || ! -e "${CU}/lib/libcublas.so.13" || ! -d "${CU}/nvvm/bin" ]]; then
   [[ ${PRINT_LIBDIR} == 1 ]] && die "the CUDA wheels are not installed yet; run this script without --print-libdir first"
-  log "installing the CUDA 13.4 wheels into ${VENV} (about 1.5 GB)"
+  log "installing the CUDA ${CUDA_VERSION} wheels into ${VENV} (about 1.5 GB)"
   mkdir -p "${CUDA_DIR}"
   [[ -x "${VENV}/bin/pip" ]] || "${PYTHON}" -m venv "${VENV}" || die "cannot create a venv with ${PYTHON}"
   "${VENV}/bin/pip" install --quiet --disable-pip-version-check "${CUDA_PKGS[@]}" || die "pip install of the CUDA wheels failed"

@@ -11,11 +11,18 @@
 #  4. if llama-bench is found ($LLAMA_BENCH, or on PATH), runs `llama-bench -m MODEL -p 512 -n 128
 #     -ngl 99` on the same file. It must be a CUDA build of llama.cpp (cmake -DGGML_CUDA=ON); the CPU
 #     build from benches/install_llama_cpp.sh ignores -ngl and would measure the CPU.
+#     With BUILD_LLAMA=1 and no LLAMA_BENCH, it builds one with benches/cuda/build_llama_cuda.sh
+#     (needs nvcc + cmake; 141 .cu files for this GPU only, minutes on 16 cores), started in the
+#     background at the beginning so that it overlaps steps 1-3; the source is LLAMA_CPP_SRC /
+#     LLAMA_CPP_SRC_TARBALL, else .device/llama-src.tar.xz if present (made beforehand with
+#     `build_llama_cuda.sh --pack .device/llama-src.tar.xz`, for machines without internet), else
+#     the PyPI sdist. Its log goes to $OUT_DIR/llama-build.log; a failed build only skips step 4.
 # Results (logs, nvidia-smi, the two tables) go to $OUT_DIR (default bench-results/cuda-DATE).
 #
 # Usage: bash benches/cuda/gpu_bench.sh [MODEL.gguf]
 # Env:   QWEN_RUN_BIN (a CUDA qwen-run already built), CUDA_COMPUTE_CAP (default: from nvidia-smi),
-#        LLAMA_BENCH, PP (512), TG (128), REPS (5), SYNTH (synthetic model path, default
+#        LLAMA_BENCH, BUILD_LLAMA (1: build a CUDA llama-bench if none), PP (512), TG (128), REPS (5),
+#        SYNTH (synthetic model path, default
 #        /tmp/qwen2.5-7b-instruct-q5_k_m-synthetic.gguf; kept for reuse), OUT_DIR.
 set -euo pipefail
 
@@ -37,8 +44,21 @@ nvidia-smi > "${OUT_DIR}/nvidia-smi.txt"
 GPU="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n1)"
 log "GPU: ${GPU}"
 
-# 1. qwen-run with CUDA.
 CAP="${CUDA_COMPUTE_CAP:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -d '.[:space:]')}"
+
+# 0. A CUDA llama-bench, built in the background while steps 1-3 run (BUILD_LLAMA=1).
+LB="${LLAMA_BENCH:-$(command -v llama-bench || true)}"
+LLAMA_BUILD_PID=""
+if [[ -z "${LB}" && "${BUILD_LLAMA:-0}" == 1 ]]; then
+  if [[ -z "${LLAMA_CPP_SRC:-}" && -z "${LLAMA_CPP_SRC_TARBALL:-}" && -f .device/llama-src.tar.xz ]]; then
+    export LLAMA_CPP_SRC_TARBALL="${ROOT}/.device/llama-src.tar.xz"
+  fi
+  log "building a CUDA llama-bench for sm_${CAP} in the background (log: ${OUT_DIR}/llama-build.log)"
+  bash benches/cuda/build_llama_cuda.sh "${CAP}" >"${OUT_DIR}/llama-build.out" 2>"${OUT_DIR}/llama-build.log" &
+  LLAMA_BUILD_PID=$!
+fi
+
+# 1. qwen-run with CUDA.
 LIBDIR=""
 if [[ -n "${QWEN_RUN_BIN:-}" ]]; then
   BIN="${QWEN_RUN_BIN}"
@@ -72,7 +92,16 @@ log "qwen-run bench -p ${PP} -n ${TG} -r ${REPS} --device cuda"
 { echo; echo "## qwen-run"; cat "${OUT_DIR}/qwen-run.md"; } >> "${OUT_DIR}/summary.md"
 
 # 4. llama.cpp.
-LB="${LLAMA_BENCH:-$(command -v llama-bench || true)}"
+if [[ -n "${LLAMA_BUILD_PID}" ]]; then
+  log "waiting for the llama-bench build (pid ${LLAMA_BUILD_PID}) ..."
+  if wait "${LLAMA_BUILD_PID}"; then
+    LB="$(tail -n1 "${OUT_DIR}/llama-build.out")"
+    log "llama-bench: ${LB}"
+  else
+    tail -n 20 "${OUT_DIR}/llama-build.log" >&2
+    log "warning: the llama-bench build failed (${OUT_DIR}/llama-build.log); skipping llama.cpp"
+  fi
+fi
 if [[ -n "${LB}" && -x "${LB}" ]]; then
   log "llama-bench -p ${PP} -n ${TG} -r ${REPS} -ngl 99"
   "${LB}" -m "${MODEL}" -p "${PP}" -n "${TG}" -r "${REPS}" -ngl 99 2>"${OUT_DIR}/llama-bench.log" \
@@ -81,6 +110,6 @@ if [[ -n "${LB}" && -x "${LB}" ]]; then
     || log "warning: llama-bench does not look like a CUDA build; its numbers are probably CPU numbers"
   { echo; echo "## llama.cpp"; cat "${OUT_DIR}/llama-bench.md"; } >> "${OUT_DIR}/summary.md"
 else
-  log "no llama-bench (set LLAMA_BENCH to a CUDA build of llama.cpp's llama-bench to compare)"
+  log "no llama-bench (set LLAMA_BENCH to a CUDA build of llama.cpp's llama-bench, or BUILD_LLAMA=1, to compare)"
 fi
 log "results in ${OUT_DIR}/summary.md"

@@ -45,6 +45,39 @@ impl LogitsReference {
         Ok(LogitsReference { map, tokens, vocab })
     }
 
+    /// Writes this engine's own logits for every position of `tokens` in the same format, so that
+    /// one backend can be checked against another (the GPU against the CPU).
+    pub fn write(engine: &Engine, tokens: &[u32], path: &Path) -> Result<()> {
+        use std::io::Write;
+        if tokens.is_empty() || tokens.len() >= engine.ctx_size {
+            bail!(
+                "the text has {} tokens; it needs at least 1 and fewer than --ctx-size {}",
+                tokens.len(),
+                engine.ctx_size
+            );
+        }
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        let vocab = engine.config().vocab_size as u32;
+        out.write_all(MAGIC)?;
+        out.write_all(&(tokens.len() as u32).to_le_bytes())?;
+        out.write_all(&vocab.to_le_bytes())?;
+        for t in tokens {
+            out.write_all(&t.to_le_bytes())?;
+        }
+        let mut session = engine.new_session()?;
+        for chunk in tokens.chunks(engine.batch_size) {
+            for row in engine.forward(&mut session, chunk, Logits::All)? {
+                for x in row {
+                    out.write_all(&x.to_le_bytes())?;
+                }
+            }
+        }
+        out.flush()
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
     pub fn logits(&self, pos: usize) -> Vec<f32> {
         let start = 16 + 4 * self.tokens.len() + 4 * pos * self.vocab;
         self.map[start..start + 4 * self.vocab]

@@ -5,7 +5,7 @@
 pub mod fidelity;
 mod roofline;
 
-pub use roofline::{decode_bytes_per_token, measure_read_bandwidth};
+pub use roofline::{decode_bytes_per_token, measure_device_bandwidth, measure_read_bandwidth};
 
 use crate::engine::{Engine, LoadOptions};
 use crate::model::Logits;
@@ -43,8 +43,14 @@ pub struct BenchExtras {
     pub ttft_prompt_tokens: usize,
     pub peak_rss_mib: f64,
     pub read_bandwidth_gbs: f64,
+    /// All weight bytes a decode step reads, wherever they are.
     pub decode_bytes_per_token: u64,
-    /// Decode t/s of the last tg test divided by bandwidth / bytes per token.
+    /// The GPU's copy bandwidth (read + write), when layers run on one.
+    pub gpu_bandwidth_gbs: Option<f64>,
+    /// The part of `decode_bytes_per_token` read from GPU memory.
+    pub decode_bytes_on_gpu: u64,
+    /// Decode t/s of the last tg test over the bandwidth bound: host bytes / host bandwidth +
+    /// GPU bytes / GPU bandwidth per token.
     pub roofline_pct: Option<f64>,
 }
 
@@ -62,7 +68,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let mut load_s = 0.0;
     let mut ttft_ms = 0.0;
     let mut ttft_prompt_tokens = 0;
-    let mut bytes_per_token = 0;
+    let (mut host_bytes, mut gpu_bytes) = (0, 0);
+    let mut gpu_bandwidth_gbs = None;
     for &threads in &opts.threads {
         let mut load = opts.load.clone();
         load.threads = threads;
@@ -86,7 +93,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             );
         }
         load_s = engine.load_time.as_secs_f64();
-        bytes_per_token = decode_bytes_per_token(&engine);
+        (host_bytes, gpu_bytes) = decode_bytes_per_token(&engine);
+        if let Some(gpu) = engine.placement().gpu() {
+            gpu_bandwidth_gbs = Some(measure_device_bandwidth(gpu)?);
+        }
         let ttft = time_to_first_token(&engine)?;
         ttft_ms = ttft.0.as_secs_f64() * 1e3;
         ttft_prompt_tokens = ttft.1;
@@ -134,11 +144,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         }
     }
     let read_bandwidth_gbs = measure_read_bandwidth(*opts.threads.iter().max().unwrap_or(&1));
+    let seconds_per_token = host_bytes as f64 / (read_bandwidth_gbs * 1e9)
+        + gpu_bandwidth_gbs.map_or(0.0, |bw| gpu_bytes as f64 / (bw * 1e9));
     let roofline_pct = rows
         .iter()
         .rev()
         .find(|r| r.test.starts_with("tg"))
-        .map(|r| 100.0 * r.avg_ts * bytes_per_token as f64 / (read_bandwidth_gbs * 1e9));
+        .map(|r| 100.0 * r.avg_ts * seconds_per_token);
     Ok(BenchReport {
         rows,
         extras: BenchExtras {
@@ -147,7 +159,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             ttft_prompt_tokens,
             peak_rss_mib: peak_rss_bytes() as f64 / (1 << 20) as f64,
             read_bandwidth_gbs,
-            decode_bytes_per_token: bytes_per_token,
+            decode_bytes_per_token: host_bytes + gpu_bytes,
+            gpu_bandwidth_gbs,
+            decode_bytes_on_gpu: gpu_bytes,
             roofline_pct,
         },
     })
@@ -308,6 +322,12 @@ pub fn to_markdown(report: &BenchReport) -> String {
         e.read_bandwidth_gbs,
         e.decode_bytes_per_token as f64 / (1 << 20) as f64
     ));
+    if let Some(bw) = e.gpu_bandwidth_gbs {
+        s.push_str(&format!(
+            " | GPU memory bandwidth {bw:.0} GB/s (copy) | weights read per token from the GPU {:.1} MiB",
+            e.decode_bytes_on_gpu as f64 / (1 << 20) as f64
+        ));
+    }
     if let Some(p) = e.roofline_pct {
         s.push_str(&format!(" | decode at {p:.0}% of the bandwidth roofline"));
     }

@@ -2,18 +2,44 @@
 //! bounded by memory bandwidth / bytes of weights per token.
 
 use crate::engine::Engine;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
 
-/// Bytes of weights one decode step reads: every tensor but the token embedding table, of which
-/// a step reads one row (unless the output head is tied to it, in which case it is read whole).
-pub fn decode_bytes_per_token(engine: &Engine) -> u64 {
+/// Bytes of weights one decode step reads, (from host memory, from GPU memory): every tensor but
+/// the token embedding table, of which a step reads one row (unless the output head is tied to
+/// it, in which case it is read whole, on the output head's device).
+pub fn decode_bytes_per_token(engine: &Engine) -> (u64, u64) {
     let g = &engine.gguf;
     let tied = g.tensor("output.weight").is_none();
-    g.tensors
+    let tied_on_gpu = tied && !engine.placement().output.is_cpu();
+    let (mut host, mut gpu) = (0u64, 0u64);
+    for t in g
+        .tensors
         .iter()
         .filter(|t| tied || t.name != "token_embd.weight")
-        .map(|t| t.size as u64)
-        .sum()
+    {
+        let on_gpu = engine.on_gpu(&t.name) || (tied_on_gpu && t.name == "token_embd.weight");
+        *if on_gpu { &mut gpu } else { &mut host } += t.size as u64;
+    }
+    (host, gpu)
+}
+
+/// The GPU's memory bandwidth in GB/s, counting the bytes a large device-to-device copy reads and
+/// writes: the best of a few copies of 1 GiB.
+pub fn measure_device_bandwidth(device: &Device) -> Result<f64> {
+    const BYTES: usize = 1 << 30;
+    let src = Tensor::zeros(BYTES / 4, DType::F32, device)?;
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        let dst = src.affine(1.0, 0.0)?;
+        device.synchronize()?;
+        best = best.max(2.0 * BYTES as f64 / t0.elapsed().as_secs_f64() / 1e9);
+        drop(dst);
+    }
+    Ok(best)
 }
 
 /// Sustained read bandwidth of main memory with `threads` readers, in GB/s (1e9 bytes): the best

@@ -6,6 +6,7 @@ use crate::kv_cache::CacheType;
 use crate::sampler::SamplingParams;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -78,6 +79,13 @@ pub struct FidelityArgs {
     /// Which list of prompts in the --greedy file to use.
     #[arg(long = "greedy-set", default_value = "prompts_flash_attn_off")]
     pub greedy_set: String,
+    /// Instead of comparing, write this engine's logits at every position of --text to FILE, in
+    /// the --logits format: a reference for checking one device against another.
+    #[arg(long = "write-logits", value_name = "FILE", requires = "text", conflicts_with_all = ["logits", "greedy"])]
+    pub write_logits: Option<PathBuf>,
+    /// The text whose logits --write-logits writes.
+    #[arg(long, value_name = "FILE")]
+    pub text: Option<PathBuf>,
     /// Output format: md or json.
     #[arg(short = 'o', long = "output", default_value = "md", value_parser = ["md", "json"])]
     pub output: String,
@@ -121,6 +129,11 @@ pub struct ModelArgs {
     /// cpu, cuda or auto (auto picks the GPU when one is compiled in and visible).
     #[arg(long, default_value = "auto", value_parser = DeviceChoice::parse)]
     pub device: DeviceChoice,
+    /// Layers to run on the GPU, counted from the last (llama.cpp's -ngl; default: all, and the
+    /// output head). A number above the layer count also puts the output head there; 0 keeps
+    /// everything on the CPU. Layers that do not fit on a small GPU stay on the CPU.
+    #[arg(long = "gpu-layers", alias = "n-gpu-layers", value_name = "N")]
+    pub gpu_layers: Option<usize>,
     /// Storage type of the KV cache, keys and values: f32, f16 or q8_0.
     #[arg(long = "cache-type", default_value = "f32", value_parser = CacheType::parse)]
     pub cache_type: CacheType,
@@ -171,6 +184,7 @@ impl ModelArgs {
         Ok(LoadOptions {
             model,
             device: self.device,
+            gpu_layers: self.gpu_layers,
             threads,
             ctx_size: self.ctx_size,
             batch_size: self.batch_size,
@@ -293,4 +307,45 @@ pub struct ChatArgs {
     /// No timing report on stderr after each reply.
     #[arg(short = 'q', long)]
     pub quiet: bool,
+}
+
+/// Rewrites llama.cpp's multi-letter short flags, which clap cannot have: `-hf` and `-hfr` become
+/// `--hf-repo`, `-hff` `--hf-file`, `-ngl` `--gpu-layers` (also in their `-hf=VALUE` forms).
+/// Arguments after `--` are left alone.
+pub fn expand_llama_flags(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut rest = false;
+    for arg in args {
+        if rest {
+            out.push(arg);
+            continue;
+        }
+        let Some(s) = arg.to_str() else {
+            out.push(arg);
+            continue;
+        };
+        if s == "--" {
+            rest = true;
+            out.push(arg);
+            continue;
+        }
+        let (flag, value) = match s.split_once('=') {
+            Some((f, v)) => (f, Some(v)),
+            None => (s, None),
+        };
+        let long = match flag {
+            "-hf" | "-hfr" => "--hf-repo",
+            "-hff" => "--hf-file",
+            "-ngl" => "--gpu-layers",
+            _ => {
+                out.push(arg);
+                continue;
+            }
+        };
+        out.push(match value {
+            Some(v) => format!("{long}={v}").into(),
+            None => long.into(),
+        });
+    }
+    out
 }

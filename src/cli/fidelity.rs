@@ -18,6 +18,9 @@ struct Report {
 }
 
 pub fn fidelity(args: &FidelityArgs) -> Result<()> {
+    if let (Some(out), Some(text)) = (&args.write_logits, &args.text) {
+        return write_logits(args, text, out);
+    }
     if args.logits.is_none() && args.greedy.is_none() {
         bail!("nothing to compare: pass --logits FILE (from benches/llama_logits.c) and/or --greedy FILE (a reference JSON)");
     }
@@ -95,5 +98,23 @@ pub fn fidelity(args: &FidelityArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn write_logits(args: &FidelityArgs, text: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(text).with_context(|| format!("cannot read {}", text.display()))?;
+    let mut load = args.model.load_options()?;
+    load.cache_ram_mib = 0;
+    load.prompt_cache = None;
+    let engine = Engine::load(&load)?;
+    let tokens = engine.tokenizer.encode(&text)?;
+    LogitsReference::write(&engine, &tokens, out)?;
+    eprintln!(
+        "[qwen-run] wrote the logits of {} tokens ({}) to {}",
+        tokens.len(),
+        engine.device_name(),
+        out.display()
+    );
     Ok(())
 }

@@ -7,8 +7,8 @@ mod fidelity;
 mod run;
 
 pub use args::{
-    default_prompt_cache_dir, BenchArgs, ChatArgs, Cli, Command, ContextOverflow, FidelityArgs,
-    ModelArgs, RunArgs, SamplingArgs,
+    default_prompt_cache_dir, expand_llama_flags, BenchArgs, ChatArgs, Cli, Command,
+    ContextOverflow, FidelityArgs, ModelArgs, RunArgs, SamplingArgs,
 };
 
 use clap::Parser;
@@ -19,7 +19,7 @@ pub fn main() -> i32 {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error in qwen-run: {info}. Please report this with the command you ran.");
     }));
-    let cli = match Cli::try_parse_from(crate::hub::expand_hf_flags(std::env::args_os())) {
+    let cli = match Cli::try_parse_from(expand_llama_flags(std::env::args_os())) {
         Ok(cli) => cli,
         Err(e) => {
             let code = if e.use_stderr() { 1 } else { 0 };

@@ -3,11 +3,11 @@
 
 mod device;
 
-pub use device::{select_device, DeviceChoice};
+pub use device::{gpu_memory, gpu_name, gpu_unavailable_reason, select_device, DeviceChoice};
 
 use crate::gguf::GgufFile;
 use crate::kv_cache::{CacheType, KvBlock, KvCache};
-use crate::model::{check_shapes, Config, Logits, Qwen2};
+use crate::model::{check_shapes, Config, Logits, Placement, Qwen2};
 use crate::prefix_cache::{
     chain_hashes, chain_seed, model_identity, DiskCache, PrefixCache, Shape,
 };
@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 pub struct LoadOptions {
     pub model: PathBuf,
     pub device: DeviceChoice,
+    /// Layers on the GPU, counted from the last (llama.cpp's -ngl); None = all, and the output head.
+    pub gpu_layers: Option<usize>,
     /// Worker threads for the CPU kernels; 0 = physical cores.
     pub threads: usize,
     /// Context size in tokens; 0 = min(model context, 4096).
@@ -55,6 +57,7 @@ impl LoadOptions {
         LoadOptions {
             model: model.into(),
             device: DeviceChoice::Cpu,
+            gpu_layers: None,
             threads: 0,
             ctx_size: 0,
             batch_size: 512,
@@ -142,7 +145,17 @@ impl Engine {
         };
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let template = ChatTemplate::from_gguf(&gguf)?;
-        let model = Qwen2::load(&gguf, &device, ctx_size)?;
+        let placement = match opts.gpu_layers {
+            Some(n) if n > 0 && device.is_cpu() => bail!(
+                "--gpu-layers {n} asks for a GPU, but {}. Drop --gpu-layers (or pass 0) to run on the CPU",
+                match opts.device {
+                    DeviceChoice::Cpu => "--device cpu was given".to_string(),
+                    _ => format!("none is usable ({})", gpu_unavailable_reason()),
+                }
+            ),
+            n => Placement::new(cfg.n_layers, &device, n.unwrap_or(usize::MAX)),
+        };
+        let model = Qwen2::load(&gguf, placement, ctx_size)?;
         let cache_type_k = opts.cache_type_k.unwrap_or(opts.cache_type);
         let cache_type_v = opts.cache_type_v.unwrap_or(opts.cache_type);
         for ty in [cache_type_k, cache_type_v] {
@@ -197,30 +210,80 @@ impl Engine {
         &self.model.cfg
     }
 
-    pub fn device(&self) -> &Device {
-        self.model.device()
+    pub fn placement(&self) -> &Placement {
+        &self.model.placement
     }
 
+    /// The backend, as llama-bench's column names it: "CPU (avx2)", "CUDA", or "CUDA+CPU" when
+    /// only some layers are offloaded.
     pub fn device_name(&self) -> String {
-        match self.device() {
-            Device::Cpu => format!("CPU ({})", qwen_run_kernels::simd_name()),
-            Device::Cuda(_) => "CUDA".to_string(),
-            Device::Metal(_) => "Metal".to_string(),
+        let p = self.placement();
+        match p.gpu() {
+            None => format!("CPU ({})", qwen_run_kernels::simd_name()),
+            Some(gpu) => {
+                let name = match gpu {
+                    Device::Cuda(_) => "CUDA",
+                    _ => "Metal",
+                };
+                let all = p.gpu_layers() == p.layers.len() && !p.output.is_cpu();
+                if all {
+                    name.to_string()
+                } else {
+                    format!("{name}+CPU")
+                }
+            }
         }
     }
 
-    pub fn new_session(&self) -> Result<Session> {
+    /// Whether the weight tensor `name` lives on the GPU. A tied output head reads the embedding
+    /// table from a GPU copy too, but lookups read the host copy: counted as host.
+    pub fn on_gpu(&self, name: &str) -> bool {
+        let p = self.placement();
+        match name.strip_prefix("blk.").and_then(|r| r.split('.').next()) {
+            Some(i) => i.parse::<usize>().is_ok_and(|i| !p.layers[i].is_cpu()),
+            None => name != "token_embd.weight" && !p.output.is_cpu(),
+        }
+    }
+
+    /// Where the model runs on the GPU and the GPU memory it takes, for the run report; None on
+    /// the CPU.
+    pub fn gpu_report(&self) -> Option<String> {
+        let p = self.placement();
+        let gpu = p.gpu()?;
         let c = self.config();
+        let weights: usize = self
+            .gguf
+            .tensors
+            .iter()
+            .filter(|t| self.on_gpu(&t.name))
+            .map(|t| t.size)
+            .sum();
+        let kv = self.kv_bytes_per_token() / c.n_layers * p.gpu_layers() * self.ctx_size;
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        let mut s = format!(
+            "{}: {}/{} layers{} | weights {:.2} GiB + KV {:.2} GiB on the GPU",
+            gpu_name(gpu),
+            p.gpu_layers(),
+            p.layers.len(),
+            if p.output.is_cpu() { "" } else { " + output" },
+            gib(weights),
+            gib(kv)
+        );
+        if let Some((free, total)) = gpu_memory(gpu) {
+            s.push_str(&format!(
+                " | device memory {:.2} GiB used of {:.2} GiB",
+                gib(total - free),
+                gib(total)
+            ));
+        }
+        Some(s)
+    }
+
+    pub fn new_session(&self) -> Result<Session> {
         Ok(Session {
-            cache: KvCache::with_types(
-                c.n_layers,
-                c.n_kv_heads,
-                c.head_dim,
-                self.ctx_size,
-                self.cache_type_k,
-                self.cache_type_v,
-                self.device(),
-            )?,
+            cache: self
+                .model
+                .new_cache(self.ctx_size, self.cache_type_k, self.cache_type_v)?,
             tokens: Vec::new(),
         })
     }

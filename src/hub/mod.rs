@@ -20,7 +20,6 @@ pub use select::{matches_quant, select_files, split_part, SelectError, DEFAULT_Q
 use anyhow::{anyhow, bail, Context, Result};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -149,46 +148,6 @@ impl HubEnv {
             offline,
         })
     }
-}
-
-/// Rewrites llama.cpp's two-letter flags, which clap cannot have as short flags: `-hf` and `-hfr`
-/// become `--hf-repo`, `-hff` becomes `--hf-file` (also in their `-hf=VALUE` forms). Arguments
-/// after `--` are left alone.
-pub fn expand_hf_flags(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
-    let mut out = Vec::new();
-    let mut rest = false;
-    for arg in args {
-        if rest {
-            out.push(arg);
-            continue;
-        }
-        let Some(s) = arg.to_str() else {
-            out.push(arg);
-            continue;
-        };
-        if s == "--" {
-            rest = true;
-            out.push(arg);
-            continue;
-        }
-        let (flag, value) = match s.split_once('=') {
-            Some((f, v)) => (f, Some(v)),
-            None => (s, None),
-        };
-        let long = match flag {
-            "-hf" | "-hfr" => "--hf-repo",
-            "-hff" => "--hf-file",
-            _ => {
-                out.push(arg);
-                continue;
-            }
-        };
-        out.push(match value {
-            Some(v) => format!("{long}={v}").into(),
-            None => long.into(),
-        });
-    }
-    out
 }
 
 /// The local path of the model that `-hf spec` (and `--hf-file`) asks for: from the cache when it

@@ -111,32 +111,20 @@ pub struct KvCache {
     head_dim: usize,
     ty_k: CacheType,
     ty_v: CacheType,
-    device: Device,
 }
 
 impl KvCache {
-    /// A cache whose keys and values are both stored as `ty`.
+    /// One layer per entry of `layer_devices`, each layer's buffers on its device (a model split
+    /// between the CPU and a GPU keeps each layer's KV next to its weights).
     pub fn new(
-        n_layers: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        capacity: usize,
-        ty: CacheType,
-        device: &Device,
-    ) -> Result<KvCache> {
-        Self::with_types(n_layers, kv_heads, head_dim, capacity, ty, ty, device)
-    }
-
-    pub fn with_types(
-        n_layers: usize,
         kv_heads: usize,
         head_dim: usize,
         capacity: usize,
         ty_k: CacheType,
         ty_v: CacheType,
-        device: &Device,
+        layer_devices: &[Device],
     ) -> Result<KvCache> {
-        let store = |ty: CacheType| -> Result<Store> {
+        let store = |ty: CacheType, device: &Device| -> Result<Store> {
             Ok(match ty {
                 CacheType::Q8_0 => {
                     if !head_dim.is_multiple_of(Q8_0_BLOCK) {
@@ -154,8 +142,9 @@ impl KvCache {
                 )?),
             })
         };
-        let layers = (0..n_layers)
-            .map(|_| Ok((store(ty_k)?, store(ty_v)?)))
+        let layers = layer_devices
+            .iter()
+            .map(|d| Ok((store(ty_k, d)?, store(ty_v, d)?)))
             .collect::<Result<_>>()?;
         Ok(KvCache {
             layers,
@@ -165,7 +154,6 @@ impl KvCache {
             head_dim,
             ty_k,
             ty_v,
-            device: device.clone(),
         })
     }
 
@@ -262,7 +250,7 @@ impl KvCache {
                 Ok(Tensor::from_vec(
                     out,
                     (self.kv_heads, total, hd),
-                    &self.device,
+                    x.device(),
                 )?)
             }
         }
@@ -387,8 +375,8 @@ impl KvCache {
         match store {
             Store::Tensor(t) => {
                 let src = match ty {
-                    CacheType::F32 => Tensor::from_vec(bytes_to_f32(bytes), shape, &self.device)?,
-                    _ => Tensor::from_vec(bytes_to_f16(bytes), shape, &self.device)?,
+                    CacheType::F32 => Tensor::from_vec(bytes_to_f32(bytes), shape, t.device())?,
+                    _ => Tensor::from_vec(bytes_to_f16(bytes), shape, t.device())?,
                 };
                 t.slice_set(&src, 1, start)?;
             }
@@ -483,7 +471,7 @@ mod tests {
             (CacheType::F16, CacheType::Q8_0),
             (CacheType::Q8_0, CacheType::F32),
         ] {
-            let mut a = KvCache::with_types(2, 2, 64, 16, tk, tv, &Device::Cpu).unwrap();
+            let mut a = KvCache::new(2, 64, 16, tk, tv, &[Device::Cpu, Device::Cpu]).unwrap();
             let k = Tensor::randn(0f32, 1.0, (2, 5, 64), &Device::Cpu).unwrap();
             let v = Tensor::randn(0f32, 1.0, (2, 5, 64), &Device::Cpu).unwrap();
             let mut want = Vec::new();
@@ -494,7 +482,7 @@ mod tests {
             let head = a.export(0, 2).unwrap();
             let tail = a.export(2, 3).unwrap();
             assert_eq!(head.bytes(), 2 * a.bytes_per_token());
-            let mut b = KvCache::with_types(2, 2, 64, 16, tk, tv, &Device::Cpu).unwrap();
+            let mut b = KvCache::new(2, 64, 16, tk, tv, &[Device::Cpu, Device::Cpu]).unwrap();
             b.import(0, &head).unwrap();
             b.import(2, &tail).unwrap();
             assert_eq!(b.len(), 5);

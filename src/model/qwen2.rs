@@ -71,6 +71,7 @@ impl Config {
 }
 
 struct Layer {
+    device: Device,
     attn_norm: Tensor,
     q: Linear,
     k: Linear,
@@ -91,21 +92,68 @@ pub enum Logits {
     All,
 }
 
+/// Which device runs each layer and the output head. As llama.cpp's `-ngl N`: the last `N` layers
+/// go to the GPU, and the output head too once `N` exceeds the layer count; the rest, and the
+/// token embeddings, stay on the CPU.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub layers: Vec<Device>,
+    pub output: Device,
+}
+
+impl Placement {
+    pub fn new(n_layers: usize, gpu: &Device, gpu_layers: usize) -> Placement {
+        let first_on_gpu = n_layers.saturating_sub(gpu_layers);
+        let on = |gpu_here: bool| if gpu_here { gpu.clone() } else { Device::Cpu };
+        Placement {
+            layers: (0..n_layers).map(|i| on(i >= first_on_gpu)).collect(),
+            output: on(gpu_layers > n_layers),
+        }
+    }
+
+    pub fn gpu_layers(&self) -> usize {
+        self.layers.iter().filter(|d| !d.is_cpu()).count()
+    }
+
+    /// The accelerator, if any part runs on one.
+    pub fn gpu(&self) -> Option<&Device> {
+        self.layers
+            .iter()
+            .chain([&self.output])
+            .find(|d| !d.is_cpu())
+    }
+}
+
+/// Rotary tables on one device.
+struct Rope {
+    device: Device,
+    cos: Tensor,
+    sin: Tensor,
+}
+
 pub struct Qwen2 {
     pub cfg: Config,
+    pub placement: Placement,
     embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
     output: Linear,
-    rope_cos: Tensor,
-    rope_sin: Tensor,
-    device: Device,
+    /// One per device the placement uses.
+    rope: Vec<Rope>,
 }
 
 impl Qwen2 {
-    pub fn load(gguf: &Arc<GgufFile>, device: &Device, max_positions: usize) -> Result<Qwen2> {
+    /// `placement` comes from [`Placement::new`] with this file's layer count.
+    pub fn load(gguf: &Arc<GgufFile>, placement: Placement, max_positions: usize) -> Result<Qwen2> {
         let cfg = Config::from_gguf(gguf)?;
-        let lin = |name: &str, bias: bool| {
+        if placement.layers.len() != cfg.n_layers {
+            bail!(
+                "placement for {} layers, the model has {}",
+                placement.layers.len(),
+                cfg.n_layers
+            );
+        }
+        let lin = |name: &str, bias: bool, device: &Device| {
             Linear::load(
                 gguf,
                 &format!("{name}.weight"),
@@ -113,60 +161,69 @@ impl Qwen2 {
                 device,
             )
         };
-        let vec = |name: &str| load_vector(gguf, name, device);
-        let layers = (0..cfg.n_layers)
-            .map(|i| {
+        let layers = placement
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
                 let p = format!("blk.{i}");
                 Ok(Layer {
-                    attn_norm: vec(&format!("{p}.attn_norm.weight"))?,
-                    q: lin(&format!("{p}.attn_q"), true)?,
-                    k: lin(&format!("{p}.attn_k"), true)?,
-                    v: lin(&format!("{p}.attn_v"), true)?,
-                    o: lin(&format!("{p}.attn_output"), false)?,
-                    ffn_norm: vec(&format!("{p}.ffn_norm.weight"))?,
-                    gate: lin(&format!("{p}.ffn_gate"), false)?,
-                    up: lin(&format!("{p}.ffn_up"), false)?,
-                    down: lin(&format!("{p}.ffn_down"), false)?,
+                    device: d.clone(),
+                    attn_norm: load_vector(gguf, &format!("{p}.attn_norm.weight"), d)?,
+                    q: lin(&format!("{p}.attn_q"), true, d)?,
+                    k: lin(&format!("{p}.attn_k"), true, d)?,
+                    v: lin(&format!("{p}.attn_v"), true, d)?,
+                    o: lin(&format!("{p}.attn_output"), false, d)?,
+                    ffn_norm: load_vector(gguf, &format!("{p}.ffn_norm.weight"), d)?,
+                    gate: lin(&format!("{p}.ffn_gate"), false, d)?,
+                    up: lin(&format!("{p}.ffn_up"), false, d)?,
+                    down: lin(&format!("{p}.ffn_down"), false, d)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let embed = Embedding::load(gguf, "token_embd.weight")?;
+        let out_dev = &placement.output;
         let output = match gguf.tensor("output.weight") {
-            Some(_) => lin("output", false)?,
-            None => embed.as_linear(device)?,
+            Some(_) => lin("output", false, out_dev)?,
+            None => embed.as_linear(out_dev)?,
         };
-        let (rope_cos, rope_sin) = rope_tables(cfg.head_dim, cfg.rope_base, max_positions, device)?;
+        let mut rope: Vec<Rope> = Vec::new();
+        for d in placement.layers.iter() {
+            if !rope.iter().any(|r| r.device.same_device(d)) {
+                let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_base, max_positions, d)?;
+                rope.push(Rope {
+                    device: d.clone(),
+                    cos,
+                    sin,
+                });
+            }
+        }
         Ok(Qwen2 {
-            norm: vec("output_norm.weight")?,
+            norm: load_vector(gguf, "output_norm.weight", out_dev)?,
             cfg,
+            placement,
             embed,
             layers,
             output,
-            rope_cos,
-            rope_sin,
-            device: device.clone(),
+            rope,
         })
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    pub fn new_cache(&self, capacity: usize, ty: CacheType) -> Result<KvCache> {
-        if capacity > self.rope_cos.dim(0)? {
-            bail!(
-                "a cache of {capacity} positions exceeds the {} the model was loaded for",
-                self.rope_cos.dim(0)?
-            );
-        }
+    /// An empty KV cache of `capacity` positions, each layer's on that layer's device.
+    pub fn new_cache(
+        &self,
+        capacity: usize,
+        type_k: CacheType,
+        type_v: CacheType,
+    ) -> Result<KvCache> {
         let c = &self.cfg;
         KvCache::new(
-            c.n_layers,
             c.n_kv_heads,
             c.head_dim,
             capacity,
-            ty,
-            &self.device,
+            type_k,
+            type_v,
+            &self.placement.layers,
         )
     }
 
@@ -184,14 +241,31 @@ impl Qwen2 {
                 cache.capacity()
             );
         }
-        let cos = self.rope_cos.narrow(0, pos, n)?;
-        let sin = self.rope_sin.narrow(0, pos, n)?;
-        let mask = causal_mask(n, pos, &self.device)?;
+        // Per device: this pass's rotary rows and causal mask.
+        let per_device = self
+            .rope
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.cos.narrow(0, pos, n)?,
+                    r.sin.narrow(0, pos, n)?,
+                    causal_mask(n, pos, &r.device)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let group = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
 
-        let mut h = self.embed.forward(tokens, &self.device)?;
+        let mut h = self.embed.forward(tokens, &self.layers[0].device)?;
         for (i, l) in self.layers.iter().enumerate() {
+            let d = self
+                .rope
+                .iter()
+                .position(|r| r.device.same_device(&l.device))
+                .context("no rotary tables for a layer's device")?;
+            let (cos, sin, mask) = &per_device[d];
+            // Crossing from the CPU layers to the GPU ones (partial offload) moves the activations.
+            h = h.to_device(&l.device)?;
             // Attention.
             let x = candle_nn::ops::rms_norm(&h, &l.attn_norm, c.rms_eps)?;
             let heads = |y: Tensor, nh: usize| -> Result<Tensor> {
@@ -202,14 +276,14 @@ impl Qwen2 {
             let q = heads(l.q.forward(&x)?, c.n_heads)?;
             let k = heads(l.k.forward(&x)?, c.n_kv_heads)?;
             let v = heads(l.v.forward(&x)?, c.n_kv_heads)?;
-            let q = candle_nn::rotary_emb::rope(&q.unsqueeze(0)?, &cos, &sin)?.squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope(&k.unsqueeze(0)?, &cos, &sin)?.squeeze(0)?;
+            let q = candle_nn::rotary_emb::rope(&q.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+            let k = candle_nn::rotary_emb::rope(&k.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
             let (k_all, v_all) = cache.append(i, &k, &v)?;
             // Grouped-query attention: the `group` query heads that share a KV head are stacked as
             // rows of one matrix, so each KV head is read once.
             let q = q.reshape((c.n_kv_heads, group * n, c.head_dim))?;
             let mut att = (q.matmul(&k_all.t()?)? * scale)?;
-            if let Some(mask) = &mask {
+            if let Some(mask) = mask {
                 let l_all = k_all.dim(1)?;
                 att = att
                     .reshape((c.n_kv_heads, group, n, l_all))?
@@ -233,7 +307,8 @@ impl Qwen2 {
             Logits::Last => h.narrow(0, n - 1, 1)?,
             Logits::All => h,
         };
-        let h = candle_nn::ops::rms_norm(&h, &self.norm, c.rms_eps)?;
+        let h =
+            candle_nn::ops::rms_norm(&h.to_device(&self.placement.output)?, &self.norm, c.rms_eps)?;
         Ok(self.output.forward(&h)?.to_dtype(DType::F32)?)
     }
 }

@@ -88,6 +88,9 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         engine.threads,
         engine.ctx_size
     );
+    if let Some(gpu) = engine.gpu_report() {
+        eprintln!("[qwen-run] GPU {gpu}");
+    }
     let state = AppState::new(engine, name, aliases, args.queue_size, args.max_tokens);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
