@@ -168,6 +168,77 @@ fn cuda_without_cuda_support_is_an_error_not_a_fallback() {
     );
 }
 
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn gpu_layers_without_a_gpu_is_an_error_and_zero_is_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = common::write_tiny_model(dir.path(), QuantType::Q8_0);
+    let m = p.to_str().unwrap();
+    expect_error(
+        &["-m", m, "-p", "hi", "-ngl", "5"],
+        &[
+            "--gpu-layers 5 asks for a GPU",
+            "built without CUDA support",
+        ],
+    );
+    expect_error(
+        &["-m", m, "-p", "hi", "--device", "cpu", "--gpu-layers", "99"],
+        &["--device cpu was given"],
+    );
+    let (code, stderr) = qwen_run(&["-m", m, "-p", "hi", "-n", "2", "-ngl", "0"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("CPU ("), "{stderr}");
+}
+
+/// `fidelity --write-logits` writes the file `--logits` reads: a model compared with its own
+/// logits agrees everywhere, with zero divergence.
+#[test]
+fn written_logits_compare_equal_to_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = common::write_tiny_model(dir.path(), QuantType::Q4K);
+    let m = p.to_str().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "hello world, hello there").unwrap();
+    let logits = dir.path().join("ref.logits");
+    let (code, stderr) = qwen_run(&[
+        "fidelity",
+        "-m",
+        m,
+        "--text",
+        text.to_str().unwrap(),
+        "--write-logits",
+        logits.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
+        .args(["fidelity", "-m", m, "--logits", logits.to_str().unwrap()])
+        .args(["-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["logits"]["top1_agreement"], 1.0, "{report}");
+    assert_eq!(report["logits"]["max_kl"], 0.0, "{report}");
+    // A text the model cannot take leaves no file behind.
+    let bad = dir.path().join("bad.logits");
+    std::fs::write(&text, "").unwrap();
+    let (code, _) = qwen_run(&[
+        "fidelity",
+        "-m",
+        m,
+        "--text",
+        text.to_str().unwrap(),
+        "--write-logits",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(!bad.exists() && !bad.with_extension("partial").exists());
+}
+
 #[test]
 fn a_good_run_streams_text_and_reports() {
     let dir = tempfile::tempdir().unwrap();

@@ -56,26 +56,36 @@ impl LogitsReference {
                 engine.ctx_size
             );
         }
-        let file = std::fs::File::create(path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        let mut out = std::io::BufWriter::new(file);
-        let vocab = engine.config().vocab_size as u32;
-        out.write_all(MAGIC)?;
-        out.write_all(&(tokens.len() as u32).to_le_bytes())?;
-        out.write_all(&vocab.to_le_bytes())?;
-        for t in tokens {
-            out.write_all(&t.to_le_bytes())?;
-        }
-        let mut session = engine.new_session()?;
-        for chunk in tokens.chunks(engine.batch_size) {
-            for row in engine.forward(&mut session, chunk, Logits::All)? {
-                for x in row {
-                    out.write_all(&x.to_le_bytes())?;
+        // Written beside the target and renamed at the end, so a failure leaves no partial file.
+        let tmp = path.with_extension("partial");
+        let written = (|| -> Result<()> {
+            let file = std::fs::File::create(&tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            let mut out = std::io::BufWriter::new(file);
+            let vocab = engine.config().vocab_size as u32;
+            out.write_all(MAGIC)?;
+            out.write_all(&(tokens.len() as u32).to_le_bytes())?;
+            out.write_all(&vocab.to_le_bytes())?;
+            for t in tokens {
+                out.write_all(&t.to_le_bytes())?;
+            }
+            let mut session = engine.new_session()?;
+            for chunk in tokens.chunks(engine.batch_size) {
+                for row in engine.forward(&mut session, chunk, Logits::All)? {
+                    for x in row {
+                        out.write_all(&x.to_le_bytes())?;
+                    }
                 }
             }
+            out.flush()
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        out.flush()
-            .with_context(|| format!("cannot write {}", path.display()))
+        written
     }
 
     pub fn logits(&self, pos: usize) -> Vec<f32> {

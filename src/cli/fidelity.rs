@@ -34,10 +34,8 @@ pub fn fidelity(args: &FidelityArgs) -> Result<()> {
     load.cache_ram_mib = 0;
     load.prompt_cache = None;
     if load.ctx_size == 0 {
-        load.ctx_size = reference
-            .as_ref()
-            .map_or(0, |r| r.tokens.len() + 1)
-            .max(512);
+        // Room for the reference's tokens; 0 (the default size) when there is none.
+        load.ctx_size = reference.as_ref().map_or(0, |r| r.tokens.len() + 1);
     }
     let engine = Engine::load(&load)?;
     let logits = reference
