@@ -310,7 +310,7 @@ pub struct ChatArgs {
 }
 
 /// Rewrites llama.cpp's multi-letter short flags, which clap cannot have: `-hf` and `-hfr` become
-/// `--hf-repo`, `-hff` `--hf-file`, `-ngl` `--gpu-layers` (also in their `-hf=VALUE` forms).
+/// `--hf-repo`, `-hff` `--hf-file`, `-ngl` `--gpu-layers`, `-np` `--parallel` (also in their `-hf=VALUE` forms).
 /// Arguments after `--` are left alone.
 pub fn expand_llama_flags(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
     let mut out = Vec::new();
@@ -337,6 +337,7 @@ pub fn expand_llama_flags(args: impl IntoIterator<Item = OsString>) -> Vec<OsStr
             "-hf" | "-hfr" => "--hf-repo",
             "-hff" => "--hf-file",
             "-ngl" => "--gpu-layers",
+            "-np" => "--parallel",
             _ => {
                 out.push(arg);
                 continue;

@@ -7,7 +7,7 @@ pub use device::{gpu_memory, gpu_name, gpu_unavailable_reason, select_device, De
 
 use crate::gguf::GgufFile;
 use crate::kv_cache::{CacheType, KvBlock, KvCache};
-use crate::model::{check_shapes, Config, Logits, Placement, Qwen2};
+use crate::model::{check_shapes, Config, Logits, Placement, Qwen2, Sequence};
 use crate::prefix_cache::{
     chain_hashes, chain_seed, model_identity, DiskCache, PrefixCache, Shape,
 };
@@ -454,17 +454,34 @@ impl Engine {
         Ok(rows)
     }
 
-    /// Generates a continuation of `prompt`, calling `on_text` with each piece of text as soon as
-    /// it is complete; `on_text` returns false to stop early. Tokens the session already holds
-    /// as a prefix of `prompt` are not processed again.
-    pub fn generate(
+    /// Runs one step for several sessions at once, `tokens[i]` appended to `sessions[i]`, and
+    /// returns each one's logits at its last new token. The weights are read once for all.
+    pub fn forward_batch(
         &self,
-        session: &mut Session,
-        prompt: &[u32],
-        max_tokens: usize,
-        sampler: &mut Sampler,
-        mut on_text: impl FnMut(&str) -> bool,
-    ) -> Result<Generation> {
+        sessions: &mut [&mut Session],
+        tokens: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut seqs: Vec<Sequence> = sessions
+            .iter_mut()
+            .zip(tokens)
+            .map(|(s, &t)| Sequence {
+                tokens: t,
+                cache: &mut s.cache,
+            })
+            .collect();
+        let logits = self
+            .pool
+            .install(|| self.model.forward_batch(&mut seqs, Logits::Last))?;
+        for (s, t) in sessions.iter_mut().zip(tokens) {
+            s.tokens.extend_from_slice(t);
+        }
+        Ok(logits.to_vec2::<f32>()?)
+    }
+
+    /// Readies `session` for `prompt`: keeps the prefix it already holds, or restores a longer
+    /// one from the prefix caches, and says what is left to run. Always leaves at least the last
+    /// prompt token to run, for its logits.
+    pub fn begin(&self, session: &mut Session, prompt: &[u32]) -> Result<Prefill> {
         if prompt.is_empty() {
             bail!("the prompt is empty");
         }
@@ -476,9 +493,6 @@ impl Engine {
                 self.config().context_length
             );
         }
-        let t0 = Instant::now();
-        // Reuse the cached common prefix, but always run at least the last prompt token to get
-        // its logits.
         let reused = session.common_prefix(prompt).min(prompt.len() - 1);
         session.truncate(reused);
         let hashes = self.prefix_hashes(prompt);
@@ -492,61 +506,182 @@ impl Engine {
         } else {
             cache_source
         };
+        Ok(Prefill {
+            reused,
+            cache_source,
+            hashes,
+            rejected,
+        })
+    }
+
+    /// After a generation: stores the prompt's KV blocks in the prefix caches.
+    pub fn end(&self, session: &Session, prompt: &[u32], prefill: &Prefill) {
+        if !prefill.hashes.is_empty() {
+            self.store_prefix(session, prompt, &prefill.hashes, &prefill.rejected);
+        }
+    }
+
+    /// Generates a continuation of `prompt`, calling `on_text` with each piece of text as soon as
+    /// it is complete; `on_text` returns false to stop early. Tokens the session already holds
+    /// as a prefix of `prompt` are not processed again.
+    pub fn generate(
+        &self,
+        session: &mut Session,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &mut Sampler,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        let t0 = Instant::now();
+        let prefill = self.begin(session, prompt)?;
         let mut logits = self
-            .forward(session, &prompt[reused..], Logits::Last)?
+            .forward(session, &prompt[prefill.reused..], Logits::Last)?
             .pop()
             .context("no logits")?;
         let prefill_time = t0.elapsed();
-        let mut stream = TextStream::new();
-        let mut generated = Vec::new();
-        let mut history: Vec<u32> = prompt.to_vec();
-        let mut finish = FinishReason::Length;
-        let mut ttft = None;
-        let budget = max_tokens.min(self.ctx_size - prompt.len());
+        let mut decoder = Decoder::new(self, prompt, max_tokens);
         let t_decode = Instant::now();
-        for step in 0..budget {
-            let next = sampler.sample(&mut logits, &history);
+        let mut ttft = None;
+        loop {
+            let step = decoder.step(self, sampler, &mut logits, &mut on_text);
             ttft.get_or_insert_with(|| t0.elapsed());
-            generated.push(next);
-            history.push(next);
-            if self.tokenizer.is_eog(next) {
-                finish = FinishReason::Stop;
-                break;
+            match step {
+                Some(next) => {
+                    logits = self
+                        .forward(session, &[next], Logits::Last)?
+                        .pop()
+                        .context("no logits")?
+                }
+                None => break,
             }
-            let piece = stream.push(&self.tokenizer, next);
-            if !piece.is_empty() && !on_text(&piece) {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            if step + 1 == budget {
-                break;
-            }
-            logits = self
-                .forward(session, &[next], Logits::Last)?
-                .pop()
-                .context("no logits")?;
         }
-        let rest = stream.finish();
-        if !rest.is_empty() {
-            on_text(&rest);
-        }
-        if finish == FinishReason::Length && budget < max_tokens {
-            finish = FinishReason::ContextFull;
-        }
-        if !hashes.is_empty() {
-            self.store_prefix(session, prompt, &hashes, &rejected);
-        }
-        Ok(Generation {
+        self.end(session, prompt, &prefill);
+        Ok(decoder.finish(
+            &prefill,
+            session,
+            Timings {
+                prefill: prefill_time,
+                ttft: ttft.unwrap_or_else(|| t0.elapsed()),
+                decode: t_decode.elapsed(),
+            },
+        ))
+    }
+}
+
+/// Where a generation's time went.
+pub struct Timings {
+    /// From the request to the prompt's logits.
+    pub prefill: Duration,
+    /// From the request to the first sampled token.
+    pub ttft: Duration,
+    /// From the prompt's logits to the end.
+    pub decode: Duration,
+}
+
+/// What [`Engine::begin`] found for a prompt.
+pub struct Prefill {
+    /// Prompt tokens the session holds already; the rest must be run.
+    pub reused: usize,
+    pub cache_source: CacheSource,
+    hashes: Vec<u64>,
+    rejected: Vec<usize>,
+}
+
+/// The sampling side of one generation: picks each token from the logits, streams its text, and
+/// decides when to stop. [`Engine::generate`] and the server's batched scheduler both drive it.
+pub struct Decoder {
+    prompt_tokens: usize,
+    stream: TextStream,
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    budget: usize,
+    max_tokens: usize,
+    finish: FinishReason,
+    done: bool,
+}
+
+impl Decoder {
+    pub fn new(engine: &Engine, prompt: &[u32], max_tokens: usize) -> Decoder {
+        Decoder {
             prompt_tokens: prompt.len(),
-            reused_tokens: reused,
-            cache_source,
+            stream: TextStream::new(),
+            history: prompt.to_vec(),
+            generated: Vec::new(),
+            budget: max_tokens.min(engine.ctx_size - prompt.len()),
+            max_tokens,
+            finish: FinishReason::Length,
+            done: false,
+        }
+    }
+
+    /// Samples the next token from `logits` and streams its text. Returns the token to run next,
+    /// or None when the generation is over (end of text, budget, or `on_text` said stop).
+    pub fn step(
+        &mut self,
+        engine: &Engine,
+        sampler: &mut Sampler,
+        logits: &mut [f32],
+        on_text: &mut impl FnMut(&str) -> bool,
+    ) -> Option<u32> {
+        if self.done || self.generated.len() >= self.budget {
+            return self.stop(on_text);
+        }
+        let next = sampler.sample(logits, &self.history);
+        self.generated.push(next);
+        self.history.push(next);
+        if engine.tokenizer.is_eog(next) {
+            self.finish = FinishReason::Stop;
+            return self.stop(on_text);
+        }
+        let piece = self.stream.push(&engine.tokenizer, next);
+        if !piece.is_empty() && !on_text(&piece) {
+            self.finish = FinishReason::Cancelled;
+            return self.stop(on_text);
+        }
+        if self.generated.len() == self.budget {
+            return self.stop(on_text);
+        }
+        Some(next)
+    }
+
+    fn stop(&mut self, on_text: &mut impl FnMut(&str) -> bool) -> Option<u32> {
+        if !self.done {
+            self.done = true;
+            let rest = self.stream.finish();
+            if !rest.is_empty() {
+                on_text(&rest);
+            }
+            if self.finish == FinishReason::Length && self.budget < self.max_tokens {
+                self.finish = FinishReason::ContextFull;
+            }
+        }
+        None
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.generated
+    }
+
+    /// Ends the generation early (the client left).
+    pub fn cancel(&mut self) {
+        if !self.done {
+            self.finish = FinishReason::Cancelled;
+            self.done = true;
+        }
+    }
+
+    pub fn finish(self, prefill: &Prefill, session: &Session, t: Timings) -> Generation {
+        Generation {
+            prompt_tokens: self.prompt_tokens,
+            reused_tokens: prefill.reused,
+            cache_source: prefill.cache_source,
             kv_bytes: session.cache.used_bytes(),
-            tokens: generated,
-            prefill_time,
-            decode_time: t_decode.elapsed(),
-            ttft: ttft.unwrap_or_else(|| t0.elapsed()),
-            finish,
-        })
+            tokens: self.generated,
+            prefill_time: t.prefill,
+            decode_time: t.decode,
+            ttft: t.ttft,
+            finish: self.finish,
+        }
     }
 }
 

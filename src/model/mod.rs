@@ -3,5 +3,5 @@
 mod qwen2;
 mod weights;
 
-pub use qwen2::{check_shapes, Config, Logits, Placement, Qwen2};
+pub use qwen2::{check_shapes, Config, Logits, Placement, Qwen2, Sequence};
 pub use weights::{Embedding, Linear, QMatrix};

@@ -230,87 +230,134 @@ impl Qwen2 {
     /// Runs `tokens` at positions `cache.len()..` and returns logits `[n, vocab]` (f32) for the
     /// positions `which` asks for.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        self.forward_batch(&mut [Sequence { tokens, cache }], which)
+    }
+
+    /// Runs several sequences in one pass: their tokens are stacked into one matrix for the
+    /// weight matmuls (each weight is read once for all of them), and each attends only to its own
+    /// cache. Returns the logits of every sequence's last token, in order (`Logits::Last`), or of
+    /// every token (`Logits::All`).
+    pub fn forward_batch(&self, seqs: &mut [Sequence], which: Logits) -> Result<Tensor> {
         let c = &self.cfg;
-        let (n, pos) = (tokens.len(), cache.len());
-        if n == 0 {
-            bail!("forward needs at least one token");
+        if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
+            bail!("forward needs at least one token per sequence");
         }
-        if pos + n > cache.capacity() {
-            bail!(
-                "the context is full: {pos} tokens cached + {n} new exceed the context size {} (raise --ctx-size)",
-                cache.capacity()
-            );
+        for s in seqs.iter() {
+            let (n, pos) = (s.tokens.len(), s.cache.len());
+            if pos + n > s.cache.capacity() {
+                bail!(
+                    "the context is full: {pos} tokens cached + {n} new exceed the context size {} (raise --ctx-size)",
+                    s.cache.capacity()
+                );
+            }
         }
-        // Per device: this pass's rotary rows and causal mask.
+        let group = c.n_heads / c.n_kv_heads;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        // Per device, per sequence: its rotary rows and causal mask.
         let per_device = self
             .rope
             .iter()
             .map(|r| {
-                Ok((
-                    r.cos.narrow(0, pos, n)?,
-                    r.sin.narrow(0, pos, n)?,
-                    causal_mask(n, pos, &r.device)?,
-                ))
+                seqs.iter()
+                    .map(|s| {
+                        let (n, pos) = (s.tokens.len(), s.cache.len());
+                        Ok((
+                            r.cos.narrow(0, pos, n)?,
+                            r.sin.narrow(0, pos, n)?,
+                            causal_mask(n, pos, &r.device)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
-        let group = c.n_heads / c.n_kv_heads;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
 
-        let mut h = self.embed.forward(tokens, &self.layers[0].device)?;
+        let mut h = self.embed.forward(&tokens, &self.layers[0].device)?;
         for (i, l) in self.layers.iter().enumerate() {
             let d = self
                 .rope
                 .iter()
                 .position(|r| r.device.same_device(&l.device))
                 .context("no rotary tables for a layer's device")?;
-            let (cos, sin, mask) = &per_device[d];
             // Crossing from the CPU layers to the GPU ones (partial offload) moves the activations.
             h = h.to_device(&l.device)?;
-            // Attention.
+            // Attention: projections for all tokens at once, then each sequence on its own KV.
             let x = candle_nn::ops::rms_norm(&h, &l.attn_norm, c.rms_eps)?;
-            let heads = |y: Tensor, nh: usize| -> Result<Tensor> {
-                Ok(y.reshape((n, nh, c.head_dim))?
-                    .transpose(0, 1)?
-                    .contiguous()?)
-            };
-            let q = heads(l.q.forward(&x)?, c.n_heads)?;
-            let k = heads(l.k.forward(&x)?, c.n_kv_heads)?;
-            let v = heads(l.v.forward(&x)?, c.n_kv_heads)?;
-            let q = candle_nn::rotary_emb::rope(&q.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope(&k.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
-            let (k_all, v_all) = cache.append(i, &k, &v)?;
-            // Grouped-query attention: the `group` query heads that share a KV head are stacked as
-            // rows of one matrix, so each KV head is read once.
-            let q = q.reshape((c.n_kv_heads, group * n, c.head_dim))?;
-            let mut att = (q.matmul(&k_all.t()?)? * scale)?;
-            if let Some(mask) = mask {
-                let l_all = k_all.dim(1)?;
-                att = att
-                    .reshape((c.n_kv_heads, group, n, l_all))?
-                    .broadcast_add(mask)?
-                    .reshape((c.n_kv_heads, group * n, l_all))?;
+            let (q_all, k_all, v_all) = (l.q.forward(&x)?, l.k.forward(&x)?, l.v.forward(&x)?);
+            let mut outs = Vec::with_capacity(seqs.len());
+            let mut row = 0;
+            for (s, (cos, sin, mask)) in seqs.iter().zip(&per_device[d]) {
+                let n = s.tokens.len();
+                let heads = |y: &Tensor, nh: usize| -> Result<Tensor> {
+                    Ok(y.narrow(0, row, n)?
+                        .reshape((n, nh, c.head_dim))?
+                        .transpose(0, 1)?
+                        .contiguous()?)
+                };
+                let q = heads(&q_all, c.n_heads)?;
+                let k = heads(&k_all, c.n_kv_heads)?;
+                let v = heads(&v_all, c.n_kv_heads)?;
+                let q = candle_nn::rotary_emb::rope(&q.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+                let k = candle_nn::rotary_emb::rope(&k.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+                let (keys, values) = s.cache.append(i, &k, &v)?;
+                // Grouped-query attention: the `group` query heads that share a KV head are
+                // stacked as rows of one matrix, so each KV head is read once.
+                let q = q.reshape((c.n_kv_heads, group * n, c.head_dim))?;
+                let mut att = (q.matmul(&keys.t()?)? * scale)?;
+                if let Some(mask) = mask {
+                    let l_all = keys.dim(1)?;
+                    att = att
+                        .reshape((c.n_kv_heads, group, n, l_all))?
+                        .broadcast_add(mask)?
+                        .reshape((c.n_kv_heads, group * n, l_all))?;
+                }
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                outs.push(
+                    att.matmul(&values)?
+                        .reshape((c.n_heads, n, c.head_dim))?
+                        .transpose(0, 1)?
+                        .reshape((n, c.hidden))?,
+                );
+                row += n;
             }
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att
-                .matmul(&v_all)?
-                .reshape((c.n_heads, n, c.head_dim))?
-                .transpose(0, 1)?
-                .reshape((n, c.hidden))?;
+            let y = match outs.len() {
+                1 => outs.pop().context("one sequence")?,
+                _ => Tensor::cat(&outs, 0)?,
+            };
             h = (h + l.o.forward(&y)?)?;
             // MLP.
             let x = candle_nn::ops::rms_norm(&h, &l.ffn_norm, c.rms_eps)?;
             let y = (candle_nn::ops::silu(&l.gate.forward(&x)?)? * l.up.forward(&x)?)?;
             h = (h + l.down.forward(&y)?)?;
         }
-        cache.advance(n);
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.tokens.len());
+        }
         let h = match which {
-            Logits::Last => h.narrow(0, n - 1, 1)?,
             Logits::All => h,
+            Logits::Last => {
+                let mut last = Vec::with_capacity(seqs.len());
+                let mut end = 0;
+                for s in seqs.iter() {
+                    end += s.tokens.len();
+                    last.push(h.narrow(0, end - 1, 1)?);
+                }
+                match last.len() {
+                    1 => last.pop().context("one sequence")?,
+                    _ => Tensor::cat(&last, 0)?,
+                }
+            }
         };
         let h =
             candle_nn::ops::rms_norm(&h.to_device(&self.placement.output)?, &self.norm, c.rms_eps)?;
         Ok(self.output.forward(&h)?.to_dtype(DType::F32)?)
     }
+}
+
+/// One sequence of a batched forward pass: its new tokens and its own KV cache.
+pub struct Sequence<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
 }
 
 /// `[n, pos + n]` additive mask: query `i` (at position `pos + i`) sees keys `0..=pos + i`.

@@ -44,11 +44,12 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port; the address is printed on stderr).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Requests that may wait for the generation worker; more get 503.
+    /// Requests that may wait for a free generation slot; more get 503.
     #[arg(long = "queue-size", default_value_t = 16)]
     pub queue_size: usize,
-    /// Generations run at the same time (only 1 for now).
-    #[arg(long, default_value_t = 1)]
+    /// Generation slots: requests served at the same time, batched into shared forward passes
+    /// (continuous batching). Each busy slot holds a KV cache of --ctx-size tokens.
+    #[arg(long, default_value_t = 4)]
     pub parallel: usize,
     /// Cap on generated tokens per request (0: only the context limits it).
     #[arg(long = "max-tokens", default_value_t = 0)]
@@ -59,11 +60,8 @@ pub struct ServeArgs {
 }
 
 pub fn serve(args: &ServeArgs) -> Result<()> {
-    if args.parallel != 1 {
-        bail!(
-            "--parallel {} is not supported yet: the server runs one generation at a time (--parallel 1)",
-            args.parallel
-        );
+    if args.parallel == 0 {
+        bail!("--parallel must be at least 1");
     }
     if args.queue_size == 0 {
         bail!("--queue-size must be at least 1");
@@ -91,7 +89,14 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     if let Some(gpu) = engine.gpu_report() {
         eprintln!("[qwen-run] GPU {gpu}");
     }
-    let state = AppState::new(engine, name, aliases, args.queue_size, args.max_tokens);
+    let state = AppState::new(
+        engine,
+        name,
+        aliases,
+        args.queue_size,
+        args.max_tokens,
+        args.parallel,
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("qwen-run-http")

@@ -4,11 +4,11 @@
 
 use super::metrics::Metrics;
 use super::tool_calls::{Piece, ToolCallParser};
-use crate::engine::{Engine, FinishReason};
+use crate::engine::{Decoder, Engine, FinishReason, Prefill, Session, Timings};
 use crate::sampler::{Sampler, SamplingParams};
 use axum::http::StatusCode;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -102,6 +102,7 @@ impl AppState {
         aliases: Vec<String>,
         queue_size: usize,
         max_tokens: usize,
+        parallel: usize,
     ) -> Arc<AppState> {
         let engine = Arc::new(engine);
         let metrics = Arc::new(Metrics::default());
@@ -111,7 +112,7 @@ impl AppState {
             let metrics = metrics.clone();
             std::thread::Builder::new()
                 .name("qwen-run-generate".into())
-                .spawn(move || worker(engine, metrics, jobs))
+                .spawn(move || scheduler(engine, metrics, jobs, parallel))
                 .expect("cannot start the generation thread");
         }
         let created = std::time::SystemTime::now()
@@ -209,86 +210,271 @@ impl AppState {
     }
 }
 
-fn worker(engine: Arc<Engine>, metrics: Arc<Metrics>, jobs: Receiver<Job>) {
-    let mut session = None;
-    while let Ok(job) = jobs.recv() {
-        metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
-        if job.tx.is_closed() {
-            continue; // The client left while waiting.
-        }
-        if session.is_none() {
-            match engine.new_session() {
-                Ok(s) => session = Some(s),
-                Err(e) => {
-                    let _ = job.tx.send(WorkerEvent::Error(format!(
-                        "cannot create a session: {e:#}"
-                    )));
-                    continue;
-                }
-            }
-        }
-        let session = session.as_mut().expect("created above");
-        metrics.busy.fetch_add(1, Ordering::SeqCst);
-        let queue_time = job.enqueued.elapsed();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_job(&engine, session, &job)
-        }));
-        metrics.busy.fetch_sub(1, Ordering::SeqCst);
-        let event = match result {
-            Ok(Ok(mut s)) => {
-                metrics.record_generation(
-                    s.prompt_tokens,
-                    s.reused_tokens,
-                    s.completion_tokens,
-                    s.prefill_time,
-                    s.decode_time,
-                );
-                s.queue_time = queue_time;
-                s.total_time = job.enqueued.elapsed();
-                WorkerEvent::Done(s)
-            }
-            Ok(Err(e)) => WorkerEvent::Error(format!("{e:#}")),
-            Err(_) => {
-                // The session's cache may be half-written; start over with a fresh one.
-                session.truncate(0);
-                WorkerEvent::Error("internal error during generation".into())
-            }
-        };
-        let _ = job.tx.send(event);
+/// Prompt tokens a prefilling request may run in one step while other requests are decoding:
+/// small enough that their streams keep flowing (a step of this many tokens takes about as long as
+/// a few decode steps), large enough to keep the weights busy.
+const PREFILL_CHUNK_WHILE_DECODING: usize = 64;
+
+/// One of the `--parallel` generation slots. Its session (KV cache) outlives requests, so a
+/// follow-up request that starts with the same tokens (a conversation's next turn) reuses them.
+#[derive(Default)]
+struct Slot {
+    session: Option<Session>,
+    active: Option<Active>,
+}
+
+/// A request being served by a slot.
+struct Active {
+    job: Job,
+    prefill: Prefill,
+    /// Prompt tokens in the session so far; prefill is done when this reaches the prompt length.
+    fed: usize,
+    decoder: Decoder,
+    sampler: Sampler,
+    stops: StopMatcher,
+    stopped: bool,
+    /// The token the next step runs, once decoding.
+    next: Option<u32>,
+    queue_time: Duration,
+    started: Instant,
+    prefill_time: Option<Duration>,
+    ttft: Option<Duration>,
+    decode_start: Option<Instant>,
+    /// Part of the current step.
+    in_step: bool,
+}
+
+impl Active {
+    fn prefilling(&self) -> bool {
+        self.fed < self.job.req.prompt.len()
     }
 }
 
-fn run_job(
-    engine: &Engine,
-    session: &mut crate::engine::Session,
-    job: &Job,
-) -> anyhow::Result<Summary> {
-    let req = &job.req;
-    let mut sampler = Sampler::new(req.params.clone())?;
-    let mut stops = StopMatcher::new(&req.stop);
-    let mut stopped = false;
-    let g = engine.generate(
-        session,
-        &req.prompt,
-        req.max_tokens,
-        &mut sampler,
-        |piece| {
-            if stopped {
+/// Continuous batching: every step runs one forward pass over all active requests (one token
+/// each while decoding, a chunk of prompt while prefilling), requests join between steps as slots
+/// free up, and finished ones leave at once.
+fn scheduler(engine: Arc<Engine>, metrics: Arc<Metrics>, jobs: Receiver<Job>, parallel: usize) {
+    let mut slots: Vec<Slot> = (0..parallel.max(1)).map(|_| Slot::default()).collect();
+    let mut open = true;
+    loop {
+        let mut active = slots.iter().filter(|s| s.active.is_some()).count();
+        if active == 0 {
+            if !open {
+                return;
+            }
+            match jobs.recv() {
+                Ok(job) => {
+                    admit(&engine, &metrics, &mut slots, job);
+                }
+                Err(_) => return,
+            }
+            active = slots.iter().filter(|s| s.active.is_some()).count();
+        }
+        while open && active < slots.len() {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    admit(&engine, &metrics, &mut slots, job);
+                    active = slots.iter().filter(|s| s.active.is_some()).count();
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        step(&engine, &metrics, &mut slots);
+    }
+}
+
+/// Puts a job in a free slot, preferring the one whose cache shares the longest prefix with it.
+fn admit(engine: &Engine, metrics: &Metrics, slots: &mut [Slot], job: Job) {
+    metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
+    if job.tx.is_closed() {
+        return; // The client left while waiting.
+    }
+    let prompt = &job.req.prompt;
+    let Some(slot) = slots
+        .iter_mut()
+        .filter(|s| s.active.is_none())
+        .max_by_key(|s| s.session.as_ref().map_or(0, |x| x.common_prefix(prompt)))
+    else {
+        let _ = job
+            .tx
+            .send(WorkerEvent::Error("no free generation slot".into()));
+        return;
+    };
+    if slot.session.is_none() {
+        match engine.new_session() {
+            Ok(s) => slot.session = Some(s),
+            Err(e) => {
+                let _ = job.tx.send(WorkerEvent::Error(format!(
+                    "cannot create a session: {e:#}"
+                )));
+                return;
+            }
+        }
+    }
+    let session = slot.session.as_mut().expect("created above");
+    let queue_time = job.enqueued.elapsed();
+    let started = Instant::now();
+    let setup = Sampler::new(job.req.params.clone())
+        .and_then(|sampler| Ok((sampler, engine.begin(session, prompt)?)));
+    let (sampler, prefill) = match setup {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = job.tx.send(WorkerEvent::Error(format!("{e:#}")));
+            return;
+        }
+    };
+    metrics.busy.fetch_add(1, Ordering::SeqCst);
+    slot.active = Some(Active {
+        fed: prefill.reused,
+        decoder: Decoder::new(engine, prompt, job.req.max_tokens),
+        stops: StopMatcher::new(&job.req.stop),
+        sampler,
+        prefill,
+        job,
+        stopped: false,
+        next: None,
+        queue_time,
+        started,
+        prefill_time: None,
+        ttft: None,
+        decode_start: None,
+        in_step: false,
+    });
+}
+
+/// One batched forward pass over the active slots, then sampling for those past their prompt.
+fn step(engine: &Engine, metrics: &Metrics, slots: &mut [Slot]) {
+    let decoding = slots
+        .iter()
+        .any(|s| s.active.as_ref().is_some_and(|a| !a.prefilling()));
+    let mut prefill_budget = if decoding {
+        PREFILL_CHUNK_WHILE_DECODING.min(engine.batch_size)
+    } else {
+        engine.batch_size
+    };
+    let mut tokens: Vec<Vec<u32>> = Vec::new();
+    for slot in slots.iter_mut() {
+        let Some(a) = slot.active.as_mut() else {
+            continue;
+        };
+        a.in_step = false;
+        if a.job.tx.is_closed() {
+            a.decoder.cancel();
+            finish(engine, metrics, slot);
+            continue;
+        }
+        let run: Vec<u32> = if a.prefilling() {
+            let n = (a.job.req.prompt.len() - a.fed).min(prefill_budget);
+            prefill_budget -= n;
+            a.job.req.prompt[a.fed..a.fed + n].to_vec()
+        } else {
+            a.next.into_iter().collect()
+        };
+        if !run.is_empty() {
+            a.in_step = true;
+            tokens.push(run);
+        }
+    }
+    if tokens.is_empty() {
+        return;
+    }
+    let mut sessions: Vec<&mut Session> = slots
+        .iter_mut()
+        .filter(|s| s.active.as_ref().is_some_and(|a| a.in_step))
+        .filter_map(|s| s.session.as_mut())
+        .collect();
+    let refs: Vec<&[u32]> = tokens.iter().map(|t| t.as_slice()).collect();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        engine.forward_batch(&mut sessions, &refs)
+    }));
+    let mut rows = match result {
+        Ok(Ok(rows)) => rows.into_iter(),
+        failed => {
+            let message = match failed {
+                Ok(Err(e)) => format!("{e:#}"),
+                _ => "internal error during generation".to_string(),
+            };
+            for slot in slots.iter_mut() {
+                if slot.active.as_ref().is_some_and(|a| a.in_step) {
+                    // The caches may be half-written: the next request starts from scratch.
+                    if let Some(s) = slot.session.as_mut() {
+                        s.truncate(0);
+                    }
+                    let a = slot.active.take().expect("in the step");
+                    metrics.busy.fetch_sub(1, Ordering::SeqCst);
+                    let _ = a.job.tx.send(WorkerEvent::Error(message.clone()));
+                }
+            }
+            return;
+        }
+    };
+    for (slot, n) in slots
+        .iter_mut()
+        .filter(|s| s.active.as_ref().is_some_and(|a| a.in_step))
+        .zip(tokens.iter().map(|t| t.len()))
+    {
+        let mut logits = rows.next().unwrap_or_default();
+        let a = slot.active.as_mut().expect("in the step");
+        if a.prefilling() {
+            a.fed += n;
+            if a.prefilling() {
+                continue;
+            }
+        }
+        a.prefill_time.get_or_insert_with(|| a.started.elapsed());
+        a.decode_start.get_or_insert_with(Instant::now);
+        let Active {
+            decoder,
+            sampler,
+            stops,
+            stopped,
+            job,
+            ..
+        } = a;
+        let mut on_text = |piece: &str| {
+            if *stopped {
                 return false;
             }
             let (text, hit) = stops.push(piece);
             let sent = text.is_empty() || job.tx.send(WorkerEvent::Text(text)).is_ok();
-            stopped = hit;
+            *stopped = hit;
             sent && !hit
-        },
-    )?;
-    // Text held back as a possible stop-string start, at the natural end.
-    if !stopped {
-        let rest = stops.finish();
-        if !rest.is_empty() {
-            let _ = job.tx.send(WorkerEvent::Text(rest));
+        };
+        a.next = decoder.step(engine, sampler, &mut logits, &mut on_text);
+        a.ttft.get_or_insert_with(|| a.started.elapsed());
+        if a.next.is_none() {
+            finish(engine, metrics, slot);
         }
     }
+}
+
+/// Ends the slot's request: the rest of its text, the prefix caches, its summary.
+fn finish(engine: &Engine, metrics: &Metrics, slot: &mut Slot) {
+    let (Some(mut a), Some(session)) = (slot.active.take(), slot.session.as_ref()) else {
+        return;
+    };
+    metrics.busy.fetch_sub(1, Ordering::SeqCst);
+    // Text held back as a possible stop-string start, at the natural end.
+    if !a.stopped {
+        let rest = a.stops.finish();
+        if !rest.is_empty() {
+            let _ = a.job.tx.send(WorkerEvent::Text(rest));
+        }
+    }
+    let stopped = a.stopped;
+    let prompt = std::mem::take(&mut a.job.req.prompt);
+    engine.end(session, &prompt, &a.prefill);
+    let elapsed = a.started.elapsed();
+    let g = a.decoder.finish(
+        &a.prefill,
+        session,
+        Timings {
+            prefill: a.prefill_time.unwrap_or(elapsed),
+            ttft: a.ttft.unwrap_or(elapsed),
+            decode: a.decode_start.map_or(Duration::ZERO, |t| t.elapsed()),
+        },
+    );
     let finish = match g.finish {
         FinishReason::Stop => Finish::Stop,
         FinishReason::Length | FinishReason::ContextFull => Finish::Length,
@@ -296,16 +482,24 @@ fn run_job(
         FinishReason::Cancelled => Finish::Cancelled,
     };
     let eog = g.tokens.last().is_some_and(|&t| engine.tokenizer.is_eog(t));
-    Ok(Summary {
+    let summary = Summary {
         prompt_tokens: g.prompt_tokens,
         reused_tokens: g.reused_tokens,
         completion_tokens: g.tokens.len() - usize::from(eog),
         finish,
-        queue_time: Duration::ZERO,
-        prefill_time: g.ttft,
+        queue_time: a.queue_time,
+        prefill_time: g.prefill_time,
         decode_time: g.decode_time,
-        total_time: Duration::ZERO,
-    })
+        total_time: a.queue_time + elapsed,
+    };
+    metrics.record_generation(
+        summary.prompt_tokens,
+        summary.reused_tokens,
+        summary.completion_tokens,
+        summary.prefill_time,
+        summary.decode_time,
+    );
+    let _ = a.job.tx.send(WorkerEvent::Done(summary));
 }
 
 /// Cuts generated text at the first stop string, holding back a tail that may start one.
