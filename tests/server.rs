@@ -525,10 +525,17 @@ fn full_queue_gets_503() {
         let handles: Vec<_> = (0..12)
             .map(|_| {
                 scope.spawn(|| {
-                    s.post(
-                        "/v1/completions",
-                        &json!({"prompt": "hello", "max_tokens": 200, "temperature": 0}),
-                    )
+                    let r = s
+                        .http
+                        .post(s.url("/v1/completions"))
+                        .json(&json!({"prompt": "hello", "max_tokens": 200, "temperature": 0}))
+                        .send()
+                        .unwrap();
+                    let status = r.status().as_u16();
+                    if status == 503 {
+                        assert_eq!(r.headers()["retry-after"], "1");
+                    }
+                    (status, r.json().unwrap())
                 })
             })
             .collect();

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 
 pub fn error(e: ApiError) -> Response {
-    (e.status, Json(json!({"error": e.message}))).into_response()
+    e.response(json!({"error": e.message}))
 }
 
 #[derive(Deserialize, Default)]

@@ -21,11 +21,7 @@ pub fn error(e: ApiError) -> Response {
         s if s.is_server_error() => "server_error",
         _ => "invalid_request_error",
     };
-    (
-        e.status,
-        Json(json!({"error": {"message": e.message, "type": kind, "param": null, "code": e.status.as_u16()}})),
-    )
-        .into_response()
+    e.response(json!({"error": {"message": e.message, "type": kind, "param": null, "code": e.status.as_u16()}}))
 }
 
 #[derive(Deserialize)]

@@ -30,6 +30,20 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
+
+    /// The HTTP answer, with `body` in the API's error format; a busy server (503) also says when
+    /// to try again.
+    pub fn response(&self, body: serde_json::Value) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let mut r = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        r
+    }
 }
 
 pub struct AppState {
