@@ -1,8 +1,8 @@
 //! `qwen-run serve`: an HTTP server speaking the OpenAI (`/v1/...`) and Ollama (`/api/...`)
 //! APIs, with streaming (SSE and NDJSON) and Qwen2.5 tool calls.
 //!
-//! Layout: [`state`] holds the loaded engine and the generation worker (one thread, one
-//! session, a bounded queue), [`openai`] and [`ollama`] are the two APIs, [`tool_calls`] parses
+//! Layout: [`state`] holds the loaded engine and the generation scheduler (one thread,
+//! `--parallel` slots batched into shared forward passes, a bounded queue), [`openai`] and [`ollama`] are the two APIs, [`tool_calls`] parses
 //! `<tool_call>` blocks out of the model's text, [`metrics`] is `GET /metrics`.
 
 pub mod metrics;

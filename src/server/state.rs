@@ -1,6 +1,7 @@
-//! Shared server state and the generation worker. The engine is synchronous and CPU-bound, so
-//! generation runs on a dedicated thread fed by a bounded queue; each request gets its pieces
-//! back through a tokio channel. Dropping the receiver (client gone) stops the generation.
+//! Shared server state and the generation scheduler. The engine is synchronous, so generation
+//! runs on a dedicated thread fed by a bounded queue, batching the requests of its `--parallel`
+//! slots into shared forward passes; each request gets its pieces back through a tokio channel.
+//! Dropping the receiver (client gone) stops that request's generation.
 
 use super::metrics::Metrics;
 use super::tool_calls::{Piece, ToolCallParser};
