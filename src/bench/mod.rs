@@ -94,7 +94,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         }
         load_s = engine.load_time.as_secs_f64();
         (host_bytes, gpu_bytes) = decode_bytes_per_token(&engine);
-        if let Some(gpu) = engine.placement().gpu() {
+        if let (None, Some(gpu)) = (gpu_bandwidth_gbs, engine.placement().gpu()) {
             gpu_bandwidth_gbs = Some(measure_device_bandwidth(gpu)?);
         }
         let ttft = time_to_first_token(&engine)?;

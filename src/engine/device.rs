@@ -20,12 +20,23 @@ impl DeviceChoice {
     }
 }
 
-/// Never falls back silently: asking for CUDA without it is an error.
-pub fn select_device(choice: DeviceChoice) -> Result<Device> {
-    match choice {
-        DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Cuda => open_cuda().map_err(|e| anyhow::anyhow!("--device cuda: {e}")),
-        DeviceChoice::Auto => Ok(open_cuda().unwrap_or(Device::Cpu)),
+/// The device to load on. Never falls back silently: asking for CUDA (`--device cuda`, or GPU
+/// layers with `-ngl N`, N > 0) without a usable GPU is an error.
+pub fn select_device(choice: DeviceChoice, gpu_layers: Option<usize>) -> Result<Device> {
+    let wants_gpu_layers = gpu_layers.filter(|&n| n > 0);
+    let no_gpu = |n: usize, why: String| {
+        anyhow::anyhow!(
+            "--gpu-layers {n} asks for a GPU, but {why}. Drop --gpu-layers (or pass 0) to run on the CPU"
+        )
+    };
+    match (choice, wants_gpu_layers) {
+        (DeviceChoice::Cpu, Some(n)) => Err(no_gpu(n, "--device cpu was given".into())),
+        (DeviceChoice::Cpu, None) => Ok(Device::Cpu),
+        (DeviceChoice::Cuda, _) => open_cuda().map_err(|e| anyhow::anyhow!("--device cuda: {e}")),
+        (DeviceChoice::Auto, Some(n)) => {
+            open_cuda().map_err(|e| no_gpu(n, format!("none is usable ({e})")))
+        }
+        (DeviceChoice::Auto, None) => Ok(open_cuda().unwrap_or(Device::Cpu)),
     }
 }
 
@@ -41,14 +52,6 @@ fn open_cuda() -> Result<Device> {
             "no usable CUDA GPU ({e}). Check the driver with nvidia-smi, or use --device cpu"
         )
     })
-}
-
-/// Why no GPU can be opened, for error messages.
-pub fn gpu_unavailable_reason() -> String {
-    match open_cuda() {
-        Ok(_) => "a GPU was found".to_string(),
-        Err(e) => e.to_string(),
-    }
 }
 
 /// "NVIDIA GeForce RTX 4090 (sm_89)", or the backend's name where the driver cannot say.

@@ -3,7 +3,7 @@
 
 mod device;
 
-pub use device::{gpu_memory, gpu_name, gpu_unavailable_reason, select_device, DeviceChoice};
+pub use device::{gpu_memory, gpu_name, select_device, DeviceChoice};
 
 use crate::gguf::GgufFile;
 use crate::kv_cache::{CacheType, KvBlock, KvCache};
@@ -128,7 +128,7 @@ impl Engine {
             .thread_name(|i| format!("qwen-run-worker-{i}"))
             .build()
             .context("cannot start the worker threads")?;
-        let device = select_device(opts.device)?;
+        let device = select_device(opts.device, opts.gpu_layers)?;
         let gguf = Arc::new(GgufFile::open(&opts.model)?);
         let cfg = Config::from_gguf(&gguf)?;
         check_shapes(&gguf, &cfg)?;
@@ -145,16 +145,8 @@ impl Engine {
         };
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let template = ChatTemplate::from_gguf(&gguf)?;
-        let placement = match opts.gpu_layers {
-            Some(n) if n > 0 && device.is_cpu() => bail!(
-                "--gpu-layers {n} asks for a GPU, but {}. Drop --gpu-layers (or pass 0) to run on the CPU",
-                match opts.device {
-                    DeviceChoice::Cpu => "--device cpu was given".to_string(),
-                    _ => format!("none is usable ({})", gpu_unavailable_reason()),
-                }
-            ),
-            n => Placement::new(cfg.n_layers, &device, n.unwrap_or(usize::MAX)),
-        };
+        let placement =
+            Placement::new(cfg.n_layers, &device, opts.gpu_layers.unwrap_or(usize::MAX));
         let model = Qwen2::load(&gguf, placement, ctx_size)?;
         let cache_type_k = opts.cache_type_k.unwrap_or(opts.cache_type);
         let cache_type_v = opts.cache_type_v.unwrap_or(opts.cache_type);

@@ -9,7 +9,7 @@ use crate::engine::{Decoder, Engine, FinishReason, Prefill, Session, Timings};
 use crate::sampler::{Sampler, SamplingParams};
 use axum::http::StatusCode;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -270,30 +270,18 @@ impl Active {
 /// free up, and finished ones leave at once.
 fn scheduler(engine: Arc<Engine>, metrics: Arc<Metrics>, jobs: Receiver<Job>, parallel: usize) {
     let mut slots: Vec<Slot> = (0..parallel.max(1)).map(|_| Slot::default()).collect();
-    let mut open = true;
     loop {
-        let mut active = slots.iter().filter(|s| s.active.is_some()).count();
-        if active == 0 {
-            if !open {
-                return;
-            }
-            match jobs.recv() {
-                Ok(job) => {
-                    admit(&engine, &metrics, &mut slots, job);
-                }
-                Err(_) => return,
-            }
-            active = slots.iter().filter(|s| s.active.is_some()).count();
+        if slots.iter().all(|s| s.active.is_none()) {
+            let Ok(job) = jobs.recv() else {
+                return; // The server is shutting down and nothing is running.
+            };
+            admit(&engine, &metrics, &mut slots, job);
         }
-        while open && active < slots.len() {
-            match jobs.try_recv() {
-                Ok(job) => {
-                    admit(&engine, &metrics, &mut slots, job);
-                    active = slots.iter().filter(|s| s.active.is_some()).count();
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => open = false,
-            }
+        while slots.iter().any(|s| s.active.is_none()) {
+            let Ok(job) = jobs.try_recv() else {
+                break;
+            };
+            admit(&engine, &metrics, &mut slots, job);
         }
         step(&engine, &metrics, &mut slots);
     }
