@@ -519,10 +519,76 @@ fn errors() {
 }
 
 #[test]
-fn full_queue_gets_503() {
+fn full_queue_gets_429_and_every_request_is_answered_once() {
     let s = Server::start(tiny_model(), &["-t", "1", "--queue-size", "1"]);
     let statuses: Vec<(u16, Value)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..12)
+            .map(|_| {
+                scope.spawn(|| {
+                    let r = s
+                        .http
+                        .post(s.url("/v1/completions"))
+                        .json(&json!({"prompt": "hello", "max_tokens": 200, "temperature": 0}))
+                        .send()
+                        .unwrap();
+                    let status = r.status().as_u16();
+                    if status == 429 {
+                        assert_eq!(r.headers()["retry-after"], "1");
+                    }
+                    (status, r.json().unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let busy: Vec<_> = statuses.iter().filter(|(st, _)| *st == 429).collect();
+    assert!(!busy.is_empty(), "no 429 among {statuses:?}");
+    assert!(busy[0].1["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("queue is full"));
+    assert!(statuses.iter().all(|(st, _)| *st == 200 || *st == 429));
+    let answered = statuses.iter().filter(|(st, _)| *st == 200).count();
+    assert!(answered > 0);
+    // Every accepted request was generated exactly once.
+    assert_eq!(metric(&s, "qwen_run_generations_total"), answered as f64);
+}
+
+/// A metric's value from /metrics.
+fn metric(s: &Server, name: &str) -> f64 {
+    let (_, text) = s.get("/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn bad_serve_flags() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
+        .args([
+            "serve",
+            "-m",
+            tiny_model().to_str().unwrap(),
+            "--parallel",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--parallel must be at least 1"));
+}
+
+#[test]
+fn queued_requests_time_out_with_503() {
+    // One slot, and a queue time-out far shorter than a 200-token answer.
+    let s = Server::start(
+        tiny_model(),
+        &["-t", "1", "--parallel", "1", "--queue-timeout", "0.01"],
+    );
+    let statuses: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
             .map(|_| {
                 scope.spawn(|| {
                     let r = s
@@ -541,30 +607,356 @@ fn full_queue_gets_503() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let busy: Vec<_> = statuses.iter().filter(|(st, _)| *st == 503).collect();
-    assert!(!busy.is_empty(), "no 503 among {statuses:?}");
-    assert!(busy[0].1["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("queue is full"));
+    let timed_out: Vec<_> = statuses.iter().filter(|(st, _)| *st == 503).collect();
+    assert!(!timed_out.is_empty(), "no 503 among {statuses:?}");
+    let msg = timed_out[0].1["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("--queue-timeout"), "{msg}");
     assert!(statuses.iter().all(|(st, _)| *st == 200 || *st == 503));
-    assert!(statuses.iter().any(|(st, _)| *st == 200));
+    let answered = statuses.iter().filter(|(st, _)| *st == 200).count();
+    assert!(answered > 0);
+    // A request that timed out in the queue is never generated.
+    assert_eq!(metric(&s, "qwen_run_generations_total"), answered as f64);
+    assert_eq!(
+        metric(&s, "qwen_run_queue_timeouts_total"),
+        timed_out.len() as f64
+    );
+}
+
+/// A second tiny model, smaller than `tiny_model()` (Q4_0 against Q8_0).
+fn small_tiny_model() -> &'static Path {
+    static PATH: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &PATH
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let p = common::write_tiny_model(dir.path(), QuantType::Q4_0);
+            (dir, p)
+        })
+        .1
+}
+
+/// Each model's state in /v1/models.
+fn model_states(s: &Server) -> Vec<(String, String)> {
+    let (_, body) = s.get("/v1/models");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_string(),
+                m["status"]["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn ps_names(s: &Server) -> Vec<String> {
+    let (_, body) = s.get("/api/ps");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+fn complete_with(s: &Server, body: &Value) -> (String, String, Value) {
+    let r = s
+        .http
+        .post(s.url("/v1/completions"))
+        .json(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let header = |n: &str| {
+        r.headers()
+            .get(n)
+            .map_or(String::new(), |v| v.to_str().unwrap().to_string())
+    };
+    let (model, route) = (header("x-qwen-run-model"), header("x-qwen-run-route"));
+    (model, route, r.json().unwrap())
 }
 
 #[test]
-fn bad_serve_flags() {
-    let out = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
-        .args([
-            "serve",
+fn several_models_load_on_first_use_with_lru_unload() {
+    let small = small_tiny_model().to_str().unwrap();
+    let s = Server::start(tiny_model(), &["-t", "1", "-m", small, "--max-loaded", "1"]);
+    let loaded = |name: &str| (name.to_string(), "loaded".to_string());
+    let unloaded = |name: &str| (name.to_string(), "unloaded".to_string());
+    // The first -m is loaded at startup, the other on first use.
+    assert_eq!(
+        model_states(&s),
+        vec![loaded("tiny-Q8_0"), unloaded("tiny-Q4_0")]
+    );
+    let (_, tags) = s.get("/api/tags");
+    let tags: Value = serde_json::from_str(&tags).unwrap();
+    assert_eq!(tags["models"].as_array().unwrap().len(), 2);
+    assert_eq!(tags["models"][1]["state"], "unloaded");
+    let body = json!({"model": "tiny-Q4_0", "prompt": "hello", "max_tokens": 4, "temperature": 0});
+    let (model, _, v) = complete_with(&s, &body);
+    assert_eq!(model, "tiny-Q4_0");
+    assert_eq!(v["model"], "tiny-Q4_0");
+    // --max-loaded 1: loading it unloaded the other one.
+    assert_eq!(
+        model_states(&s),
+        vec![unloaded("tiny-Q8_0"), loaded("tiny-Q4_0")]
+    );
+    assert_eq!(ps_names(&s), vec!["tiny-Q4_0".to_string()]);
+    // No model field: the first model, loaded again.
+    let (model, _, _) = complete_with(&s, &json!({"prompt": "hi", "max_tokens": 2}));
+    assert_eq!(model, "tiny-Q8_0");
+    assert_eq!(metric(&s, "qwen_run_model_loads_total"), 3.0);
+    assert_eq!(metric(&s, "qwen_run_model_unloads_total"), 2.0);
+    // An unknown model: 404, naming the served ones.
+    let (status, v) = s.post("/v1/completions", &json!({"model": "nope", "prompt": "hi"}));
+    assert_eq!(status, 404);
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("'tiny-Q8_0', 'tiny-Q4_0'"), "{msg}");
+}
+
+#[test]
+fn a_models_directory_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_model(dir.path(), QuantType::Q8_0);
+    common::write_tiny_model(dir.path(), QuantType::Q4_0);
+    std::fs::write(dir.path().join("notes.txt"), "not a model").unwrap();
+    let s = Server::start(dir.path(), &["-t", "1"]);
+    let names: Vec<String> = model_states(&s).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        vec!["tiny-Q4_0".to_string(), "tiny-Q8_0".to_string()]
+    );
+}
+
+#[test]
+fn keep_alive_unloads_idle_models() {
+    let small = small_tiny_model().to_str().unwrap();
+    let s = Server::start(
+        tiny_model(),
+        &["-t", "1", "-m", small, "--keep-alive", "300ms"],
+    );
+    let body = json!({"model": "tiny-Q4_0", "prompt": "hello", "max_tokens": 2});
+    complete_with(&s, &body);
+    // Both expire 300 ms after their last request.
+    wait_until("both models are unloaded", || ps_names(&s).is_empty());
+    // Ollama's per-request keep_alive: -1 keeps the model, 0 unloads it once the answer is done.
+    let (status, v) = s.post(
+        "/api/generate",
+        &json!({"model": "tiny-Q4_0", "prompt": "hi", "stream": false, "keep_alive": -1, "options": {"num_predict": 2}}),
+    );
+    assert_eq!(status, 200, "{v}");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(ps_names(&s), vec!["tiny-Q4_0".to_string()]);
+    let (_, ps) = s.get("/api/ps");
+    assert!(ps.contains("2318-01-01"), "{ps}");
+    let (status, v) = s.post(
+        "/api/chat",
+        &json!({"model": "tiny-Q4_0", "messages": [{"role": "user", "content": "hi"}], "stream": false, "keep_alive": 0, "options": {"num_predict": 2}}),
+    );
+    assert_eq!(status, 200, "{v}");
+    wait_until("keep_alive 0 unloads", || ps_names(&s).is_empty());
+    // Ollama's load and unload requests: no prompt.
+    let (status, v) = s.post("/api/generate", &json!({"model": "tiny-Q8_0"}));
+    assert_eq!((status, v["done_reason"].as_str()), (200, Some("load")));
+    let (status, v) = s.post(
+        "/api/generate",
+        &json!({"model": "tiny-Q8_0", "keep_alive": "0"}),
+    );
+    assert_eq!((status, v["done_reason"].as_str()), (200, Some("unload")));
+    assert!(ps_names(&s).is_empty());
+    let (status, v) = s.post(
+        "/api/generate",
+        &json!({"model": "tiny-Q8_0", "prompt": "hi", "keep_alive": "soon"}),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        v["error"].as_str().unwrap().contains("not a duration"),
+        "{v}"
+    );
+}
+
+#[test]
+fn auto_routing_follows_the_rule_and_says_so() {
+    let small = small_tiny_model().to_str().unwrap();
+    let s = Server::start(
+        tiny_model(),
+        &[
+            "-t",
+            "1",
             "-m",
-            tiny_model().to_str().unwrap(),
-            "--parallel",
-            "0",
-        ])
+            small,
+            "--route-long-prompt",
+            "40",
+            "--route-keywords",
+            "prove,step by step",
+        ],
+    );
+    let chat = |content: &str, tools: bool| {
+        let mut body = json!({"model": "auto", "messages": [{"role": "user", "content": content}], "max_tokens": 2});
+        if tools {
+            body["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+        }
+        let r = s
+            .http
+            .post(s.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let h = |n: &str| r.headers()[n].to_str().unwrap().to_string();
+        let (model, route) = (h("x-qwen-run-model"), h("x-qwen-run-route"));
+        let v: Value = r.json().unwrap();
+        assert_eq!(v["model"].as_str().unwrap(), model);
+        (model, route)
+    };
+    // Small and large by file size: Q4_0 is the smaller file.
+    assert_eq!(chat("hi", false), ("tiny-Q4_0".into(), "default".into()));
+    assert_eq!(chat("hi", true), ("tiny-Q8_0".into(), "tools".into()));
+    assert_eq!(
+        chat("Prove that 2 is prime", false),
+        ("tiny-Q8_0".into(), "keyword 'prove'".into())
+    );
+    let (model, route) = chat(&"words ".repeat(10), false);
+    assert_eq!(model, "tiny-Q8_0");
+    assert!(route.starts_with("long prompt (60 > 40"), "{route}");
+    // A named model is never routed.
+    let (model, route, _) = complete_with(
+        &s,
+        &json!({"model": "tiny-Q4_0", "prompt": "prove it", "max_tokens": 2}),
+    );
+    assert_eq!((model.as_str(), route.as_str()), ("tiny-Q4_0", ""));
+}
+
+#[test]
+fn response_cache_answers_repeated_deterministic_requests() {
+    let s = Server::start(tiny_model(), &["-t", "1", "--response-cache", "4"]);
+    let send = |body: &Value| {
+        let r = s
+            .http
+            .post(s.url("/v1/chat/completions"))
+            .json(body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let hit = r.headers()["x-qwen-run-cache"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        (hit, r.text().unwrap())
+    };
+    let text = |body: &str| -> String {
+        let v: Value = serde_json::from_str(body).unwrap();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let greedy = chat_body(false);
+    let (first, a) = send(&greedy);
+    let (second, b) = send(&greedy);
+    assert_eq!((first.as_str(), second.as_str()), ("miss", "hit"));
+    assert_eq!(text(&a), text(&b));
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+    );
+    // A streamed request hits the same entry and streams the same text.
+    let r = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .json(&chat_body(true))
+        .send()
+        .unwrap();
+    assert_eq!(r.headers()["x-qwen-run-cache"], "hit");
+    let streamed: String = r
+        .text()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(streamed, text(&a));
+    // Sampling with a fresh random seed is never cached; with a chosen seed it is.
+    let mut sampled = chat_body(false);
+    sampled["temperature"] = json!(0.9);
+    assert_eq!(send(&sampled).0, "miss");
+    assert_eq!(send(&sampled).0, "miss");
+    sampled["seed"] = json!(42);
+    let (m, x) = send(&sampled);
+    let (h, y) = send(&sampled);
+    assert_eq!((m.as_str(), h.as_str()), ("miss", "hit"));
+    assert_eq!(text(&x), text(&y));
+    assert_eq!(metric(&s, "qwen_run_response_cache_hits_total"), 3.0);
+    // Only real generations are counted as such.
+    assert_eq!(metric(&s, "qwen_run_generations_total"), 4.0);
+}
+
+#[test]
+fn bad_multi_model_flags() {
+    let tiny = tiny_model().to_str().unwrap();
+    let small = small_tiny_model().to_str().unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["-m", tiny, "--keep-alive", "soon"], "--keep-alive"),
+        (
+            vec!["-m", tiny, "--max-loaded", "0"],
+            "--max-loaded must be at least 1",
+        ),
+        (vec!["-m", tiny, "--queue-timeout", "0"], "--queue-timeout"),
+        (
+            vec!["-m", tiny, "-m", small, "--alias", "x"],
+            "--alias names one model",
+        ),
+        (
+            vec!["-m", tiny, "-m", small, "--route-large", "big"],
+            "--route-large 'big' is not among",
+        ),
+        (
+            vec!["-m", tiny, "-m", tiny],
+            "two models are served as 'tiny-Q8_0'",
+        ),
+        (
+            vec!["-m", empty.path().to_str().unwrap()],
+            "holds no .gguf file",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
+            .arg("serve")
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // Other commands take one model.
+    let out = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
+        .args(["run", "-m", tiny, "-m", small, "-p", "hi"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--parallel must be at least 1"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("only `qwen-run serve` serves several models"));
 }
 
 /// Greedy completions of `prompts`, all sent at once.

@@ -4,7 +4,7 @@ use crate::engine::{
 };
 use crate::kv_cache::CacheType;
 use crate::sampler::SamplingParams;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -94,9 +94,10 @@ pub struct FidelityArgs {
 /// Where the model comes from and how it is loaded; shared by every command.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Path of the GGUF model file (the first part of a split model).
+    /// Path of the GGUF model file (the first part of a split model). `serve` takes it more than
+    /// once, or a directory of GGUF files, to serve several models.
     #[arg(short = 'm', long = "model", value_name = "FILE")]
-    pub model: Option<PathBuf>,
+    pub model: Vec<PathBuf>,
     /// Hugging Face model repo to download the model from (or use from the cache), with an
     /// optional quantization picking the GGUF file (default Q4_K_M), e.g.
     /// `-hf Qwen/Qwen2.5-7B-Instruct-GGUF:Q5_K_M`. Env: HF_TOKEN, HF_ENDPOINT, HF_HOME,
@@ -176,12 +177,54 @@ impl ModelArgs {
             [t] => t,
             _ => bail!("--threads takes one number here; only `qwen-run bench` takes a list"),
         };
-        let model = match (&self.model, &self.hf_repo) {
-            (Some(model), _) => model.clone(),
-            (None, Some(repo)) => crate::hub::resolve_model(repo, self.hf_file.as_deref())?,
-            (None, None) => bail!("no model given: pass --model FILE.gguf or -hf ORG/REPO[:QUANT] (run `python3 models/fetch.py` to get the test model)"),
+        let model = match (&self.model[..], &self.hf_repo) {
+            ([model], _) => model.clone(),
+            ([], Some(repo)) => crate::hub::resolve_model(repo, self.hf_file.as_deref())?,
+            ([], None) => bail!("no model given: pass --model FILE.gguf or -hf ORG/REPO[:QUANT] (run `python3 models/fetch.py` to get the test model)"),
+            (_, _) => bail!("--model is given {} times; only `qwen-run serve` serves several models", self.model.len()),
         };
-        Ok(LoadOptions {
+        if model.is_dir() {
+            bail!("--model {} is a directory; only `qwen-run serve` takes a directory of models, other commands take one GGUF file", model.display());
+        }
+        Ok(self.options_for(model, threads))
+    }
+
+    /// The load options of every model `serve` is given: each -m file, each GGUF file of an -m
+    /// directory (the first part of a split model), or the -hf model.
+    pub fn load_options_all(&self) -> Result<Vec<LoadOptions>> {
+        if self.model.len() < 2 && !self.model.iter().any(|m| m.is_dir()) {
+            return Ok(vec![self.load_options()?]);
+        }
+        let threads = match self.threads[..] {
+            [] => 0,
+            [t] => t,
+            _ => bail!("--threads takes one number here; only `qwen-run bench` takes a list"),
+        };
+        let mut files = Vec::new();
+        for m in &self.model {
+            if m.is_dir() {
+                let mut found: Vec<PathBuf> = std::fs::read_dir(m)
+                    .with_context(|| format!("cannot read the model directory {}", m.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| is_model_file(p))
+                    .collect();
+                if found.is_empty() {
+                    bail!("the model directory {} holds no .gguf file", m.display());
+                }
+                found.sort();
+                files.extend(found);
+            } else {
+                files.push(m.clone());
+            }
+        }
+        Ok(files
+            .into_iter()
+            .map(|f| self.options_for(f, threads))
+            .collect())
+    }
+
+    fn options_for(&self, model: PathBuf, threads: usize) -> LoadOptions {
+        LoadOptions {
             model,
             device: self.device,
             gpu_layers: self.gpu_layers,
@@ -199,8 +242,17 @@ impl ModelArgs {
             },
             prompt_cache_max_mib: self.prompt_cache_max,
             prefix_block: DEFAULT_PREFIX_BLOCK,
-        })
+        }
     }
+}
+
+/// A GGUF file that is a whole model or the first part of a split one.
+fn is_model_file(p: &std::path::Path) -> bool {
+    let name = p
+        .file_name()
+        .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+    let later_part = name.contains("-of-") && !name.contains("-00001-of-");
+    p.is_file() && name.ends_with(".gguf") && !later_part
 }
 
 #[derive(Args, Debug, Clone)]

@@ -59,6 +59,10 @@ pub struct Metrics {
     generations: AtomicU64,
     pub queue_depth: AtomicUsize,
     pub busy: AtomicUsize,
+    pub response_cache_hits: AtomicU64,
+    pub queue_timeouts: AtomicU64,
+    pub model_loads: AtomicU64,
+    pub model_unloads: AtomicU64,
     ttft: Mutex<Histogram>,
     per_token: Mutex<Histogram>,
 }
@@ -73,6 +77,10 @@ impl Default for Metrics {
             generations: AtomicU64::new(0),
             queue_depth: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
+            response_cache_hits: AtomicU64::new(0),
+            queue_timeouts: AtomicU64::new(0),
+            model_loads: AtomicU64::new(0),
+            model_unloads: AtomicU64::new(0),
             ttft: Mutex::new(Histogram::new(TTFT_BUCKETS)),
             per_token: Mutex::new(Histogram::new(TOKEN_BUCKETS)),
         }
@@ -152,6 +160,26 @@ impl Metrics {
                 "qwen_run_generated_tokens_total",
                 "Generated tokens.",
                 self.generated_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "qwen_run_response_cache_hits_total",
+                "Requests answered from the response cache (--response-cache).",
+                self.response_cache_hits.load(Ordering::Relaxed),
+            ),
+            (
+                "qwen_run_queue_timeouts_total",
+                "Requests that waited longer than --queue-timeout for a generation slot.",
+                self.queue_timeouts.load(Ordering::Relaxed),
+            ),
+            (
+                "qwen_run_model_loads_total",
+                "Models loaded.",
+                self.model_loads.load(Ordering::Relaxed),
+            ),
+            (
+                "qwen_run_model_unloads_total",
+                "Models unloaded (keep-alive expired, --max-loaded, or keep_alive 0).",
+                self.model_unloads.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, v) in counters {

@@ -1,19 +1,22 @@
 //! `qwen-run serve`: an HTTP server speaking the OpenAI (`/v1/...`) and Ollama (`/api/...`)
 //! APIs, with streaming (SSE and NDJSON) and Qwen2.5 tool calls.
 //!
-//! Layout: [`state`] holds the loaded engine and the generation scheduler (one thread,
-//! `--parallel` slots batched into shared forward passes, a bounded queue), [`openai`] and [`ollama`] are the two APIs, [`tool_calls`] parses
-//! `<tool_call>` blocks out of the model's text, [`metrics`] is `GET /metrics`.
+//! Layout: [`state`] is what the handlers share (the model pool, error answers, a generation's
+//! output), [`models`] the pool (which models are loaded, keep-alive, `--max-loaded`, `"auto"`
+//! routing), [`scheduler`] one loaded model's generation thread (`--parallel` slots batched into
+//! shared forward passes), [`response_cache`] the cache of deterministic answers, [`openai`] and
+//! [`ollama`] the two APIs, [`tool_calls`] the `<tool_call>` parser, [`metrics`] `GET /metrics`.
 
 pub mod metrics;
+pub mod models;
 pub mod ollama;
 pub mod openai;
+pub mod response_cache;
+mod scheduler;
 pub mod state;
 pub mod tool_calls;
 
 use crate::cli::ModelArgs;
-use crate::engine::Engine;
-use crate::gguf::Value as GgufValue;
 use crate::sampler::SamplingParams;
 use crate::tokenizer::Message;
 use anyhow::{bail, Context, Result};
@@ -25,6 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use clap::Args;
+use models::{LoadedModel, ModelPool, ModelSpec, RouteRule, ServeOptions};
 use serde::de::DeserializeOwned;
 use state::{ApiError, AppState};
 use std::sync::Arc;
@@ -44,59 +48,130 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port; the address is printed on stderr).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Requests that may wait for a free generation slot; more get 503.
-    #[arg(long = "queue-size", default_value_t = 16)]
+    /// Requests that may wait for a free generation slot, per model; more get 429.
+    #[arg(long = "queue-size", visible_alias = "queue", default_value_t = 16)]
     pub queue_size: usize,
-    /// Generation slots: requests served at the same time, batched into shared forward passes
-    /// (continuous batching). Each busy slot holds a KV cache of --ctx-size tokens.
+    /// Seconds a request may wait in the queue for a generation slot; then it gets 503.
+    #[arg(
+        long = "queue-timeout",
+        value_name = "SECONDS",
+        default_value_t = 300.0
+    )]
+    pub queue_timeout: f64,
+    /// Generation slots per model: requests served at the same time, batched into shared forward
+    /// passes (continuous batching). Each busy slot holds a KV cache of --ctx-size tokens.
     #[arg(long, default_value_t = 4)]
     pub parallel: usize,
     /// Cap on generated tokens per request (0: only the context limits it).
     #[arg(long = "max-tokens", default_value_t = 0)]
     pub max_tokens: usize,
-    /// Name to serve the model under (default: the file name without .gguf).
+    /// Name to serve the model under (default: the file name without .gguf); one model only.
     #[arg(long)]
     pub alias: Option<String>,
+    /// How long an idle model stays loaded: seconds, or 30s / 5m / 1h; -1: for good (the
+    /// default, as llama-server; Ollama's default is 5m); 0: unload as soon as it is idle.
+    /// A request's `keep_alive` replaces it for that model.
+    #[arg(
+        long = "keep-alive",
+        value_name = "DURATION",
+        default_value = "-1",
+        allow_hyphen_values = true
+    )]
+    pub keep_alive: String,
+    /// Models loaded at the same time; loading one more unloads the least recently used idle one.
+    #[arg(long = "max-loaded", value_name = "N", default_value_t = 3)]
+    pub max_loaded: usize,
+    /// Answers kept for identical deterministic requests (temperature 0, or the same seed), which
+    /// are then answered without the model (header x-qwen-run-cache: hit); 0: off.
+    #[arg(long = "response-cache", value_name = "N", default_value_t = 0)]
+    pub response_cache: usize,
+    /// `model: "auto"`: the small model (default: the smallest file).
+    #[arg(long = "route-small", value_name = "NAME")]
+    pub route_small: Option<String>,
+    /// `model: "auto"`: the large model (default: the largest file).
+    #[arg(long = "route-large", value_name = "NAME")]
+    pub route_large: Option<String>,
+    /// `model: "auto"`: prompts longer than this many characters go to the large model.
+    #[arg(
+        long = "route-long-prompt",
+        value_name = "CHARS",
+        default_value_t = 4000
+    )]
+    pub route_long_prompt: usize,
+    /// `model: "auto"`: where requests with tools go: large or small.
+    #[arg(long = "route-tools", value_name = "MODEL", default_value = "large", value_parser = ["large", "small"])]
+    pub route_tools: String,
+    /// `model: "auto"`: words that send a request to the large model when its last user message
+    /// contains one (any case), comma-separated, e.g. "prove,debug,step by step".
+    #[arg(long = "route-keywords", value_name = "LIST", value_delimiter = ',')]
+    pub route_keywords: Vec<String>,
+}
+
+impl ServeArgs {
+    fn serve_options(&self) -> Result<ServeOptions> {
+        if self.parallel == 0 {
+            bail!("--parallel must be at least 1");
+        }
+        if self.queue_size == 0 {
+            bail!("--queue-size must be at least 1");
+        }
+        if self.max_loaded == 0 {
+            bail!("--max-loaded must be at least 1");
+        }
+        if !(self.queue_timeout.is_finite() && self.queue_timeout > 0.0) {
+            bail!(
+                "--queue-timeout {} must be a positive number of seconds",
+                self.queue_timeout
+            );
+        }
+        let keep_alive =
+            models::parse_keep_alive(&serde_json::Value::String(self.keep_alive.clone()))
+                .map_err(|e| anyhow::anyhow!("--keep-alive: {e}"))?;
+        Ok(ServeOptions {
+            parallel: self.parallel,
+            queue_size: self.queue_size,
+            queue_timeout: std::time::Duration::from_secs_f64(self.queue_timeout),
+            max_tokens: self.max_tokens,
+            max_loaded: self.max_loaded,
+            keep_alive,
+            response_cache: self.response_cache,
+            route: RouteRule {
+                small: self.route_small.clone(),
+                large: self.route_large.clone(),
+                long_prompt_chars: self.route_long_prompt,
+                tools_to_large: self.route_tools == "large",
+                keywords: self
+                    .route_keywords
+                    .iter()
+                    .map(|k| k.trim().to_string())
+                    .filter(|k| !k.is_empty())
+                    .collect(),
+            },
+        })
+    }
 }
 
 pub fn serve(args: &ServeArgs) -> Result<()> {
-    if args.parallel == 0 {
-        bail!("--parallel must be at least 1");
+    let opts = args.serve_options()?;
+    let all = args.model.load_options_all()?;
+    if all.len() > 1 && args.alias.is_some() {
+        bail!("--alias names one model; with several models each is served under its file name");
     }
-    if args.queue_size == 0 {
-        bail!("--queue-size must be at least 1");
-    }
-    let opts = args.model.load_options()?;
-    let stem = opts
-        .model
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let engine = Engine::load(&opts)?;
-    let mut aliases = vec![stem.clone()];
-    if let Some(name) = engine.gguf.get("general.name").and_then(GgufValue::as_str) {
-        aliases.push(name.to_string());
-    }
-    let name = args.alias.clone().unwrap_or(stem);
-    eprintln!(
-        "[qwen-run] loaded {} in {:.2} s | {} | {} threads | ctx {}",
-        opts.model.display(),
-        engine.load_time.as_secs_f64(),
-        engine.device_name(),
-        engine.threads,
-        engine.ctx_size
-    );
-    if let Some(gpu) = engine.gpu_report() {
-        eprintln!("[qwen-run] GPU {gpu}");
-    }
-    let state = AppState::new(
-        engine,
-        name,
-        aliases,
-        args.queue_size,
-        args.max_tokens,
-        args.parallel,
-    );
+    let specs = all
+        .into_iter()
+        .map(|o| ModelSpec::open(o, args.alias.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let pool = Arc::new(ModelPool::new(specs, opts, metrics.clone())?);
+    // The default model is loaded at once, so its errors show at startup and its first request
+    // is fast; the others load on first use.
+    pool.preload(None)?;
+    let created = unix_now();
+    let state = Arc::new(AppState {
+        pool,
+        metrics,
+        created,
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("qwen-run-http")
@@ -109,11 +184,25 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
+        let names: Vec<String> = state
+            .pool
+            .statuses()
+            .iter()
+            .map(|s| format!("'{}'", s.spec.name))
+            .collect();
         eprintln!(
-            "[qwen-run] serving '{}' (OpenAI API at http://{local}/v1, Ollama API at http://{local}/api)",
-            state.model_name
+            "[qwen-run] serving {} (OpenAI API at http://{local}/v1, Ollama API at http://{local}/api)",
+            names.join(", ")
         );
         eprintln!("listening on http://{local}");
+        let pool = state.pool.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                pool.unload_expired();
+            }
+        });
         axum::serve(listener, router(state))
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
@@ -136,6 +225,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/tags", get(ollama::tags))
         .route("/api/show", post(ollama::show))
         .route("/api/version", get(ollama::version))
+        .route("/api/ps", get(ollama::ps))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(refuse_large_bodies))
         .layer(axum::middleware::from_fn_with_state(
@@ -158,6 +248,7 @@ const ENDPOINTS: &[&str] = &[
     "/api/tags",
     "/api/show",
     "/api/version",
+    "/api/ps",
 ];
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -203,12 +294,28 @@ fn too_large() -> ApiError {
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let models: Vec<serde_json::Value> = state
+        .pool
+        .statuses()
+        .iter()
+        .map(|s| serde_json::json!({"name": s.spec.name, "state": model_state(s)}))
+        .collect();
     axum::Json(serde_json::json!({
         "status": "ok",
-        "model": state.model_name,
+        "model": state.pool.default_model().name,
+        "models": models,
         "queue_depth": state.metrics.queue_depth.load(std::sync::atomic::Ordering::Relaxed),
     }))
     .into_response()
+}
+
+/// "loaded" or "unloaded", as the model lists show it.
+pub fn model_state(s: &models::ModelStatus) -> &'static str {
+    if s.loaded.is_some() {
+        "loaded"
+    } else {
+        "unloaded"
+    }
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
@@ -257,6 +364,12 @@ pub struct Sampling {
 }
 
 impl Sampling {
+    /// Whether the answer is fixed by the request: greedy, or sampled with a seed the client
+    /// chose.
+    pub fn deterministic(&self, p: &SamplingParams) -> bool {
+        p.temperature <= 0.0 || self.seed.is_some_and(|s| s >= 0)
+    }
+
     pub fn params(&self) -> Result<SamplingParams, ApiError> {
         let mut p = SamplingParams::default();
         if let Some(t) = self.temperature {
@@ -290,7 +403,7 @@ impl Sampling {
 
 /// Renders a chat through the model's template and tokenizes it.
 pub fn chat_prompt(
-    state: &AppState,
+    state: &LoadedModel,
     messages: &[Message],
     tools: Option<&serde_json::Value>,
 ) -> Result<Vec<u32>, ApiError> {
@@ -357,9 +470,12 @@ pub fn unix_now() -> u64 {
 
 /// The current time as RFC 3339 in UTC with nanoseconds, as Ollama writes `created_at`.
 pub fn rfc3339_now() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    rfc3339(std::time::SystemTime::now())
+}
+
+/// A time as RFC 3339 in UTC with nanoseconds.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86400, secs % 86400);
     // Howard Hinnant's civil_from_days.

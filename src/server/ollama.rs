@@ -1,9 +1,13 @@
 //! The Ollama API: `POST /api/chat`, `POST /api/generate` (NDJSON streaming by default),
 //! `GET /api/tags`, `POST /api/show`, `GET /api/version`.
 
-use super::state::{ApiError, AppState, Finish, GenRequest, OutEvent, Output, Summary};
+use super::models::{parse_keep_alive, KeepAlive, LoadedModel, ModelSpec, RouteFacts};
+use super::state::{
+    served_headers, ApiError, AppState, Finish, GenRequest, OutEvent, Output, Summary,
+};
 use super::{
-    chat_prompt, normalize_tool_calls, parse_body, rfc3339_now, stream_response, Sampling,
+    chat_prompt, model_state, normalize_tool_calls, parse_body, rfc3339, rfc3339_now,
+    stream_response, Sampling,
 };
 use crate::tokenizer::Message;
 use axum::body::Bytes;
@@ -66,9 +70,8 @@ struct ChatRequest {
     stream: Option<bool>,
     #[serde(default)]
     options: Option<Options>,
-    /// Accepted and ignored: the model stays loaded for the server's lifetime.
-    #[serde(default, rename = "keep_alive")]
-    _keep_alive: Option<Value>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -87,26 +90,57 @@ struct GenerateRequest {
     stream: Option<bool>,
     #[serde(default)]
     options: Option<Options>,
-    #[serde(default, rename = "keep_alive")]
-    _keep_alive: Option<Value>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+}
+
+fn keep_alive(v: &Option<Value>) -> Result<Option<KeepAlive>, ApiError> {
+    v.as_ref()
+        .map(parse_keep_alive)
+        .transpose()
+        .map_err(ApiError::bad_request)
+}
+
+/// Ollama's answer to a request with nothing to generate: load the model, or unload it with
+/// `keep_alive: 0`.
+async fn load_or_unload(
+    state: &Arc<AppState>,
+    model: Option<&str>,
+    keep: Option<KeepAlive>,
+    empty: Value,
+) -> Result<Response, ApiError> {
+    let (name, reason) = if keep == Some(Some(std::time::Duration::ZERO)) {
+        state.pool.unload(model)?;
+        (state.pool.find(model)?.name.clone(), "unload")
+    } else {
+        let lease = state
+            .pool
+            .acquire(model, &RouteFacts::default(), keep)
+            .await?;
+        (lease.name.clone(), "load")
+    };
+    let head = json!({
+        "model": name, "created_at": rfc3339_now(), "done_reason": reason, "done": true,
+    });
+    Ok(Json(merge(head, empty)).into_response())
 }
 
 fn gen_request(
-    state: &AppState,
+    model: &LoadedModel,
     prompt: Vec<u32>,
     options: Option<Options>,
 ) -> Result<GenRequest, ApiError> {
     let o = options.unwrap_or_default();
     if let Some(n) = o.num_ctx {
-        if n > state.engine.ctx_size as i64 {
+        if n > model.engine.ctx_size as i64 {
             return Err(ApiError::bad_request(format!(
                 "options.num_ctx {n} exceeds the server's context of {} tokens; restart `qwen-run serve` with --ctx-size {n} (the model supports up to {})",
-                state.engine.ctx_size,
-                state.engine.config().context_length
+                model.engine.ctx_size,
+                model.engine.config().context_length
             )));
         }
     }
-    let params = Sampling {
+    let sampling = Sampling {
         temperature: o.temperature,
         top_p: o.top_p,
         top_k: o.top_k,
@@ -114,12 +148,13 @@ fn gen_request(
         repeat_penalty: o.repeat_penalty,
         repeat_last_n: o.repeat_last_n,
         seed: o.seed,
-    }
-    .params()?;
+    };
+    let params = sampling.params()?;
     Ok(GenRequest {
         prompt,
         // -1: until the model stops, -2: until the context is full; both are "no limit" here.
-        max_tokens: state.budget(o.num_predict)?,
+        max_tokens: model.budget(o.num_predict),
+        deterministic: sampling.deterministic(&params),
         params,
         stop: o.stop.unwrap_or_default(),
     })
@@ -175,16 +210,10 @@ async fn chat_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(body)?;
-    state.check_model(req.model.as_deref())?;
-    let model = state.model_name.clone();
+    let keep = keep_alive(&req.keep_alive)?;
     if req.messages.is_empty() {
-        // Ollama answers an empty chat by loading the model.
-        return Ok(Json(json!({
-            "model": model, "created_at": rfc3339_now(),
-            "message": {"role": "assistant", "content": ""},
-            "done_reason": "load", "done": true,
-        }))
-        .into_response());
+        let empty = json!({"message": {"role": "assistant", "content": ""}});
+        return load_or_unload(&state, req.model.as_deref(), keep, empty).await;
     }
     let tools = match &req.tools {
         Some(Value::Array(a)) if !a.is_empty() => Some(Value::Array(a.clone())),
@@ -204,9 +233,16 @@ async fn chat_inner(
             tool_calls,
         });
     }
-    let prompt = chat_prompt(&state, &messages, tools.as_ref())?;
-    let gen = gen_request(&state, prompt, req.options)?;
-    let out = state.submit(gen)?.with_tools(tools.as_ref());
+    let facts = RouteFacts::chat(&messages, tools.is_some());
+    let lease = state
+        .pool
+        .acquire(req.model.as_deref(), &facts, keep)
+        .await?;
+    let prompt = chat_prompt(&lease, &messages, tools.as_ref())?;
+    let gen = gen_request(&lease, prompt, req.options)?;
+    let out = lease.submit(gen).await?.with_tools(tools.as_ref());
+    let headers = out.headers();
+    let model = out.model_name();
     if !req.stream.unwrap_or(true) {
         let c = out.collect().await?;
         let s = c.summary.expect("checked by collect");
@@ -219,7 +255,10 @@ async fn chat_inner(
             "model": model, "created_at": rfc3339_now(), "message": message,
             "done_reason": done_reason(s.finish), "done": true,
         });
-        return Ok(Json(merge(head, stats(&s))).into_response());
+        return Ok(served_headers(
+            Json(merge(head, stats(&s))).into_response(),
+            &headers,
+        ));
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(async move {
@@ -245,7 +284,10 @@ async fn chat_inner(
         })
         .await;
     });
-    Ok(stream_response("application/x-ndjson", rx))
+    Ok(served_headers(
+        stream_response("application/x-ndjson", rx),
+        &headers,
+    ))
 }
 
 async fn stream_lines(
@@ -279,18 +321,21 @@ async fn generate_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: GenerateRequest = parse_body(body)?;
-    state.check_model(req.model.as_deref())?;
     no_images(&req.images)?;
-    let model = state.model_name.clone();
+    let keep = keep_alive(&req.keep_alive)?;
     let prompt_text = req.prompt.unwrap_or_default();
     if prompt_text.is_empty() {
-        // Ollama answers an empty prompt by loading the model.
-        return Ok(Json(json!({
-            "model": model, "created_at": rfc3339_now(), "response": "",
-            "done_reason": "load", "done": true,
-        }))
-        .into_response());
+        let empty = json!({"response": ""});
+        return load_or_unload(&state, req.model.as_deref(), keep, empty).await;
     }
+    let lease = state
+        .pool
+        .acquire(
+            req.model.as_deref(),
+            &RouteFacts::prompt(&prompt_text),
+            keep,
+        )
+        .await?;
     let text = if req.raw.unwrap_or(false) {
         prompt_text
     } else {
@@ -299,15 +344,17 @@ async fn generate_inner(
             messages.push(Message::new("system", &s));
         }
         messages.push(Message::new("user", &prompt_text));
-        state
+        lease
             .engine
             .template
             .render(&messages, None, true)
             .map_err(|e| ApiError::bad_request(format!("{e:#}")))?
     };
-    let prompt = state.tokenize(&text)?;
-    let gen = gen_request(&state, prompt, req.options)?;
-    let out = state.submit(gen)?;
+    let prompt = lease.tokenize(&text)?;
+    let gen = gen_request(&lease, prompt, req.options)?;
+    let out = lease.submit(gen).await?;
+    let headers = out.headers();
+    let model = out.model_name();
     if !req.stream.unwrap_or(true) {
         let c = out.collect().await?;
         let s = c.summary.expect("checked by collect");
@@ -315,7 +362,10 @@ async fn generate_inner(
             "model": model, "created_at": rfc3339_now(), "response": c.text,
             "done_reason": done_reason(s.finish), "done": true,
         });
-        return Ok(Json(merge(head, stats(&s))).into_response());
+        return Ok(served_headers(
+            Json(merge(head, stats(&s))).into_response(),
+            &headers,
+        ));
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(async move {
@@ -335,11 +385,14 @@ async fn generate_inner(
         })
         .await;
     });
-    Ok(stream_response("application/x-ndjson", rx))
+    Ok(served_headers(
+        stream_response("application/x-ndjson", rx),
+        &headers,
+    ))
 }
 
-fn details(state: &AppState) -> Value {
-    let g = &state.engine.gguf;
+fn details(spec: &ModelSpec) -> Value {
+    let g = &spec.gguf;
     let file_type = g
         .get("general.file_type")
         .and_then(crate::gguf::Value::as_u64);
@@ -356,19 +409,62 @@ fn details(state: &AppState) -> Value {
     })
 }
 
+fn modified_at(spec: &ModelSpec) -> String {
+    std::fs::metadata(&spec.opts.model)
+        .and_then(|m| m.modified())
+        .map_or_else(|_| rfc3339_now(), rfc3339)
+}
+
 pub async fn tags(State(state): State<Arc<AppState>>) -> Response {
-    let size = state.engine.gguf.file_size();
-    Json(json!({
-        "models": [{
-            "name": state.model_name,
-            "model": state.model_name,
-            "modified_at": rfc3339_now(),
-            "size": size,
-            "digest": "",
-            "details": details(&state),
-        }],
-    }))
-    .into_response()
+    let models: Vec<Value> = state
+        .pool
+        .statuses()
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.spec.name,
+                "model": m.spec.name,
+                "modified_at": modified_at(m.spec),
+                "size": m.spec.gguf.file_size(),
+                "digest": "",
+                "details": details(m.spec),
+                "state": model_state(m),
+            })
+        })
+        .collect();
+    Json(json!({"models": models})).into_response()
+}
+
+/// The loaded models, with when each will be unloaded.
+pub async fn ps(State(state): State<Arc<AppState>>) -> Response {
+    let now_instant = std::time::Instant::now();
+    let now = std::time::SystemTime::now();
+    let models: Vec<Value> = state
+        .pool
+        .statuses()
+        .iter()
+        .filter_map(|m| {
+            let loaded = m.loaded.as_ref()?;
+            let size = m.spec.gguf.file_size();
+            let on_gpu = loaded.engine.device_name() != "CPU";
+            // Ollama writes a far-off date for a model kept for good.
+            let expires = match loaded.expires() {
+                Some(t) => rfc3339(now + t.saturating_duration_since(now_instant)),
+                None => "2318-01-01T00:00:00.000000000Z".to_string(),
+            };
+            Some(json!({
+                "name": m.spec.name,
+                "model": m.spec.name,
+                "size": size,
+                "digest": "",
+                "details": details(m.spec),
+                "expires_at": expires,
+                "size_vram": if on_gpu { size } else { 0 },
+                "context_length": loaded.engine.ctx_size,
+            }))
+        })
+        .collect();
+    Json(json!({"models": models})).into_response()
 }
 
 pub async fn show(
@@ -386,24 +482,30 @@ pub async fn show(
         Ok(r) => r,
         Err(e) => return error(e),
     };
-    if let Err(e) = state.check_model(req.model.as_deref().or(req.name.as_deref())) {
-        return error(e);
-    }
-    let template = state
-        .engine
+    let spec = match state
+        .pool
+        .find(req.model.as_deref().or(req.name.as_deref()))
+    {
+        Ok(s) => s,
+        Err(e) => return error(e),
+    };
+    let template = spec
         .gguf
         .get("tokenizer.chat_template")
         .and_then(crate::gguf::Value::as_str)
         .unwrap_or("")
         .to_string();
+    let ctx = crate::model::Config::from_gguf(&spec.gguf)
+        .map(|c| c.context_length)
+        .ok();
     Json(json!({
         "modelfile": "",
         "parameters": "",
         "template": template,
-        "details": details(&state),
+        "details": details(spec),
         "model_info": {
             "general.architecture": "qwen2",
-            "qwen2.context_length": state.engine.ctx_size,
+            "qwen2.context_length": ctx,
         },
         "capabilities": ["completion", "tools"],
     }))

@@ -1,6 +1,9 @@
 //! The OpenAI API: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
 
-use super::state::{ApiError, AppState, Finish, GenRequest, OutEvent, Output, Summary};
+use super::models::{parse_keep_alive, KeepAlive, LoadedModel, RouteFacts};
+use super::state::{
+    served_headers, ApiError, AppState, Finish, GenRequest, OutEvent, Output, Summary,
+};
 use super::tool_calls::ToolCall;
 use super::{chat_prompt, normalize_tool_calls, parse_body, stream_response, unix_now, Sampling};
 use crate::tokenizer::Message;
@@ -18,6 +21,7 @@ pub fn error(e: ApiError) -> Response {
     let kind = match e.status {
         StatusCode::NOT_FOUND => "not_found_error",
         StatusCode::SERVICE_UNAVAILABLE => "unavailable_error",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
         s if s.is_server_error() => "server_error",
         _ => "invalid_request_error",
     };
@@ -90,6 +94,9 @@ struct Common {
     seed: Option<i64>,
     #[serde(default)]
     n: Option<u32>,
+    /// Not OpenAI's, but Ollama's: how long the model stays loaded after this request.
+    #[serde(default)]
+    keep_alive: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -118,16 +125,24 @@ struct CompletionRequest {
 }
 
 impl Common {
+    fn keep_alive(&self) -> Result<Option<KeepAlive>, ApiError> {
+        self.keep_alive
+            .as_ref()
+            .map(parse_keep_alive)
+            .transpose()
+            .map_err(ApiError::bad_request)
+    }
+
     fn request(
         &self,
-        state: &AppState,
+        model: &LoadedModel,
         prompt: Vec<u32>,
         default_max: Option<i64>,
     ) -> Result<GenRequest, ApiError> {
         if self.n.unwrap_or(1) != 1 {
             return Err(ApiError::bad_request("only n = 1 is supported"));
         }
-        let params = Sampling {
+        let sampling = Sampling {
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: self.top_k,
@@ -135,8 +150,8 @@ impl Common {
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: None,
             seed: self.seed,
-        }
-        .params()?;
+        };
+        let params = sampling.params()?;
         let stop = match &self.stop {
             None => Vec::new(),
             Some(StopField::One(s)) => vec![s.clone()],
@@ -148,7 +163,8 @@ impl Common {
             .or(default_max);
         Ok(GenRequest {
             prompt,
-            max_tokens: state.budget(asked)?,
+            max_tokens: model.budget(asked),
+            deterministic: sampling.deterministic(&params),
             params,
             stop,
         })
@@ -232,21 +248,30 @@ fn tool_call_json(c: &ToolCall, index: Option<usize>) -> Value {
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Response {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "qwen-run",
-            "meta": {
-                "n_ctx": state.engine.ctx_size,
-                "n_ctx_train": state.engine.config().context_length,
-                "size": state.engine.gguf.file_size(),
-            },
-        }],
-    }))
-    .into_response()
+    let data: Vec<Value> = state
+        .pool
+        .statuses()
+        .iter()
+        .map(|m| {
+            let ctx = m.loaded.as_ref().map(|l| l.engine.ctx_size);
+            let train = crate::model::Config::from_gguf(&m.spec.gguf)
+                .map(|c| c.context_length)
+                .ok();
+            json!({
+                "id": m.spec.name,
+                "object": "model",
+                "created": state.created,
+                "owned_by": "qwen-run",
+                "status": {"value": super::model_state(m)},
+                "meta": {
+                    "n_ctx": ctx,
+                    "n_ctx_train": train,
+                    "size": m.spec.gguf.file_size(),
+                },
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
 }
 
 pub async fn chat(
@@ -261,7 +286,7 @@ async fn chat_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(body)?;
-    state.check_model(req.common.model.as_deref())?;
+    let keep_alive = req.common.keep_alive()?;
     let tools = match (&req.tools, &req.tool_choice) {
         (_, Some(Value::String(c))) if c == "none" => None,
         (Some(t), _) if t.as_array().is_some_and(|a| !a.is_empty()) => Some(t.clone()),
@@ -269,12 +294,18 @@ async fn chat_inner(
         (Some(_), _) => return Err(ApiError::bad_request("'tools' must be an array")),
     };
     let messages = to_messages(req.messages)?;
-    let prompt = chat_prompt(&state, &messages, tools.as_ref())?;
-    let gen = req.common.request(&state, prompt, None)?;
-    let out = state.submit(gen)?.with_tools(tools.as_ref());
+    let facts = RouteFacts::chat(&messages, tools.is_some());
+    let lease = state
+        .pool
+        .acquire(req.common.model.as_deref(), &facts, keep_alive)
+        .await?;
+    let prompt = chat_prompt(&lease, &messages, tools.as_ref())?;
+    let gen = req.common.request(&lease, prompt, None)?;
+    let out = lease.submit(gen).await?.with_tools(tools.as_ref());
+    let headers = out.headers();
     let id = new_id("chatcmpl-");
     let created = unix_now();
-    let model = state.model_name.clone();
+    let model = out.model_name();
     if !req.common.stream.unwrap_or(false) {
         let c = out.collect().await?;
         let s = c.summary.expect("checked by collect");
@@ -288,21 +319,24 @@ async fn chat_inner(
             };
             message["tool_calls"] = c.calls.iter().map(|c| tool_call_json(c, None)).collect();
         }
-        return Ok(Json(json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": concat!("qwen-run-", env!("CARGO_PKG_VERSION")),
-            "choices": [{
-                "index": 0,
-                "message": message,
-                "logprobs": null,
-                "finish_reason": finish_str(s.finish),
-            }],
-            "usage": usage(&s),
-        }))
-        .into_response());
+        return Ok(served_headers(
+            Json(json!({
+                "id": id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "system_fingerprint": concat!("qwen-run-", env!("CARGO_PKG_VERSION")),
+                "choices": [{
+                    "index": 0,
+                    "message": message,
+                    "logprobs": null,
+                    "finish_reason": finish_str(s.finish),
+                }],
+                "usage": usage(&s),
+            }))
+            .into_response(),
+            &headers,
+        ));
     }
     let include_usage = req.common.include_usage();
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
@@ -347,7 +381,10 @@ async fn chat_inner(
         })
         .await;
     });
-    Ok(stream_response("text/event-stream", rx))
+    Ok(served_headers(
+        stream_response("text/event-stream", rx),
+        &headers,
+    ))
 }
 
 fn sse(v: &Value) -> Bytes {
@@ -405,7 +442,7 @@ async fn completions_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_body(body)?;
-    state.check_model(req.common.model.as_deref())?;
+    let keep_alive = req.common.keep_alive()?;
     let text = match req.prompt {
         PromptField::One(s) => s,
         PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -415,17 +452,26 @@ async fn completions_inner(
             ))
         }
     };
-    let prompt = state.tokenize(&text)?;
+    let lease = state
+        .pool
+        .acquire(
+            req.common.model.as_deref(),
+            &RouteFacts::prompt(&text),
+            keep_alive,
+        )
+        .await?;
+    let prompt = lease.tokenize(&text)?;
     // OpenAI's default for this endpoint is 16 tokens.
-    let gen = req.common.request(&state, prompt, Some(16))?;
-    let out = state.submit(gen)?;
+    let gen = req.common.request(&lease, prompt, Some(16))?;
+    let out = lease.submit(gen).await?;
+    let headers = out.headers();
     let id = new_id("cmpl-");
     let created = unix_now();
-    let model = state.model_name.clone();
+    let model = out.model_name();
     if !req.common.stream.unwrap_or(false) {
         let c = out.collect().await?;
         let s = c.summary.expect("checked by collect");
-        return Ok(Json(json!({
+        return Ok(served_headers(Json(json!({
             "id": id,
             "object": "text_completion",
             "created": created,
@@ -434,7 +480,7 @@ async fn completions_inner(
             "choices": [{"text": c.text, "index": 0, "logprobs": null, "finish_reason": finish_str(s.finish)}],
             "usage": usage(&s),
         }))
-        .into_response());
+        .into_response(), &headers));
     }
     let include_usage = req.common.include_usage();
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
@@ -465,5 +511,8 @@ async fn completions_inner(
         })
         .await;
     });
-    Ok(stream_response("text/event-stream", rx))
+    Ok(served_headers(
+        stream_response("text/event-stream", rx),
+        &headers,
+    ))
 }

@@ -1,0 +1,723 @@
+//! The models one server serves (`-m` given several times, or a directory of GGUF files): which
+//! are loaded, loading on first use, unloading when their keep-alive runs out or to make room
+//! under `--max-loaded` (least recently used first), and `model: "auto"` routing.
+//!
+//! A loaded model is a [`LoadedModel`]: its engine and its scheduler thread. Requests hold it
+//! through a [`ModelLease`]; a model is idle when nothing but the pool holds it, and only idle
+//! models are unloaded, so a request never loses its model half way. Dropping the pool's handle
+//! ends the scheduler thread, which frees the engine.
+
+use super::metrics::Metrics;
+use super::response_cache::{CacheKey, ResponseCache};
+use super::scheduler;
+use super::state::{ApiError, GenRequest, Job, Output, Place, WorkerEvent};
+use crate::engine::{Engine, LoadOptions};
+use crate::gguf::GgufFile;
+use anyhow::{bail, Context, Result};
+use axum::http::StatusCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::unbounded_channel;
+
+/// How long an idle model stays loaded; None: for good.
+pub type KeepAlive = Option<Duration>;
+
+/// Parses a keep-alive as Ollama takes it: seconds as a number, or a duration such as "30s",
+/// "5m", "1h", "500ms"; negative means for good, 0 means unload as soon as idle.
+pub fn parse_keep_alive(v: &serde_json::Value) -> Result<KeepAlive, String> {
+    let bad = || {
+        format!("keep_alive {v} is not a duration: use seconds (300), a duration (\"5m\", \"1h\", \"30s\"), 0 to unload when idle, or -1 to keep the model loaded")
+    };
+    let secs = match v {
+        serde_json::Value::Number(n) => n.as_f64().ok_or_else(bad)?,
+        serde_json::Value::String(s) => {
+            let s = s.trim();
+            let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+                Some(i) => s.split_at(i),
+                None => (s, "s"),
+            };
+            let n: f64 = num.trim().parse().map_err(|_| bad())?;
+            n * match unit {
+                "ms" => 0.001,
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                _ => return Err(bad()),
+            }
+        }
+        _ => return Err(bad()),
+    };
+    if !secs.is_finite() {
+        return Err(bad());
+    }
+    Ok((secs >= 0.0).then(|| Duration::from_secs_f64(secs)))
+}
+
+/// Limits and switches that apply to every model of the server.
+#[derive(Clone)]
+pub struct ServeOptions {
+    pub parallel: usize,
+    pub queue_size: usize,
+    pub queue_timeout: Duration,
+    /// Cap on generated tokens per request (0: only the context limits it).
+    pub max_tokens: usize,
+    pub max_loaded: usize,
+    pub keep_alive: KeepAlive,
+    /// Answers kept by the response cache (0: off).
+    pub response_cache: usize,
+    pub route: RouteRule,
+}
+
+/// One model the server can serve, loaded or not.
+pub struct ModelSpec {
+    pub name: String,
+    /// Other names accepted for it (the file stem, the GGUF's general.name).
+    pub aliases: Vec<String>,
+    pub opts: LoadOptions,
+    /// The opened file (memory-mapped, not read): what the model lists show without loading it.
+    pub gguf: Arc<GgufFile>,
+}
+
+impl ModelSpec {
+    /// Opens and checks the file, so that a bad one is reported at startup, not on first use.
+    pub fn open(opts: LoadOptions, name: Option<String>) -> Result<ModelSpec> {
+        let gguf = Arc::new(GgufFile::open(&opts.model)?);
+        crate::model::Config::from_gguf(&gguf)
+            .with_context(|| format!("{} is not a usable model", opts.model.display()))?;
+        let stem = opts
+            .model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        let mut aliases = vec![stem.clone()];
+        if let Some(n) = gguf
+            .get("general.name")
+            .and_then(crate::gguf::Value::as_str)
+        {
+            aliases.push(n.to_string());
+        }
+        Ok(ModelSpec {
+            name: name.unwrap_or(stem),
+            aliases,
+            opts,
+            gguf,
+        })
+    }
+
+    /// Whether a request's `model` names this one: its name or an alias, in any case, with or
+    /// without an Ollama-style `:latest` tag.
+    fn answers_to(&self, asked: &str) -> bool {
+        let base = asked.strip_suffix(":latest").unwrap_or(asked);
+        let same = |a: &str| a.eq_ignore_ascii_case(asked) || a.eq_ignore_ascii_case(base);
+        same(&self.name) || self.aliases.iter().any(|a| same(a))
+    }
+}
+
+/// A loaded model: its engine, and the queue of its scheduler thread.
+pub struct LoadedModel {
+    pub name: String,
+    pub engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    queue: Sender<Job>,
+    /// Requests generating or queued, and how many may be (--parallel + --queue-size).
+    places: Arc<AtomicUsize>,
+    capacity: usize,
+    cache: Option<Arc<ResponseCache>>,
+    max_tokens: usize,
+    queue_timeout: Duration,
+    /// When the last request let go of the model.
+    last_used: Mutex<Instant>,
+    keep_alive: Mutex<KeepAlive>,
+}
+
+impl LoadedModel {
+    fn start(engine: Engine, name: String, opts: &ServeOptions, shared: &Shared) -> LoadedModel {
+        let engine = Arc::new(engine);
+        let (queue, jobs) = channel();
+        {
+            let engine = engine.clone();
+            let metrics = shared.metrics.clone();
+            let parallel = opts.parallel;
+            std::thread::Builder::new()
+                .name("qwen-run-generate".into())
+                .spawn(move || scheduler::run(engine, metrics, jobs, parallel))
+                .expect("cannot start the generation thread");
+        }
+        LoadedModel {
+            name,
+            engine,
+            metrics: shared.metrics.clone(),
+            queue,
+            places: Arc::new(AtomicUsize::new(0)),
+            capacity: opts.parallel + opts.queue_size,
+            cache: shared.cache.clone(),
+            max_tokens: opts.max_tokens,
+            queue_timeout: opts.queue_timeout,
+            last_used: Mutex::new(Instant::now()),
+            keep_alive: Mutex::new(opts.keep_alive),
+        }
+    }
+
+    /// When it will be unloaded if no request comes; None: never.
+    pub fn expires(&self) -> Option<Instant> {
+        let keep = *self.keep_alive.lock().unwrap_or_else(|e| e.into_inner());
+        let last = *self.last_used.lock().unwrap_or_else(|e| e.into_inner());
+        keep.map(|k| last + k)
+    }
+
+    /// Tokenizes a rendered prompt and checks it against the context.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, ApiError> {
+        let tokens = self
+            .engine
+            .tokenizer
+            .encode(text)
+            .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+        if tokens.is_empty() {
+            return Err(ApiError::bad_request("the prompt is empty"));
+        }
+        let ctx = self.engine.ctx_size;
+        if tokens.len() >= ctx {
+            return Err(ApiError::bad_request(format!(
+                "the prompt has {} tokens but the context holds {ctx}; shorten the prompt or restart the server with a larger --ctx-size (the model supports up to {})",
+                tokens.len(),
+                self.engine.config().context_length
+            )));
+        }
+        Ok(tokens)
+    }
+
+    /// The token budget for a request asking for `asked` (None or negative: as many as fit).
+    pub fn budget(&self, asked: Option<i64>) -> usize {
+        let asked = match asked {
+            Some(n) if n >= 0 => n as usize,
+            _ => usize::MAX,
+        };
+        match self.max_tokens {
+            0 => asked,
+            cap => asked.min(cap),
+        }
+    }
+}
+
+/// A request's hold on a loaded model; `route` says why `model: "auto"` chose it.
+pub struct ModelLease {
+    model: Arc<LoadedModel>,
+    pub route: Option<String>,
+}
+
+impl std::ops::Deref for ModelLease {
+    type Target = LoadedModel;
+    fn deref(&self) -> &LoadedModel {
+        &self.model
+    }
+}
+
+impl Drop for ModelLease {
+    fn drop(&mut self) {
+        *self
+            .model
+            .last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+}
+
+impl ModelLease {
+    /// Queues a generation and waits until a slot takes it. The answer comes from the response
+    /// cache when it has one; a full queue gets 429, a wait past --queue-timeout 503.
+    pub async fn submit(self, req: GenRequest) -> Result<Output, ApiError> {
+        let cache_on = self.cache.is_some().then_some(false);
+        let cache = self
+            .cache
+            .clone()
+            .and_then(|c| CacheKey::of(&self.name, &req).map(|k| (c, k)));
+        if let Some((c, key)) = &cache {
+            if let Some(hit) = c.get(key) {
+                self.metrics
+                    .response_cache_hits
+                    .fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = unbounded_channel();
+                for t in &hit.texts {
+                    let _ = tx.send(WorkerEvent::Text(t.clone()));
+                }
+                let _ = tx.send(WorkerEvent::Done(hit.summary.clone()));
+                return Ok(Output::new(rx, self, None, Some(true)));
+            }
+        }
+        let Some(place) = Place::take(&self.places, self.capacity) else {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "the server is busy: all generation slots are taken and the request queue is full (see --parallel and --queue-size); retry later",
+            ));
+        };
+        let (tx, mut rx) = unbounded_channel();
+        self.metrics.queue_depth.fetch_add(1, Ordering::SeqCst);
+        let job = Job {
+            req,
+            tx,
+            enqueued: Instant::now(),
+            place,
+        };
+        if self.queue.send(job).is_err() {
+            self.metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the generation worker has stopped",
+            ));
+        }
+        let timeout = self.queue_timeout;
+        match tokio::time::timeout(timeout, rx.recv()).await {
+            Ok(Some(WorkerEvent::Started)) => Ok(Output::new(rx, self, cache, cache_on)),
+            Ok(Some(first)) => {
+                // An answer without a start (an error at admission): hand it on as it is.
+                let (tx, rx2) = unbounded_channel();
+                let _ = tx.send(first);
+                Ok(Output::new(rx2, self, None, cache_on))
+            }
+            Ok(None) => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the generation worker stopped before taking the request",
+            )),
+            Err(_) => {
+                // Dropping `rx` withdraws the request: the scheduler skips it.
+                self.metrics.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the request waited {:.1} s for a generation slot without getting one (--queue-timeout); the server is overloaded, retry later",
+                        timeout.as_secs_f64()
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// What a request looks like to the router.
+#[derive(Default)]
+pub struct RouteFacts {
+    /// Characters of the prompt (all messages, or the prompt text).
+    pub chars: usize,
+    pub tools: bool,
+    /// The last user message (or the prompt), where keywords are looked for.
+    pub text: String,
+}
+
+impl RouteFacts {
+    pub fn chat(messages: &[crate::tokenizer::Message], tools: bool) -> Self {
+        RouteFacts {
+            chars: messages.iter().map(|m| m.content.chars().count()).sum(),
+            tools,
+            text: messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .map_or(String::new(), |m| m.content.clone()),
+        }
+    }
+
+    pub fn prompt(text: &str) -> Self {
+        RouteFacts {
+            chars: text.chars().count(),
+            tools: false,
+            text: text.to_string(),
+        }
+    }
+}
+
+/// The documented rule behind `model: "auto"`, checked in this order: tools go to the large
+/// model (`--route-tools`), a keyword in the last user message goes to the large model, a prompt
+/// longer than `long_prompt_chars` goes to the large model, anything else to the small one.
+#[derive(Clone, Debug)]
+pub struct RouteRule {
+    /// The small and large model's names; None: the smallest and largest file.
+    pub small: Option<String>,
+    pub large: Option<String>,
+    pub long_prompt_chars: usize,
+    pub tools_to_large: bool,
+    pub keywords: Vec<String>,
+}
+
+impl RouteRule {
+    /// The model (large or not) and the reason.
+    fn pick(&self, f: &RouteFacts) -> (bool, String) {
+        if f.tools {
+            return (self.tools_to_large, "tools".into());
+        }
+        let text = f.text.to_lowercase();
+        if let Some(k) = self
+            .keywords
+            .iter()
+            .find(|k| !k.is_empty() && text.contains(&k.to_lowercase()))
+        {
+            return (true, format!("keyword '{k}'"));
+        }
+        if f.chars > self.long_prompt_chars {
+            return (
+                true,
+                format!(
+                    "long prompt ({} > {} characters)",
+                    f.chars, self.long_prompt_chars
+                ),
+            );
+        }
+        (false, "default".into())
+    }
+}
+
+/// What every loaded model shares.
+struct Shared {
+    metrics: Arc<Metrics>,
+    cache: Option<Arc<ResponseCache>>,
+}
+
+struct Entry {
+    spec: ModelSpec,
+    loaded: Mutex<Option<Arc<LoadedModel>>>,
+}
+
+/// A model's state as the model lists show it.
+pub struct ModelStatus<'a> {
+    pub spec: &'a ModelSpec,
+    pub loaded: Option<Arc<LoadedModel>>,
+}
+
+pub struct ModelPool {
+    entries: Vec<Entry>,
+    opts: ServeOptions,
+    shared: Shared,
+    /// Indexes of the small and large model of `model: "auto"`.
+    small: usize,
+    large: usize,
+    /// One load at a time, so that two loads never both take the last free place.
+    loading: tokio::sync::Mutex<()>,
+}
+
+impl ModelPool {
+    pub fn new(specs: Vec<ModelSpec>, opts: ServeOptions, metrics: Arc<Metrics>) -> Result<Self> {
+        if specs.is_empty() {
+            bail!("no model to serve");
+        }
+        for (i, a) in specs.iter().enumerate() {
+            if let Some(b) = specs[..i]
+                .iter()
+                .find(|b| b.name.eq_ignore_ascii_case(&a.name))
+            {
+                bail!(
+                    "two models are served as '{}' ({} and {}); rename one file",
+                    a.name,
+                    b.opts.model.display(),
+                    a.opts.model.display()
+                );
+            }
+        }
+        let by_size = |pick_max: bool| {
+            let sizes = specs.iter().map(|s| s.gguf.file_size()).enumerate();
+            if pick_max {
+                sizes.max_by_key(|&(_, s)| s).map_or(0, |(i, _)| i)
+            } else {
+                sizes.min_by_key(|&(_, s)| s).map_or(0, |(i, _)| i)
+            }
+        };
+        let find = |name: &Option<String>, flag: &str, default: usize| -> Result<usize> {
+            match name {
+                None => Ok(default),
+                Some(n) => specs.iter().position(|s| s.answers_to(n)).with_context(|| {
+                    format!(
+                        "{flag} '{n}' is not among the served models ({})",
+                        specs
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }),
+            }
+        };
+        let small = find(&opts.route.small, "--route-small", by_size(false))?;
+        let large = find(&opts.route.large, "--route-large", by_size(true))?;
+        let cache =
+            (opts.response_cache > 0).then(|| Arc::new(ResponseCache::new(opts.response_cache)));
+        Ok(ModelPool {
+            entries: specs
+                .into_iter()
+                .map(|spec| Entry {
+                    spec,
+                    loaded: Mutex::new(None),
+                })
+                .collect(),
+            opts,
+            shared: Shared { metrics, cache },
+            small,
+            large,
+            loading: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The model a request without a `model` field gets: the first one given.
+    pub fn default_model(&self) -> &ModelSpec {
+        &self.entries[0].spec
+    }
+
+    pub fn statuses(&self) -> Vec<ModelStatus<'_>> {
+        self.entries
+            .iter()
+            .map(|e| ModelStatus {
+                spec: &e.spec,
+                loaded: lock(&e.loaded).clone(),
+            })
+            .collect()
+    }
+
+    /// The model a request names: empty for the default, a name or alias, or "auto".
+    pub fn find(&self, asked: Option<&str>) -> Result<&ModelSpec, ApiError> {
+        self.index(asked).map(|i| &self.entries[i].spec)
+    }
+
+    fn index(&self, asked: Option<&str>) -> Result<usize, ApiError> {
+        let m = asked.unwrap_or("").trim();
+        if m.is_empty() {
+            return Ok(0);
+        }
+        self.entries
+            .iter()
+            .position(|e| e.spec.answers_to(m))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "model '{m}' not found; this server serves {} (or \"auto\" to let it choose)",
+                        self.entries
+                            .iter()
+                            .map(|e| format!("'{}'", e.spec.name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// Loads a model now, at startup.
+    pub fn preload(&self, asked: Option<&str>) -> Result<Arc<LoadedModel>> {
+        let i = self.index(asked).map_err(|e| anyhow::anyhow!(e.message))?;
+        let model = Arc::new(self.load(i)?);
+        *lock(&self.entries[i].loaded) = Some(model.clone());
+        Ok(model)
+    }
+
+    fn load(&self, i: usize) -> Result<LoadedModel> {
+        let spec = &self.entries[i].spec;
+        let engine = Engine::load(&spec.opts)?;
+        eprintln!(
+            "[qwen-run] loaded '{}' ({}) in {:.2} s | {} | {} threads | ctx {}",
+            spec.name,
+            spec.opts.model.display(),
+            engine.load_time.as_secs_f64(),
+            engine.device_name(),
+            engine.threads,
+            engine.ctx_size
+        );
+        if let Some(gpu) = engine.gpu_report() {
+            eprintln!("[qwen-run] GPU {gpu}");
+        }
+        self.shared
+            .metrics
+            .model_loads
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(LoadedModel::start(
+            engine,
+            spec.name.clone(),
+            &self.opts,
+            &self.shared,
+        ))
+    }
+
+    /// The model for a request, loaded if need be; `keep_alive` (the request's) replaces the
+    /// model's keep-alive from now on, as in Ollama.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        asked: Option<&str>,
+        facts: &RouteFacts,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<ModelLease, ApiError> {
+        let (i, route) = if asked.is_some_and(|m| m.trim().eq_ignore_ascii_case("auto")) {
+            let (large, why) = self.opts.route.pick(facts);
+            (if large { self.large } else { self.small }, Some(why))
+        } else {
+            (self.index(asked)?, None)
+        };
+        let model = match self.loaded(i) {
+            Some(m) => m,
+            None => self.load_on_demand(i).await?,
+        };
+        if let Some(k) = keep_alive {
+            *lock(&model.keep_alive) = k;
+        }
+        Ok(ModelLease { model, route })
+    }
+
+    fn loaded(&self, i: usize) -> Option<Arc<LoadedModel>> {
+        lock(&self.entries[i].loaded).clone()
+    }
+
+    async fn load_on_demand(self: &Arc<Self>, i: usize) -> Result<Arc<LoadedModel>, ApiError> {
+        let _one_at_a_time = self.loading.lock().await;
+        if let Some(m) = self.loaded(i) {
+            return Ok(m); // Another request loaded it meanwhile.
+        }
+        self.make_room().await?;
+        let pool = self.clone();
+        let name = self.entries[i].spec.name.clone();
+        let model = tokio::task::spawn_blocking(move || pool.load(i))
+            .await
+            .map_err(|e| anyhow::anyhow!("the load failed: {e}"))
+            .and_then(|r| r)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot load model '{name}': {e:#}"),
+                )
+            })?;
+        let model = Arc::new(model);
+        *lock(&self.entries[i].loaded) = Some(model.clone());
+        Ok(model)
+    }
+
+    /// Unloads the least recently used idle models until one more fits under --max-loaded,
+    /// waiting (up to --queue-timeout) for a busy one to finish when none is idle.
+    async fn make_room(&self) -> Result<(), ApiError> {
+        let deadline = Instant::now() + self.opts.queue_timeout;
+        loop {
+            let loaded: Vec<usize> = (0..self.entries.len())
+                .filter(|&i| self.loaded(i).is_some())
+                .collect();
+            if loaded.len() < self.opts.max_loaded.max(1) {
+                return Ok(());
+            }
+            let mut by_age: Vec<(Instant, usize)> = loaded
+                .iter()
+                .filter_map(|&i| self.loaded(i).map(|m| (*lock(&m.last_used), i)))
+                .collect();
+            by_age.sort();
+            let freed = by_age
+                .iter()
+                .any(|&(_, i)| self.unload_if_idle(i, "to make room under --max-loaded"));
+            if !freed {
+                if Instant::now() >= deadline {
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "all {} loaded models are busy and --max-loaded {} allows no more; retry later",
+                            loaded.len(),
+                            self.opts.max_loaded
+                        ),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Unloads model `i` if nothing but the pool holds it. True if it did.
+    fn unload_if_idle(&self, i: usize, why: &str) -> bool {
+        let mut slot = lock(&self.entries[i].loaded);
+        let idle = slot.as_ref().is_some_and(|m| Arc::strong_count(m) == 1);
+        if idle {
+            *slot = None;
+            self.shared
+                .metrics
+                .model_unloads
+                .fetch_add(1, Ordering::Relaxed);
+            eprintln!(
+                "[qwen-run] unloaded '{}' ({why})",
+                self.entries[i].spec.name
+            );
+        }
+        idle
+    }
+
+    /// Unloads the model a request names, once idle (Ollama's `keep_alive: 0` with no prompt).
+    pub fn unload(&self, asked: Option<&str>) -> Result<(), ApiError> {
+        let i = self.index(asked)?;
+        if let Some(m) = self.loaded(i) {
+            *lock(&m.keep_alive) = Some(Duration::ZERO);
+        }
+        self.unload_if_idle(i, "keep_alive 0");
+        Ok(())
+    }
+
+    /// Unloads the idle models whose keep-alive has run out; the server calls it periodically.
+    pub fn unload_expired(&self) {
+        let now = Instant::now();
+        for i in 0..self.entries.len() {
+            let expired = self
+                .loaded(i)
+                .and_then(|m| m.expires())
+                .is_some_and(|t| t <= now);
+            if expired {
+                self.unload_if_idle(i, "keep-alive expired");
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keep_alive_forms() {
+        let d = |s: f64| Ok(Some(Duration::from_secs_f64(s)));
+        assert_eq!(parse_keep_alive(&json!(300)), d(300.0));
+        assert_eq!(parse_keep_alive(&json!("5m")), d(300.0));
+        assert_eq!(parse_keep_alive(&json!("1h")), d(3600.0));
+        assert_eq!(parse_keep_alive(&json!("30s")), d(30.0));
+        assert_eq!(parse_keep_alive(&json!("250ms")), d(0.25));
+        assert_eq!(parse_keep_alive(&json!("10")), d(10.0));
+        assert_eq!(parse_keep_alive(&json!(0)), d(0.0));
+        assert_eq!(parse_keep_alive(&json!(-1)), Ok(None));
+        assert_eq!(parse_keep_alive(&json!("-1m")), Ok(None));
+        for bad in [json!("soon"), json!("5 weeks"), json!(true), json!([1])] {
+            let e = parse_keep_alive(&bad).unwrap_err();
+            assert!(e.contains("not a duration"), "{e}");
+        }
+    }
+
+    #[test]
+    fn route_rule_order() {
+        let rule = RouteRule {
+            small: None,
+            large: None,
+            long_prompt_chars: 100,
+            tools_to_large: true,
+            keywords: vec!["Prove".into()],
+        };
+        let f = |chars: usize, tools: bool, text: &str| RouteFacts {
+            chars,
+            tools,
+            text: text.into(),
+        };
+        assert_eq!(rule.pick(&f(10, false, "hi")), (false, "default".into()));
+        assert_eq!(rule.pick(&f(10, true, "hi")), (true, "tools".into()));
+        assert_eq!(
+            rule.pick(&f(10, false, "please prove it")),
+            (true, "keyword 'Prove'".into())
+        );
+        assert!(rule.pick(&f(101, false, "hi")).1.starts_with("long prompt"));
+        let small_tools = RouteRule {
+            tools_to_large: false,
+            ..rule
+        };
+        assert_eq!(
+            small_tools.pick(&f(500, true, "x")),
+            (false, "tools".into())
+        );
+    }
+}
