@@ -215,3 +215,27 @@ fn tokenizer_round_trips_text() {
     assert_eq!(ids.len(), 3, "special tokens are single ids: {ids:?}");
     assert!(t.is_eog(*ids.last().unwrap()));
 }
+
+#[test]
+fn bench_reports_batched_decode_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_tiny_model(dir.path(), QuantType::Q8_0);
+    let mut load = LoadOptions::new(&path);
+    load.threads = 2;
+    let report = qwen_run::bench::run(&qwen_run::bench::BenchOptions {
+        load,
+        prompt_lens: vec![8],
+        gen_lens: vec![6],
+        threads: vec![2],
+        parallel: vec![1, 3],
+        repetitions: 1,
+    })
+    .unwrap();
+    let rows: Vec<(&str, usize, usize)> = report
+        .rows
+        .iter()
+        .map(|r| (r.test.as_str(), r.n_tokens, r.sequences))
+        .collect();
+    assert_eq!(rows, vec![("pp8", 8, 1), ("tg6", 6, 1), ("tg6 x3", 18, 3)]);
+    assert!(report.rows.iter().all(|r| r.avg_ts > 0.0));
+}

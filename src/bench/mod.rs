@@ -19,6 +19,9 @@ pub struct BenchOptions {
     pub prompt_lens: Vec<usize>,
     pub gen_lens: Vec<usize>,
     pub threads: Vec<usize>,
+    /// Sequences decoded together in the tg tests (batched decode, as the server's --parallel
+    /// slots run it); 1 is llama-bench's tg.
+    pub parallel: Vec<usize>,
     pub repetitions: usize,
 }
 
@@ -30,7 +33,10 @@ pub struct BenchRow {
     pub backend: String,
     pub threads: usize,
     pub test: String,
+    /// Tokens per test: prompt or generated tokens, over all sequences.
     pub n_tokens: usize,
+    /// Sequences decoded together (tg tests); 1 otherwise.
+    pub sequences: usize,
     pub samples_ts: Vec<f64>,
     pub avg_ts: f64,
     pub stddev_ts: f64,
@@ -63,6 +69,9 @@ pub struct BenchReport {
 pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     if opts.repetitions == 0 {
         bail!("-r/--repetitions must be at least 1");
+    }
+    if opts.parallel.contains(&0) {
+        bail!("--parallel values must be at least 1");
     }
     let mut rows = Vec::new();
     let mut load_s = 0.0;
@@ -100,28 +109,32 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         let ttft = time_to_first_token(&engine)?;
         ttft_ms = ttft.0.as_secs_f64() * 1e3;
         ttft_prompt_tokens = ttft.1;
+        let parallel: Vec<usize> = match &opts.parallel[..] {
+            [] => vec![1],
+            p => p.to_vec(),
+        };
         let tests = opts
             .prompt_lens
             .iter()
             .filter(|&&n| n > 0)
-            .map(|&n| (format!("pp{n}"), n, true))
-            .chain(
-                opts.gen_lens
-                    .iter()
-                    .filter(|&&n| n > 0)
-                    .map(|&n| (format!("tg{n}"), n, false)),
-            );
-        for (name, n, is_prompt) in tests {
+            .map(|&n| (format!("pp{n}"), n, true, 1))
+            .chain(opts.gen_lens.iter().filter(|&&n| n > 0).flat_map(|&n| {
+                parallel.iter().map(move |&b| match b {
+                    1 => (format!("tg{n}"), n, false, 1),
+                    b => (format!("tg{n} x{b}"), n, false, b),
+                })
+            }));
+        for (name, n, is_prompt, seqs) in tests {
             let once = |e: &Engine| {
                 if is_prompt {
                     time_prompt(e, n)
                 } else {
-                    time_generation(e, n)
+                    time_generation(e, n, seqs)
                 }
             };
             once(&engine)?; // warm-up, as llama-bench does
             let samples = (0..opts.repetitions)
-                .map(|_| once(&engine).map(|d| n as f64 / d.as_secs_f64()))
+                .map(|_| once(&engine).map(|d| (n * seqs) as f64 / d.as_secs_f64()))
                 .collect::<Result<Vec<f64>>>()?;
             let (avg, sd) = mean_sd(&samples);
             rows.push(BenchRow {
@@ -136,7 +149,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                 backend: engine.device_name(),
                 threads: engine.threads,
                 test: name,
-                n_tokens: n,
+                n_tokens: n * seqs,
+                sequences: seqs,
                 samples_ts: samples,
                 avg_ts: avg,
                 stddev_ts: sd,
@@ -149,7 +163,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let roofline_pct = rows
         .iter()
         .rev()
-        .find(|r| r.test.starts_with("tg"))
+        .find(|r| r.test.starts_with("tg") && r.sequences == 1)
         .map(|r| 100.0 * r.avg_ts * seconds_per_token);
     Ok(BenchReport {
         rows,
@@ -183,13 +197,29 @@ fn time_prompt(engine: &Engine, n: usize) -> Result<Duration> {
     Ok(t0.elapsed())
 }
 
-/// n single-token steps from an almost empty context, as llama-bench's tg test runs them.
-fn time_generation(engine: &Engine, n: usize) -> Result<Duration> {
-    let tokens = bench_tokens(engine, n);
-    let mut session = engine.new_session()?;
+/// n single-token steps from an almost empty context, as llama-bench's tg test runs them; with
+/// several sequences, each step is one batched forward pass over all of them, each on its own KV
+/// cache, as the server's continuous batching runs it.
+fn time_generation(engine: &Engine, n: usize, sequences: usize) -> Result<Duration> {
+    let tokens = bench_tokens(engine, n + sequences);
+    if sequences == 1 {
+        let mut session = engine.new_session()?;
+        let t0 = Instant::now();
+        for &t in &tokens[..n] {
+            engine.forward(&mut session, &[t], Logits::Last)?;
+        }
+        return Ok(t0.elapsed());
+    }
+    let mut sessions = (0..sequences)
+        .map(|_| engine.new_session())
+        .collect::<Result<Vec<_>>>()?;
     let t0 = Instant::now();
-    for &t in &tokens {
-        engine.forward(&mut session, &[t], Logits::Last)?;
+    for i in 0..n {
+        // A different token per sequence, as different requests would have.
+        let step: Vec<[u32; 1]> = (0..sequences).map(|s| [tokens[i + s]]).collect();
+        let refs: Vec<&[u32]> = step.iter().map(|t| t.as_slice()).collect();
+        let mut batch: Vec<&mut crate::engine::Session> = sessions.iter_mut().collect();
+        engine.forward_batch(&mut batch, &refs)?;
     }
     Ok(t0.elapsed())
 }

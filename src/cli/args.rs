@@ -58,6 +58,10 @@ pub struct BenchArgs {
         default_value = "128"
     )]
     pub n_gen: Vec<usize>,
+    /// Sequences decoded together in the tg tests, comma separated (as `serve --parallel` batches
+    /// requests); `tg128 x8` reports the aggregate t/s of 8 sequences of 128 tokens.
+    #[arg(long = "parallel", value_delimiter = ',', default_value = "1")]
+    pub parallel: Vec<usize>,
     /// Repetitions of each test, after one warm-up run.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub repetitions: usize,

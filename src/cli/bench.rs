@@ -18,6 +18,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         prompt_lens: args.n_prompt.clone(),
         gen_lens: args.n_gen.clone(),
         threads,
+        parallel: args.parallel.clone(),
         repetitions: args.repetitions,
     })?;
     let text = match args.output.as_str() {
