@@ -6,6 +6,11 @@
 //!    rotated through enough copies (>= 256 MiB) that they come from DRAM, as in
 //!    a real forward pass.
 //!  * n=512 (prefill): time per call, GFLOP/s and tokens x rows per second.
+//!  * small batches (filter `small`, `small:0.5b` or `small:1.5b`; also part of the
+//!    default run): the decode step of continuous batching, one call per weight with
+//!    n = 1, 2, 3, 4, 8, 16 tokens (BENCH_SMALL_N) on the real Qwen2.5 0.5B and 1.5B
+//!    Q4_K_M shapes, weights from DRAM. Time per call and its ratio to n=1, then the
+//!    matmul time of a whole forward step (layers x shapes + output head) per n.
 //!
 //! It also measures the machine's streaming-read bandwidth for comparison.
 
@@ -129,6 +134,83 @@ fn bench_shape(ty: QuantType, rows: usize, cols: usize, backend: Backend, n_list
     }
 }
 
+/// One weight of a model: type, rows, cols, how many per forward step.
+type ModelShape = (QuantType, usize, usize, f64);
+
+/// Qwen2.5-Coder-0.5B-Instruct Q4_K_M (24 layers): ffn_down and attn_v alternate types.
+const SHAPES_05B: &[ModelShape] = &[
+    (QuantType::Q5_0, 896, 896, 48.0),   // attn_q, attn_output
+    (QuantType::Q5_0, 128, 896, 36.0),   // attn_k, half the attn_v
+    (QuantType::Q8_0, 128, 896, 12.0),   // half the attn_v
+    (QuantType::Q5_0, 4864, 896, 48.0),  // ffn_gate, ffn_up
+    (QuantType::Q4K, 896, 4864, 12.0),   // half the ffn_down
+    (QuantType::Q6K, 896, 4864, 12.0),   // half the ffn_down
+    (QuantType::Q8_0, 151936, 896, 1.0), // output
+];
+
+/// Qwen2.5-Coder-1.5B-Instruct Q4_K_M (28 layers).
+const SHAPES_15B: &[ModelShape] = &[
+    (QuantType::Q4K, 1536, 1536, 56.0),  // attn_q, attn_output
+    (QuantType::Q4K, 256, 1536, 42.0),   // attn_k, half the attn_v
+    (QuantType::Q6K, 256, 1536, 14.0),   // half the attn_v
+    (QuantType::Q4K, 8960, 1536, 56.0),  // ffn_gate, ffn_up
+    (QuantType::Q4K, 1536, 8960, 14.0),  // half the ffn_down
+    (QuantType::Q6K, 1536, 8960, 14.0),  // half the ffn_down
+    (QuantType::Q6K, 151936, 1536, 1.0), // output
+];
+
+/// Small-batch decode (continuous batching): every n with weights rotated through
+/// >= 256 MiB of copies, as in a forward step where each weight is read once.
+fn bench_small(model: &str, shapes: &[ModelShape], backend: Backend, n_list: &[usize]) {
+    println!("small batches, {model} shapes (us per call; xN = ratio to n=1)");
+    let mut head = format!("{:<22}", "shape");
+    for n in n_list {
+        head += &format!(" {:>15}", format!("n={n}"));
+    }
+    println!("{head}");
+    let mut step = vec![0f64; n_list.len()];
+    for &(ty, rows, cols, count) in shapes {
+        let rb = ty.row_bytes(cols).unwrap();
+        let copies = ((256usize << 20) / (rows * rb)).max(2);
+        let ws: Vec<Vec<u8>> = (0..copies)
+            .map(|c| make_weights(ty, rows, cols, c as u64 + 1))
+            .collect();
+        let mut line = format!(
+            "{:<22}",
+            format!("{} {}x{} x{}", ty.name(), rows, cols, count)
+        );
+        let mut t1 = 0.0;
+        for (k, &n) in n_list.iter().enumerate() {
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let mut y = vec![0f32; n * rows];
+            let mut i = 0;
+            let per = time_it(Duration::from_millis(700), 2 * copies, || {
+                matmul_with(backend, ty, &ws[i % copies], rows, cols, &x, n, &mut y);
+                i += 1;
+                black_box(&y);
+            });
+            if k == 0 {
+                t1 = per;
+            }
+            step[k] += per * count;
+            line += &format!(" {:>8.1} x{:<5.2}", per * 1e6, per / t1);
+        }
+        println!("{line}");
+    }
+    let mut line = format!("{:<22}", "step (ms)");
+    for &s in &step {
+        line += &format!(" {:>8.2} x{:<5.2}", s * 1e3, s / step[0]);
+    }
+    println!("{line}");
+    let mut line = format!("{:<22}", "tokens/s at n");
+    for (k, &s) in step.iter().enumerate() {
+        line += &format!(" {:>15.1}", n_list[k] as f64 / s);
+    }
+    println!("{line}");
+}
+
 fn main() {
     // like the engine: all calls are made from inside the pool (ThreadPool::install)
     let threads = std::env::var("RAYON_NUM_THREADS")
@@ -170,6 +252,22 @@ fn real_main() {
         .ok()
         .map(|s| s.split(',').map(|v| v.parse().unwrap()).collect())
         .unwrap_or_else(|| vec![1, 512]);
+    if filter.is_empty() || filter.starts_with("small") {
+        let small_n: Vec<usize> = std::env::var("BENCH_SMALL_N")
+            .ok()
+            .map(|s| s.split(',').map(|v| v.parse().unwrap()).collect())
+            .unwrap_or_else(|| vec![1, 2, 3, 4, 8, 16]);
+        assert_eq!(small_n.first(), Some(&1), "BENCH_SMALL_N must start with 1");
+        if filter != "small:1.5b" {
+            bench_small("0.5B Q4_K_M", SHAPES_05B, backend, &small_n);
+        }
+        if filter != "small:0.5b" {
+            bench_small("1.5B Q4_K_M", SHAPES_15B, backend, &small_n);
+        }
+        if !filter.is_empty() {
+            return;
+        }
+    }
     let shapes = [
         (QuantType::Q5_0, 896, 896),
         (QuantType::Q8_0, 4864, 896),

@@ -3,7 +3,11 @@
 //! Every weight type has a `tile` computing an `R x T` block of outputs (R weight
 //! rows, T tokens): each weight block is loaded and unpacked once per tile and
 //! combined with the T activation blocks using `maddubs`/`madd` integer dot
-//! products. `gemm` walks a row chunk in tiles.
+//! products. `gemm` walks a row chunk in tiles; `gemm_small` serves decode and,
+//! for the K-quants, batches of 2 or 3 tokens (one call per weight and decode
+//! step under continuous batching): weights prefetched one row tile ahead, each
+//! row tile unpacked once per tile of up to 3 tokens. The 32-element formats
+//! from 2 tokens on and the K-quants from 4 on go to x86_panel.rs.
 
 #![allow(clippy::needless_range_loop)]
 
@@ -37,9 +41,18 @@ const TOKEN_CHUNK: usize = 64;
 /// reached only ~60% of the streaming bandwidth).
 const PREFETCH_TILES: usize = 1;
 
-/// From this many tokens on, the 32-element and K-quant formats use the
-/// pre-unpacked panel kernels (x86_panel.rs).
-const PANEL_MIN_TOKENS: usize = 4;
+/// Token counts and kernels of the 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1,
+/// Q8_0): 1: the decode kernel (`tile_q32_dec`); 2..=Q32_STEPS_MAX (decode steps
+/// of continuous batching): `panel::gemm_steps_q32`, each block unpacked in
+/// registers once per tile of up to 8 tokens; more: the panel kernels, weights
+/// unpacked into a buffer once per chunk of tokens. The last two compute the
+/// same bits for a token whatever the other tokens of the call are.
+const Q32_STEPS_MAX: usize = 16;
+
+/// From this many tokens on, the K-quants (Q4_K, Q5_K, Q6_K) use the panel
+/// kernels (x86_panel.rs); fewer: the direct R x T tiles (`tile_q45k`,
+/// `tile_q6k`), whose results for a token do not depend on the other tokens.
+const K_PANEL_MIN_TOKENS: usize = 4;
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -704,6 +717,115 @@ unsafe fn gemm<const K: u8, const R: usize, const T: usize>(
     }
 }
 
+/// One R x T tile at token `t`, written to `y`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn put_tile<const K: u8, const R: usize, const T: usize>(
+    w: *const u8,
+    rb: usize,
+    a: *const u8,
+    astride: usize,
+    nb: usize,
+    t: usize,
+    y: *mut f32,
+    ystride: usize,
+    pf: usize,
+) {
+    let o = tile::<K, R, T>(w, rb, a.add(t * astride), astride, nb, pf);
+    for (r, or) in o.iter().enumerate() {
+        for (j, v) in or.iter().enumerate() {
+            *y.add((t + j) * ystride + r) = *v;
+        }
+    }
+}
+
+/// Most tokens per tile of [`gemm_small`] (it serves fewer than
+/// [`K_PANEL_MIN_TOKENS`] tokens).
+const SMALL_T: usize = 3;
+
+/// All `ntok` tokens of one row tile in token tiles of at most [`SMALL_T`]: the
+/// weights are unpacked once per token tile, and only the first tile prefetches
+/// (the others find the row tile in cache).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_tiles<const K: u8, const R: usize>(
+    w: *const u8,
+    rb: usize,
+    a: *const u8,
+    astride: usize,
+    nb: usize,
+    ntok: usize,
+    y: *mut f32,
+    ystride: usize,
+    pf: usize,
+) {
+    let mut pf = pf;
+    let mut t = 0;
+    while t < ntok {
+        let left = ntok - t;
+        // even split of what is left into ceil(left / SMALL_T) tiles
+        let n = left.div_ceil(left.div_ceil(SMALL_T));
+        match n {
+            1 => put_tile::<K, R, 1>(w, rb, a, astride, nb, t, y, ystride, pf),
+            2 => put_tile::<K, R, 2>(w, rb, a, astride, nb, t, y, ystride, pf),
+            _ => put_tile::<K, R, 3>(w, rb, a, astride, nb, t, y, ystride, pf),
+        }
+        pf = 0;
+        t += n;
+    }
+}
+
+/// Decode and small batches (continuous batching: one call per weight with a
+/// token per active request): rows `0..nrows` in tiles of 4, all `ntok` tokens
+/// of a row tile before the next, the next row tile prefetched as in decode.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_small<const K: u8>(
+    w: *const u8,
+    rb: usize,
+    nrows: usize,
+    a: *const u8,
+    astride: usize,
+    nb: usize,
+    ntok: usize,
+    y: *mut f32,
+    ystride: usize,
+) {
+    const R: usize = 4;
+    let pf = PREFETCH_TILES * R * rb;
+    let mut r = 0;
+    while r + R <= nrows {
+        small_tiles::<K, R>(
+            w.add(r * rb),
+            rb,
+            a,
+            astride,
+            nb,
+            ntok,
+            y.add(r),
+            ystride,
+            pf,
+        );
+        r += R;
+    }
+    while r < nrows {
+        small_tiles::<K, 1>(
+            w.add(r * rb),
+            rb,
+            a,
+            astride,
+            nb,
+            ntok,
+            y.add(r),
+            ystride,
+            pf / R,
+        );
+        r += 1;
+    }
+}
+
 /// AVX2 implementation of rows `r0..r1` for all tokens.
 ///
 /// # Safety
@@ -728,7 +850,7 @@ pub(crate) unsafe fn chunk_rows(
     macro_rules! q8 {
         ($k:expr, $a:expr) => {{
             let nb = cols / 32;
-            gemm::<{ $k }, 4, 4>(
+            gemm_small::<{ $k }>(
                 wp,
                 rb,
                 nrows,
@@ -744,7 +866,7 @@ pub(crate) unsafe fn chunk_rows(
     macro_rules! q8k {
         ($k:expr, $a:expr) => {{
             let nb = cols / 256;
-            gemm::<{ $k }, 4, 4>(
+            gemm_small::<{ $k }>(
                 wp,
                 rb,
                 nrows,
@@ -776,38 +898,40 @@ pub(crate) unsafe fn chunk_rows(
         (
             QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 | QuantType::Q8_0,
             Act::Q8(a),
-        ) if n_tokens >= PANEL_MIN_TOKENS => {
+        ) if n_tokens >= 2 => {
             let nb = cols / 32;
             let ap = a.as_ptr();
+            macro_rules! q32 {
+                ($k:expr) => {
+                    if n_tokens <= Q32_STEPS_MAX {
+                        panel::gemm_steps_q32::<{ $k }>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                    } else {
+                        panel::gemm_panel_q32::<{ $k }>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                    }
+                };
+            }
             match ty {
-                QuantType::Q4_0 => {
-                    panel::gemm_panel_q32::<K_Q4_0>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
-                }
-                QuantType::Q4_1 => {
-                    panel::gemm_panel_q32::<K_Q4_1>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
-                }
-                QuantType::Q5_0 => {
-                    panel::gemm_panel_q32::<K_Q5_0>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
-                }
-                QuantType::Q5_1 => {
-                    panel::gemm_panel_q32::<K_Q5_1>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
-                }
-                _ => panel::gemm_panel_q32::<K_Q8_0>(wp, rb, nrows, ap, nb, n_tokens, yp, rows),
+                QuantType::Q4_0 => q32!(K_Q4_0),
+                QuantType::Q4_1 => q32!(K_Q4_1),
+                QuantType::Q5_0 => q32!(K_Q5_0),
+                QuantType::Q5_1 => q32!(K_Q5_1),
+                _ => q32!(K_Q8_0),
             }
         }
         (QuantType::Q4K | QuantType::Q5K | QuantType::Q6K, Act::Q8K(a))
-            if n_tokens >= PANEL_MIN_TOKENS =>
+            if n_tokens >= K_PANEL_MIN_TOKENS =>
         {
             let nb = cols / 256;
             let ap = a.as_ptr();
+            macro_rules! kq {
+                ($k:expr) => {
+                    panel::gemm_panel_k::<{ $k }>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                };
+            }
             match ty {
-                QuantType::Q4K => {
-                    panel::gemm_panel_k::<K_Q4K>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
-                }
-                QuantType::Q5K => {
-                    panel::gemm_panel_k::<K_Q5K>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
-                }
-                _ => panel::gemm_panel_k::<K_Q6K>(wp, rb, nrows, ap, nb, n_tokens, yp, rows),
+                QuantType::Q4K => kq!(K_Q4K),
+                QuantType::Q5K => kq!(K_Q5K),
+                _ => kq!(K_Q6K),
             }
         }
         (QuantType::Q4_0, Act::Q8(a)) => q8!(K_Q4_0, a),
@@ -818,7 +942,20 @@ pub(crate) unsafe fn chunk_rows(
         (QuantType::Q4K, Act::Q8K(a)) => q8k!(K_Q4K, a),
         (QuantType::Q5K, Act::Q8K(a)) => q8k!(K_Q5K, a),
         (QuantType::Q6K, Act::Q8K(a)) => q8k!(K_Q6K, a),
-        (QuantType::Q8K, Act::Q8K(a)) => q8k!(K_Q8K, a),
+        (QuantType::Q8K, Act::Q8K(a)) => {
+            let nb = cols / 256;
+            gemm::<K_Q8K, 4, 4>(
+                wp,
+                rb,
+                nrows,
+                a.as_ptr() as *const u8,
+                nb * size_of::<BlockQ8K>(),
+                nb,
+                n_tokens,
+                yp,
+                rows,
+            )
+        }
         (QuantType::F32, Act::F32(x)) => fl!(K_F32, x),
         (QuantType::F16, Act::F32(x)) => fl!(K_F16, x),
         (QuantType::BF16, Act::F32(x)) => fl!(K_BF16, x),

@@ -1,4 +1,5 @@
-//! Prefill path (n_tokens >= 4) for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q4_K, Q5_K, Q6_K.
+//! Batches and prefill for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (n_tokens >= 2) and Q4_K,
+//! Q5_K, Q6_K (n_tokens >= 4).
 //!
 //! A panel of 4 weight rows is unpacked once per chunk of tokens into plain
 //! bytes, transposed so that each 32-byte vector holds 8 consecutive values of
@@ -9,6 +10,15 @@
 //! it, and one accumulator per token holds the rows as [r0 r0 r1 r1 r2 r2 r3 r3].
 //! Q4_0/Q5_0 are unpacked as unsigned values with the -8/-16 offset folded into
 //! a float "min" term (like Q4_1/Q5_1), so only Q8_0 needs the sign trick.
+//!
+//! Token tiles are up to 8 wide (`tile_width`), so a batch of up to 8 tokens
+//! (decode under continuous batching) needs one pass over a panel; while a
+//! panel is unpacked, the next one is prefetched when all tokens fit in one
+//! chunk (the weights then stream from memory once, as in decode). For the
+//! 32-element formats, batches of up to 16 tokens skip the buffer:
+//! `gemm_steps_q32` unpacks and transposes each block in registers
+//! (`unpack_block`) and runs the same per-token arithmetic (`block_token`), so
+//! both paths give the same bits.
 
 #![allow(clippy::needless_range_loop)]
 
@@ -60,83 +70,170 @@ pub(super) unsafe fn unpack32u_vals<const K: u8>(p: *const u8) -> (__m256i, f32,
     }
 }
 
-/// Unsigned unpack: (values >= 0, d, m) with x = d * v + m.
+/// Four 32-byte row vectors as four "step" vectors: step k holds bytes 8k..8k+8
+/// of rows 0, 1, 2, 3 (so one broadcast 8-byte activation chunk meets all four
+/// rows in a single maddubs).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unpack32u<const K: u8>(p: *const u8) -> (__m256i, f32, f32) {
-    match K {
-        K_Q4_0 => {
-            let d = f16_ld(p);
-            (nibbles32(p.add(2)), d, -8.0 * d)
-        }
-        K_Q5_0 => {
-            let d = f16_ld(p);
-            let hb = bits32(p.add(2));
-            let w = _mm256_or_si256(
-                nibbles32(p.add(6)),
-                _mm256_and_si256(hb, _mm256_set1_epi8(0x10)),
-            );
-            (w, d, -16.0 * d)
-        }
-        _ => unpack32::<K>(p),
-    }
-}
-
-/// Stores four 32-byte row vectors as four "step" vectors: step k holds bytes
-/// 8k..8k+8 of rows 0, 1, 2, 3 (so one broadcast 8-byte activation chunk meets
-/// all four rows in a single maddubs).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn store_steps(v: [__m256i; 4], dst: *mut u8) {
+unsafe fn steps4(v: [__m256i; 4]) -> [__m256i; 4] {
     // 4x4 transpose of 64-bit elements
     let t0 = _mm256_unpacklo_epi64(v[0], v[1]); // r0q0 r1q0 | r0q2 r1q2
     let t1 = _mm256_unpackhi_epi64(v[0], v[1]); // r0q1 r1q1 | r0q3 r1q3
     let t2 = _mm256_unpacklo_epi64(v[2], v[3]);
     let t3 = _mm256_unpackhi_epi64(v[2], v[3]);
-    let s0 = _mm256_permute2x128_si256::<0x20>(t0, t2);
-    let s1 = _mm256_permute2x128_si256::<0x20>(t1, t3);
-    let s2 = _mm256_permute2x128_si256::<0x31>(t0, t2);
-    let s3 = _mm256_permute2x128_si256::<0x31>(t1, t3);
-    _mm256_storeu_si256(dst as *mut __m256i, s0);
-    _mm256_storeu_si256(dst.add(32) as *mut __m256i, s1);
-    _mm256_storeu_si256(dst.add(64) as *mut __m256i, s2);
-    _mm256_storeu_si256(dst.add(96) as *mut __m256i, s3);
+    [
+        _mm256_permute2x128_si256::<0x20>(t0, t2),
+        _mm256_permute2x128_si256::<0x20>(t1, t3),
+        _mm256_permute2x128_si256::<0x31>(t0, t2),
+        _mm256_permute2x128_si256::<0x31>(t1, t3),
+    ]
+}
+
+/// [`steps4`] stored at `dst`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store_steps(v: [__m256i; 4], dst: *mut u8) {
+    let s = steps4(v);
+    for k in 0..4 {
+        _mm256_storeu_si256(dst.add(32 * k) as *mut __m256i, s[k]);
+    }
+}
+
+/// One block of a 4-row panel, unpacked in registers.
+#[derive(Clone, Copy)]
+pub(super) struct PanelBlock {
+    /// Value steps: |w| for Q8_0, unsigned values otherwise.
+    w: [__m256i; 4],
+    /// Signed steps (Q8_0 only).
+    s: [__m256i; 4],
+    /// [d0 d0 d1 d1 d2 d2 d3 d3]
+    d: __m256,
+    /// [m0 0 m1 0 m2 0 m3 0]: x = d * v + m (Q4_0/Q5_0: the -8/-16 offset)
+    m: __m256,
+}
+
+/// Unpacks block `p` of rows `0..nr` (nr <= 4, row stride `rb`); missing rows are
+/// zero. Prefetches the same block `pf` bytes ahead (0: none).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn unpack_block<const K: u8>(
+    p: *const u8,
+    rb: usize,
+    nr: usize,
+    pf: usize,
+) -> PanelBlock {
+    let bb = q32_block_bytes(K);
+    let ld16 = |p: *const u8| std::ptr::read_unaligned(p as *const i16);
+    // lanes [0 0 1 1 2 2 3 3] of the four rows' f16 fields
+    let f16x4 = |f: [i16; 4]| {
+        let v = _mm_cvtph_ps(_mm_setr_epi16(f[0], f[1], f[2], f[3], 0, 0, 0, 0));
+        _mm256_permutevar8x32_ps(
+            _mm256_castps128_ps256(v),
+            _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+        )
+    };
+    let even = _mm256_setr_ps(1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0);
+    let mut vals = [_mm256_setzero_si256(); 4];
+    let mut sgn = [_mm256_setzero_si256(); 4];
+    let mut dbits = [0i16; 4];
+    let mut mbits = [0i16; 4];
+    for r in 0..nr {
+        let p = p.add(r * rb);
+        if pf != 0 {
+            prefetch(p.wrapping_add(pf), bb);
+        }
+        dbits[r] = ld16(p);
+        if K == K_Q8_0 {
+            let v = ld256(p.add(2));
+            sgn[r] = v;
+            vals[r] = _mm256_sign_epi8(v, v);
+        } else {
+            vals[r] = unpack32u_vals::<K>(p).0;
+            if matches!(K, K_Q4_1 | K_Q5_1) {
+                mbits[r] = ld16(p.add(2));
+            }
+        }
+    }
+    let d = f16x4(dbits);
+    let m = match K {
+        K_Q4_0 => _mm256_mul_ps(d, _mm256_mul_ps(even, _mm256_set1_ps(-8.0))),
+        K_Q5_0 => _mm256_mul_ps(d, _mm256_mul_ps(even, _mm256_set1_ps(-16.0))),
+        K_Q4_1 | K_Q5_1 => _mm256_mul_ps(f16x4(mbits), even),
+        _ => _mm256_setzero_ps(),
+    };
+    PanelBlock {
+        w: steps4(vals),
+        s: if K == K_Q8_0 { steps4(sgn) } else { sgn },
+        d,
+        m,
+    }
 }
 
 /// Unpacks rows `0..nr` (nr <= 4) of `nb` blocks into `panel`; missing rows are zero.
-/// Per block: value steps[4] (|w| for Q8_0, unsigned values otherwise), signed
-/// steps[4] (Q8_0 only), d as [d0 d0 d1 d1 d2 d2 d3 d3], m as [m0 0 m1 0 ..].
+/// Per block: value steps[4], signed steps[4] (Q8_0 only), d[8], m[8] (see
+/// [`PanelBlock`]). Prefetches the same blocks `pf` bytes ahead (the next panel).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unpack_panel<const K: u8>(w: *const u8, rb: usize, nr: usize, nb: usize, panel: *mut u8) {
+unsafe fn unpack_panel<const K: u8>(
+    w: *const u8,
+    rb: usize,
+    nr: usize,
+    nb: usize,
+    panel: *mut u8,
+    pf: usize,
+) {
     let bb = q32_block_bytes(K);
     for b in 0..nb {
         let pb = panel.add(b * PB);
-        let mut vals = [_mm256_setzero_si256(); 4];
-        let mut sgn = [_mm256_setzero_si256(); 4];
-        for r in 0..PR {
-            let (v, d, m) = if r < nr {
-                if K == K_Q8_0 {
-                    let (v, d, _) = unpack32::<K>(w.add(r * rb + b * bb));
-                    sgn[r] = v;
-                    (_mm256_sign_epi8(v, v), d, 0.0)
-                } else {
-                    unpack32u::<K>(w.add(r * rb + b * bb))
-                }
-            } else {
-                (_mm256_setzero_si256(), 0.0, 0.0)
-            };
-            vals[r] = v;
-            let df = pb.add(OFF_D) as *mut f32;
-            *df.add(2 * r) = d;
-            *df.add(2 * r + 1) = d;
-            let mf = pb.add(OFF_M) as *mut f32;
-            *mf.add(2 * r) = m;
-            *mf.add(2 * r + 1) = 0.0;
+        let u = unpack_block::<K>(w.add(b * bb), rb, nr, pf);
+        for k in 0..4 {
+            _mm256_storeu_si256(pb.add(32 * k) as *mut __m256i, u.w[k]);
+            if K == K_Q8_0 {
+                _mm256_storeu_si256(pb.add(OFF_SGN + 32 * k) as *mut __m256i, u.s[k]);
+            }
         }
-        store_steps(vals, pb);
-        if K == K_Q8_0 {
-            store_steps(sgn, pb.add(OFF_SGN));
-        }
+        _mm256_storeu_ps(pb.add(OFF_D) as *mut f32, u.d);
+        _mm256_storeu_ps(pb.add(OFF_M) as *mut f32, u.m);
+    }
+}
+
+/// Adds one token's products with one panel block to `acc` (lanes
+/// [r0 r0 r1 r1 r2 r2 r3 r3]). Shared by the panel micro-kernels and the
+/// in-register small-batch kernel, so that both give the same bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn block_token<const SIGNED: bool>(
+    u: &PanelBlock,
+    ab: &BlockQ8,
+    acc: __m256,
+) -> __m256 {
+    let ones = _mm256_set1_epi16(1);
+    let aq = ab.qs.as_ptr() as *const u8;
+    let bq = |k: usize| _mm256_set1_epi64x(std::ptr::read_unaligned(aq.add(8 * k) as *const i64));
+    let sc = _mm256_mul_ps(u.d, _mm256_broadcast_ss(&ab.d));
+    if SIGNED {
+        let p = |k: usize| {
+            _mm256_madd_epi16(
+                _mm256_maddubs_epi16(u.w[k], _mm256_sign_epi8(bq(k), u.s[k])),
+                ones,
+            )
+        };
+        let h = _mm256_add_epi32(_mm256_add_epi32(p(0), p(1)), _mm256_add_epi32(p(2), p(3)));
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), sc, acc)
+    } else {
+        // |8 products| <= 8 * 31 * 127 < 2^15: i16 adds cannot overflow
+        let p = _mm256_add_epi16(
+            _mm256_add_epi16(
+                _mm256_maddubs_epi16(u.w[0], bq(0)),
+                _mm256_maddubs_epi16(u.w[1], bq(1)),
+            ),
+            _mm256_add_epi16(
+                _mm256_maddubs_epi16(u.w[2], bq(2)),
+                _mm256_maddubs_epi16(u.w[3], bq(3)),
+            ),
+        );
+        let h = _mm256_madd_epi16(p, ones);
+        let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), sc, acc);
+        _mm256_fmadd_ps(u.m, _mm256_broadcast_ss(&ab.s), acc)
     }
 }
 
@@ -149,71 +246,65 @@ unsafe fn micro<const SIGNED: bool, const T: usize>(
     a: *const BlockQ8,
     astride: usize,
 ) -> [[f32; T]; PR] {
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); T];
-    let mut ap = [a; T];
-    for t in 0..T {
-        ap[t] = a.add(t * astride);
-    }
-    let bq = |p: *const u8, k: usize| {
-        _mm256_set1_epi64x(std::ptr::read_unaligned(p.add(8 * k) as *const i64))
-    };
     for b in 0..nb {
         let pb = panel.add(b * PB);
-        let dw = _mm256_loadu_ps(pb.add(OFF_D) as *const f32);
-        let w0 = ld256(pb);
-        let w1 = ld256(pb.add(32));
-        let w2 = ld256(pb.add(64));
-        let w3 = ld256(pb.add(96));
-        if SIGNED {
-            let s0 = ld256(pb.add(OFF_SGN));
-            let s1 = ld256(pb.add(OFF_SGN + 32));
-            let s2 = ld256(pb.add(OFF_SGN + 64));
-            let s3 = ld256(pb.add(OFF_SGN + 96));
-            for t in 0..T {
-                let ab = &*ap[t].add(b);
-                let aq = ab.qs.as_ptr() as *const u8;
-                let p0 = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(w0, _mm256_sign_epi8(bq(aq, 0), s0)),
-                    ones,
-                );
-                let p1 = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(w1, _mm256_sign_epi8(bq(aq, 1), s1)),
-                    ones,
-                );
-                let p2 = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(w2, _mm256_sign_epi8(bq(aq, 2), s2)),
-                    ones,
-                );
-                let p3 = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(w3, _mm256_sign_epi8(bq(aq, 3), s3)),
-                    ones,
-                );
-                let h = _mm256_add_epi32(_mm256_add_epi32(p0, p1), _mm256_add_epi32(p2, p3));
-                let sc = _mm256_mul_ps(dw, _mm256_broadcast_ss(&ab.d));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), sc, acc[t]);
-            }
-        } else {
-            let m = _mm256_loadu_ps(pb.add(OFF_M) as *const f32);
-            for t in 0..T {
-                let ab = &*ap[t].add(b);
-                let aq = ab.qs.as_ptr() as *const u8;
-                // |8 products| <= 8 * 31 * 127 < 2^15: i16 adds cannot overflow
-                let p = _mm256_add_epi16(
-                    _mm256_add_epi16(
-                        _mm256_maddubs_epi16(w0, bq(aq, 0)),
-                        _mm256_maddubs_epi16(w1, bq(aq, 1)),
-                    ),
-                    _mm256_add_epi16(
-                        _mm256_maddubs_epi16(w2, bq(aq, 2)),
-                        _mm256_maddubs_epi16(w3, bq(aq, 3)),
-                    ),
-                );
-                let h = _mm256_madd_epi16(p, ones);
-                let sc = _mm256_mul_ps(dw, _mm256_broadcast_ss(&ab.d));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), sc, acc[t]);
-                acc[t] = _mm256_fmadd_ps(m, _mm256_broadcast_ss(&ab.s), acc[t]);
-            }
+        let ld4 = |o: usize| {
+            [
+                ld256(pb.add(o)),
+                ld256(pb.add(o + 32)),
+                ld256(pb.add(o + 64)),
+                ld256(pb.add(o + 96)),
+            ]
+        };
+        let u = PanelBlock {
+            w: ld4(0),
+            s: if SIGNED {
+                ld4(OFF_SGN)
+            } else {
+                [_mm256_setzero_si256(); 4]
+            },
+            d: _mm256_loadu_ps(pb.add(OFF_D) as *const f32),
+            m: if SIGNED {
+                _mm256_setzero_ps()
+            } else {
+                _mm256_loadu_ps(pb.add(OFF_M) as *const f32)
+            },
+        };
+        for t in 0..T {
+            acc[t] = block_token::<SIGNED>(&u, &*a.add(t * astride + b), acc[t]);
+        }
+    }
+    finish(acc)
+}
+
+/// 4 rows (`nr` of them real) x T tokens straight from the packed weights: each
+/// block is unpacked and transposed in registers once for the T tokens, with the
+/// panel kernels' arithmetic (same results as the panel path for every token).
+/// Prefetches `pf` bytes ahead like the decode kernel.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn tile_steps<const K: u8, const T: usize>(
+    w: *const u8,
+    rb: usize,
+    nr: usize,
+    a: *const BlockQ8,
+    astride: usize,
+    nb: usize,
+    pf: usize,
+) -> [[f32; T]; PR] {
+    let bb = q32_block_bytes(K);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        let u = unpack_block::<K>(w.add(b * bb), rb, nr, pf);
+        for t in 0..T {
+            let ab = &*a.add(t * astride + b);
+            acc[t] = if K == K_Q8_0 {
+                block_token::<true>(&u, ab, acc[t])
+            } else {
+                block_token::<false>(&u, ab, acc[t])
+            };
         }
     }
     finish(acc)
@@ -222,7 +313,7 @@ unsafe fn micro<const SIGNED: bool, const T: usize>(
 /// [r0 r0 r1 r1 r2 r2 r3 r3] accumulators -> out[row][token].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn finish<const T: usize>(acc: [__m256; T]) -> [[f32; T]; PR] {
+pub(super) unsafe fn finish<const T: usize>(acc: [__m256; T]) -> [[f32; T]; PR] {
     let mut out = [[0f32; T]; PR];
     for t in 0..T {
         let mut c = [0f32; 8];
@@ -234,39 +325,52 @@ unsafe fn finish<const T: usize>(acc: [__m256; T]) -> [[f32; T]; PR] {
     out
 }
 
+/// Token tile sizes: `ntok` tokens split evenly into tiles of at most [`PT_MAX`],
+/// so that small batches need few passes over a panel (tiles up to 8 wide), and
+/// each tile size is a separate instantiation of the micro-kernel.
+pub(super) const PT_MAX: usize = 8;
+
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn run_tokens<const SIGNED: bool>(
-    panel: *const u8,
-    nb: usize,
-    a: *const BlockQ8,
-    t0: usize,
-    t1: usize,
-    nr: usize,
-    y: *mut f32,
-    ystride: usize,
-) {
-    let mut t = t0;
-    while t + PT <= t1 {
-        let o = micro::<SIGNED, PT>(panel, nb, a.add(t * nb), nb);
-        for r in 0..nr {
-            for j in 0..PT {
-                *y.add((t + j) * ystride + r) = o[r][j];
+pub(super) fn tile_width(left: usize) -> usize {
+    left.div_ceil(left.div_ceil(PT_MAX))
+}
+
+/// Runs `micro`-like kernel `$f::<.., T>` for every token tile of `t0..t1` and
+/// stores rows `0..nr` of the results.
+macro_rules! token_tiles {
+    ($t0:expr, $t1:expr, $nr:expr, $y:expr, $ystride:expr, |$t:ident, $T:ident| $call:expr) => {{
+        let mut t = $t0;
+        while t < $t1 {
+            let n = tile_width($t1 - t);
+            macro_rules! go {
+                ($n:literal) => {{
+                    const $T: usize = $n;
+                    let $t = t;
+                    let o: [[f32; $n]; PR] = $call;
+                    for r in 0..$nr {
+                        for j in 0..$n {
+                            *$y.add((t + j) * $ystride + r) = o[r][j];
+                        }
+                    }
+                }};
             }
+            match n {
+                1 => go!(1),
+                2 => go!(2),
+                3 => go!(3),
+                4 => go!(4),
+                5 => go!(5),
+                6 => go!(6),
+                7 => go!(7),
+                _ => go!(8),
+            }
+            t += n;
         }
-        t += PT;
-    }
-    while t < t1 {
-        let o = micro::<SIGNED, 1>(panel, nb, a.add(t * nb), nb);
-        for r in 0..nr {
-            *y.add(t * ystride + r) = o[r][0];
-        }
-        t += 1;
-    }
+    }};
 }
 
 /// Rows `0..nrows` at `w` (row stride `rb`), all `ntok` tokens of `a` (nb blocks each).
+/// Every token gets the same operations whatever `ntok` is (n = 1 included).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn gemm_panel_q32<const K: u8>(
@@ -283,24 +387,68 @@ pub(super) unsafe fn gemm_panel_q32<const K: u8>(
     buf.resize((nb * PB).div_ceil(8), 0); // u64-backed: 8-byte aligned f32/i16 fields
     let panel = buf.as_mut_ptr() as *mut u8;
     // tokens per chunk: keep the chunk's activations within ~256 KiB (L2)
-    let tch = ((256 << 10) / (nb * size_of::<BlockQ8>())).clamp(12, 192) / PT * PT;
+    let tch = ((256 << 10) / (nb * size_of::<BlockQ8>())).clamp(16, 192) / PT * PT;
+    // few tokens: weights stream from memory once, prefetch the next panel
+    let pf = if ntok <= tch { PR * rb } else { 0 };
     let mut tc = 0;
     while tc < ntok {
         let te = (tc + tch).min(ntok);
         let mut r = 0;
         while r < nrows {
             let nr = (nrows - r).min(PR);
-            unpack_panel::<K>(w.add(r * rb), rb, nr, nb, panel);
+            unpack_panel::<K>(w.add(r * rb), rb, nr, nb, panel, pf);
+            let yr = y.add(r);
             if K == K_Q8_0 {
-                run_tokens::<true>(panel, nb, a, tc, te, nr, y.add(r), ystride);
+                token_tiles!(tc, te, nr, yr, ystride, |t, T| micro::<true, T>(
+                    panel,
+                    nb,
+                    a.add(t * nb),
+                    nb
+                ));
             } else {
-                run_tokens::<false>(panel, nb, a, tc, te, nr, y.add(r), ystride);
+                token_tiles!(tc, te, nr, yr, ystride, |t, T| micro::<false, T>(
+                    panel,
+                    nb,
+                    a.add(t * nb),
+                    nb
+                ));
             }
             r += PR;
         }
         tc = te;
     }
     PANEL.with(|c| c.set(buf));
+}
+
+/// Small batches: rows `0..nrows` in tiles of 4, each block unpacked in registers
+/// once per token tile ([`tile_steps`]), the next row tile prefetched as in decode.
+/// Same results as [`gemm_panel_q32`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_steps_q32<const K: u8>(
+    w: *const u8,
+    rb: usize,
+    nrows: usize,
+    a: *const BlockQ8,
+    nb: usize,
+    ntok: usize,
+    y: *mut f32,
+    ystride: usize,
+) {
+    let mut r = 0;
+    while r < nrows {
+        let nr = (nrows - r).min(PR);
+        let wr = w.add(r * rb);
+        let yr = y.add(r);
+        // the first token tile streams the weights; the next ones find them in cache
+        let mut pf = PR * rb;
+        token_tiles!(0, ntok, nr, yr, ystride, |t, T| {
+            let o = tile_steps::<K, T>(wr, rb, nr, a.add(t * nb), nb, nb, pf);
+            pf = 0;
+            o
+        });
+        r += PR;
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -329,6 +477,7 @@ unsafe fn unpack_panel_k<const K: u8>(
     nr: usize,
     nb: usize,
     panel: *mut u8,
+    pf: usize,
 ) {
     let m4 = _mm256_set1_epi8(0x0f);
     let m3 = _mm256_set1_epi8(3);
@@ -343,12 +492,16 @@ unsafe fn unpack_panel_k<const K: u8>(
         // vals[j][r]: 32 values of sub-block j of row r
         let mut vals = [[_mm256_setzero_si256(); PR]; 8];
         // per row: 16 group scales (Q6_K) or 8 sub-block scales; 16 bsum factors
-        let mut gs = [[0i16; 16]; PR];
-        let mut bf = [[0i16; 16]; PR];
+        // (as i16 vectors; Q4_K/Q5_K scales in the low 128 bits)
+        let mut gs = [_mm256_setzero_si256(); PR];
+        let mut bf = [_mm256_setzero_si256(); PR];
         let mut dd = [0f32; PR];
         let mut dm = [0f32; PR];
         for r in 0..nr {
             let p = w.add(r * rb + b * K_BLOCK_BYTES[K as usize]);
+            if pf != 0 {
+                prefetch(p.wrapping_add(pf), K_BLOCK_BYTES[K as usize]);
+            }
             if K == K_Q6K {
                 dd[r] = f16_ld(p.add(208));
                 let sc = p.add(192) as *const i8;
@@ -373,10 +526,8 @@ unsafe fn unpack_panel_k<const K: u8>(
                         _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m3)),
                     );
                 }
-                for g in 0..16 {
-                    gs[r][g] = *sc.add(g) as i16;
-                    bf[r][g] = *sc.add(g) as i16;
-                }
+                gs[r] = _mm256_cvtepi8_epi16(ld128(sc as *const u8));
+                bf[r] = gs[r];
             } else {
                 let five = K == K_Q5K;
                 dd[r] = f16_ld(p);
@@ -401,32 +552,42 @@ unsafe fn unpack_panel_k<const K: u8>(
                     vals[2 * jj][r] = lo;
                     vals[2 * jj + 1][r] = hi;
                 }
-                for j in 0..8 {
-                    gs[r][j] = sc[j] as i16;
-                }
-                for g in 0..16 {
-                    bf[r][g] = mn[g / 2] as i16;
-                }
+                let s16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(sc.as_ptr() as *const __m128i));
+                let m16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
+                gs[r] = _mm256_castsi128_si256(s16);
+                // factor g of the 16 bsums: min of sub-block g / 2
+                bf[r] =
+                    _mm256_set_m128i(_mm_unpackhi_epi16(m16, m16), _mm_unpacklo_epi16(m16, m16));
             }
         }
         for j in 0..8 {
             store_steps(vals[j], pb.add(KPB_VALS + 128 * j));
         }
-        let ngs = if K == K_Q6K { 16 } else { 8 };
-        for g in 0..ngs {
-            for r in 0..PR {
-                for c in 0..4 {
-                    *scl.add(16 * g + 4 * r + c) = gs[r][g];
-                }
+        // scale vector of group g: [gs0[g] x4, gs1[g] x4, gs2[g] x4, gs3[g] x4]
+        let halves = if K == K_Q6K { 2 } else { 1 };
+        for h in 0..halves {
+            let (ga, gb) = if h == 0 {
+                (
+                    _mm256_permute2x128_si256::<0x20>(gs[0], gs[2]),
+                    _mm256_permute2x128_si256::<0x20>(gs[1], gs[3]),
+                )
+            } else {
+                (
+                    _mm256_permute2x128_si256::<0x31>(gs[0], gs[2]),
+                    _mm256_permute2x128_si256::<0x31>(gs[1], gs[3]),
+                )
+            };
+            for j in 0..8 {
+                let ctl = _mm256_set1_epi16((((2 * j + 1) << 8) | (2 * j)) as i16);
+                let v = _mm256_blend_epi32::<0b1100_1100>(
+                    _mm256_shuffle_epi8(ga, ctl),
+                    _mm256_shuffle_epi8(gb, ctl),
+                );
+                _mm256_storeu_si256(scl.add(16 * (8 * h + j)) as *mut __m256i, v);
             }
         }
-        for q in 0..4 {
-            for r in 0..PR {
-                for c in 0..4 {
-                    *minv.add(16 * q + 4 * r + c) = bf[r][4 * q + c];
-                }
-            }
-        }
+        // step q of the bsum factors: factors 4q..4q+4 of rows 0, 1, 2, 3
+        store_steps(bf, minv as *mut u8);
         for r in 0..PR {
             *d8.add(2 * r) = dd[r];
             *d8.add(2 * r + 1) = dd[r];
@@ -448,13 +609,29 @@ unsafe fn micro_k<const SIX: bool, const T: usize>(
     astride: usize,
 ) -> [[f32; T]; PR] {
     let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        micro_k_block::<SIX, T>(panel.add(b * KPB), a.add(b), astride, &mut acc);
+    }
+    finish(acc)
+}
+
+/// One super-block `pb` of the panel against T tokens (block `a` of token 0,
+/// the next tokens `astride` blocks apart), added to `acc`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn micro_k_block<const SIX: bool, const T: usize>(
+    pb: *const u8,
+    a: *const BlockQ8K,
+    astride: usize,
+    acc: &mut [__m256; T],
+) {
     let mut ap = [a; T];
     for t in 0..T {
         ap[t] = a.add(t * astride);
     }
+    let b = 0;
     let bq = |p: *const u8| _mm256_set1_epi64x(std::ptr::read_unaligned(p as *const i64));
-    for b in 0..nb {
-        let pb = panel.add(b * KPB);
+    {
         let mut isum = [_mm256_setzero_si256(); T];
         for j in 0..8 {
             let vp = pb.add(KPB_VALS + 128 * j);
@@ -533,7 +710,6 @@ unsafe fn micro_k<const SIX: bool, const T: usize>(
             }
         }
     }
-    finish(acc)
 }
 
 /// Rows `0..nrows` at `w` (row stride `rb`), all `ntok` tokens of `a` (nb super-blocks each).
@@ -553,40 +729,30 @@ pub(super) unsafe fn gemm_panel_k<const K: u8>(
     let mut buf = PANEL.with(|c| c.take());
     buf.resize((nb * KPB).div_ceil(8), 0);
     let panel = buf.as_mut_ptr() as *mut u8;
-    let tch = ((256 << 10) / (nb * size_of::<BlockQ8K>())).clamp(8, 192) / KT * KT;
+    let tch = ((256 << 10) / (nb * size_of::<BlockQ8K>())).clamp(16, 192) / KT * KT;
+    let pf = if ntok <= tch { PR * rb } else { 0 };
     let mut tc = 0;
     while tc < ntok {
         let te = (tc + tch).min(ntok);
         let mut r = 0;
         while r < nrows {
             let nr = (nrows - r).min(PR);
-            unpack_panel_k::<K>(w.add(r * rb), rb, nr, nb, panel);
+            unpack_panel_k::<K>(w.add(r * rb), rb, nr, nb, panel, pf);
             let yr = y.add(r);
-            let mut t = tc;
-            while t < te {
-                if t + KT <= te {
-                    let o = if K == K_Q6K {
-                        micro_k::<true, KT>(panel, nb, a.add(t * nb), nb)
-                    } else {
-                        micro_k::<false, KT>(panel, nb, a.add(t * nb), nb)
-                    };
-                    for rr in 0..nr {
-                        for j in 0..KT {
-                            *yr.add((t + j) * ystride + rr) = o[rr][j];
-                        }
-                    }
-                    t += KT;
-                } else {
-                    let o = if K == K_Q6K {
-                        micro_k::<true, 1>(panel, nb, a.add(t * nb), nb)
-                    } else {
-                        micro_k::<false, 1>(panel, nb, a.add(t * nb), nb)
-                    };
-                    for rr in 0..nr {
-                        *yr.add(t * ystride + rr) = o[rr][0];
-                    }
-                    t += 1;
-                }
+            if K == K_Q6K {
+                token_tiles!(tc, te, nr, yr, ystride, |t, T| micro_k::<true, T>(
+                    panel,
+                    nb,
+                    a.add(t * nb),
+                    nb
+                ));
+            } else {
+                token_tiles!(tc, te, nr, yr, ystride, |t, T| micro_k::<false, T>(
+                    panel,
+                    nb,
+                    a.add(t * nb),
+                    nb
+                ));
             }
             r += PR;
         }

@@ -319,3 +319,100 @@ fn bad_cols_panics() {
     let mut y = vec![0f32; 1];
     matmul(QuantType::Q4K, &[0u8; 144], 1, 100, &[0.0; 100], 1, &mut y);
 }
+
+/// Small batches (decode steps under continuous batching, n = 2..=16) and the
+/// sizes around the kernel switches: direct tiles (K-quants n <= 3), in-register
+/// panels (32-element formats n <= 16), buffered panels (more), token tiles of
+/// up to 8 with uneven remainders, row counts that are not a multiple of 4.
+#[test]
+fn matmul_small_batches() {
+    let mut seed = 900;
+    for ty in [
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::Q8_0,
+        QuantType::Q4K,
+        QuantType::Q5K,
+        QuantType::Q6K,
+    ] {
+        let cols = if ty.block_size() == 256 { 512 } else { 160 };
+        for &n in &[2, 3, 4, 5, 7, 8, 9, 16, 17] {
+            for &rows in &[1, 3, 6, 13, 41] {
+                check_matmul(ty, rows, cols, n, seed);
+                seed += 1;
+            }
+        }
+    }
+}
+
+/// Within the batched kernels a token's result must not depend on the other
+/// tokens of the call (the server batches requests; a request must get the same
+/// outputs alone and in any batch): the 32-element formats for n >= 2 (in-register
+/// and buffered panels alike), the K-quants for n = 1..=3 (direct tiles) and for
+/// n >= 4 (panels).
+#[test]
+fn batched_results_do_not_depend_on_the_batch() {
+    for (i, ty) in [
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::Q8_0,
+        QuantType::Q4K,
+        QuantType::Q5K,
+        QuantType::Q6K,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (rows, cols) = (45, 512);
+        let (bytes, _) = make_weights(ty, rows, cols, 40 + i as u64);
+        let mut rng = StdRng::seed_from_u64(70 + i as u64);
+        let x = random_values(&mut rng, 64 * cols);
+        let run = |t0: usize, n: usize| {
+            let mut y = vec![f32::NAN; n * rows];
+            matmul(
+                ty,
+                &bytes,
+                rows,
+                cols,
+                &x[t0 * cols..(t0 + n) * cols],
+                n,
+                &mut y,
+            );
+            y
+        };
+        let groups: &[&[usize]] = if ty.block_size() == 32 {
+            &[&[2, 3, 5, 8, 9, 16, 17, 40]]
+        } else {
+            &[&[1, 2, 3], &[4, 5, 8, 9, 16, 40]]
+        };
+        for group in groups {
+            // token 1 of the batch starting at token 1 of x, in batches of every size
+            let want = run(1, group[0]);
+            for &n in &group[1..] {
+                let got = run(1, n);
+                for r in 0..rows {
+                    assert_eq!(
+                        got[r].to_bits(),
+                        want[r].to_bits(),
+                        "{ty}: row {r}, token 0 of a batch of {n} vs of {}",
+                        group[0]
+                    );
+                }
+                // and a later token of the batch equals itself at the front
+                let t = n - 1;
+                let front = run(1 + t, group[0]);
+                for r in 0..rows {
+                    assert_eq!(
+                        got[t * rows + r].to_bits(),
+                        front[r].to_bits(),
+                        "{ty}: row {r}, token {t} of a batch of {n}"
+                    );
+                }
+            }
+        }
+    }
+}
