@@ -254,21 +254,29 @@ impl Qwen2 {
         let group = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        // Per device, per sequence: its rotary rows and causal mask.
+        // Per device: the rotary rows of every token (each sequence from its own position), and
+        // each sequence's causal mask.
+        let positions: Vec<u32> = seqs
+            .iter()
+            .flat_map(|s| {
+                let pos = s.cache.len() as u32;
+                pos..pos + s.tokens.len() as u32
+            })
+            .collect();
         let per_device = self
             .rope
             .iter()
             .map(|r| {
-                seqs.iter()
-                    .map(|s| {
-                        let (n, pos) = (s.tokens.len(), s.cache.len());
-                        Ok((
-                            r.cos.narrow(0, pos, n)?,
-                            r.sin.narrow(0, pos, n)?,
-                            causal_mask(n, pos, &r.device)?,
-                        ))
-                    })
-                    .collect::<Result<Vec<_>>>()
+                let at = Tensor::new(positions.as_slice(), &r.device)?;
+                let masks = seqs
+                    .iter()
+                    .map(|s| causal_mask(s.tokens.len(), s.cache.len(), &r.device))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((
+                    r.cos.index_select(&at, 0)?,
+                    r.sin.index_select(&at, 0)?,
+                    masks,
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
 
@@ -281,24 +289,27 @@ impl Qwen2 {
                 .context("no rotary tables for a layer's device")?;
             // Crossing from the CPU layers to the GPU ones (partial offload) moves the activations.
             h = h.to_device(&l.device)?;
-            // Attention: projections for all tokens at once, then each sequence on its own KV.
+            // Attention: projections and rotary embedding for all tokens at once, then each
+            // sequence on its own KV.
             let x = candle_nn::ops::rms_norm(&h, &l.attn_norm, c.rms_eps)?;
-            let (q_all, k_all, v_all) = (l.q.forward(&x)?, l.k.forward(&x)?, l.v.forward(&x)?);
+            let (cos, sin, masks) = &per_device[d];
+            let all = tokens.len();
+            let rotate = |y: Tensor, nh: usize| -> Result<Tensor> {
+                let y = y.reshape((1, all, nh, c.head_dim))?;
+                Ok(candle_nn::rotary_emb::rope_thd(&y, cos, sin)?.squeeze(0)?)
+            };
+            let q_all = rotate(l.q.forward(&x)?, c.n_heads)?;
+            let k_all = rotate(l.k.forward(&x)?, c.n_kv_heads)?;
+            let v_all = l.v.forward(&x)?.reshape((all, c.n_kv_heads, c.head_dim))?;
             let mut outs = Vec::with_capacity(seqs.len());
             let mut row = 0;
-            for (s, (cos, sin, mask)) in seqs.iter().zip(&per_device[d]) {
+            for (s, mask) in seqs.iter().zip(masks) {
                 let n = s.tokens.len();
-                let heads = |y: &Tensor, nh: usize| -> Result<Tensor> {
-                    Ok(y.narrow(0, row, n)?
-                        .reshape((n, nh, c.head_dim))?
-                        .transpose(0, 1)?
-                        .contiguous()?)
+                // (tokens, heads, dim) rows of this sequence as (heads, tokens, dim).
+                let heads = |y: &Tensor| -> Result<Tensor> {
+                    Ok(y.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?)
                 };
-                let q = heads(&q_all, c.n_heads)?;
-                let k = heads(&k_all, c.n_kv_heads)?;
-                let v = heads(&v_all, c.n_kv_heads)?;
-                let q = candle_nn::rotary_emb::rope(&q.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
-                let k = candle_nn::rotary_emb::rope(&k.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+                let (q, k, v) = (heads(&q_all)?, heads(&k_all)?, heads(&v_all)?);
                 let (keys, values) = s.cache.append(i, &k, &v)?;
                 // Grouped-query attention: the `group` query heads that share a KV head are
                 // stacked as rows of one matrix, so each KV head is read once.
