@@ -176,11 +176,7 @@ pub fn default_prompt_cache_dir() -> Option<PathBuf> {
 
 impl ModelArgs {
     pub fn load_options(&self) -> Result<LoadOptions> {
-        let threads = match self.threads[..] {
-            [] => 0,
-            [t] => t,
-            _ => bail!("--threads takes one number here; only `qwen-run bench` takes a list"),
-        };
+        let threads = self.thread_count()?;
         let model = match (&self.model[..], &self.hf_repo) {
             ([model], _) => model.clone(),
             ([], Some(repo)) => crate::hub::resolve_model(repo, self.hf_file.as_deref())?,
@@ -199,11 +195,7 @@ impl ModelArgs {
         if self.model.len() < 2 && !self.model.iter().any(|m| m.is_dir()) {
             return Ok(vec![self.load_options()?]);
         }
-        let threads = match self.threads[..] {
-            [] => 0,
-            [t] => t,
-            _ => bail!("--threads takes one number here; only `qwen-run bench` takes a list"),
-        };
+        let threads = self.thread_count()?;
         let mut files = Vec::new();
         for m in &self.model {
             if m.is_dir() {
@@ -225,6 +217,15 @@ impl ModelArgs {
             .into_iter()
             .map(|f| self.options_for(f, threads))
             .collect())
+    }
+
+    /// The one thread count of every command but `bench`.
+    fn thread_count(&self) -> Result<usize> {
+        match self.threads[..] {
+            [] => Ok(0),
+            [t] => Ok(t),
+            _ => bail!("--threads takes one number here; only `qwen-run bench` takes a list"),
+        }
     }
 
     fn options_for(&self, model: PathBuf, threads: usize) -> LoadOptions {

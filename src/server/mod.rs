@@ -165,7 +165,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     let pool = Arc::new(ModelPool::new(specs, opts, metrics.clone())?);
     // The default model is loaded at once, so its errors show at startup and its first request
     // is fast; the others load on first use.
-    pool.preload(None)?;
+    pool.preload_default()?;
     let created = unix_now();
     let state = Arc::new(AppState {
         pool,

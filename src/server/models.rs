@@ -55,6 +55,14 @@ pub fn parse_keep_alive(v: &serde_json::Value) -> Result<KeepAlive, String> {
     Ok((secs >= 0.0).then(|| Duration::from_secs_f64(secs)))
 }
 
+/// A request's optional `keep_alive` field; a bad one is a 400.
+pub fn keep_alive_field(v: &Option<serde_json::Value>) -> Result<Option<KeepAlive>, ApiError> {
+    v.as_ref()
+        .map(parse_keep_alive)
+        .transpose()
+        .map_err(ApiError::bad_request)
+}
+
 /// Limits and switches that apply to every model of the server.
 #[derive(Clone)]
 pub struct ServeOptions {
@@ -76,15 +84,18 @@ pub struct ModelSpec {
     /// Other names accepted for it (the file stem, the GGUF's general.name).
     pub aliases: Vec<String>,
     pub opts: LoadOptions,
-    /// The opened file (memory-mapped, not read): what the model lists show without loading it.
+    /// The opened file (memory-mapped, not read): what the model lists show without loading it,
+    /// and what the engine loads from.
     pub gguf: Arc<GgufFile>,
+    /// The context length the model was trained for.
+    pub context_length: usize,
 }
 
 impl ModelSpec {
     /// Opens and checks the file, so that a bad one is reported at startup, not on first use.
     pub fn open(opts: LoadOptions, name: Option<String>) -> Result<ModelSpec> {
         let gguf = Arc::new(GgufFile::open(&opts.model)?);
-        crate::model::Config::from_gguf(&gguf)
+        let config = crate::model::Config::from_gguf(&gguf)
             .with_context(|| format!("{} is not a usable model", opts.model.display()))?;
         let stem = opts
             .model
@@ -103,6 +114,7 @@ impl ModelSpec {
             aliases,
             opts,
             gguf,
+            context_length: config.context_length,
         })
     }
 
@@ -162,9 +174,8 @@ impl LoadedModel {
 
     /// When it will be unloaded if no request comes; None: never.
     pub fn expires(&self) -> Option<Instant> {
-        let keep = *self.keep_alive.lock().unwrap_or_else(|e| e.into_inner());
-        let last = *self.last_used.lock().unwrap_or_else(|e| e.into_inner());
-        keep.map(|k| last + k)
+        let last = *lock(&self.last_used);
+        lock(&self.keep_alive).map(|k| last + k)
     }
 
     /// Tokenizes a rendered prompt and checks it against the context.
@@ -216,11 +227,7 @@ impl std::ops::Deref for ModelLease {
 
 impl Drop for ModelLease {
     fn drop(&mut self) {
-        *self
-            .model
-            .last_used
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        *lock(&self.model.last_used) = Instant::now();
     }
 }
 
@@ -499,17 +506,15 @@ impl ModelPool {
             })
     }
 
-    /// Loads a model now, at startup.
-    pub fn preload(&self, asked: Option<&str>) -> Result<Arc<LoadedModel>> {
-        let i = self.index(asked).map_err(|e| anyhow::anyhow!(e.message))?;
-        let model = Arc::new(self.load(i)?);
-        *lock(&self.entries[i].loaded) = Some(model.clone());
-        Ok(model)
+    /// Loads the default model now, at startup.
+    pub fn preload_default(&self) -> Result<()> {
+        *lock(&self.entries[0].loaded) = Some(Arc::new(self.load(0)?));
+        Ok(())
     }
 
     fn load(&self, i: usize) -> Result<LoadedModel> {
         let spec = &self.entries[i].spec;
-        let engine = Engine::load(&spec.opts)?;
+        let engine = Engine::load_with(&spec.opts, Some(spec.gguf.clone()))?;
         eprintln!(
             "[qwen-run] loaded '{}' ({}) in {:.2} s | {} | {} threads | ctx {}",
             spec.name,
@@ -590,16 +595,12 @@ impl ModelPool {
     async fn make_room(&self) -> Result<(), ApiError> {
         let deadline = Instant::now() + self.opts.queue_timeout;
         loop {
-            let loaded: Vec<usize> = (0..self.entries.len())
-                .filter(|&i| self.loaded(i).is_some())
+            let mut by_age: Vec<(Instant, usize)> = (0..self.entries.len())
+                .filter_map(|i| self.loaded(i).map(|m| (*lock(&m.last_used), i)))
                 .collect();
-            if loaded.len() < self.opts.max_loaded.max(1) {
+            if by_age.len() < self.opts.max_loaded.max(1) {
                 return Ok(());
             }
-            let mut by_age: Vec<(Instant, usize)> = loaded
-                .iter()
-                .filter_map(|&i| self.loaded(i).map(|m| (*lock(&m.last_used), i)))
-                .collect();
             by_age.sort();
             let freed = by_age
                 .iter()
@@ -610,7 +611,7 @@ impl ModelPool {
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!(
                             "all {} loaded models are busy and --max-loaded {} allows no more; retry later",
-                            loaded.len(),
+                            by_age.len(),
                             self.opts.max_loaded
                         ),
                     ));

@@ -1,7 +1,7 @@
 //! The Ollama API: `POST /api/chat`, `POST /api/generate` (NDJSON streaming by default),
 //! `GET /api/tags`, `POST /api/show`, `GET /api/version`.
 
-use super::models::{parse_keep_alive, KeepAlive, LoadedModel, ModelSpec, RouteFacts};
+use super::models::{keep_alive_field, KeepAlive, LoadedModel, ModelSpec, RouteFacts};
 use super::state::{
     served_headers, ApiError, AppState, Finish, GenRequest, OutEvent, Output, Summary,
 };
@@ -92,13 +92,6 @@ struct GenerateRequest {
     options: Option<Options>,
     #[serde(default)]
     keep_alive: Option<Value>,
-}
-
-fn keep_alive(v: &Option<Value>) -> Result<Option<KeepAlive>, ApiError> {
-    v.as_ref()
-        .map(parse_keep_alive)
-        .transpose()
-        .map_err(ApiError::bad_request)
 }
 
 /// Ollama's answer to a request with nothing to generate: load the model, or unload it with
@@ -210,7 +203,7 @@ async fn chat_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(body)?;
-    let keep = keep_alive(&req.keep_alive)?;
+    let keep = keep_alive_field(&req.keep_alive)?;
     if req.messages.is_empty() {
         let empty = json!({"message": {"role": "assistant", "content": ""}});
         return load_or_unload(&state, req.model.as_deref(), keep, empty).await;
@@ -322,7 +315,7 @@ async fn generate_inner(
 ) -> Result<Response, ApiError> {
     let req: GenerateRequest = parse_body(body)?;
     no_images(&req.images)?;
-    let keep = keep_alive(&req.keep_alive)?;
+    let keep = keep_alive_field(&req.keep_alive)?;
     let prompt_text = req.prompt.unwrap_or_default();
     if prompt_text.is_empty() {
         let empty = json!({"response": ""});
@@ -446,7 +439,7 @@ pub async fn ps(State(state): State<Arc<AppState>>) -> Response {
         .filter_map(|m| {
             let loaded = m.loaded.as_ref()?;
             let size = m.spec.gguf.file_size();
-            let on_gpu = loaded.engine.device_name() != "CPU";
+            let on_gpu = loaded.engine.placement().gpu().is_some();
             // Ollama writes a far-off date for a model kept for good.
             let expires = match loaded.expires() {
                 Some(t) => rfc3339(now + t.saturating_duration_since(now_instant)),
@@ -495,9 +488,6 @@ pub async fn show(
         .and_then(crate::gguf::Value::as_str)
         .unwrap_or("")
         .to_string();
-    let ctx = crate::model::Config::from_gguf(&spec.gguf)
-        .map(|c| c.context_length)
-        .ok();
     Json(json!({
         "modelfile": "",
         "parameters": "",
@@ -505,7 +495,7 @@ pub async fn show(
         "details": details(spec),
         "model_info": {
             "general.architecture": "qwen2",
-            "qwen2.context_length": ctx,
+            "qwen2.context_length": spec.context_length,
         },
         "capabilities": ["completion", "tools"],
     }))

@@ -1,6 +1,6 @@
 //! The OpenAI API: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
 
-use super::models::{parse_keep_alive, KeepAlive, LoadedModel, RouteFacts};
+use super::models::{keep_alive_field, LoadedModel, RouteFacts};
 use super::state::{
     served_headers, ApiError, AppState, Finish, GenRequest, OutEvent, Output, Summary,
 };
@@ -125,14 +125,6 @@ struct CompletionRequest {
 }
 
 impl Common {
-    fn keep_alive(&self) -> Result<Option<KeepAlive>, ApiError> {
-        self.keep_alive
-            .as_ref()
-            .map(parse_keep_alive)
-            .transpose()
-            .map_err(ApiError::bad_request)
-    }
-
     fn request(
         &self,
         model: &LoadedModel,
@@ -254,9 +246,6 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Response {
         .iter()
         .map(|m| {
             let ctx = m.loaded.as_ref().map(|l| l.engine.ctx_size);
-            let train = crate::model::Config::from_gguf(&m.spec.gguf)
-                .map(|c| c.context_length)
-                .ok();
             json!({
                 "id": m.spec.name,
                 "object": "model",
@@ -265,7 +254,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Response {
                 "status": {"value": super::model_state(m)},
                 "meta": {
                     "n_ctx": ctx,
-                    "n_ctx_train": train,
+                    "n_ctx_train": m.spec.context_length,
                     "size": m.spec.gguf.file_size(),
                 },
             })
@@ -286,7 +275,7 @@ async fn chat_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(body)?;
-    let keep_alive = req.common.keep_alive()?;
+    let keep_alive = keep_alive_field(&req.common.keep_alive)?;
     let tools = match (&req.tools, &req.tool_choice) {
         (_, Some(Value::String(c))) if c == "none" => None,
         (Some(t), _) if t.as_array().is_some_and(|a| !a.is_empty()) => Some(t.clone()),
@@ -442,7 +431,7 @@ async fn completions_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_body(body)?;
-    let keep_alive = req.common.keep_alive()?;
+    let keep_alive = keep_alive_field(&req.common.keep_alive)?;
     let text = match req.prompt {
         PromptField::One(s) => s,
         PromptField::Many(mut v) if v.len() == 1 => v.remove(0),

@@ -95,16 +95,13 @@ impl ResponseCache {
             .insert(key, (now, std::sync::Arc::new(Cached { texts, summary })));
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.inner
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entries
             .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
