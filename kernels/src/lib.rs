@@ -8,6 +8,7 @@
 //! same thing and serves as the test reference.
 
 mod act;
+pub mod attention;
 mod dequant;
 mod driver;
 mod scalar;

@@ -21,6 +21,55 @@ pub enum CacheType {
     Q8_0,
 }
 
+/// Copies token rows of a `[tokens, kv_heads, head_dim]` tensor into a `[kv_heads, capacity,
+/// head_dim]` cache buffer.
+struct WriteRows {
+    row0: usize,
+    n: usize,
+    pos: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+}
+
+impl candle_core::InplaceOp2 for WriteRows {
+    fn name(&self) -> &'static str {
+        "kv-cache-write-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dst_l: &candle_core::Layout,
+        src: &candle_core::CpuStorage,
+        src_l: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage::F32;
+        let (F32(dst), F32(src)) = (dst, src) else {
+            candle_core::bail!("the KV cache write expects f32 buffers");
+        };
+        let (Some((d0, _)), Some((s0, s1))) =
+            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
+        else {
+            candle_core::bail!("the KV cache write expects contiguous buffers");
+        };
+        let (src, d) = (&src[s0..s1], self.head_dim);
+        if src.len() < (self.row0 + self.n) * self.kv_heads * d
+            || dst.len() < d0 + self.kv_heads * self.capacity * d
+        {
+            candle_core::bail!("the KV cache write got buffers of the wrong size");
+        }
+        for i in 0..self.n {
+            for h in 0..self.kv_heads {
+                let from = ((self.row0 + i) * self.kv_heads + h) * d;
+                let to = d0 + (h * self.capacity + self.pos + i) * d;
+                dst[to..to + d].copy_from_slice(&src[from..from + d]);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Values per q8_0 block and bytes per block (an f16 scale and 32 i8).
 pub const Q8_0_BLOCK: usize = 32;
 const Q8_0_BYTES: usize = 34;
@@ -254,6 +303,53 @@ impl KvCache {
                 )?)
             }
         }
+    }
+
+    /// A layer's key and value buffers (`[kv_heads, capacity, head_dim]`), when both are f32
+    /// tensors in host memory: decode attention then reads them in place.
+    pub fn host_f32(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        match &self.layers[layer] {
+            (Store::Tensor(k), Store::Tensor(v))
+                if k.device().is_cpu() && k.dtype() == DType::F32 && v.dtype() == DType::F32 =>
+            {
+                Some((k, v))
+            }
+            _ => None,
+        }
+    }
+
+    /// Writes rows `row0..row0 + n` of `k` and `v` (`[tokens, kv_heads, head_dim]`, the layout
+    /// the projections produce) at positions `len()..` of a [`host_f32`](Self::host_f32) layer,
+    /// with no intermediate copies.
+    pub fn write_host_f32(
+        &self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        row0: usize,
+        n: usize,
+    ) -> Result<()> {
+        let Some((ck, cv)) = self.host_f32(layer) else {
+            bail!("layer {layer} of the KV cache is not f32 in host memory");
+        };
+        if self.len + n > self.capacity {
+            bail!(
+                "the context is full: {} tokens cached + {n} new > context size {}",
+                self.len,
+                self.capacity
+            );
+        }
+        let op = WriteRows {
+            row0,
+            n,
+            pos: self.len,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            capacity: self.capacity,
+        };
+        ck.inplace_op2(k, &op)?;
+        cv.inplace_op2(v, &op)?;
+        Ok(())
     }
 
     /// Marks `n` more tokens as cached, once every layer has appended them.

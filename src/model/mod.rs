@@ -1,5 +1,6 @@
 //! Model code: Qwen2 built from GGUF weights, device-generic over Candle tensors.
 
+mod attention;
 mod qwen2;
 mod weights;
 

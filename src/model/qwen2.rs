@@ -1,6 +1,7 @@
 //! Qwen2 / Qwen2.5: a decoder-only transformer with grouped-query attention (q/k/v biases),
 //! rotary embeddings in the NeoX layout, RMSNorm and a SwiGLU MLP.
 
+use super::attention;
 use super::weights::{load_vector, Embedding, Linear};
 use crate::gguf::GgufFile;
 use crate::kv_cache::{CacheType, KvCache};
@@ -251,8 +252,6 @@ impl Qwen2 {
                 );
             }
         }
-        let group = c.n_heads / c.n_kv_heads;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         // Per device: the rotary rows of every token (each sequence from its own position), and
         // each sequence's causal mask.
@@ -290,7 +289,7 @@ impl Qwen2 {
             // Crossing from the CPU layers to the GPU ones (partial offload) moves the activations.
             h = h.to_device(&l.device)?;
             // Attention: projections and rotary embedding for all tokens at once, then each
-            // sequence on its own KV.
+            // sequence on its own KV cache.
             let x = candle_nn::ops::rms_norm(&h, &l.attn_norm, c.rms_eps)?;
             let (cos, sin, masks) = &per_device[d];
             let all = tokens.len();
@@ -301,40 +300,7 @@ impl Qwen2 {
             let q_all = rotate(l.q.forward(&x)?, c.n_heads)?;
             let k_all = rotate(l.k.forward(&x)?, c.n_kv_heads)?;
             let v_all = l.v.forward(&x)?.reshape((all, c.n_kv_heads, c.head_dim))?;
-            let mut outs = Vec::with_capacity(seqs.len());
-            let mut row = 0;
-            for (s, mask) in seqs.iter().zip(masks) {
-                let n = s.tokens.len();
-                // (tokens, heads, dim) rows of this sequence as (heads, tokens, dim).
-                let heads = |y: &Tensor| -> Result<Tensor> {
-                    Ok(y.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?)
-                };
-                let (q, k, v) = (heads(&q_all)?, heads(&k_all)?, heads(&v_all)?);
-                let (keys, values) = s.cache.append(i, &k, &v)?;
-                // Grouped-query attention: the `group` query heads that share a KV head are
-                // stacked as rows of one matrix, so each KV head is read once.
-                let q = q.reshape((c.n_kv_heads, group * n, c.head_dim))?;
-                let mut att = (q.matmul(&keys.t()?)? * scale)?;
-                if let Some(mask) = mask {
-                    let l_all = keys.dim(1)?;
-                    att = att
-                        .reshape((c.n_kv_heads, group, n, l_all))?
-                        .broadcast_add(mask)?
-                        .reshape((c.n_kv_heads, group * n, l_all))?;
-                }
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                outs.push(
-                    att.matmul(&values)?
-                        .reshape((c.n_heads, n, c.head_dim))?
-                        .transpose(0, 1)?
-                        .reshape((n, c.hidden))?,
-                );
-                row += n;
-            }
-            let y = match outs.len() {
-                1 => outs.pop().context("one sequence")?,
-                _ => Tensor::cat(&outs, 0)?,
-            };
+            let y = attention::attend(c, i, &q_all, &k_all, &v_all, seqs, masks)?;
             h = (h + l.o.forward(&y)?)?;
             // MLP.
             let x = candle_nn::ops::rms_norm(&h, &l.ffn_norm, c.rms_eps)?;
