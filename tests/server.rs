@@ -1021,6 +1021,54 @@ fn batched_requests_match_solo_outputs_real_model() {
     );
 }
 
+/// A request's prompt goes into the prefix cache as soon as it has run: a request with the same
+/// long system prompt that arrives while the first one is still generating skips that part.
+#[test]
+fn a_running_requests_prompt_is_reused_by_the_next() {
+    let s = Server::start(
+        &common::real_model("0.5b"),
+        &["-t", "2", "--parallel", "2", "--no-prompt-cache"],
+    );
+    let system = "You are a careful assistant who answers in plain words. ".repeat(16);
+    let body = |user: &str, max_tokens: usize, stream: bool| {
+        json!({
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": stream,
+        })
+    };
+    // The first request streams a long answer; once its first token is out, its prompt has run.
+    let first = s
+        .http
+        .post(s.url("/v1/chat/completions"))
+        .json(&body(
+            "Count from 1 to 1000, one number per line.",
+            1000,
+            true,
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(first.status().as_u16(), 200);
+    let mut lines = BufReader::new(first).lines();
+    let first_token = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("\"content\""));
+    assert!(
+        first_token.is_some(),
+        "the first request ended without text"
+    );
+    let (status, v) = s.post("/v1/chat/completions", &body("Say hi.", 4, false));
+    assert_eq!(status, 200, "{v}");
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= 64, "the shared system prompt was not reused: {v}");
+    // (The first request is still generating: 1000 tokens take far longer than this.)
+    drop(lines);
+}
+
 // ---- Tool-call parsing on recorded Qwen2.5 outputs ----
 
 const TOOLS: &[&str] = &["get_weather"];

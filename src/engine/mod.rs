@@ -523,8 +523,9 @@ impl Engine {
         })
     }
 
-    /// After a generation: stores the prompt's KV blocks in the prefix caches.
-    pub fn end(&self, session: &Session, prompt: &[u32], prefill: &Prefill) {
+    /// Stores the prompt's KV blocks in the prefix caches. Called as soon as the prompt has run,
+    /// so that requests arriving while this one still generates can reuse it.
+    pub fn store_prompt(&self, session: &Session, prompt: &[u32], prefill: &Prefill) {
         if !prefill.hashes.is_empty() {
             self.store_prefix(session, prompt, &prefill.hashes, &prefill.rejected);
         }
@@ -548,6 +549,7 @@ impl Engine {
             .pop()
             .context("no logits")?;
         let prefill_time = t0.elapsed();
+        self.store_prompt(session, prompt, &prefill);
         let mut decoder = Decoder::new(self, prompt, max_tokens);
         let t_decode = Instant::now();
         let mut ttft = None;
@@ -564,7 +566,6 @@ impl Engine {
                 None => break,
             }
         }
-        self.end(session, prompt, &prefill);
         Ok(decoder.finish(
             &prefill,
             session,

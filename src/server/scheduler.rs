@@ -219,7 +219,12 @@ fn step(engine: &Engine, metrics: &Metrics, slots: &mut [Slot]) {
                 continue;
             }
         }
-        a.prefill_time.get_or_insert_with(|| a.started.elapsed());
+        if a.prefill_time.is_none() {
+            a.prefill_time = Some(a.started.elapsed());
+            if let Some(session) = slot.session.as_ref() {
+                engine.store_prompt(session, &a.job.req.prompt, &a.prefill);
+            }
+        }
         a.decode_start.get_or_insert_with(Instant::now);
         let Active {
             decoder,
@@ -260,8 +265,10 @@ fn finish(engine: &Engine, metrics: &Metrics, slot: &mut Slot) {
         }
     }
     let stopped = a.stopped;
-    let prompt = std::mem::take(&mut a.job.req.prompt);
-    engine.end(session, &prompt, &a.prefill);
+    if a.prefill_time.is_none() {
+        // Cancelled during its prompt: keep what ran of it.
+        engine.store_prompt(session, &a.job.req.prompt, &a.prefill);
+    }
     let elapsed = a.started.elapsed();
     let g = a.decoder.finish(
         &a.prefill,
