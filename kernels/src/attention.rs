@@ -110,20 +110,20 @@ impl Task<'_> {
         match backend {
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 => self.run_avx2(q, y),
-            _ => self.run_portable(q, y),
+            _ => self.run_portable(Backend::Scalar, q, y),
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(&self, q: &[f32], y: YPtr) {
-        self.run_portable(q, y)
+        self.run_portable(Backend::Avx2, q, y)
     }
 
     /// Written so that the compiler vectorizes it (8-lane accumulators, fused multiply-adds)
     /// when inlined into a function compiled for AVX2.
     #[inline(always)]
-    unsafe fn run_portable(&self, q: &[f32], y: YPtr) {
+    unsafe fn run_portable(&self, backend: Backend, q: &[f32], y: YPtr) {
         let AttnDims {
             n_heads,
             kv_heads,
@@ -152,11 +152,7 @@ impl Task<'_> {
                     *s = dot(qrow, k) * self.scale;
                     max = max.max(*s);
                 }
-                let mut sum = 0f32;
-                for s in &mut scores[..seen] {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
+                let sum = crate::elementwise::exp_shifted(backend, &mut scores[..seen], max);
                 acc.fill(0.0);
                 for (&p, v) in scores[..seen].iter().zip(values.chunks_exact(d)) {
                     for (a, &x) in acc.iter_mut().zip(v) {

@@ -11,6 +11,7 @@ mod act;
 pub mod attention;
 mod dequant;
 mod driver;
+pub mod elementwise;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;

@@ -1,6 +1,7 @@
 //! Model code: Qwen2 built from GGUF weights, device-generic over Candle tensors.
 
 mod attention;
+mod ops;
 mod qwen2;
 mod weights;
 

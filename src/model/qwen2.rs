@@ -1,8 +1,8 @@
 //! Qwen2 / Qwen2.5: a decoder-only transformer with grouped-query attention (q/k/v biases),
 //! rotary embeddings in the NeoX layout, RMSNorm and a SwiGLU MLP.
 
-use super::attention;
 use super::weights::{load_vector, Embedding, Linear};
+use super::{attention, ops};
 use crate::gguf::GgufFile;
 use crate::kv_cache::{CacheType, KvCache};
 use anyhow::{bail, Context, Result};
@@ -304,7 +304,7 @@ impl Qwen2 {
             h = (h + l.o.forward(&y)?)?;
             // MLP.
             let x = candle_nn::ops::rms_norm(&h, &l.ffn_norm, c.rms_eps)?;
-            let y = (candle_nn::ops::silu(&l.gate.forward(&x)?)? * l.up.forward(&x)?)?;
+            let y = ops::swiglu(&l.gate.forward(&x)?, &l.up.forward(&x)?)?;
             h = (h + l.down.forward(&y)?)?;
         }
         for s in seqs.iter_mut() {
