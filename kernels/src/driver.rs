@@ -39,106 +39,145 @@ fn act_kind(ty: QuantType) -> u8 {
 /// Minimum number of weight bytes per parallel task (below that, fewer tasks).
 const MIN_TASK_BYTES: usize = 32 * 1024;
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul(
+/// One weight matrix of a [`matmul_many`] call and its output, `[n_tokens, rows]`.
+pub struct MatMulJob<'a> {
+    pub ty: QuantType,
+    pub w: &'a [u8],
+    pub rows: usize,
+    pub y: &'a mut [f32],
+}
+
+/// `y = x w^T` for every job, all sharing the input `x` (`[n_tokens, cols]`): the input is
+/// quantized once per activation format, and the row chunks of every matrix run in one parallel
+/// region, so projections that read the same input (q, k and v; gate and up) pay for one
+/// fork-join and one weight stream instead of one each.
+pub(crate) fn matmul_many(
     backend: Backend,
-    ty: QuantType,
-    w: &[u8],
-    rows: usize,
     cols: usize,
     x: &[f32],
     n_tokens: usize,
-    y: &mut [f32],
+    jobs: &mut [MatMulJob<'_>],
 ) {
-    let rb = ty.row_bytes(cols).unwrap_or_else(|| {
-        panic!(
-            "matmul {}: cols {} not a multiple of block size {}",
-            ty,
-            cols,
-            ty.block_size()
-        )
-    });
-    assert_eq!(
-        w.len(),
-        rows * rb,
-        "matmul {ty}: weight bytes != rows * row_bytes"
-    );
     assert_eq!(
         x.len(),
         n_tokens * cols,
-        "matmul {ty}: x.len() != n_tokens * cols"
+        "matmul: x.len() != n_tokens * cols"
     );
-    assert_eq!(
-        y.len(),
-        n_tokens * rows,
-        "matmul {ty}: y.len() != n_tokens * rows"
-    );
-    if rows == 0 || n_tokens == 0 {
+    for j in jobs.iter() {
+        let ty = j.ty;
+        let rb = ty.row_bytes(cols).unwrap_or_else(|| {
+            panic!(
+                "matmul {ty}: cols {cols} not a multiple of block size {}",
+                ty.block_size()
+            )
+        });
+        assert_eq!(
+            j.w.len(),
+            j.rows * rb,
+            "matmul {ty}: weight bytes != rows * row_bytes"
+        );
+        assert_eq!(
+            j.y.len(),
+            n_tokens * j.rows,
+            "matmul {ty}: y.len() != n_tokens * rows"
+        );
+    }
+    if n_tokens == 0 {
         return;
     }
     if cols == 0 {
-        y.fill(0.0);
+        jobs.iter_mut().for_each(|j| j.y.fill(0.0));
         return;
     }
     let parallel_quant = n_tokens * cols >= 1 << 16 && rayon::current_num_threads() > 1;
-    match act_kind(ty) {
-        0 => run(backend, ty, w, rb, rows, cols, Act::F32(x), n_tokens, y),
-        1 => {
-            let nb = cols / 32;
-            let mut buf = SCRATCH_Q8.with(|c| c.take());
-            buf.clear();
-            buf.resize(nb * n_tokens, BlockQ8::default());
-            let q = |xs: &[f32], out: &mut [BlockQ8]| match backend {
-                #[cfg(target_arch = "x86_64")]
-                Backend::Avx2 => unsafe { act::avx2::quantize_q8(xs, out) },
-                _ => act::quantize_q8_scalar(xs, out),
-            };
-            if parallel_quant {
-                x.par_chunks(cols)
-                    .zip(buf.par_chunks_mut(nb))
-                    .for_each(|(xs, out)| q(xs, out));
-            } else {
-                q(x, &mut buf);
-            }
-            run(backend, ty, w, rb, rows, cols, Act::Q8(&buf), n_tokens, y);
-            SCRATCH_Q8.with(|c| c.set(buf));
-        }
-        _ => {
-            let nb = cols / 256;
-            let mut buf = SCRATCH_Q8K.with(|c| c.take());
-            buf.clear();
-            buf.resize(nb * n_tokens, BlockQ8K::default());
-            let q = |xs: &[f32], out: &mut [BlockQ8K]| match backend {
-                #[cfg(target_arch = "x86_64")]
-                Backend::Avx2 => unsafe { act::avx2::quantize_q8k(xs, out) },
-                _ => act::quantize_q8k_scalar(xs, out),
-            };
-            if parallel_quant {
-                x.par_chunks(cols)
-                    .zip(buf.par_chunks_mut(nb))
-                    .for_each(|(xs, out)| q(xs, out));
-            } else {
-                q(x, &mut buf);
-            }
-            run(backend, ty, w, rb, rows, cols, Act::Q8K(&buf), n_tokens, y);
-            SCRATCH_Q8K.with(|c| c.set(buf));
+    let needs = |kind: u8| jobs.iter().any(|j| act_kind(j.ty) == kind);
+    let mut q8 = SCRATCH_Q8.with(|c| c.take());
+    let mut q8k = SCRATCH_Q8K.with(|c| c.take());
+    if needs(1) {
+        let nb = cols / 32;
+        q8.clear();
+        q8.resize(nb * n_tokens, BlockQ8::default());
+        let q = |xs: &[f32], out: &mut [BlockQ8]| match backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => unsafe { act::avx2::quantize_q8(xs, out) },
+            _ => act::quantize_q8_scalar(xs, out),
+        };
+        if parallel_quant {
+            x.par_chunks(cols)
+                .zip(q8.par_chunks_mut(nb))
+                .for_each(|(xs, out)| q(xs, out));
+        } else {
+            q(x, &mut q8);
         }
     }
+    if needs(2) {
+        let nb = cols / 256;
+        q8k.clear();
+        q8k.resize(nb * n_tokens, BlockQ8K::default());
+        let q = |xs: &[f32], out: &mut [BlockQ8K]| match backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => unsafe { act::avx2::quantize_q8k(xs, out) },
+            _ => act::quantize_q8k_scalar(xs, out),
+        };
+        if parallel_quant {
+            x.par_chunks(cols)
+                .zip(q8k.par_chunks_mut(nb))
+                .for_each(|(xs, out)| q(xs, out));
+        } else {
+            q(x, &mut q8k);
+        }
+    }
+    let tasks: Vec<Task> = jobs
+        .iter_mut()
+        .flat_map(|j| {
+            let act = match act_kind(j.ty) {
+                0 => Act::F32(x),
+                1 => Act::Q8(&q8),
+                _ => Act::Q8K(&q8k),
+            };
+            let rb = j.ty.row_bytes(cols).expect("checked above");
+            let chunk = chunk_rows_for(j.rows, rb, n_tokens);
+            let (ty, w, rows, y) = (j.ty, j.w, j.rows, YPtr(j.y.as_mut_ptr()));
+            (0..rows.div_ceil(chunk)).map(move |c| Task {
+                ty,
+                w,
+                rb,
+                rows,
+                act,
+                y,
+                r0: c * chunk,
+                r1: ((c + 1) * chunk).min(rows),
+            })
+        })
+        .collect();
+    let job = |t: &Task| {
+        chunk_rows(
+            backend, t.ty, t.w, t.rb, t.rows, cols, t.act, n_tokens, t.y, t.r0, t.r1,
+        )
+    };
+    if tasks.len() == 1 {
+        job(&tasks[0]);
+    } else {
+        tasks.par_iter().for_each(job);
+    }
+    SCRATCH_Q8.with(|c| c.set(q8));
+    SCRATCH_Q8K.with(|c| c.set(q8k));
 }
 
-/// Splits rows into chunks (multiples of 4 rows) and runs them on the pool.
-#[allow(clippy::too_many_arguments)]
-fn run(
-    backend: Backend,
+/// Rows `r0..r1` of one matrix: one parallel task.
+struct Task<'a> {
     ty: QuantType,
-    w: &[u8],
+    w: &'a [u8],
     rb: usize,
     rows: usize,
-    cols: usize,
-    act: Act<'_>,
-    n_tokens: usize,
-    y: &mut [f32],
-) {
+    act: Act<'a>,
+    y: YPtr,
+    r0: usize,
+    r1: usize,
+}
+
+/// Rows per task (a multiple of 4): a few tasks per thread, none under [`MIN_TASK_BYTES`].
+fn chunk_rows_for(rows: usize, rb: usize, n_tokens: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let total = rows * rb * n_tokens.min(16);
     let max_tasks = (total / MIN_TASK_BYTES).max(1);
@@ -146,18 +185,7 @@ fn run(
         .min(max_tasks)
         .min(rows.div_ceil(4))
         .max(1);
-    let chunk = rows.div_ceil(tasks).next_multiple_of(4).min(rows);
-    let yp = YPtr(y.as_mut_ptr());
-    let job = |r0: usize| {
-        let r1 = (r0 + chunk).min(rows);
-        chunk_rows(backend, ty, w, rb, rows, cols, act, n_tokens, yp, r0, r1);
-    };
-    let n_chunks = rows.div_ceil(chunk);
-    if n_chunks == 1 {
-        job(0);
-    } else {
-        (0..n_chunks).into_par_iter().for_each(|c| job(c * chunk));
-    }
+    rows.div_ceil(tasks).next_multiple_of(4).min(rows).max(1)
 }
 
 fn chunks_per_thread(n_tokens: usize) -> usize {

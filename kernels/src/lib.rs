@@ -17,6 +17,7 @@ mod scalar;
 mod x86;
 
 pub use act::{BlockQ8, BlockQ8K};
+pub use driver::MatMulJob;
 
 /// Tensor element types of GGUF files that these kernels understand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -272,7 +273,20 @@ pub fn matmul(
     n_tokens: usize,
     y: &mut [f32],
 ) {
-    driver::matmul(Backend::detect(), ty, w, rows, cols, x, n_tokens, y)
+    driver::matmul_many(
+        Backend::detect(),
+        cols,
+        x,
+        n_tokens,
+        &mut [MatMulJob { ty, w, rows, y }],
+    )
+}
+
+/// Several matrices applied to the same input in one call (see [`MatMulJob`]): the input is
+/// quantized once and all row chunks share one parallel region. Same results as one
+/// [`matmul`] per job.
+pub fn matmul_many(cols: usize, x: &[f32], n_tokens: usize, jobs: &mut [MatMulJob<'_>]) {
+    driver::matmul_many(Backend::detect(), cols, x, n_tokens, jobs)
 }
 
 /// [`matmul`] with the portable scalar implementation (reference for tests).
@@ -285,7 +299,13 @@ pub fn matmul_scalar(
     n_tokens: usize,
     y: &mut [f32],
 ) {
-    driver::matmul(Backend::Scalar, ty, w, rows, cols, x, n_tokens, y)
+    driver::matmul_many(
+        Backend::Scalar,
+        cols,
+        x,
+        n_tokens,
+        &mut [MatMulJob { ty, w, rows, y }],
+    )
 }
 
 /// [`matmul`] with an explicit backend. Panics if the backend is not available.
@@ -301,5 +321,11 @@ pub fn matmul_with(
     y: &mut [f32],
 ) {
     assert!(backend.is_available(), "backend {backend:?} not available");
-    driver::matmul(backend, ty, w, rows, cols, x, n_tokens, y)
+    driver::matmul_many(
+        backend,
+        cols,
+        x,
+        n_tokens,
+        &mut [MatMulJob { ty, w, rows, y }],
+    )
 }

@@ -416,3 +416,40 @@ fn batched_results_do_not_depend_on_the_batch() {
         }
     }
 }
+
+/// Matrices of different types sharing one input in one call give exactly what one call per
+/// matrix gives, for decode, small batches and prefill.
+#[test]
+fn matmul_many_equals_one_call_per_matrix() {
+    use qwen_run_kernels::{matmul_many, MatMulJob};
+    let cols = 512;
+    let shapes = [
+        (QuantType::Q5_0, 96),
+        (QuantType::Q8_0, 20),
+        (QuantType::Q4K, 36),
+        (QuantType::Q6K, 4),
+        (QuantType::F16, 8),
+    ];
+    let weights: Vec<Vec<u8>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(ty, rows))| make_weights(ty, rows, cols, 70 + i as u64).0)
+        .collect();
+    let mut rng = StdRng::seed_from_u64(5);
+    for n in [1, 3, 8, 40] {
+        let x = random_values(&mut rng, n * cols);
+        let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(_, r)| vec![0f32; n * r]).collect();
+        let mut jobs: Vec<MatMulJob> = shapes
+            .iter()
+            .zip(&weights)
+            .zip(outs.iter_mut())
+            .map(|((&(ty, rows), w), y)| MatMulJob { ty, w, rows, y })
+            .collect();
+        matmul_many(cols, &x, n, &mut jobs);
+        for ((&(ty, rows), w), got) in shapes.iter().zip(&weights).zip(&outs) {
+            let mut want = vec![0f32; n * rows];
+            matmul(ty, w, rows, cols, &x, n, &mut want);
+            assert_eq!(got, &want, "{ty} with {n} tokens");
+        }
+    }
+}

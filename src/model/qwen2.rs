@@ -297,14 +297,16 @@ impl Qwen2 {
                 let y = y.reshape((1, all, nh, c.head_dim))?;
                 Ok(candle_nn::rotary_emb::rope_thd(&y, cos, sin)?.squeeze(0)?)
             };
-            let q_all = rotate(l.q.forward(&x)?, c.n_heads)?;
-            let k_all = rotate(l.k.forward(&x)?, c.n_kv_heads)?;
-            let v_all = l.v.forward(&x)?.reshape((all, c.n_kv_heads, c.head_dim))?;
+            let [q, k, v] = Linear::forward_many([&l.q, &l.k, &l.v], &x)?;
+            let q_all = rotate(q, c.n_heads)?;
+            let k_all = rotate(k, c.n_kv_heads)?;
+            let v_all = v.reshape((all, c.n_kv_heads, c.head_dim))?;
             let y = attention::attend(c, i, &q_all, &k_all, &v_all, seqs, masks)?;
             h = (h + l.o.forward(&y)?)?;
             // MLP.
             let x = candle_nn::ops::rms_norm(&h, &l.ffn_norm, c.rms_eps)?;
-            let y = ops::swiglu(&l.gate.forward(&x)?, &l.up.forward(&x)?)?;
+            let [gate, up] = Linear::forward_many([&l.gate, &l.up], &x)?;
+            let y = ops::swiglu(&gate, &up)?;
             h = (h + l.down.forward(&y)?)?;
         }
         for s in seqs.iter_mut() {

@@ -129,21 +129,67 @@ impl Linear {
 
     /// `x`: `[n, cols]` f32 -> `[n, rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (y, bias) = match self {
-            Linear::Native { w, bias } => (
-                x.contiguous()?.apply_op1_no_bwd(&NativeMatMul(w.clone()))?,
-                bias,
-            ),
-            Linear::Candle { w, bias } => (x.apply(w)?, bias),
+        let [y] = Linear::forward_many([self], x)?;
+        Ok(y)
+    }
+
+    /// Several projections of the same input (q, k and v; gate and up). On the CPU they run as
+    /// one kernel call ([`qwen_run_kernels::matmul_many`]): one activation quantization and one
+    /// parallel region for all of them.
+    pub fn forward_many<const N: usize>(linears: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let native: Option<Vec<Arc<QMatrix>>> = linears
+            .iter()
+            .map(|l| match l {
+                Linear::Native { w, .. } => Some(w.clone()),
+                Linear::Candle { .. } => None,
+            })
+            .collect();
+        let ys: Vec<Tensor> = match native {
+            Some(ws) => {
+                let n = x.dim(0)?;
+                let rows: Vec<usize> = ws.iter().map(|w| w.rows).collect();
+                // One flat output, matrix after matrix: each part is a contiguous view.
+                let flat = x.contiguous()?.apply_op1_no_bwd(&NativeMatMul(ws))?;
+                let mut at = 0;
+                rows.iter()
+                    .map(|&r| {
+                        let y = flat.narrow(0, at, n * r)?.reshape((n, r))?;
+                        at += n * r;
+                        Ok(y)
+                    })
+                    .collect::<Result<_>>()?
+            }
+            None => linears
+                .iter()
+                .map(|l| match l {
+                    Linear::Native { .. } => bail!("mixed CPU and GPU projections"),
+                    Linear::Candle { w, .. } => Ok(x.apply(w)?),
+                })
+                .collect::<Result<_>>()?,
         };
-        Ok(match bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        let with_bias: Vec<Tensor> = ys
+            .into_iter()
+            .zip(linears)
+            .map(|(y, l)| match l.bias() {
+                Some(b) => Ok(y.broadcast_add(b)?),
+                None => Ok(y),
+            })
+            .collect::<Result<_>>()?;
+        with_bias
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("forward_many: wrong number of outputs"))
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Linear::Native { bias, .. } | Linear::Candle { bias, .. } => bias.as_ref(),
+        }
     }
 }
 
-struct NativeMatMul(Arc<QMatrix>);
+/// Our CPU kernels over weight matrices that share the input; the output is flat, each
+/// matrix's `[n, rows]` block after the previous one's.
+struct NativeMatMul(Vec<Arc<QMatrix>>);
 
 impl CustomOp1 for NativeMatMul {
     fn name(&self) -> &'static str {
@@ -155,26 +201,40 @@ impl CustomOp1 for NativeMatMul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = &self.0;
         let x = match storage {
             CpuStorage::F32(x) => x,
             _ => candle_core::bail!("qmatmul expects f32 activations"),
         };
         let (n, k) = layout.shape().dims2()?;
-        if k != w.cols {
-            candle_core::bail!(
-                "qmatmul: input has {k} columns, weight '{}' has {}",
-                w.name(),
-                w.cols
-            );
+        for w in &self.0 {
+            if k != w.cols {
+                candle_core::bail!(
+                    "qmatmul: input has {k} columns, weight '{}' has {}",
+                    w.name(),
+                    w.cols
+                );
+            }
         }
         let x = match layout.contiguous_offsets() {
             Some((a, b)) => &x[a..b],
             None => candle_core::bail!("qmatmul expects a contiguous input"),
         };
-        let mut y = vec![0f32; n * w.rows];
-        qwen_run_kernels::matmul(w.ty(), w.data(), w.rows, w.cols, x, n, &mut y);
-        Ok((CpuStorage::F32(y), Shape::from((n, w.rows))))
+        let total: usize = self.0.iter().map(|w| n * w.rows).sum();
+        let mut y = vec![0f32; total];
+        let mut rest = y.as_mut_slice();
+        let mut jobs = Vec::with_capacity(self.0.len());
+        for w in &self.0 {
+            let (part, tail) = rest.split_at_mut(n * w.rows);
+            rest = tail;
+            jobs.push(qwen_run_kernels::MatMulJob {
+                ty: w.ty(),
+                w: w.data(),
+                rows: w.rows,
+                y: part,
+            });
+        }
+        qwen_run_kernels::matmul_many(k, x, n, &mut jobs);
+        Ok((CpuStorage::F32(y), Shape::from(total)))
     }
 }
 
