@@ -17,19 +17,24 @@ pub struct AttnDims {
     pub n_heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    /// Positions each cache buffer holds (its second dimension).
-    pub capacity: usize,
 }
 
-/// One sequence of the step: its cache buffers, `[kv_heads, capacity, head_dim]`, whose first
-/// `pos + n` positions are written (the `n` new ones included), and its `n` queries, which sit at
-/// positions `pos..pos + n` and see the keys up to their own position.
+/// One sequence of the step: its cache buffers, `[kv_heads, capacity, head_dim]` (the capacity
+/// is the sequence's own), whose first `pos + n` positions are written (the `n` new ones
+/// included), and its `n` queries, which sit at positions `pos..pos + n` and see the keys up to
+/// their own position.
 #[derive(Clone, Copy, Debug)]
 pub struct CachedSeq<'a> {
     pub keys: &'a [f32],
     pub values: &'a [f32],
     pub pos: usize,
     pub n: usize,
+}
+
+impl CachedSeq<'_> {
+    fn capacity(&self, kv_heads: usize, head_dim: usize) -> usize {
+        self.keys.len() / (kv_heads * head_dim)
+    }
 }
 
 /// Below this many multiply-adds a step runs on the calling thread.
@@ -53,7 +58,6 @@ pub fn cached_attention_with(
         n_heads,
         kv_heads,
         head_dim: d,
-        capacity,
     } = dims;
     assert!(
         kv_heads > 0 && n_heads.is_multiple_of(kv_heads),
@@ -65,10 +69,14 @@ pub fn cached_attention_with(
     let mut first_row = Vec::with_capacity(seqs.len());
     let (mut rows, mut work) = (0, 0);
     for s in seqs {
-        assert!(s.pos + s.n <= capacity, "sequence runs past its cache");
-        for buf in [s.keys, s.values] {
-            assert_eq!(buf.len(), kv_heads * capacity * d, "cache: wrong length");
-        }
+        assert!(
+            s.keys.len() == s.values.len() && s.keys.len().is_multiple_of(kv_heads * d),
+            "cache buffers of the wrong size"
+        );
+        assert!(
+            s.pos + s.n <= s.capacity(kv_heads, d),
+            "sequence runs past its cache"
+        );
         first_row.push(rows);
         rows += s.n;
         work += s.n * (s.pos + s.n) * n_heads * d;
@@ -128,7 +136,6 @@ impl Task<'_> {
             n_heads,
             kv_heads,
             head_dim: d,
-            capacity,
         } = self.dims;
         let group = n_heads / kv_heads;
         let CachedSeq {
@@ -137,7 +144,7 @@ impl Task<'_> {
             pos,
             n,
         } = self.seq;
-        let base = self.kv_head * capacity * d;
+        let base = self.kv_head * self.seq.capacity(kv_heads, d) * d;
         let keys = &keys[base..base + (pos + n) * d];
         let values = &values[base..base + (pos + n) * d];
         let mut scores = vec![0f32; pos + n];
@@ -233,22 +240,24 @@ mod tests {
     #[test]
     fn matches_the_reference_for_every_sequence_head_and_backend() {
         // Odd head size (a tail after the 8-lane chunks), 3 query heads per KV head, sequences
-        // with one token, several tokens (causal mask) and an empty history.
+        // with one token, several tokens (causal mask) and an empty history, caches of two sizes.
         let dims = AttnDims {
             n_heads: 6,
             kv_heads: 2,
             head_dim: 12,
-            capacity: 40,
         };
-        let shapes = [(17, 1), (0, 3), (30, 4), (5, 1)];
-        let buf = dims.kv_heads * dims.capacity * dims.head_dim;
+        // (position, tokens, cache capacity)
+        let shapes = [(17, 1, 40), (0, 3, 40), (30, 4, 40), (5, 1, 24)];
         let caches: Vec<(Vec<f32>, Vec<f32>)> = (0..shapes.len() as u32)
-            .map(|i| (values(buf, 2 * i + 1), values(buf, 2 * i + 2)))
+            .map(|i| {
+                let buf = dims.kv_heads * shapes[i as usize].2 * dims.head_dim;
+                (values(buf, 2 * i + 1), values(buf, 2 * i + 2))
+            })
             .collect();
         let seqs: Vec<CachedSeq> = shapes
             .iter()
             .zip(&caches)
-            .map(|(&(pos, n), (k, v))| CachedSeq {
+            .map(|(&(pos, n, _), (k, v))| CachedSeq {
                 keys: k,
                 values: v,
                 pos,
@@ -263,14 +272,14 @@ mod tests {
             let mut y = vec![f32::NAN; q.len()];
             cached_attention_with(backend, dims, &q, &seqs, scale, &mut y);
             let mut row = 0;
-            for s in &seqs {
+            for (s, &(_, _, capacity)) in seqs.iter().zip(&shapes) {
                 for i in 0..s.n {
                     for h in 0..dims.n_heads {
                         let kv = h / (dims.n_heads / dims.kv_heads);
                         let rows = |buf: &'_ [f32]| -> Vec<Vec<f32>> {
                             (0..=s.pos + i)
                                 .map(|j| {
-                                    let at = (kv * dims.capacity + j) * dims.head_dim;
+                                    let at = (kv * capacity + j) * dims.head_dim;
                                     buf[at..at + dims.head_dim].to_vec()
                                 })
                                 .collect()

@@ -94,38 +94,32 @@ pub(crate) fn matmul_many(
     let mut q8 = SCRATCH_Q8.with(|c| c.take());
     let mut q8k = SCRATCH_Q8K.with(|c| c.take());
     if needs(1) {
-        let nb = cols / 32;
-        q8.clear();
-        q8.resize(nb * n_tokens, BlockQ8::default());
-        let q = |xs: &[f32], out: &mut [BlockQ8]| match backend {
-            #[cfg(target_arch = "x86_64")]
-            Backend::Avx2 => unsafe { act::avx2::quantize_q8(xs, out) },
-            _ => act::quantize_q8_scalar(xs, out),
-        };
-        if parallel_quant {
-            x.par_chunks(cols)
-                .zip(q8.par_chunks_mut(nb))
-                .for_each(|(xs, out)| q(xs, out));
-        } else {
-            q(x, &mut q8);
-        }
+        quantize_rows(
+            x,
+            cols,
+            32,
+            parallel_quant,
+            &mut q8,
+            |xs, out| match backend {
+                #[cfg(target_arch = "x86_64")]
+                Backend::Avx2 => unsafe { act::avx2::quantize_q8(xs, out) },
+                _ => act::quantize_q8_scalar(xs, out),
+            },
+        );
     }
     if needs(2) {
-        let nb = cols / 256;
-        q8k.clear();
-        q8k.resize(nb * n_tokens, BlockQ8K::default());
-        let q = |xs: &[f32], out: &mut [BlockQ8K]| match backend {
-            #[cfg(target_arch = "x86_64")]
-            Backend::Avx2 => unsafe { act::avx2::quantize_q8k(xs, out) },
-            _ => act::quantize_q8k_scalar(xs, out),
-        };
-        if parallel_quant {
-            x.par_chunks(cols)
-                .zip(q8k.par_chunks_mut(nb))
-                .for_each(|(xs, out)| q(xs, out));
-        } else {
-            q(x, &mut q8k);
-        }
+        quantize_rows(
+            x,
+            cols,
+            256,
+            parallel_quant,
+            &mut q8k,
+            |xs, out| match backend {
+                #[cfg(target_arch = "x86_64")]
+                Backend::Avx2 => unsafe { act::avx2::quantize_q8k(xs, out) },
+                _ => act::quantize_q8k_scalar(xs, out),
+            },
+        );
     }
     let tasks: Vec<Task> = jobs
         .iter_mut()
@@ -162,6 +156,27 @@ pub(crate) fn matmul_many(
     }
     SCRATCH_Q8.with(|c| c.set(q8));
     SCRATCH_Q8K.with(|c| c.set(q8k));
+}
+
+/// Quantizes each `cols`-wide row of `x` into `buf` (blocks of `per_block` values) with `q`.
+fn quantize_rows<B: Default + Clone + Send>(
+    x: &[f32],
+    cols: usize,
+    per_block: usize,
+    parallel: bool,
+    buf: &mut Vec<B>,
+    q: impl Fn(&[f32], &mut [B]) + Sync,
+) {
+    let nb = cols / per_block;
+    buf.clear();
+    buf.resize(nb * (x.len() / cols), B::default());
+    if parallel {
+        x.par_chunks(cols)
+            .zip(buf.par_chunks_mut(nb))
+            .for_each(|(xs, out)| q(xs, out));
+    } else {
+        q(x, buf);
+    }
 }
 
 /// Rows `r0..r1` of one matrix: one parallel task.

@@ -59,7 +59,6 @@ fn in_cache(
             n_heads: c.n_heads,
             kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
-            capacity: seqs[0].cache.capacity(),
         },
         caches,
         scale: 1.0 / (c.head_dim as f32).sqrt(),
