@@ -262,13 +262,7 @@ impl KvCache {
     /// views of all cached keys and values of that layer, the new ones included, as f32.
     pub fn append(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = k.dim(1)?;
-        if self.len + n > self.capacity {
-            bail!(
-                "the context is full: {} tokens cached + {n} new > context size {}",
-                self.len,
-                self.capacity
-            );
-        }
+        self.check_room(n)?;
         let (ck, cv) = &self.layers[layer];
         let k = self.write_and_read(ck, self.ty_k, k, n)?;
         let v = self.write_and_read(cv, self.ty_v, v, n)?;
@@ -320,7 +314,7 @@ impl KvCache {
 
     /// Writes rows `row0..row0 + n` of `k` and `v` (`[tokens, kv_heads, head_dim]`, the layout
     /// the projections produce) at positions `len()..` of a [`host_f32`](Self::host_f32) layer,
-    /// with no intermediate copies.
+    /// with no intermediate copies; returns that layer's key and value buffers.
     pub fn write_host_f32(
         &self,
         layer: usize,
@@ -328,17 +322,11 @@ impl KvCache {
         v: &Tensor,
         row0: usize,
         n: usize,
-    ) -> Result<()> {
+    ) -> Result<(&Tensor, &Tensor)> {
         let Some((ck, cv)) = self.host_f32(layer) else {
             bail!("layer {layer} of the KV cache is not f32 in host memory");
         };
-        if self.len + n > self.capacity {
-            bail!(
-                "the context is full: {} tokens cached + {n} new > context size {}",
-                self.len,
-                self.capacity
-            );
-        }
+        self.check_room(n)?;
         let op = WriteRows {
             row0,
             n,
@@ -349,6 +337,17 @@ impl KvCache {
         };
         ck.inplace_op2(k, &op)?;
         cv.inplace_op2(v, &op)?;
+        Ok((ck, cv))
+    }
+
+    fn check_room(&self, n: usize) -> Result<()> {
+        if self.len + n > self.capacity {
+            bail!(
+                "the context is full: {} tokens cached + {n} new > context size {}",
+                self.len,
+                self.capacity
+            );
+        }
         Ok(())
     }
 

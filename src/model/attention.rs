@@ -49,8 +49,7 @@ fn in_cache(
     let mut caches = Vec::with_capacity(seqs.len());
     for s in seqs {
         let n = s.tokens.len();
-        s.cache.write_host_f32(layer, &k_all, &v_all, row, n)?;
-        let (k, v) = s.cache.host_f32(layer).context("checked by attend")?;
+        let (k, v) = s.cache.write_host_f32(layer, &k_all, &v_all, row, n)?;
         caches.push((k.clone(), v.clone(), s.cache.len(), n));
         row += n;
     }
