@@ -9,7 +9,6 @@
 
 use crate::driver::YPtr;
 use crate::Backend;
-use rayon::prelude::*;
 
 /// Shapes shared by all sequences of a step.
 #[derive(Clone, Copy, Debug)]
@@ -98,7 +97,7 @@ pub fn cached_attention_with(
     if work < MIN_PARALLEL_WORK || rayon::current_num_threads() < 2 {
         (0..n_tasks).for_each(task);
     } else {
-        (0..n_tasks).into_par_iter().for_each(task);
+        crate::pool::for_each(n_tasks, task);
     }
 }
 

@@ -1,5 +1,5 @@
 //! Shape validation, activation quantization (once per call), and splitting of
-//! the rows across the current rayon pool.
+//! the rows across the threads ([`crate::pool`]).
 
 use crate::act::{self, BlockQ8, BlockQ8K};
 use crate::{scalar, Backend, QuantType};
@@ -149,11 +149,7 @@ pub(crate) fn matmul_many(
             backend, t.ty, t.w, t.rb, t.rows, cols, t.act, n_tokens, t.y, t.r0, t.r1,
         )
     };
-    if tasks.len() == 1 {
-        job(&tasks[0]);
-    } else {
-        tasks.par_iter().for_each(job);
-    }
+    crate::pool::for_each(tasks.len(), |i| job(&tasks[i]));
     SCRATCH_Q8.with(|c| c.set(q8));
     SCRATCH_Q8K.with(|c| c.set(q8k));
 }

@@ -12,6 +12,7 @@ pub mod attention;
 mod dequant;
 mod driver;
 pub mod elementwise;
+pub mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;

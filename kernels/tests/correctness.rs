@@ -262,6 +262,11 @@ fn matmul_in_custom_pools() {
         pool.install(|| {
             check_matmul(QuantType::Q4K, 101, 512, 5, 7);
             check_matmul(QuantType::Q8_0, 130, 256, 1, 8);
+            qwen_run_kernels::pool::with_spinning_workers(|| {
+                check_matmul(QuantType::Q4K, 101, 512, 5, 9);
+                check_matmul(QuantType::Q5_0, 130, 256, 1, 10);
+                check_matmul(QuantType::Q8_0, 1030, 256, 16, 11);
+            });
         });
     }
 }

@@ -438,6 +438,22 @@ impl Engine {
         }
     }
 
+    /// Runs one forward pass on the engine's threads. When the CPU has part of the model, the
+    /// other threads spin through the pass instead of sleeping between its parallel loops
+    /// (waking them costs about as much as a small matmul).
+    fn run_pass<R>(&self, pass: impl FnOnce() -> R + Send) -> R
+    where
+        R: Send,
+    {
+        self.pool.install(|| {
+            if self.model.placement.uses_cpu() {
+                qwen_run_kernels::pool::with_spinning_workers(pass)
+            } else {
+                pass()
+            }
+        })
+    }
+
     /// Runs the model on `tokens` appended to the session; returns the logits of the last
     /// position (or every position) as rows of f32.
     pub fn forward(
@@ -448,9 +464,7 @@ impl Engine {
     ) -> Result<Vec<Vec<f32>>> {
         let mut rows = Vec::new();
         for chunk in tokens.chunks(self.batch_size) {
-            let logits = self
-                .pool
-                .install(|| self.model.forward(chunk, &mut session.cache, which))?;
+            let logits = self.run_pass(|| self.model.forward(chunk, &mut session.cache, which))?;
             session.tokens.extend_from_slice(chunk);
             rows = match which {
                 Logits::Last => logits.to_vec2::<f32>()?,
@@ -478,9 +492,7 @@ impl Engine {
                 cache: &mut s.cache,
             })
             .collect();
-        let logits = self
-            .pool
-            .install(|| self.model.forward_batch(&mut seqs, Logits::Last))?;
+        let logits = self.run_pass(|| self.model.forward_batch(&mut seqs, Logits::Last))?;
         for (s, t) in sessions.iter_mut().zip(tokens) {
             s.tokens.extend_from_slice(t);
         }

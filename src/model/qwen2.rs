@@ -116,6 +116,11 @@ impl Placement {
         self.layers.iter().filter(|d| !d.is_cpu()).count()
     }
 
+    /// Whether any layer or the output head runs on the CPU (and so on our kernels).
+    pub fn uses_cpu(&self) -> bool {
+        self.layers.iter().chain([&self.output]).any(|d| d.is_cpu())
+    }
+
     /// The accelerator, if any part runs on one.
     pub fn gpu(&self) -> Option<&Device> {
         self.layers
