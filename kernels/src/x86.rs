@@ -315,6 +315,48 @@ unsafe fn tile_q32_dec<const K: u8>(
     c
 }
 
+/// The 8 six-bit scales and 8 mins of a Q4_K/Q5_K super-block (12 bytes at `s`), unpacked
+/// with a few 32-bit operations: (scales as i16 in both 128-bit lanes, mins as i16 each
+/// twice, in the order of the activation's 16 partial sums).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scales_mins_k4(s: *const u8) -> (__m256i, __m256i) {
+    let u = |i: usize| std::ptr::read_unaligned(s.add(4 * i) as *const u32);
+    let (u0, u1, u2) = (u(0), u(1), u(2));
+    let (low6, low4, top2) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
+    // scales 0..3 and mins 0..3 are the low 6 bits of bytes 0..3 and 4..7; scales and mins
+    // 4..7 are the nibbles of bytes 8..11 with the top 2 bits of bytes 0..3 / 4..7 above them
+    let sc_hi = (u2 & low4) | (((u0 >> 6) & top2) << 4);
+    let mn_hi = ((u2 >> 4) & low4) | (((u1 >> 6) & top2) << 4);
+    let sc = _mm_cvtsi64_si128(((u0 & low6) as u64 | (sc_hi as u64) << 32) as i64);
+    let mn = _mm_cvtsi64_si128(((u1 & low6) as u64 | (mn_hi as u64) << 32) as i64);
+    (
+        _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc)),
+        _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn, mn)),
+    )
+}
+
+/// Shuffle control that broadcasts i16 lane `lo` (of 8) to the lower 128-bit half and lane
+/// `hi` to the upper half.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pick_i16(lo: usize, hi: usize) -> __m256i {
+    let l = (2 * lo) as i16 | ((2 * lo + 1) as i16) << 8;
+    let h = (2 * hi) as i16 | ((2 * hi + 1) as i16) << 8;
+    _mm256_set_m128i(_mm_set1_epi16(h), _mm_set1_epi16(l))
+}
+
+/// `acc + isum * (d * ad) - msum * (dmin * ad)`, the float step of a K-quant super-block, with
+/// `dm` = [d, dmin] from the block's two f16 fields.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_block_acc(acc: __m256, isum: __m256i, msum: __m256i, dm: __m128, ad: f32) -> __m256 {
+    let f = _mm_mul_ps(dm, _mm_set1_ps(ad));
+    let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_broadcastss_ps(f), acc);
+    let fmin = _mm256_broadcastss_ps(_mm_movehdup_ps(f));
+    _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), fmin, acc)
+}
+
 /// Q4_K (FIVE = false) and Q5_K (FIVE = true).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -337,16 +379,8 @@ unsafe fn tile_q45k<const FIVE: bool, const R: usize, const T: usize>(
             if pf != 0 {
                 prefetch(p.wrapping_add(pf), bb);
             }
-            let d = f16_ld(p);
-            let dmin = f16_ld(p.add(2));
-            let s = std::slice::from_raw_parts(p.add(4), 12);
-            let (sc, mn) = crate::dequant::scale_min_k4(s);
-            let mut mins16 = [0i16; 16];
-            for j in 0..8 {
-                mins16[2 * j] = mn[j] as i16;
-                mins16[2 * j + 1] = mn[j] as i16;
-            }
-            let mv = ld256(mins16.as_ptr() as *const u8);
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+            let (scales, mins) = scales_mins_k4(p.add(4));
             let qs = p.add(if FIVE { 48 } else { 16 });
             let qhv = if FIVE {
                 ld256(p.add(16))
@@ -363,31 +397,21 @@ unsafe fn tile_q45k<const FIVE: bool, const R: usize, const T: usize>(
                     lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(h, one)));
                     hi = _mm256_or_si256(hi, _mm256_slli_epi16::<3>(_mm256_and_si256(h, two)));
                 }
-                let s0 = _mm256_set1_epi16(sc[2 * j] as i16);
-                let s1 = _mm256_set1_epi16(sc[2 * j + 1] as i16);
+                let s0 = _mm256_shuffle_epi8(scales, pick_i16(2 * j, 2 * j));
+                let s1 = _mm256_shuffle_epi8(scales, pick_i16(2 * j + 1, 2 * j + 1));
                 for t in 0..T {
                     let ab = &*(a.add(t * astride) as *const BlockQ8K).add(b);
                     let aq = ab.qs.as_ptr() as *const u8;
-                    let a0 = ld256(aq.add(64 * j));
-                    let a1 = ld256(aq.add(64 * j + 32));
-                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), s0);
-                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), s1);
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ld256(aq.add(64 * j))), s0);
+                    let p1 =
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ld256(aq.add(64 * j + 32))), s1);
                     isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(p0, p1));
                 }
             }
             for t in 0..T {
                 let ab = &*(a.add(t * astride) as *const BlockQ8K).add(b);
-                let pm = _mm256_madd_epi16(ld256(ab.bsums.as_ptr() as *const u8), mv);
-                acc[r][t] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(isum[t]),
-                    _mm256_set1_ps(d * ab.d),
-                    acc[r][t],
-                );
-                acc[r][t] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(pm),
-                    _mm256_set1_ps(-dmin * ab.d),
-                    acc[r][t],
-                );
+                let msum = _mm256_madd_epi16(ld256(ab.bsums.as_ptr() as *const u8), mins);
+                acc[r][t] = k_block_acc(acc[r][t], isum[t], msum, dm, ab.d);
             }
         }
     }
@@ -420,10 +444,13 @@ unsafe fn tile_q6k<const R: usize, const T: usize>(
                 prefetch(p.wrapping_add(pf), 210);
             }
             let d = f16_ld(p.add(208));
-            let sc = std::slice::from_raw_parts(p.add(192) as *const i8, 16);
             let sc16 = _mm256_cvtepi8_epi16(ld128(p.add(192)));
             let mut isum = [_mm256_setzero_si256(); T];
             for n in 0..2 {
+                // scales 8n..8n+8 as i16 in both 128-bit lanes
+                let scn = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64(
+                    p.add(192 + 8 * n) as *const __m128i,
+                )));
                 let qla = ld256(p.add(64 * n));
                 let qlb = ld256(p.add(64 * n + 32));
                 let qh = ld256(p.add(128 + 32 * n));
@@ -446,11 +473,8 @@ unsafe fn tile_q6k<const R: usize, const T: usize>(
                     ),
                 ];
                 for (k, qk) in q.iter().enumerate() {
-                    let g = 8 * n + 2 * k;
-                    let sv = _mm256_set_m128i(
-                        _mm_set1_epi16(sc[g + 1] as i16),
-                        _mm_set1_epi16(sc[g] as i16),
-                    );
+                    // groups 8n+2k (lower half of the 32 values) and 8n+2k+1 (upper half)
+                    let sv = _mm256_shuffle_epi8(scn, pick_i16(2 * k, 2 * k + 1));
                     for t in 0..T {
                         let ab = &*(a.add(t * astride) as *const BlockQ8K).add(b);
                         let av = ld256((ab.qs.as_ptr() as *const u8).add(128 * n + 32 * k));
