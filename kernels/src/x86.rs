@@ -315,12 +315,11 @@ unsafe fn tile_q32_dec<const K: u8>(
     c
 }
 
-/// The 8 six-bit scales and 8 mins of a Q4_K/Q5_K super-block (12 bytes at `s`), unpacked
-/// with a few 32-bit operations: (scales as i16 in both 128-bit lanes, mins as i16 each
-/// twice, in the order of the activation's 16 partial sums).
+/// The 8 six-bit scales and 8 mins of a Q4_K/Q5_K super-block (12 bytes at `s`) as two
+/// little-endian byte arrays, unpacked with a few 32-bit operations (for every block of every
+/// row, so not byte by byte).
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scales_mins_k4(s: *const u8) -> (__m256i, __m256i) {
+pub(crate) unsafe fn scale_min_bytes_k4(s: *const u8) -> (u64, u64) {
     let u = |i: usize| std::ptr::read_unaligned(s.add(4 * i) as *const u32);
     let (u0, u1, u2) = (u(0), u(1), u(2));
     let (low6, low4, top2) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
@@ -328,8 +327,20 @@ unsafe fn scales_mins_k4(s: *const u8) -> (__m256i, __m256i) {
     // 4..7 are the nibbles of bytes 8..11 with the top 2 bits of bytes 0..3 / 4..7 above them
     let sc_hi = (u2 & low4) | (((u0 >> 6) & top2) << 4);
     let mn_hi = ((u2 >> 4) & low4) | (((u1 >> 6) & top2) << 4);
-    let sc = _mm_cvtsi64_si128(((u0 & low6) as u64 | (sc_hi as u64) << 32) as i64);
-    let mn = _mm_cvtsi64_si128(((u1 & low6) as u64 | (mn_hi as u64) << 32) as i64);
+    (
+        (u0 & low6) as u64 | (sc_hi as u64) << 32,
+        (u1 & low6) as u64 | (mn_hi as u64) << 32,
+    )
+}
+
+/// [`scale_min_bytes_k4`] as vectors: (scales as i16 in both 128-bit lanes, mins as i16 each
+/// twice, in the order of the activation's 16 partial sums).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scales_mins_k4(s: *const u8) -> (__m256i, __m256i) {
+    let (sc, mn) = scale_min_bytes_k4(s);
+    let sc = _mm_cvtsi64_si128(sc as i64);
+    let mn = _mm_cvtsi64_si128(mn as i64);
     (
         _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc)),
         _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn, mn)),

@@ -532,8 +532,7 @@ unsafe fn unpack_panel_k<const K: u8>(
                 let five = K == K_Q5K;
                 dd[r] = f16_ld(p);
                 dm[r] = f16_ld(p.add(2));
-                let (sc, mn) =
-                    crate::dequant::scale_min_k4(std::slice::from_raw_parts(p.add(4), 12));
+                let (sc, mn) = scale_min_bytes_k4(p.add(4));
                 let qs = p.add(if five { 48 } else { 16 });
                 let qhv = if five {
                     ld256(p.add(16))
@@ -552,8 +551,8 @@ unsafe fn unpack_panel_k<const K: u8>(
                     vals[2 * jj][r] = lo;
                     vals[2 * jj + 1][r] = hi;
                 }
-                let s16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(sc.as_ptr() as *const __m128i));
-                let m16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
+                let s16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64));
+                let m16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
                 gs[r] = _mm256_castsi128_si256(s16);
                 // factor g of the 16 bsums: min of sub-block g / 2
                 bf[r] =
