@@ -39,6 +39,22 @@ def run(cmd, **kw):
     return p.stdout, p.stderr
 
 
+def run_with_peak_rss(cmd):
+    """run(), plus the child's peak resident memory in MiB (Linux reports ru_maxrss in KiB)."""
+    log(" ".join(cmd))
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(p.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        p.returncode = code
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if code != 0:
+        sys.exit("compare: error: %s failed (exit %d):\n%s" % (cmd[0], code, stderr[-3000:]))
+    return stdout, usage.ru_maxrss / 1024.0
+
+
 def resolve_model(m):
     if os.path.isfile(m):
         return os.path.abspath(m)
@@ -114,6 +130,10 @@ def time_row(name, ours, theirs):
             else "%.2fx slower" % (ours / theirs))
 
 
+def memory_row(name, ours, theirs):
+    return (name, "%.0f" % ours, "%.0f" % theirs, "%.2fx" % (ours / theirs))
+
+
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="0.5b", help="a GGUF path, or a test model alias for models/fetch.py")
@@ -138,6 +158,7 @@ def main(argv):
     ours = {pp: [], tg: []}
     theirs = {pp: [], tg: []}
     extras = []
+    llama_rss = 0.0
     for rnd in range(args.rounds):
         order = ["qwen-run", "llama.cpp"] if rnd % 2 == 0 else ["llama.cpp", "qwen-run"]
         for engine in order:
@@ -149,8 +170,10 @@ def main(argv):
                 for k in ours:
                     ours[k] += tests[k]
             else:
-                out, _ = run([os.path.join(lb, "llama-bench"), "-m", model, "-t", t, "-p", str(args.n_prompt),
-                              "-n", str(args.n_gen), "-r", str(args.repetitions), "-o", "json"])
+                out, rss = run_with_peak_rss([os.path.join(lb, "llama-bench"), "-m", model, "-t", t, "-p",
+                                              str(args.n_prompt), "-n", str(args.n_gen), "-r",
+                                              str(args.repetitions), "-o", "json"])
+                llama_rss = max(llama_rss, rss)
                 tests, info = parse_llama_bench(out)
                 for k in theirs:
                     theirs[k] += tests[k]
@@ -171,7 +194,9 @@ def main(argv):
 
     rows = [speed_row(pp, ours[pp], theirs[pp]), speed_row(tg, ours[tg], theirs[tg]),
             time_row("time to first token, %d-token chat prompt (ms)" % n_short, our_ttft, llama_ttft),
-            time_row("model load, warm page cache (ms)", our_load, llama_load)]
+            time_row("model load, warm page cache (ms)", our_load, llama_load),
+            memory_row("peak RSS over the %s and %s runs (MiB)" % (pp, tg),
+                       max(e["peak_rss_mib"] for e in extras), llama_rss)]
     print("## qwen-run vs llama.cpp b11434: %s, %s threads, %d rounds x %d repetitions\n"
           % (name, t, args.rounds, args.repetitions))
     print(table(rows))
@@ -179,10 +204,9 @@ def main(argv):
     tg_mean = statistics.mean(ours[tg])
     roof = ex["read_bandwidth_gbs"] * 1e9 / ex["decode_bytes_per_token"]
     print("\nroofline: %.1f GB/s measured read bandwidth / %.1f MB of weights per token = %.1f t/s; "
-          "qwen-run decode %.1f t/s = %.0f%%, llama.cpp %.1f t/s = %.0f%%; peak RSS qwen-run %.0f MiB"
+          "qwen-run decode %.1f t/s = %.0f%%, llama.cpp %.1f t/s = %.0f%%"
           % (ex["read_bandwidth_gbs"], ex["decode_bytes_per_token"] / 1e6, roof, tg_mean,
-             100 * tg_mean / roof, statistics.mean(theirs[tg]), 100 * statistics.mean(theirs[tg]) / roof,
-             max(e["peak_rss_mib"] for e in extras)))
+             100 * tg_mean / roof, statistics.mean(theirs[tg]), 100 * statistics.mean(theirs[tg]) / roof))
 
     fidelity = None
     if not args.no_fidelity:
@@ -208,6 +232,7 @@ def main(argv):
         with open(args.json, "w") as f:
             json.dump({"model": model, "threads": args.threads, "qwen_run": ours, "llama_cpp": theirs,
                        "qwen_run_extras": extras, "llama_ttft_ms": llama_ttft, "llama_load_ms": llama_load,
+                       "llama_peak_rss_mib": llama_rss,
                        "fidelity": fidelity}, f, indent=1)
     return 0
 

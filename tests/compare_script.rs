@@ -82,6 +82,7 @@ fn compare_script_prints_the_table() {
         "time to first token",
         "model load, warm page cache (ms)",
         "| 181.5 |",
+        "| peak RSS over the pp16 and tg4 runs (MiB) |",
         "roofline:",
     ] {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");

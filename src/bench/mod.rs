@@ -157,6 +157,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             });
         }
     }
+    // before the bandwidth probe, whose 512 MiB buffer is not the engine's
+    let peak_rss_mib = peak_rss_bytes() as f64 / (1 << 20) as f64;
     let read_bandwidth_gbs = measure_read_bandwidth(*opts.threads.iter().max().unwrap_or(&1));
     let seconds_per_token = host_bytes as f64 / (read_bandwidth_gbs * 1e9)
         + gpu_bandwidth_gbs.map_or(0.0, |bw| gpu_bytes as f64 / (bw * 1e9));
@@ -171,7 +173,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             load_s,
             ttft_ms,
             ttft_prompt_tokens,
-            peak_rss_mib: peak_rss_bytes() as f64 / (1 << 20) as f64,
+            peak_rss_mib,
             read_bandwidth_gbs,
             decode_bytes_per_token: host_bytes + gpu_bytes,
             gpu_bandwidth_gbs,
