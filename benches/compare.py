@@ -32,27 +32,24 @@ def log(msg):
 
 
 def run(cmd, **kw):
-    log(" ".join(cmd))
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-    if p.returncode != 0:
-        sys.exit("compare: error: %s failed (exit %d):\n%s" % (cmd[0], p.returncode, p.stderr[-3000:]))
-    return p.stdout, p.stderr
+    out, err, _ = run_with_peak_rss(cmd, **kw)
+    return out, err
 
 
-def run_with_peak_rss(cmd):
-    """run(), plus the child's peak resident memory in MiB (Linux reports ru_maxrss in KiB)."""
+def run_with_peak_rss(cmd, **kw):
+    """Runs cmd (exits on failure): its stdout, stderr and peak resident memory in MiB (Linux
+    reports ru_maxrss in KiB; wait4 gives this child's alone)."""
     log(" ".join(cmd))
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kw)
         _, status, usage = os.wait4(p.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        p.returncode = code
+        p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
-    if code != 0:
-        sys.exit("compare: error: %s failed (exit %d):\n%s" % (cmd[0], code, stderr[-3000:]))
-    return stdout, usage.ru_maxrss / 1024.0
+    if p.returncode != 0:
+        sys.exit("compare: error: %s failed (exit %d):\n%s" % (cmd[0], p.returncode, stderr[-3000:]))
+    return stdout, stderr, usage.ru_maxrss / 1024.0
 
 
 def resolve_model(m):
@@ -170,7 +167,7 @@ def main(argv):
                 for k in ours:
                     ours[k] += tests[k]
             else:
-                out, rss = run_with_peak_rss([os.path.join(lb, "llama-bench"), "-m", model, "-t", t, "-p",
+                out, _, rss = run_with_peak_rss([os.path.join(lb, "llama-bench"), "-m", model, "-t", t, "-p",
                                               str(args.n_prompt), "-n", str(args.n_gen), "-r",
                                               str(args.repetitions), "-o", "json"])
                 llama_rss = max(llama_rss, rss)
