@@ -10,11 +10,16 @@
 //!    default run): the decode step of continuous batching, one call per weight with
 //!    n = 1, 2, 3, 4, 8, 16 tokens (BENCH_SMALL_N) on the real Qwen2.5 0.5B and 1.5B
 //!    Q4_K_M shapes, weights from DRAM. Time per call and its ratio to n=1, then the
-//!    matmul time of a whole forward step (layers x shapes + output head) per n.
+//!    matmul time of a whole forward step (layers x shapes + output head) per n. Types
+//!    with a rows4 layout are timed in both layouts ("Q5_0r4": rows4); the step counts
+//!    rows4, as the engine uses it.
 //!
 //! It also measures the machine's streaming-read bandwidth for comparison.
 
-use qwen_run_kernels::{matmul, matmul_with, Backend, QuantType};
+use qwen_run_kernels::{
+    has_rows4, matmul, matmul_many_with, matmul_with, repack_rows4, Backend, MatMulJob, Packing,
+    QuantType,
+};
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -172,32 +177,55 @@ fn bench_small(model: &str, shapes: &[ModelShape], backend: Backend, n_list: &[u
     for &(ty, rows, cols, count) in shapes {
         let rb = ty.row_bytes(cols).unwrap();
         let copies = ((256usize << 20) / (rows * rb)).max(2);
-        let ws: Vec<Vec<u8>> = (0..copies)
+        let gguf: Vec<Vec<u8>> = (0..copies)
             .map(|c| make_weights(ty, rows, cols, c as u64 + 1))
             .collect();
-        let mut line = format!(
-            "{:<22}",
-            format!("{} {}x{} x{}", ty.name(), rows, cols, count)
-        );
-        let mut t1 = 0.0;
-        for (k, &n) in n_list.iter().enumerate() {
-            let x: Vec<f32> = (0..n * cols)
-                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        // the engine's layout comes last and counts in the step: rows4 where the type has it
+        let mut layouts = vec![(Packing::Gguf, gguf)];
+        if has_rows4(ty) && rows % 4 == 0 {
+            let packed = layouts[0]
+                .1
+                .iter()
+                .map(|w| repack_rows4(ty, rows, cols, w).unwrap())
                 .collect();
-            let mut y = vec![0f32; n * rows];
-            let mut i = 0;
-            let per = time_it(Duration::from_millis(700), 2 * copies, || {
-                matmul_with(backend, ty, &ws[i % copies], rows, cols, &x, n, &mut y);
-                i += 1;
-                black_box(&y);
-            });
-            if k == 0 {
-                t1 = per;
-            }
-            step[k] += per * count;
-            line += &format!(" {:>8.1} x{:<5.2}", per * 1e6, per / t1);
+            layouts.push((Packing::Rows4, packed));
         }
-        println!("{line}");
+        let engine = layouts.len() - 1;
+        for (l, (packing, ws)) in layouts.iter().enumerate() {
+            let name = match packing {
+                Packing::Gguf => ty.name().to_string(),
+                Packing::Rows4 => format!("{}r4", ty.name()),
+            };
+            let mut line = format!("{:<22}", format!("{name} {rows}x{cols} x{count}"));
+            let mut t1 = 0.0;
+            for (k, &n) in n_list.iter().enumerate() {
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                    .collect();
+                let mut y = vec![0f32; n * rows];
+                let mut i = 0;
+                let per = time_it(Duration::from_millis(700), 2 * copies, || {
+                    let mut jobs = [MatMulJob {
+                        ty,
+                        packing: *packing,
+                        w: &ws[i % copies],
+                        rows,
+                        y: &mut y,
+                    }];
+                    matmul_many_with(backend, cols, &x, n, &mut jobs);
+                    i += 1;
+                    black_box(&y);
+                });
+                if k == 0 {
+                    t1 = per;
+                }
+                if l == engine {
+                    step[k] += per * count;
+                }
+                line += &format!(" {:>8.1} x{:<5.2}", per * 1e6, per / t1);
+            }
+            println!("{line}");
+        }
     }
     let mut line = format!("{:<22}", "step (ms)");
     for &s in &step {
@@ -247,6 +275,21 @@ fn real_main() {
     );
     if filter.is_empty() || filter == "bw" {
         println!("streaming read bandwidth: {:.2} GB/s", stream_bandwidth());
+    }
+    if filter.is_empty() || filter == "repack" {
+        // load-time cost of the rows4 layout, on the 0.5B model's largest matrices
+        for (ty, rows, cols) in [(QuantType::Q5_0, 4864, 896), (QuantType::Q8_0, 151936, 896)] {
+            let w = make_weights(ty, rows, cols, 1);
+            let per = time_it(Duration::from_millis(700), 2, || {
+                black_box(repack_rows4(ty, rows, cols, &w));
+            });
+            println!(
+                "repack {} {rows}x{cols}: {:.1} ms, {:.2} GB/s",
+                ty.name(),
+                per * 1e3,
+                w.len() as f64 / per / 1e9
+            );
+        }
     }
     let n_list: Vec<usize> = std::env::var("BENCH_N")
         .ok()

@@ -2,6 +2,7 @@
 //! the rows across the threads ([`crate::pool`]).
 
 use crate::act::{self, BlockQ8, BlockQ8K};
+use crate::repack::{self, Packing};
 use crate::{scalar, Backend, QuantType};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -42,6 +43,8 @@ const MIN_TASK_BYTES: usize = 32 * 1024;
 /// One weight matrix of a [`matmul_many`] call and its output, `[n_tokens, rows]`.
 pub struct MatMulJob<'a> {
     pub ty: QuantType,
+    /// How `w` is laid out ([`Packing::Rows4`]: from [`crate::repack_rows4`]).
+    pub packing: Packing,
     pub w: &'a [u8],
     pub rows: usize,
     pub y: &'a mut [f32],
@@ -81,6 +84,13 @@ pub(crate) fn matmul_many(
             n_tokens * j.rows,
             "matmul {ty}: y.len() != n_tokens * rows"
         );
+        if j.packing == Packing::Rows4 {
+            assert!(
+                repack::has_rows4(ty) && j.rows.is_multiple_of(4),
+                "matmul {ty}: no rows4 layout for {} rows of this type",
+                j.rows
+            );
+        }
     }
     if n_tokens == 0 {
         return;
@@ -131,9 +141,11 @@ pub(crate) fn matmul_many(
             };
             let rb = j.ty.row_bytes(cols).expect("checked above");
             let chunk = chunk_rows_for(j.rows, rb, n_tokens);
-            let (ty, w, rows, y) = (j.ty, j.w, j.rows, YPtr(j.y.as_mut_ptr()));
+            let (ty, packing, w, rows) = (j.ty, j.packing, j.w, j.rows);
+            let y = YPtr(j.y.as_mut_ptr());
             (0..rows.div_ceil(chunk)).map(move |c| Task {
                 ty,
+                packing,
                 w,
                 rb,
                 rows,
@@ -146,7 +158,7 @@ pub(crate) fn matmul_many(
         .collect();
     let job = |t: &Task| {
         chunk_rows(
-            backend, t.ty, t.w, t.rb, t.rows, cols, t.act, n_tokens, t.y, t.r0, t.r1,
+            backend, t.ty, t.packing, t.w, t.rb, t.rows, cols, t.act, n_tokens, t.y, t.r0, t.r1,
         )
     };
     crate::pool::for_each(tasks.len(), |i| job(&tasks[i]));
@@ -178,6 +190,7 @@ fn quantize_rows<B: Default + Clone + Send>(
 /// Rows `r0..r1` of one matrix: one parallel task.
 struct Task<'a> {
     ty: QuantType,
+    packing: Packing,
     w: &'a [u8],
     rb: usize,
     rows: usize,
@@ -187,7 +200,7 @@ struct Task<'a> {
     r1: usize,
 }
 
-/// Rows per task (a multiple of 4): a few tasks per thread, none under [`MIN_TASK_BYTES`].
+/// Rows per task (a multiple of 4, so rows4 groups are never split): a few tasks per thread, none under [`MIN_TASK_BYTES`].
 fn chunk_rows_for(rows: usize, rb: usize, n_tokens: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let total = rows * rb * n_tokens.min(16);
@@ -213,6 +226,7 @@ fn chunks_per_thread(n_tokens: usize) -> usize {
 fn chunk_rows(
     backend: Backend,
     ty: QuantType,
+    packing: Packing,
     w: &[u8],
     rb: usize,
     rows: usize,
@@ -226,15 +240,16 @@ fn chunk_rows(
     match backend {
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 => unsafe {
-            crate::x86::chunk_rows(ty, w, rb, rows, cols, act, n_tokens, y, r0, r1)
+            crate::x86::chunk_rows(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
         },
-        _ => chunk_rows_scalar(ty, w, rb, rows, cols, act, n_tokens, y, r0, r1),
+        _ => chunk_rows_scalar(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1),
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn chunk_rows_scalar(
     ty: QuantType,
+    packing: Packing,
     w: &[u8],
     rb: usize,
     rows: usize,
@@ -245,8 +260,20 @@ pub(crate) fn chunk_rows_scalar(
     r0: usize,
     r1: usize,
 ) {
+    // rows4 weights are read one group of four rows at a time, back in GGUF form
+    let mut group = Vec::new();
     for r in r0..r1 {
-        let wr = &w[r * rb..(r + 1) * rb];
+        let wr = match packing {
+            Packing::Gguf => &w[r * rb..(r + 1) * rb],
+            Packing::Rows4 => {
+                if r % 4 == 0 || group.is_empty() {
+                    let g = r / 4 * 4;
+                    group.resize(4 * rb, 0);
+                    repack::unpack_rows4_group(ty, rb, &w[g * rb..(g + 4) * rb], &mut group);
+                }
+                &group[r % 4 * rb..(r % 4 + 1) * rb]
+            }
+        };
         for t in 0..n_tokens {
             let v = match act {
                 Act::F32(x) => scalar::dot_float(ty, wr, &x[t * cols..(t + 1) * cols]),

@@ -13,12 +13,14 @@ mod dequant;
 mod driver;
 pub mod elementwise;
 pub mod pool;
+mod repack;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use act::{BlockQ8, BlockQ8K};
 pub use driver::MatMulJob;
+pub use repack::{has_rows4, repack_rows4, repack_rows4_into, Packing};
 
 /// Tensor element types of GGUF files that these kernels understand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -250,6 +252,16 @@ impl Backend {
     }
 }
 
+/// The weight layout the kernels read fastest, on this machine, for `rows` rows of `ty`:
+/// [`Packing::Rows4`] where the type has it and the AVX2 kernels run, otherwise the GGUF one.
+pub fn best_packing(ty: QuantType, rows: usize) -> Packing {
+    if Backend::detect() == Backend::Avx2 && has_rows4(ty) && rows.is_multiple_of(4) {
+        Packing::Rows4
+    } else {
+        Packing::Gguf
+    }
+}
+
 /// Which SIMD path [`matmul`] uses: "AVX2+FMA" or "scalar" (detected at run time).
 pub fn simd_name() -> &'static str {
     match Backend::detect() {
@@ -279,7 +291,13 @@ pub fn matmul(
         cols,
         x,
         n_tokens,
-        &mut [MatMulJob { ty, w, rows, y }],
+        &mut [MatMulJob {
+            ty,
+            packing: Packing::Gguf,
+            w,
+            rows,
+            y,
+        }],
     )
 }
 
@@ -288,6 +306,18 @@ pub fn matmul(
 /// [`matmul`] per job.
 pub fn matmul_many(cols: usize, x: &[f32], n_tokens: usize, jobs: &mut [MatMulJob<'_>]) {
     driver::matmul_many(Backend::detect(), cols, x, n_tokens, jobs)
+}
+
+/// [`matmul_many`] with an explicit backend. Panics if the backend is not available.
+pub fn matmul_many_with(
+    backend: Backend,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    jobs: &mut [MatMulJob<'_>],
+) {
+    assert!(backend.is_available(), "backend {backend:?} not available");
+    driver::matmul_many(backend, cols, x, n_tokens, jobs)
 }
 
 /// [`matmul`] with the portable scalar implementation (reference for tests).
@@ -305,7 +335,13 @@ pub fn matmul_scalar(
         cols,
         x,
         n_tokens,
-        &mut [MatMulJob { ty, w, rows, y }],
+        &mut [MatMulJob {
+            ty,
+            packing: Packing::Gguf,
+            w,
+            rows,
+            y,
+        }],
     )
 }
 
@@ -327,6 +363,12 @@ pub fn matmul_with(
         cols,
         x,
         n_tokens,
-        &mut [MatMulJob { ty, w, rows, y }],
+        &mut [MatMulJob {
+            ty,
+            packing: Packing::Gguf,
+            w,
+            rows,
+            y,
+        }],
     )
 }

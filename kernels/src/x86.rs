@@ -13,7 +13,7 @@
 
 use crate::act::{BlockQ8, BlockQ8K};
 use crate::driver::{Act, YPtr};
-use crate::QuantType;
+use crate::{Packing, QuantType};
 use std::arch::x86_64::*;
 use std::mem::size_of;
 
@@ -32,6 +32,10 @@ const K_Q8K: u8 = 8;
 const K_F32: u8 = 9;
 const K_F16: u8 = 10;
 const K_BF16: u8 = 11;
+/// The rows4 layouts (repack.rs) of Q4_0, Q5_0 and Q8_0.
+const K_Q4_0R4: u8 = 12;
+const K_Q5_0R4: u8 = 13;
+const K_Q8_0R4: u8 = 14;
 
 /// Tokens processed together before moving to the next row tile (keeps the
 /// quantized activations of a token chunk in L2 while weights stream).
@@ -46,7 +50,10 @@ const PREFETCH_TILES: usize = 1;
 /// of continuous batching): `panel::gemm_steps_q32`, each block unpacked in
 /// registers once per tile of up to 8 tokens; more: the panel kernels, weights
 /// unpacked into a buffer once per chunk of tokens. The last two compute the
-/// same bits for a token whatever the other tokens of the call are.
+/// same bits for a token whatever the other tokens of the call are. Weights in
+/// the rows4 layout (repack.rs; what the engine loads Q4_0, Q5_0 and Q8_0 into)
+/// take those two paths for every token count, decode included: their blocks
+/// need no transposing, so the steps kernel is also the fastest decode kernel.
 const Q32_STEPS_MAX: usize = 16;
 
 /// From this many tokens on, the K-quants (Q4_K, Q5_K, Q6_K) use the panel
@@ -126,8 +133,18 @@ const fn q32_block_bytes(k: u8) -> usize {
         K_Q4_1 => 20,
         K_Q5_0 => 22,
         K_Q5_1 => 24,
+        // rows4: one group-block, the four rows' blocks of one index
+        K_Q4_0R4 => 72,
+        K_Q5_0R4 => 88,
+        K_Q8_0R4 => 136,
         _ => 34,
     }
+}
+
+/// Whether the 32-element kernel `K` multiplies signed weights (the sign trick) rather than
+/// unsigned values with an offset.
+const fn q32_signed(k: u8) -> bool {
+    matches!(k, K_Q8_0 | K_Q8_0R4)
 }
 
 /// Unpacks a 32-element block: (values, d, m). Signed values for Q4_0/Q5_0/Q8_0,
@@ -861,6 +878,25 @@ unsafe fn gemm_small<const K: u8>(
     }
 }
 
+/// Groups of four GGUF rows of `ty` (Q4_0, Q5_0 or Q8_0; `rb` bytes per row) in `src` as
+/// rows4 groups in `dst` (see repack.rs).
+///
+/// # Safety
+/// Requires AVX2, FMA and F16C.
+pub(crate) unsafe fn pack_rows4(ty: QuantType, rb: usize, src: &[u8], dst: &mut [u8]) {
+    assert!(src.len() == dst.len() && src.len().is_multiple_of(4 * rb));
+    let nb = rb / ty.block_bytes();
+    for (s, d) in src.chunks_exact(4 * rb).zip(dst.chunks_exact_mut(4 * rb)) {
+        let (s, d) = (s.as_ptr(), d.as_mut_ptr());
+        match ty {
+            QuantType::Q4_0 => panel::pack_rows4::<K_Q4_0>(s, rb, nb, d),
+            QuantType::Q5_0 => panel::pack_rows4::<K_Q5_0>(s, rb, nb, d),
+            QuantType::Q8_0 => panel::pack_rows4::<K_Q8_0>(s, rb, nb, d),
+            _ => unreachable!("no rows4 form for {ty}"),
+        }
+    }
+}
+
 /// AVX2 implementation of rows `r0..r1` for all tokens.
 ///
 /// # Safety
@@ -869,6 +905,7 @@ unsafe fn gemm_small<const K: u8>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn chunk_rows(
     ty: QuantType,
+    packing: Packing,
     w: &[u8],
     rb: usize,
     rows: usize,
@@ -933,7 +970,7 @@ pub(crate) unsafe fn chunk_rows(
         (
             QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 | QuantType::Q8_0,
             Act::Q8(a),
-        ) if n_tokens >= 2 => {
+        ) if n_tokens >= 2 || packing == Packing::Rows4 => {
             let nb = cols / 32;
             let ap = a.as_ptr();
             macro_rules! q32 {
@@ -945,11 +982,14 @@ pub(crate) unsafe fn chunk_rows(
                     }
                 };
             }
-            match ty {
-                QuantType::Q4_0 => q32!(K_Q4_0),
-                QuantType::Q4_1 => q32!(K_Q4_1),
-                QuantType::Q5_0 => q32!(K_Q5_0),
-                QuantType::Q5_1 => q32!(K_Q5_1),
+            match (ty, packing) {
+                (QuantType::Q4_0, Packing::Rows4) => q32!(K_Q4_0R4),
+                (QuantType::Q5_0, Packing::Rows4) => q32!(K_Q5_0R4),
+                (QuantType::Q8_0, Packing::Rows4) => q32!(K_Q8_0R4),
+                (QuantType::Q4_0, _) => q32!(K_Q4_0),
+                (QuantType::Q4_1, _) => q32!(K_Q4_1),
+                (QuantType::Q5_0, _) => q32!(K_Q5_0),
+                (QuantType::Q5_1, _) => q32!(K_Q5_1),
                 _ => q32!(K_Q8_0),
             }
         }
@@ -994,6 +1034,8 @@ pub(crate) unsafe fn chunk_rows(
         (QuantType::F32, Act::F32(x)) => fl!(K_F32, x),
         (QuantType::F16, Act::F32(x)) => fl!(K_F16, x),
         (QuantType::BF16, Act::F32(x)) => fl!(K_BF16, x),
-        _ => crate::driver::chunk_rows_scalar(ty, w, rb, rows, cols, act, n_tokens, y, r0, r1),
+        _ => crate::driver::chunk_rows_scalar(
+            ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1,
+        ),
     }
 }

@@ -122,6 +122,9 @@ pub(super) unsafe fn unpack_block<const K: u8>(
     nr: usize,
     pf: usize,
 ) -> PanelBlock {
+    if matches!(K, K_Q4_0R4 | K_Q5_0R4 | K_Q8_0R4) {
+        return unpack_rows4::<K>(p, pf);
+    }
     let bb = q32_block_bytes(K);
     let ld16 = |p: *const u8| std::ptr::read_unaligned(p as *const i16);
     // lanes [0 0 1 1 2 2 3 3] of the four rows' f16 fields
@@ -169,6 +172,112 @@ pub(super) unsafe fn unpack_block<const K: u8>(
     }
 }
 
+/// One rows4 group-block (repack.rs) at `p`: the steps are stored as they are used, so
+/// unpacking is a few loads and masks (for Q5_0 one shift per step brings the fifth bits
+/// into place, see `Q5_HIGH_BIT`). Prefetches `pf` bytes ahead (0: none).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_rows4<const K: u8>(p: *const u8, pf: usize) -> PanelBlock {
+    let bb = q32_block_bytes(K);
+    if pf != 0 {
+        prefetch(p.wrapping_add(pf), bb);
+    }
+    let scales = _mm_loadl_epi64(p.add(bb - 8) as *const __m128i);
+    let d = _mm256_cvtph_ps(_mm_unpacklo_epi16(scales, scales));
+    let even = |v: f32| _mm256_setr_ps(v, 0.0, v, 0.0, v, 0.0, v, 0.0);
+    if K == K_Q8_0R4 {
+        let s = [
+            ld256(p),
+            ld256(p.add(32)),
+            ld256(p.add(64)),
+            ld256(p.add(96)),
+        ];
+        return PanelBlock {
+            w: s.map(|v| _mm256_sign_epi8(v, v)),
+            s,
+            d,
+            m: _mm256_setzero_ps(),
+        };
+    }
+    let m4 = _mm256_set1_epi8(0x0f);
+    let (v0, v1) = (ld256(p), ld256(p.add(32)));
+    let mut w = [
+        _mm256_and_si256(v0, m4),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(v0), m4),
+        _mm256_and_si256(v1, m4),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(v1), m4),
+    ];
+    let offset = if K == K_Q5_0R4 {
+        let h = _mm256_broadcastsi128_si256(ld128(p.add(64)));
+        let b4 = _mm256_set1_epi8(0x10);
+        let hb = [
+            _mm256_sllv_epi64(h, _mm256_setr_epi64x(4, 4, 3, 3)),
+            _mm256_sllv_epi64(h, _mm256_setr_epi64x(2, 2, 1, 1)),
+            _mm256_srlv_epi64(h, _mm256_setr_epi64x(0, 0, 3, 3)),
+            _mm256_srlv_epi64(h, _mm256_setr_epi64x(1, 1, 2, 2)),
+        ];
+        for k in 0..4 {
+            w[k] = _mm256_or_si256(w[k], _mm256_and_si256(hb[k], b4));
+        }
+        -16.0
+    } else {
+        -8.0
+    };
+    PanelBlock {
+        w,
+        s: [_mm256_setzero_si256(); 4],
+        d,
+        m: _mm256_mul_ps(d, even(offset)),
+    }
+}
+
+/// [`unpack_rows4`]'s inverse: `nb` blocks of four GGUF rows at `src` (row stride `rb`) as
+/// rows4 group-blocks at `dst` (the same bytes as the scalar packer in repack.rs writes).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn pack_rows4<const K: u8>(src: *const u8, rb: usize, nb: usize, dst: *mut u8) {
+    let bb = q32_block_bytes(K);
+    let gb = 4 * bb;
+    let m4 = _mm256_set1_epi8(0x0f);
+    let b4 = _mm256_set1_epi8(0x10);
+    for b in 0..nb {
+        let (p, g) = (src.add(b * bb), dst.add(b * gb));
+        let u = unpack_block::<K>(p, rb, PR, 0);
+        for r in 0..PR {
+            std::ptr::copy_nonoverlapping(p.add(r * rb), g.add(gb - 8 + 2 * r), 2);
+        }
+        let st = |o: usize, v: __m256i| _mm256_storeu_si256(g.add(o) as *mut __m256i, v);
+        if K == K_Q8_0 {
+            for k in 0..4 {
+                st(32 * k, u.s[k]);
+            }
+            continue;
+        }
+        let nib = |lo: __m256i, hi: __m256i| {
+            _mm256_or_si256(
+                _mm256_and_si256(lo, m4),
+                _mm256_slli_epi16::<4>(_mm256_and_si256(hi, m4)),
+            )
+        };
+        st(0, nib(u.w[0], u.w[1]));
+        st(32, nib(u.w[2], u.w[3]));
+        if K == K_Q5_0 {
+            let hb = |k: usize| _mm256_and_si256(u.w[k], b4);
+            let h = _mm256_or_si256(
+                _mm256_or_si256(
+                    _mm256_srlv_epi64(hb(0), _mm256_setr_epi64x(4, 4, 3, 3)),
+                    _mm256_srlv_epi64(hb(1), _mm256_setr_epi64x(2, 2, 1, 1)),
+                ),
+                _mm256_or_si256(
+                    _mm256_sllv_epi64(hb(2), _mm256_setr_epi64x(0, 0, 3, 3)),
+                    _mm256_sllv_epi64(hb(3), _mm256_setr_epi64x(1, 1, 2, 2)),
+                ),
+            );
+            let h = _mm_or_si128(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+            _mm_storeu_si128(g.add(64) as *mut __m128i, h);
+        }
+    }
+}
+
 /// Unpacks rows `0..nr` (nr <= 4) of `nb` blocks into `panel`; missing rows are zero.
 /// Per block: value steps[4], signed steps[4] (Q8_0 only), d[8], m[8] (see
 /// [`PanelBlock`]). Prefetches the same blocks `pf` bytes ahead (the next panel).
@@ -187,7 +296,7 @@ unsafe fn unpack_panel<const K: u8>(
         let u = unpack_block::<K>(w.add(b * bb), rb, nr, pf);
         for k in 0..4 {
             _mm256_storeu_si256(pb.add(32 * k) as *mut __m256i, u.w[k]);
-            if K == K_Q8_0 {
+            if q32_signed(K) {
                 _mm256_storeu_si256(pb.add(OFF_SGN + 32 * k) as *mut __m256i, u.s[k]);
             }
         }
@@ -300,7 +409,7 @@ pub(super) unsafe fn tile_steps<const K: u8, const T: usize>(
         let u = unpack_block::<K>(w.add(b * bb), rb, nr, pf);
         for t in 0..T {
             let ab = &*a.add(t * astride + b);
-            acc[t] = if K == K_Q8_0 {
+            acc[t] = if q32_signed(K) {
                 block_token::<true>(&u, ab, acc[t])
             } else {
                 block_token::<false>(&u, ab, acc[t])
@@ -398,7 +507,7 @@ pub(super) unsafe fn gemm_panel_q32<const K: u8>(
             let nr = (nrows - r).min(PR);
             unpack_panel::<K>(w.add(r * rb), rb, nr, nb, panel, pf);
             let yr = y.add(r);
-            if K == K_Q8_0 {
+            if q32_signed(K) {
                 token_tiles!(tc, te, nr, yr, ystride, |t, T| micro::<true, T>(
                     panel,
                     nb,

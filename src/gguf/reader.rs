@@ -165,6 +165,25 @@ impl GgufFile {
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         &self.maps[t.part][t.offset..t.offset + t.size]
     }
+
+    /// Gives the pages under bytes `range` of tensor `t` back to the system (for tensors that
+    /// were copied into another layout): they leave this process's resident memory, stay in the
+    /// page cache, and are read back from it if touched again. Only advice: a failure changes
+    /// nothing but the memory use.
+    pub fn release(&self, t: &TensorInfo, range: std::ops::Range<usize>) {
+        let len = range.end.min(t.size).saturating_sub(range.start);
+        if len > 0 {
+            // SAFETY: the mapping is a read-only shared file mapping: MADV_DONTNEED drops page
+            // table entries, and a later read faults the same file bytes back in.
+            let _ = unsafe {
+                self.maps[t.part].unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    t.offset + range.start,
+                    len,
+                )
+            };
+        }
+    }
 }
 
 struct Part {

@@ -1,17 +1,20 @@
 //! Weights as the model uses them: quantized matrices that stay quantized, and small float tensors.
 
 use crate::gguf::{GgufFile, TensorInfo};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
-use qwen_run_kernels::QuantType;
+use qwen_run_kernels::{Packing, QuantType};
 use std::sync::Arc;
 
-/// A `rows x cols` weight matrix in its GGUF block format, read in place from the mapping.
+/// A `rows x cols` weight matrix in its GGUF block format, read in place from the mapping, or,
+/// for the CPU kernels, copied once into the layout they read fastest
+/// ([`QMatrix::repack_for_cpu`]).
 pub struct QMatrix {
     file: Arc<GgufFile>,
     info: TensorInfo,
     pub rows: usize,
     pub cols: usize,
+    repacked: Option<(Packing, Vec<u8>)>,
 }
 
 impl QMatrix {
@@ -30,7 +33,37 @@ impl QMatrix {
             info,
             rows,
             cols,
+            repacked: None,
         })
+    }
+
+    /// Copies the weights into the layout the CPU kernels read fastest on this machine, if that
+    /// is not the GGUF one, a few MiB at a time, giving each part of the mapping back to the
+    /// system once copied: the process holds one copy of the weights, not two, even at its peak.
+    pub fn repack_for_cpu(&mut self) -> Result<()> {
+        let (ty, rows, cols) = (self.ty(), self.rows, self.cols);
+        if qwen_run_kernels::best_packing(ty, rows) != Packing::Rows4 {
+            return Ok(());
+        }
+        let rb = self.row_bytes();
+        let data = self.file.tensor_data(&self.info);
+        let mut out = vec![0u8; data.len()];
+        let step = (4 * rb) * (4usize << 20).div_ceil(4 * rb);
+        for (i, (src, dst)) in data.chunks(step).zip(out.chunks_mut(step)).enumerate() {
+            qwen_run_kernels::repack_rows4_into(ty, src.len() / rb, cols, src, dst)
+                .context("rows4 repacking refused a supported shape")?;
+            self.file.release(&self.info, i * step..(i + 1) * step);
+        }
+        self.repacked = Some((Packing::Rows4, out));
+        Ok(())
+    }
+
+    /// The weights as the kernels get them: their layout and bytes.
+    fn kernel_weights(&self) -> (Packing, &[u8]) {
+        match &self.repacked {
+            Some((packing, w)) => (*packing, w),
+            None => (Packing::Gguf, self.data()),
+        }
     }
 
     pub fn ty(&self) -> QuantType {
@@ -116,10 +149,14 @@ impl Linear {
             }
         }
         Ok(match device {
-            Device::Cpu => Linear::Native {
-                w: Arc::new(w),
-                bias,
-            },
+            Device::Cpu => {
+                let mut w = w;
+                w.repack_for_cpu()?;
+                Linear::Native {
+                    w: Arc::new(w),
+                    bias,
+                }
+            }
             _ => Linear::Candle {
                 w: w.to_candle(device)?,
                 bias,
@@ -226,9 +263,11 @@ impl CustomOp1 for NativeMatMul {
         for w in &self.0 {
             let (part, tail) = rest.split_at_mut(n * w.rows);
             rest = tail;
+            let (packing, data) = w.kernel_weights();
             jobs.push(qwen_run_kernels::MatMulJob {
                 ty: w.ty(),
-                w: w.data(),
+                packing,
+                w: data,
                 rows: w.rows,
                 y: part,
             });

@@ -1,0 +1,302 @@
+//! The "rows4" weight layout: the 32-element formats Q4_0, Q5_0 and Q8_0 rearranged once at
+//! load so that the SIMD kernels read four rows' blocks as ready-made vectors.
+//!
+//! Why: in the GGUF layout every block of every row must be unpacked and then transposed
+//! into the kernels' "step" form (each 32-byte vector holds 8 consecutive values of each of
+//! four rows, so one broadcast 8-byte activation chunk meets all four rows in one `maddubs`).
+//! For decode that work, not the memory traffic, bounded these formats. Rows4 stores the
+//! blocks already transposed, with the same number of bytes.
+//!
+//! Rows are taken in groups of four (the matrix must have a multiple of four rows); a group
+//! holds, for each block index `b` of the rows, one group-block:
+//!
+//! * Q8_0 (136 bytes): four steps of 32 signed values, then the four rows' f16 scales.
+//! * Q4_0 (72 bytes), Q5_0 (88 bytes): two 32-byte vectors of nibbles (low nibbles: steps 0
+//!   and 2, high nibbles: steps 1 and 3), for Q5_0 the 128 fifth bits as 16 bytes (see
+//!   [`Q5_HIGH_BIT`]), then the four rows' f16 scales.
+//!
+//! Step `k`, byte `s` (0..32) is element `8k + s % 8` of row `s / 8`.
+
+use crate::QuantType;
+use rayon::prelude::*;
+
+/// Weight layouts the kernels read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Packing {
+    /// Raw GGUF blocks, row after row.
+    #[default]
+    Gguf,
+    /// Groups of four rows, blocks transposed (this module; from [`repack_rows4`]).
+    Rows4,
+}
+
+/// Where the fifth bit of step `k`, byte `s` of a Q5_0 group-block sits: byte `s % 16` of the
+/// 16 high-bit bytes, at bit `Q5_HIGH_BIT[k][s / 16]`. Chosen so that one 64-bit shift per
+/// step (left for steps 0 and 1, right for 2 and 3, a different count in each 128-bit half)
+/// brings every byte's bit to position 4 without a neighbour's bit landing there.
+pub(crate) const Q5_HIGH_BIT: [[u32; 2]; 4] = [[0, 1], [2, 3], [4, 7], [5, 6]];
+
+/// Whether `ty` has a rows4 form.
+pub fn has_rows4(ty: QuantType) -> bool {
+    matches!(ty, QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0)
+}
+
+/// Bytes of one group-block (four rows' blocks of index `b`): the same as four GGUF blocks.
+fn group_block_bytes(ty: QuantType) -> usize {
+    4 * ty.block_bytes()
+}
+
+/// The 32 signed values of a GGUF block of `ty` (before scaling).
+fn block_values(ty: QuantType, b: &[u8]) -> [i8; 32] {
+    let mut q = [0i8; 32];
+    match ty {
+        QuantType::Q8_0 => {
+            for (j, v) in q.iter_mut().enumerate() {
+                *v = b[2 + j] as i8;
+            }
+        }
+        QuantType::Q4_0 => {
+            for j in 0..16 {
+                q[j] = (b[2 + j] & 0x0f) as i8 - 8;
+                q[j + 16] = (b[2 + j] >> 4) as i8 - 8;
+            }
+        }
+        QuantType::Q5_0 => {
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            for j in 0..16 {
+                let hi = |e: usize| (((qh >> e) & 1) << 4) as u8;
+                q[j] = ((b[6 + j] & 0x0f) | hi(j)) as i8 - 16;
+                q[j + 16] = ((b[6 + j] >> 4) | hi(j + 16)) as i8 - 16;
+            }
+        }
+        _ => unreachable!("no rows4 form for {ty}"),
+    }
+    q
+}
+
+/// A GGUF block of `ty` holding `q` (signed values in the type's range) with scale bits `d`.
+fn block_from_values(ty: QuantType, q: &[i8; 32], d: [u8; 2], out: &mut [u8]) {
+    out[..2].copy_from_slice(&d);
+    match ty {
+        QuantType::Q8_0 => {
+            for j in 0..32 {
+                out[2 + j] = q[j] as u8;
+            }
+        }
+        QuantType::Q4_0 => {
+            for j in 0..16 {
+                out[2 + j] = (q[j] + 8) as u8 | (((q[j + 16] + 8) as u8) << 4);
+            }
+        }
+        QuantType::Q5_0 => {
+            let mut qh = 0u32;
+            for j in 0..16 {
+                let (lo, hi) = ((q[j] + 16) as u8, (q[j + 16] + 16) as u8);
+                out[6 + j] = (lo & 0x0f) | ((hi & 0x0f) << 4);
+                qh |= ((lo >> 4) as u32) << j | ((hi >> 4) as u32) << (j + 16);
+            }
+            out[2..6].copy_from_slice(&qh.to_le_bytes());
+        }
+        _ => unreachable!("no rows4 form for {ty}"),
+    }
+}
+
+/// (step, byte) of element `e` of row `r` within a group-block.
+fn step_byte(r: usize, e: usize) -> (usize, usize) {
+    (e / 8, 8 * r + e % 8)
+}
+
+/// Offset of the four f16 scales within a group-block.
+fn scales_offset(ty: QuantType) -> usize {
+    group_block_bytes(ty) - 8
+}
+
+/// What is added to a signed value of `ty` to store it as a nibble (plus fifth bit).
+fn unsigned_offset(ty: QuantType) -> i8 {
+    match ty {
+        QuantType::Q4_0 => 8,
+        QuantType::Q5_0 => 16,
+        _ => 0,
+    }
+}
+
+/// Packs four rows' blocks of index `b` (`blocks[r]` is row r's GGUF block) into `out`.
+fn pack_group_block(ty: QuantType, blocks: [&[u8]; 4], out: &mut [u8]) {
+    // steps[k][s]: the stored value (unsigned for Q4_0/Q5_0) of step k, byte s
+    let mut steps = [[0u8; 32]; 4];
+    let off = unsigned_offset(ty);
+    for (r, blk) in blocks.iter().enumerate() {
+        let q = block_values(ty, blk);
+        for (k, step) in steps.iter_mut().enumerate() {
+            for j in 0..8 {
+                step[8 * r + j] = q[8 * k + j].wrapping_add(off) as u8;
+            }
+        }
+        let so = scales_offset(ty) + 2 * r;
+        out[so..so + 2].copy_from_slice(&blk[..2]);
+    }
+    if ty == QuantType::Q8_0 {
+        for (k, step) in steps.iter().enumerate() {
+            out[32 * k..32 * (k + 1)].copy_from_slice(step);
+        }
+        return;
+    }
+    for s in 0..32 {
+        out[s] = (steps[0][s] & 0x0f) | (steps[1][s] << 4);
+        out[32 + s] = (steps[2][s] & 0x0f) | (steps[3][s] << 4);
+    }
+    if ty == QuantType::Q5_0 {
+        out[64..80].fill(0);
+        for (k, step) in steps.iter().enumerate() {
+            for (s, &u) in step.iter().enumerate() {
+                out[64 + s % 16] |= (u >> 4) << Q5_HIGH_BIT[k][s / 16];
+            }
+        }
+    }
+}
+
+/// The inverse of [`pack_group_block`]: row `r`'s GGUF block into `out`.
+fn unpack_group_block(ty: QuantType, g: &[u8], r: usize, out: &mut [u8]) {
+    let mut q = [0i8; 32];
+    for (e, v) in q.iter_mut().enumerate() {
+        let (k, s) = step_byte(r, e);
+        *v = match ty {
+            QuantType::Q8_0 => g[32 * k + s] as i8,
+            _ => {
+                let mut u = (g[32 * (k / 2) + s] >> (4 * (k % 2))) & 0x0f;
+                if ty == QuantType::Q5_0 {
+                    u |= ((g[64 + s % 16] >> Q5_HIGH_BIT[k][s / 16]) & 1) << 4;
+                }
+                u as i8 - unsigned_offset(ty)
+            }
+        };
+    }
+    let so = scales_offset(ty) + 2 * r;
+    block_from_values(ty, &q, [g[so], g[so + 1]], out);
+}
+
+/// `rows x cols` GGUF weights of `ty` in the rows4 layout (same size), or `None` when `ty`
+/// has no rows4 form or `rows` is not a multiple of four.
+pub fn repack_rows4(ty: QuantType, rows: usize, cols: usize, data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; data.len()];
+    repack_rows4_into(ty, rows, cols, data, &mut out)?;
+    Some(out)
+}
+
+/// [`repack_rows4`] into `out` (as long as `data`), for callers that choose the memory.
+pub fn repack_rows4_into(
+    ty: QuantType,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+    out: &mut [u8],
+) -> Option<()> {
+    let rb = ty.row_bytes(cols)?;
+    let fits = data.len() == rows * rb && out.len() == data.len();
+    if !has_rows4(ty) || !rows.is_multiple_of(4) || !fits {
+        return None;
+    }
+    let (bb, gb) = (ty.block_bytes(), group_block_bytes(ty));
+    // groups are independent: one parallel task per few hundred KiB
+    let groups_per_task = (256usize << 10).div_ceil(4 * rb);
+    let task = groups_per_task * 4 * rb;
+    out.par_chunks_mut(task)
+        .zip(data.par_chunks(task))
+        .for_each(|(dst, src)| {
+            #[cfg(target_arch = "x86_64")]
+            if crate::Backend::detect() == crate::Backend::Avx2 {
+                // SAFETY: the backend checked AVX2, FMA and F16C at run time
+                return unsafe { crate::x86::pack_rows4(ty, rb, src, dst) };
+            }
+            for (dst, src) in dst.chunks_exact_mut(4 * rb).zip(src.chunks_exact(4 * rb)) {
+                for (b, g) in dst.chunks_exact_mut(gb).enumerate() {
+                    let blk = |r: usize| &src[r * rb + b * bb..r * rb + (b + 1) * bb];
+                    pack_group_block(ty, [blk(0), blk(1), blk(2), blk(3)], g);
+                }
+            }
+        });
+    Some(())
+}
+
+/// One group of four rows (rows4 layout, `rb` bytes per row) back in GGUF form, into `out`
+/// (`4 * rb` bytes): the scalar reference reads rows4 weights through this.
+pub(crate) fn unpack_rows4_group(ty: QuantType, rb: usize, group: &[u8], out: &mut [u8]) {
+    let (bb, gb) = (ty.block_bytes(), group_block_bytes(ty));
+    for (b, g) in group.chunks_exact(gb).enumerate() {
+        for r in 0..4 {
+            let o = r * rb + b * bb;
+            unpack_group_block(ty, g, r, &mut out[o..o + bb]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trip_is_exact() {
+        for ty in [QuantType::Q4_0, QuantType::Q5_0, QuantType::Q8_0] {
+            let (rows, cols) = (8, 96);
+            let rb = ty.row_bytes(cols).unwrap();
+            let data = bytes(rows * rb, 7);
+            let packed = repack_rows4(ty, rows, cols, &data).unwrap();
+            assert_eq!(packed.len(), data.len());
+            let mut back = vec![0u8; data.len()];
+            for (g, o) in packed
+                .chunks_exact(4 * rb)
+                .zip(back.chunks_exact_mut(4 * rb))
+            {
+                unpack_rows4_group(ty, rb, g, o);
+            }
+            assert_eq!(back, data, "{ty}");
+        }
+    }
+
+    /// The SIMD packer (used by `repack_rows4` where AVX2 runs) writes what the scalar one does.
+    #[test]
+    fn simd_packer_matches_the_scalar_one() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::Backend::Avx2.is_available() {
+            for ty in [QuantType::Q4_0, QuantType::Q5_0, QuantType::Q8_0] {
+                let (rows, cols) = (8, 96);
+                let rb = ty.row_bytes(cols).unwrap();
+                let data = bytes(rows * rb, 11);
+                let mut simd = vec![0u8; data.len()];
+                unsafe { crate::x86::pack_rows4(ty, rb, &data, &mut simd) };
+                let (bb, gb) = (ty.block_bytes(), group_block_bytes(ty));
+                let mut scalar = vec![0u8; data.len()];
+                for (src, dst) in data
+                    .chunks_exact(4 * rb)
+                    .zip(scalar.chunks_exact_mut(4 * rb))
+                {
+                    for (b, g) in dst.chunks_exact_mut(gb).enumerate() {
+                        let blk = |r: usize| &src[r * rb + b * bb..r * rb + (b + 1) * bb];
+                        pack_group_block(ty, [blk(0), blk(1), blk(2), blk(3)], g);
+                    }
+                }
+                assert_eq!(simd, scalar, "{ty}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_supported_shapes() {
+        assert!(repack_rows4(QuantType::Q4K, 4, 256, &[0; 4 * 144]).is_none());
+        assert!(repack_rows4(QuantType::Q8_0, 3, 32, &[0; 3 * 34]).is_none());
+        assert!(repack_rows4(QuantType::Q8_0, 4, 32, &[0; 3 * 34]).is_none());
+        assert!(repack_rows4(QuantType::Q8_0, 4, 32, &[0; 4 * 34]).is_some());
+    }
+}
