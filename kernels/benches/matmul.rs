@@ -277,8 +277,12 @@ fn real_main() {
         println!("streaming read bandwidth: {:.2} GB/s", stream_bandwidth());
     }
     if filter.is_empty() || filter == "repack" {
-        // load-time cost of the rows4 layout, on the 0.5B model's largest matrices
-        for (ty, rows, cols) in [(QuantType::Q5_0, 4864, 896), (QuantType::Q8_0, 151936, 896)] {
+        // load-time cost of the rows4 layout, on the test models' largest matrices
+        for (ty, rows, cols) in [
+            (QuantType::Q5_0, 4864, 896),
+            (QuantType::Q8_0, 151936, 896),
+            (QuantType::Q4K, 8960, 1536),
+        ] {
             let w = make_weights(ty, rows, cols, 1);
             let per = time_it(Duration::from_millis(700), 2, || {
                 black_box(repack_rows4(ty, rows, cols, &w));

@@ -37,6 +37,14 @@ fn act_kind(ty: QuantType) -> u8 {
     }
 }
 
+/// Bytes per weight row as stored in `packing`.
+fn stored_row_bytes(ty: QuantType, packing: Packing, cols: usize) -> Option<usize> {
+    match packing {
+        Packing::Gguf => ty.row_bytes(cols),
+        Packing::Rows4 => repack::rows4_row_bytes(ty, cols),
+    }
+}
+
 /// Minimum number of weight bytes per parallel task (below that, fewer tasks).
 const MIN_TASK_BYTES: usize = 32 * 1024;
 
@@ -68,7 +76,14 @@ pub(crate) fn matmul_many(
     );
     for j in jobs.iter() {
         let ty = j.ty;
-        let rb = ty.row_bytes(cols).unwrap_or_else(|| {
+        if j.packing == Packing::Rows4 {
+            assert!(
+                repack::has_rows4(ty) && j.rows.is_multiple_of(4),
+                "matmul {ty}: no rows4 layout for {} rows of this type",
+                j.rows
+            );
+        }
+        let rb = stored_row_bytes(ty, j.packing, cols).unwrap_or_else(|| {
             panic!(
                 "matmul {ty}: cols {cols} not a multiple of block size {}",
                 ty.block_size()
@@ -84,13 +99,6 @@ pub(crate) fn matmul_many(
             n_tokens * j.rows,
             "matmul {ty}: y.len() != n_tokens * rows"
         );
-        if j.packing == Packing::Rows4 {
-            assert!(
-                repack::has_rows4(ty) && j.rows.is_multiple_of(4),
-                "matmul {ty}: no rows4 layout for {} rows of this type",
-                j.rows
-            );
-        }
     }
     if n_tokens == 0 {
         return;
@@ -139,7 +147,7 @@ pub(crate) fn matmul_many(
                 1 => Act::Q8(&q8),
                 _ => Act::Q8K(&q8k),
             };
-            let rb = j.ty.row_bytes(cols).expect("checked above");
+            let rb = stored_row_bytes(j.ty, j.packing, cols).expect("checked above");
             let chunk = chunk_rows_for(j.rows, rb, n_tokens);
             let (ty, packing, w, rows) = (j.ty, j.packing, j.w, j.rows);
             let y = YPtr(j.y.as_mut_ptr());
@@ -261,6 +269,7 @@ pub(crate) fn chunk_rows_scalar(
     r1: usize,
 ) {
     // rows4 weights are read one group of four rows at a time, back in GGUF form
+    let grb = ty.row_bytes(cols).expect("checked by matmul_many");
     let mut group = Vec::new();
     for r in r0..r1 {
         let wr = match packing {
@@ -268,10 +277,10 @@ pub(crate) fn chunk_rows_scalar(
             Packing::Rows4 => {
                 if r % 4 == 0 || group.is_empty() {
                     let g = r / 4 * 4;
-                    group.resize(4 * rb, 0);
-                    repack::unpack_rows4_group(ty, rb, &w[g * rb..(g + 4) * rb], &mut group);
+                    group.resize(4 * grb, 0);
+                    repack::unpack_rows4_group(ty, grb, &w[g * rb..(g + 4) * rb], &mut group);
                 }
-                &group[r % 4 * rb..(r % 4 + 1) * rb]
+                &group[r % 4 * grb..(r % 4 + 1) * grb]
             }
         };
         for t in 0..n_tokens {

@@ -1,5 +1,5 @@
-//! The "rows4" weight layout: the 32-element formats Q4_0, Q5_0 and Q8_0 rearranged once at
-//! load so that the SIMD kernels read four rows' blocks as ready-made vectors.
+//! The "rows4" weight layout: Q4_0, Q5_0, Q8_0 and Q4_K rearranged once at load so that the
+//! SIMD kernels read four rows' blocks as ready-made vectors.
 //!
 //! Why: in the GGUF layout every block of every row must be unpacked and then transposed
 //! into the kernels' "step" form (each 32-byte vector holds 8 consecutive values of each of
@@ -15,7 +15,14 @@
 //!   and 2, high nibbles: steps 1 and 3), for Q5_0 the 128 fifth bits as 16 bytes (see
 //!   [`Q5_HIGH_BIT`]), then the four rows' f16 scales.
 //!
-//! Step `k`, byte `s` (0..32) is element `8k + s % 8` of row `s / 8`.
+//! * Q4_K (592 bytes, 16 more than four GGUF blocks): for each sub-block `j` of 32 values,
+//!   two 32-byte vectors of nibbles as above (its four steps); then the 6-bit scales as bytes,
+//!   row `r`'s eight at `8r` (so one in-lane byte shuffle spreads a sub-block's four scales);
+//!   then the mins as bytes, those of sub-blocks `2q, 2q + 1` of row `r` at `8q + 2r`; then the
+//!   four d and the four dmin as f16. The scales and mins cost the extra bytes: unpacked once
+//!   here rather than from their 12-byte packing for every block of every row at run time.
+//!
+//! Step `k`, byte `s` (0..32) is element `8k + s % 8` (of the block or sub-block) of row `s / 8`.
 
 use crate::QuantType;
 use rayon::prelude::*;
@@ -38,12 +45,83 @@ pub(crate) const Q5_HIGH_BIT: [[u32; 2]; 4] = [[0, 1], [2, 3], [4, 7], [5, 6]];
 
 /// Whether `ty` has a rows4 form.
 pub fn has_rows4(ty: QuantType) -> bool {
-    matches!(ty, QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0)
+    matches!(
+        ty,
+        QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 | QuantType::Q4K
+    )
 }
 
-/// Bytes of one group-block (four rows' blocks of index `b`): the same as four GGUF blocks.
+/// Bytes of one group-block (four rows' blocks of index `b`): the same as four GGUF blocks,
+/// but for Q4_K's unpacked scales and mins.
 fn group_block_bytes(ty: QuantType) -> usize {
-    4 * ty.block_bytes()
+    match ty {
+        QuantType::Q4K => Q4K_GROUP_BYTES,
+        _ => 4 * ty.block_bytes(),
+    }
+}
+
+/// Bytes of a Q4_K group-block, and where its scales, mins, d and dmin start.
+pub(crate) const Q4K_GROUP_BYTES: usize = 592;
+pub(crate) const Q4K_SCALES: usize = 512;
+pub(crate) const Q4K_MINS: usize = 544;
+pub(crate) const Q4K_D: usize = 576;
+pub(crate) const Q4K_DMIN: usize = 584;
+
+/// Bytes per row of a `cols`-column matrix of `ty` in the rows4 layout (a quarter of a group).
+pub fn rows4_row_bytes(ty: QuantType, cols: usize) -> Option<usize> {
+    Some(ty.row_bytes(cols)? / ty.block_bytes() * group_block_bytes(ty) / 4)
+}
+
+/// Packs four rows' Q4_K super-blocks of one index into a group-block.
+fn pack_group_block_q4k(blocks: [&[u8]; 4], out: &mut [u8]) {
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    for (r, blk) in blocks.iter().enumerate() {
+        let qs = &blk[16..144];
+        for j in 0..8 {
+            // sub-block j: low (even j) or high (odd j) nibbles of qs[32 (j / 2)..][..32];
+            // its step k is the 8 bytes at 8k
+            let shift = 4 * (j % 2) as u32;
+            let step =
+                |k: usize| (u64_at(qs, 32 * (j / 2) + 8 * k) >> shift) & 0x0f0f_0f0f_0f0f_0f0f;
+            let o = 64 * j + 8 * r;
+            out[o..o + 8].copy_from_slice(&(step(0) | step(1) << 4).to_le_bytes());
+            out[o + 32..o + 40].copy_from_slice(&(step(2) | step(3) << 4).to_le_bytes());
+        }
+        let (sc, mn) = crate::dequant::scale_min_k4(&blk[4..16]);
+        out[Q4K_SCALES + 8 * r..Q4K_SCALES + 8 * r + 8].copy_from_slice(&sc);
+        for q in 0..4 {
+            let o = Q4K_MINS + 8 * q + 2 * r;
+            out[o..o + 2].copy_from_slice(&mn[2 * q..2 * q + 2]);
+        }
+        out[Q4K_D + 2 * r..Q4K_D + 2 * r + 2].copy_from_slice(&blk[0..2]);
+        out[Q4K_DMIN + 2 * r..Q4K_DMIN + 2 * r + 2].copy_from_slice(&blk[2..4]);
+    }
+}
+
+/// The inverse of [`pack_group_block_q4k`]: row `r`'s GGUF super-block into `out`.
+fn unpack_group_block_q4k(g: &[u8], r: usize, out: &mut [u8]) {
+    out[..144].fill(0);
+    for j in 0..8 {
+        for k in 0..4 {
+            for i in 0..8 {
+                let v = (g[64 * j + 32 * (k / 2) + 8 * r + i] >> (4 * (k % 2))) & 0x0f;
+                out[16 + 32 * (j / 2) + 8 * k + i] |= v << (4 * (j % 2));
+            }
+        }
+    }
+    let sc = &g[Q4K_SCALES + 8 * r..Q4K_SCALES + 8 * r + 8];
+    let mn: Vec<u8> = (0..8)
+        .map(|j| g[Q4K_MINS + 8 * (j / 2) + 2 * r + j % 2])
+        .collect();
+    // the 12-byte packing of eight 6-bit scales and mins (inverse of scale_min_k4)
+    let s = &mut out[4..16];
+    for j in 0..4 {
+        s[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+        s[j + 4] = mn[j] | ((mn[j + 4] >> 4) << 6);
+        s[j + 8] = (sc[j + 4] & 0x0f) | ((mn[j + 4] & 0x0f) << 4);
+    }
+    out[0..2].copy_from_slice(&g[Q4K_D + 2 * r..Q4K_D + 2 * r + 2]);
+    out[2..4].copy_from_slice(&g[Q4K_DMIN + 2 * r..Q4K_DMIN + 2 * r + 2]);
 }
 
 /// The 32 signed values of a GGUF block of `ty` (before scaling).
@@ -122,6 +200,9 @@ fn unsigned_offset(ty: QuantType) -> i8 {
 
 /// Packs four rows' blocks of index `b` (`blocks[r]` is row r's GGUF block) into `out`.
 fn pack_group_block(ty: QuantType, blocks: [&[u8]; 4], out: &mut [u8]) {
+    if ty == QuantType::Q4K {
+        return pack_group_block_q4k(blocks, out);
+    }
     // steps[k][s]: the stored value (unsigned for Q4_0/Q5_0) of step k, byte s
     let mut steps = [[0u8; 32]; 4];
     let off = unsigned_offset(ty);
@@ -157,6 +238,9 @@ fn pack_group_block(ty: QuantType, blocks: [&[u8]; 4], out: &mut [u8]) {
 
 /// The inverse of [`pack_group_block`]: row `r`'s GGUF block into `out`.
 fn unpack_group_block(ty: QuantType, g: &[u8], r: usize, out: &mut [u8]) {
+    if ty == QuantType::Q4K {
+        return unpack_group_block_q4k(g, r, out);
+    }
     let mut q = [0i8; 32];
     for (e, v) in q.iter_mut().enumerate() {
         let (k, s) = step_byte(r, e);
@@ -175,15 +259,15 @@ fn unpack_group_block(ty: QuantType, g: &[u8], r: usize, out: &mut [u8]) {
     block_from_values(ty, &q, [g[so], g[so + 1]], out);
 }
 
-/// `rows x cols` GGUF weights of `ty` in the rows4 layout (same size), or `None` when `ty`
-/// has no rows4 form or `rows` is not a multiple of four.
+/// `rows x cols` GGUF weights of `ty` in the rows4 layout ([`rows4_row_bytes`] per row), or
+/// `None` when `ty` has no rows4 form or `rows` is not a multiple of four.
 pub fn repack_rows4(ty: QuantType, rows: usize, cols: usize, data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = vec![0u8; data.len()];
+    let mut out = vec![0u8; rows * rows4_row_bytes(ty, cols)?];
     repack_rows4_into(ty, rows, cols, data, &mut out)?;
     Some(out)
 }
 
-/// [`repack_rows4`] into `out` (as long as `data`), for callers that choose the memory.
+/// [`repack_rows4`] into `out`, for callers that choose the memory.
 pub fn repack_rows4_into(
     ty: QuantType,
     rows: usize,
@@ -191,24 +275,23 @@ pub fn repack_rows4_into(
     data: &[u8],
     out: &mut [u8],
 ) -> Option<()> {
-    let rb = ty.row_bytes(cols)?;
-    let fits = data.len() == rows * rb && out.len() == data.len();
+    let (rb, prb) = (ty.row_bytes(cols)?, rows4_row_bytes(ty, cols)?);
+    let fits = data.len() == rows * rb && out.len() == rows * prb;
     if !has_rows4(ty) || !rows.is_multiple_of(4) || !fits {
         return None;
     }
     let (bb, gb) = (ty.block_bytes(), group_block_bytes(ty));
     // groups are independent: one parallel task per few hundred KiB
     let groups_per_task = (256usize << 10).div_ceil(4 * rb);
-    let task = groups_per_task * 4 * rb;
-    out.par_chunks_mut(task)
-        .zip(data.par_chunks(task))
+    out.par_chunks_mut(groups_per_task * 4 * prb)
+        .zip(data.par_chunks(groups_per_task * 4 * rb))
         .for_each(|(dst, src)| {
             #[cfg(target_arch = "x86_64")]
-            if crate::Backend::detect() == crate::Backend::Avx2 {
+            if ty != QuantType::Q4K && crate::Backend::detect() == crate::Backend::Avx2 {
                 // SAFETY: the backend checked AVX2, FMA and F16C at run time
                 return unsafe { crate::x86::pack_rows4(ty, rb, src, dst) };
             }
-            for (dst, src) in dst.chunks_exact_mut(4 * rb).zip(src.chunks_exact(4 * rb)) {
+            for (dst, src) in dst.chunks_exact_mut(4 * prb).zip(src.chunks_exact(4 * rb)) {
                 for (b, g) in dst.chunks_exact_mut(gb).enumerate() {
                     let blk = |r: usize| &src[r * rb + b * bb..r * rb + (b + 1) * bb];
                     pack_group_block(ty, [blk(0), blk(1), blk(2), blk(3)], g);
@@ -218,7 +301,7 @@ pub fn repack_rows4_into(
     Some(())
 }
 
-/// One group of four rows (rows4 layout, `rb` bytes per row) back in GGUF form, into `out`
+/// One group of four rows (rows4 layout) back in GGUF form, `rb` bytes per row, into `out`
 /// (`4 * rb` bytes): the scalar reference reads rows4 weights through this.
 pub(crate) fn unpack_rows4_group(ty: QuantType, rb: usize, group: &[u8], out: &mut [u8]) {
     let (bb, gb) = (ty.block_bytes(), group_block_bytes(ty));
@@ -294,7 +377,7 @@ mod tests {
 
     #[test]
     fn only_supported_shapes() {
-        assert!(repack_rows4(QuantType::Q4K, 4, 256, &[0; 4 * 144]).is_none());
+        assert!(repack_rows4(QuantType::Q6K, 4, 256, &[0; 4 * 210]).is_none());
         assert!(repack_rows4(QuantType::Q8_0, 3, 32, &[0; 3 * 34]).is_none());
         assert!(repack_rows4(QuantType::Q8_0, 4, 32, &[0; 3 * 34]).is_none());
         assert!(repack_rows4(QuantType::Q8_0, 4, 32, &[0; 4 * 34]).is_some());

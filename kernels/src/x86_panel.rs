@@ -820,6 +820,128 @@ unsafe fn micro_k_block<const SIX: bool, const T: usize>(
     }
 }
 
+/// Q4_K rows4 group-blocks (repack.rs) at `w` x T tokens over `nb` super-blocks: each
+/// sub-block's four steps come from two loads and its scales from one byte shuffle, then the
+/// arithmetic of [`micro_k_block`] (the same bits as the panel path, for every token count).
+/// Prefetches `pf` bytes ahead (0: none).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q4k_rows4<const T: usize>(
+    w: *const u8,
+    a: *const BlockQ8K,
+    astride: usize,
+    nb: usize,
+    pf: usize,
+) -> [[f32; T]; PR] {
+    use crate::repack::{Q4K_D, Q4K_DMIN, Q4K_GROUP_BYTES, Q4K_MINS, Q4K_SCALES};
+    let m4 = _mm256_set1_epi8(0x0f);
+    let bq = |p: *const u8| _mm256_set1_epi64x(std::ptr::read_unaligned(p as *const i64));
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        let p = w.add(b * Q4K_GROUP_BYTES);
+        if pf != 0 {
+            prefetch(p.wrapping_add(pf), Q4K_GROUP_BYTES);
+        }
+        let scales = ld256(p.add(Q4K_SCALES));
+        let mut isum = [_mm256_setzero_si256(); T];
+        for j in 0..8 {
+            let (va, vb) = (ld256(p.add(64 * j)), ld256(p.add(64 * j + 32)));
+            let w0 = _mm256_and_si256(va, m4);
+            let w1 = _mm256_and_si256(_mm256_srli_epi16::<4>(va), m4);
+            let w2 = _mm256_and_si256(vb, m4);
+            let w3 = _mm256_and_si256(_mm256_srli_epi16::<4>(vb), m4);
+            // [sc r0 x4, sc r1 x4 | sc r2 x4, sc r3 x4] as i16: row r's scales sit at 8 (r % 2)
+            // in the 128-bit half of rows 2 (r / 2) and 2 (r / 2) + 1
+            let (lo, hi, z) = (j as i8, 8 + j as i8, -128i8);
+            let s = _mm256_shuffle_epi8(
+                scales,
+                _mm256_setr_epi8(
+                    lo, z, lo, z, lo, z, lo, z, hi, z, hi, z, hi, z, hi, z, lo, z, lo, z, lo, z,
+                    lo, z, hi, z, hi, z, hi, z, hi, z,
+                ),
+            );
+            for t in 0..T {
+                let aq = ((*a.add(t * astride + b)).qs.as_ptr() as *const u8).add(32 * j);
+                // |8 products| <= 8 * 15 * 127 < 2^15
+                let p = _mm256_add_epi16(
+                    _mm256_add_epi16(
+                        _mm256_maddubs_epi16(w0, bq(aq)),
+                        _mm256_maddubs_epi16(w1, bq(aq.add(8))),
+                    ),
+                    _mm256_add_epi16(
+                        _mm256_maddubs_epi16(w2, bq(aq.add(16))),
+                        _mm256_maddubs_epi16(w3, bq(aq.add(24))),
+                    ),
+                );
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p, s));
+            }
+        }
+        // step q of the bsum factors: [min(2q) min(2q) min(2q+1) min(2q+1)] of each row
+        let minv = |q: usize| {
+            let x = _mm_loadl_epi64(p.add(Q4K_MINS + 8 * q) as *const __m128i);
+            _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(x, x))
+        };
+        let (m0, m1, m2, m3) = (minv(0), minv(1), minv(2), minv(3));
+        let f16x8 = |o: usize| {
+            let x = _mm_loadl_epi64(p.add(o) as *const __m128i);
+            _mm256_cvtph_ps(_mm_unpacklo_epi16(x, x))
+        };
+        let (d8, dmin8) = (f16x8(Q4K_D), f16x8(Q4K_DMIN));
+        for t in 0..T {
+            let ab = &*a.add(t * astride + b);
+            let bp = ab.bsums.as_ptr() as *const u8;
+            let mi = _mm256_add_epi32(
+                _mm256_add_epi32(
+                    _mm256_madd_epi16(bq(bp), m0),
+                    _mm256_madd_epi16(bq(bp.add(8)), m1),
+                ),
+                _mm256_add_epi32(
+                    _mm256_madd_epi16(bq(bp.add(16)), m2),
+                    _mm256_madd_epi16(bq(bp.add(24)), m3),
+                ),
+            );
+            let da = _mm256_broadcast_ss(&ab.d);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d8, da), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mi), _mm256_mul_ps(dmin8, da), acc[t]);
+        }
+    }
+    finish(acc)
+}
+
+/// Q4_K rows4 weights (`rb` bytes per row, `nrows` a multiple of 4), all `ntok` tokens, for
+/// every token count: tokens in chunks whose activations stay in L2, each group of four rows
+/// through all tokens of a chunk in tiles of up to 8, the next group prefetched by the first.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_q4k_rows4(
+    w: *const u8,
+    rb: usize,
+    nrows: usize,
+    a: *const BlockQ8K,
+    nb: usize,
+    ntok: usize,
+    y: *mut f32,
+    ystride: usize,
+) {
+    let tch = ((256 << 10) / (nb * size_of::<BlockQ8K>())).clamp(16, 192) / PT_MAX * PT_MAX;
+    let mut tc = 0;
+    while tc < ntok {
+        let te = (tc + tch).min(ntok);
+        let mut r = 0;
+        while r < nrows {
+            let (wr, yr) = (w.add(r * rb), y.add(r));
+            let mut pf = PR * rb;
+            token_tiles!(tc, te, PR, yr, ystride, |t, T| {
+                let o = tile_q4k_rows4::<T>(wr, a.add(t * nb), nb, nb, pf);
+                pf = 0;
+                o
+            });
+            r += PR;
+        }
+        tc = te;
+    }
+}
+
 /// Rows `0..nrows` at `w` (row stride `rb`), all `ntok` tokens of `a` (nb super-blocks each).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]

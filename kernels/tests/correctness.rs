@@ -487,24 +487,41 @@ fn rows4_weights_match_the_gguf_blocks() {
     if Backend::Avx2.is_available() {
         backends.push(Backend::Avx2);
     }
-    for (i, ty) in [QuantType::Q4_0, QuantType::Q5_0, QuantType::Q8_0]
-        .into_iter()
-        .enumerate()
+    for (i, ty) in [
+        QuantType::Q4_0,
+        QuantType::Q5_0,
+        QuantType::Q8_0,
+        QuantType::Q4K,
+    ]
+    .into_iter()
+    .enumerate()
     {
-        for (rows, cols) in [(4, 32), (8, 160), (44, 512)] {
+        // below this many tokens the GGUF kernels use other (decode) arithmetic
+        let batch_min = if ty == QuantType::Q4K { 4 } else { 2 };
+        for (rows, cols) in [(4, 256), (8, 768), (44, 512)] {
             let (bytes, _) = make_weights(ty, rows, cols, 300 + i as u64);
             let packed = repack_rows4(ty, rows, cols, &bytes).expect("rows4 form");
             let mut rng = StdRng::seed_from_u64(310 + i as u64);
             let x = random_values(&mut rng, 40 * cols);
             for &backend in &backends {
-                for n in [1, 2, 3, 8, 9, 16, 17, 40] {
+                for n in [1, 2, 3, 4, 8, 9, 16, 17, 40] {
                     let x = &x[..n * cols];
                     let got = run(backend, ty, Packing::Rows4, &packed, rows, cols, x, n);
-                    // the GGUF decode kernel sums in another order: compare a lone token
-                    // with the same token in a batch of two
-                    let want = if n == 1 && backend == Backend::Avx2 {
-                        let x2 = [x, x].concat();
-                        run(backend, ty, Packing::Gguf, &bytes, rows, cols, &x2, 2)[..rows].to_vec()
+                    // a lone token against the same token at the front of a batch
+                    let want = if n < batch_min && backend == Backend::Avx2 {
+                        let xb: Vec<f32> =
+                            x.iter().cycle().take(batch_min * cols).copied().collect();
+                        let y = run(
+                            backend,
+                            ty,
+                            Packing::Gguf,
+                            &bytes,
+                            rows,
+                            cols,
+                            &xb,
+                            batch_min,
+                        );
+                        y[..n * rows].to_vec()
                     } else {
                         run(backend, ty, Packing::Gguf, &bytes, rows, cols, x, n)
                     };

@@ -46,10 +46,12 @@ impl QMatrix {
             return Ok(());
         }
         let rb = self.row_bytes();
+        let prb = qwen_run_kernels::rows4_row_bytes(ty, cols).context("rows4 row size")?;
         let data = self.file.tensor_data(&self.info);
-        let mut out = vec![0u8; data.len()];
-        let step = (4 * rb) * (4usize << 20).div_ceil(4 * rb);
-        for (i, (src, dst)) in data.chunks(step).zip(out.chunks_mut(step)).enumerate() {
+        let mut out = vec![0u8; rows * prb];
+        let groups = (4usize << 20).div_ceil(4 * rb);
+        let (step, out_step) = (groups * 4 * rb, groups * 4 * prb);
+        for (i, (src, dst)) in data.chunks(step).zip(out.chunks_mut(out_step)).enumerate() {
             qwen_run_kernels::repack_rows4_into(ty, src.len() / rb, cols, src, dst)
                 .context("rows4 repacking refused a supported shape")?;
             self.file.release(&self.info, i * step..(i + 1) * step);
