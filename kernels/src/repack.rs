@@ -22,6 +22,11 @@
 //!   four d and the four dmin as f16. The scales and mins cost the extra bytes: unpacked once
 //!   here rather than from their 12-byte packing for every block of every row at run time.
 //!
+//! * Q6_K (840 bytes): for each sub-block of 32 values three 32-byte vectors: steps 0, 1 and 2
+//!   as 6-bit values, the top two bits of each byte holding two of step 3's six (low, middle,
+//!   high); then the 16 group scales (i8) of each row, groups `8h..8h + 8` of row `r` at
+//!   `32h + 8r`; then the four d as f16.
+//!
 //! Step `k`, byte `s` (0..32) is element `8k + s % 8` (of the block or sub-block) of row `s / 8`.
 
 use crate::QuantType;
@@ -47,7 +52,7 @@ pub(crate) const Q5_HIGH_BIT: [[u32; 2]; 4] = [[0, 1], [2, 3], [4, 7], [5, 6]];
 pub fn has_rows4(ty: QuantType) -> bool {
     matches!(
         ty,
-        QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 | QuantType::Q4K
+        QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 | QuantType::Q4K | QuantType::Q6K
     )
 }
 
@@ -66,6 +71,62 @@ pub(crate) const Q4K_SCALES: usize = 512;
 pub(crate) const Q4K_MINS: usize = 544;
 pub(crate) const Q4K_D: usize = 576;
 pub(crate) const Q4K_DMIN: usize = 584;
+
+/// Where a Q6_K group-block's scales and d start.
+pub(crate) const Q6K_SCALES: usize = 768;
+pub(crate) const Q6K_D: usize = 832;
+
+/// Packs four rows' Q6_K super-blocks of one index into a group-block.
+fn pack_group_block_q6k(blocks: [&[u8]; 4], out: &mut [u8]) {
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let twos = 0x0303_0303_0303_0303u64;
+    for (r, blk) in blocks.iter().enumerate() {
+        let (ql, qh) = (&blk[..128], &blk[128..192]);
+        for j in 0..8 {
+            // values 32j..32j+32: low bits from ql[64 (j / 4) + 32 (j % 2)..] (nibble j % 4 / 2),
+            // top bits from qh[32 (j / 4)..] (bit pair j % 4); step k = the 8 bytes at 8k
+            let (n, m) = (j / 4, j % 4);
+            let step = |k: usize| {
+                let low = u64_at(ql, 64 * n + 32 * (m % 2) + 8 * k) >> (4 * (m / 2));
+                let top = u64_at(qh, 32 * n + 8 * k) >> (2 * m);
+                (low & 0x0f0f_0f0f_0f0f_0f0f) | (top & twos) << 4
+            };
+            let s3 = step(3);
+            for (v, k) in [(0, 0), (1, 1), (2, 2)] {
+                let o = 96 * j + 32 * v + 8 * r;
+                let packed = step(k) | ((s3 >> (2 * k)) & twos) << 6;
+                out[o..o + 8].copy_from_slice(&packed.to_le_bytes());
+            }
+        }
+        for h in 0..2 {
+            let o = Q6K_SCALES + 32 * h + 8 * r;
+            out[o..o + 8].copy_from_slice(&blk[192 + 8 * h..200 + 8 * h]);
+        }
+        out[Q6K_D + 2 * r..Q6K_D + 2 * r + 2].copy_from_slice(&blk[208..210]);
+    }
+}
+
+/// The inverse of [`pack_group_block_q6k`]: row `r`'s GGUF super-block into `out`.
+fn unpack_group_block_q6k(g: &[u8], r: usize, out: &mut [u8]) {
+    out[..210].fill(0);
+    for j in 0..8 {
+        let (n, m) = (j / 4, j % 4);
+        for i in 0..8 {
+            let byte = |v: usize| g[96 * j + 32 * v + 8 * r + i];
+            let s3 = (0..3).fold(0, |acc, v| acc | (byte(v) >> 6) << (2 * v));
+            for k in 0..4 {
+                let v = if k < 3 { byte(k) & 0x3f } else { s3 };
+                out[64 * n + 32 * (m % 2) + 8 * k + i] |= (v & 0x0f) << (4 * (m / 2));
+                out[128 + 32 * n + 8 * k + i] |= (v >> 4) << (2 * m);
+            }
+        }
+    }
+    for h in 0..2 {
+        let o = Q6K_SCALES + 32 * h + 8 * r;
+        out[192 + 8 * h..200 + 8 * h].copy_from_slice(&g[o..o + 8]);
+    }
+    out[208..210].copy_from_slice(&g[Q6K_D + 2 * r..Q6K_D + 2 * r + 2]);
+}
 
 /// Bytes per row of a `cols`-column matrix of `ty` in the rows4 layout (a quarter of a group).
 pub fn rows4_row_bytes(ty: QuantType, cols: usize) -> Option<usize> {
@@ -200,8 +261,10 @@ fn unsigned_offset(ty: QuantType) -> i8 {
 
 /// Packs four rows' blocks of index `b` (`blocks[r]` is row r's GGUF block) into `out`.
 fn pack_group_block(ty: QuantType, blocks: [&[u8]; 4], out: &mut [u8]) {
-    if ty == QuantType::Q4K {
-        return pack_group_block_q4k(blocks, out);
+    match ty {
+        QuantType::Q4K => return pack_group_block_q4k(blocks, out),
+        QuantType::Q6K => return pack_group_block_q6k(blocks, out),
+        _ => {}
     }
     // steps[k][s]: the stored value (unsigned for Q4_0/Q5_0) of step k, byte s
     let mut steps = [[0u8; 32]; 4];
@@ -238,8 +301,10 @@ fn pack_group_block(ty: QuantType, blocks: [&[u8]; 4], out: &mut [u8]) {
 
 /// The inverse of [`pack_group_block`]: row `r`'s GGUF block into `out`.
 fn unpack_group_block(ty: QuantType, g: &[u8], r: usize, out: &mut [u8]) {
-    if ty == QuantType::Q4K {
-        return unpack_group_block_q4k(g, r, out);
+    match ty {
+        QuantType::Q4K => return unpack_group_block_q4k(g, r, out),
+        QuantType::Q6K => return unpack_group_block_q6k(g, r, out),
+        _ => {}
     }
     let mut q = [0i8; 32];
     for (e, v) in q.iter_mut().enumerate() {
@@ -287,7 +352,8 @@ pub fn repack_rows4_into(
         .zip(data.par_chunks(groups_per_task * 4 * rb))
         .for_each(|(dst, src)| {
             #[cfg(target_arch = "x86_64")]
-            if ty != QuantType::Q4K && crate::Backend::detect() == crate::Backend::Avx2 {
+            let k_quant = matches!(ty, QuantType::Q4K | QuantType::Q6K);
+            if !k_quant && crate::Backend::detect() == crate::Backend::Avx2 {
                 // SAFETY: the backend checked AVX2, FMA and F16C at run time
                 return unsafe { crate::x86::pack_rows4(ty, rb, src, dst) };
             }
@@ -377,7 +443,7 @@ mod tests {
 
     #[test]
     fn only_supported_shapes() {
-        assert!(repack_rows4(QuantType::Q6K, 4, 256, &[0; 4 * 210]).is_none());
+        assert!(repack_rows4(QuantType::Q5K, 4, 256, &[0; 4 * 176]).is_none());
         assert!(repack_rows4(QuantType::Q8_0, 3, 32, &[0; 3 * 34]).is_none());
         assert!(repack_rows4(QuantType::Q8_0, 4, 32, &[0; 3 * 34]).is_none());
         assert!(repack_rows4(QuantType::Q8_0, 4, 32, &[0; 4 * 34]).is_some());

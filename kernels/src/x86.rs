@@ -993,8 +993,13 @@ pub(crate) unsafe fn chunk_rows(
                 _ => q32!(K_Q8_0),
             }
         }
-        (QuantType::Q4K, Act::Q8K(a)) if packing == Packing::Rows4 => {
-            panel::gemm_q4k_rows4(wp, rb, nrows, a.as_ptr(), cols / 256, n_tokens, yp, rows)
+        (QuantType::Q4K | QuantType::Q6K, Act::Q8K(a)) if packing == Packing::Rows4 => {
+            let (ap, nb) = (a.as_ptr(), cols / 256);
+            if ty == QuantType::Q6K {
+                panel::gemm_k_rows4::<true>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+            } else {
+                panel::gemm_k_rows4::<false>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+            }
         }
         (QuantType::Q4K | QuantType::Q5K | QuantType::Q6K, Act::Q8K(a))
             if n_tokens >= K_PANEL_MIN_TOKENS =>

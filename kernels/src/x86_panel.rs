@@ -908,12 +908,116 @@ unsafe fn tile_q4k_rows4<const T: usize>(
     finish(acc)
 }
 
-/// Q4_K rows4 weights (`rb` bytes per row, `nrows` a multiple of 4), all `ntok` tokens, for
-/// every token count: tokens in chunks whose activations stay in L2, each group of four rows
-/// through all tokens of a chunk in tiles of up to 8, the next group prefetched by the first.
+/// Q6_K rows4 group-blocks (repack.rs) at `w` x T tokens over `nb` super-blocks: each
+/// sub-block's steps from three loads (the fourth step from their top bits), the group scales
+/// spread by byte shuffles, then the arithmetic of [`micro_k_block`] (the same bits as the panel path).
+/// Prefetches `pf` bytes ahead (0: none).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q6k_rows4<const T: usize>(
+    w: *const u8,
+    a: *const BlockQ8K,
+    astride: usize,
+    nb: usize,
+    pf: usize,
+) -> [[f32; T]; PR] {
+    use crate::repack::{Q6K_D, Q6K_SCALES};
+    const GB: usize = 840;
+    let m3f = _mm256_set1_epi8(0x3f);
+    let bq = |p: *const u8| _mm256_set1_epi64x(std::ptr::read_unaligned(p as *const i64));
+    // i8 bytes `idx[i]` of each 128-bit half as i16 lanes (byte to the high half, then an
+    // arithmetic shift sign-extends it)
+    let spread = |v: __m256i, idx: [i8; 8]| {
+        let z = -128i8;
+        let c = _mm_setr_epi8(
+            z, idx[0], z, idx[1], z, idx[2], z, idx[3], z, idx[4], z, idx[5], z, idx[6], z, idx[7],
+        );
+        _mm256_srai_epi16::<8>(_mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(c)))
+    };
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        let p = w.add(b * GB);
+        if pf != 0 {
+            prefetch(p.wrapping_add(pf), GB);
+        }
+        // groups 8h..8h+8: row r's scales at 8 (r % 2) of the half of rows 2 (r / 2), +1
+        let sc = [ld256(p.add(Q6K_SCALES)), ld256(p.add(Q6K_SCALES + 32))];
+        let group = |g: usize| {
+            let (lo, hi) = ((g % 8) as i8, 8 + (g % 8) as i8);
+            spread(sc[g / 8], [lo, lo, lo, lo, hi, hi, hi, hi])
+        };
+        let mut isum = [_mm256_setzero_si256(); T];
+        for j in 0..8 {
+            let v = |i: usize| ld256(p.add(96 * j + 32 * i));
+            let (va, vb, vc) = (v(0), v(1), v(2));
+            let w0 = _mm256_and_si256(va, m3f);
+            let w1 = _mm256_and_si256(vb, m3f);
+            let w2 = _mm256_and_si256(vc, m3f);
+            // step 3 from the top two bits of the other three
+            let w3 = _mm256_or_si256(
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<6>(va), _mm256_set1_epi8(0x03)),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(vb), _mm256_set1_epi8(0x0c)),
+                ),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(vc), _mm256_set1_epi8(0x30)),
+            );
+            let (sa, sb) = (group(2 * j), group(2 * j + 1));
+            for t in 0..T {
+                let aq = ((*a.add(t * astride + b)).qs.as_ptr() as *const u8).add(32 * j);
+                // |4 products| <= 4 * 63 * 127 < 2^15
+                let pa = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(w0, bq(aq)),
+                    _mm256_maddubs_epi16(w1, bq(aq.add(8))),
+                );
+                let pb = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(w2, bq(aq.add(16))),
+                    _mm256_maddubs_epi16(w3, bq(aq.add(24))),
+                );
+                isum[t] = _mm256_add_epi32(
+                    isum[t],
+                    _mm256_add_epi32(_mm256_madd_epi16(pa, sa), _mm256_madd_epi16(pb, sb)),
+                );
+            }
+        }
+        // step q of the bsum factors: the scales of groups 4q..4q+4 of each row
+        let minv = |q: usize| {
+            let o = 4 * (q % 2) as i8;
+            spread(
+                sc[q / 2],
+                [o, o + 1, o + 2, o + 3, o + 8, o + 9, o + 10, o + 11],
+            )
+        };
+        let (m0, m1, m2, m3) = (minv(0), minv(1), minv(2), minv(3));
+        let d = _mm_loadl_epi64(p.add(Q6K_D) as *const __m128i);
+        let d8 = _mm256_cvtph_ps(_mm_unpacklo_epi16(d, d));
+        for t in 0..T {
+            let ab = &*a.add(t * astride + b);
+            let bp = ab.bsums.as_ptr() as *const u8;
+            let mi = _mm256_add_epi32(
+                _mm256_add_epi32(
+                    _mm256_madd_epi16(bq(bp), m0),
+                    _mm256_madd_epi16(bq(bp.add(8)), m1),
+                ),
+                _mm256_add_epi32(
+                    _mm256_madd_epi16(bq(bp.add(16)), m2),
+                    _mm256_madd_epi16(bq(bp.add(24)), m3),
+                ),
+            );
+            let i = _mm256_sub_epi32(isum[t], _mm256_slli_epi32::<5>(mi));
+            let da = _mm256_broadcast_ss(&ab.d);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d8, da), acc[t]);
+        }
+    }
+    finish(acc)
+}
+
+/// Q4_K (SIX = false) or Q6_K rows4 weights (`rb` bytes per row, `nrows` a multiple of 4),
+/// all `ntok` tokens, for every token count: tokens in chunks whose activations stay in L2,
+/// each group of four rows through all tokens of a chunk in tiles of up to 8, the next group
+/// prefetched by the first tile.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_q4k_rows4(
+pub(super) unsafe fn gemm_k_rows4<const SIX: bool>(
     w: *const u8,
     rb: usize,
     nrows: usize,
@@ -932,7 +1036,11 @@ pub(super) unsafe fn gemm_q4k_rows4(
             let (wr, yr) = (w.add(r * rb), y.add(r));
             let mut pf = PR * rb;
             token_tiles!(tc, te, PR, yr, ystride, |t, T| {
-                let o = tile_q4k_rows4::<T>(wr, a.add(t * nb), nb, nb, pf);
+                let o = if SIX {
+                    tile_q6k_rows4::<T>(wr, a.add(t * nb), nb, nb, pf)
+                } else {
+                    tile_q4k_rows4::<T>(wr, a.add(t * nb), nb, nb, pf)
+                };
                 pf = 0;
                 o
             });

@@ -492,12 +492,13 @@ fn rows4_weights_match_the_gguf_blocks() {
         QuantType::Q5_0,
         QuantType::Q8_0,
         QuantType::Q4K,
+        QuantType::Q6K,
     ]
     .into_iter()
     .enumerate()
     {
         // below this many tokens the GGUF kernels use other (decode) arithmetic
-        let batch_min = if ty == QuantType::Q4K { 4 } else { 2 };
+        let batch_min = if ty.block_size() == 256 { 4 } else { 2 };
         for (rows, cols) in [(4, 256), (8, 768), (44, 512)] {
             let (bytes, _) = make_weights(ty, rows, cols, 300 + i as u64);
             let packed = repack_rows4(ty, rows, cols, &bytes).expect("rows4 form");
