@@ -20,9 +20,25 @@ pub fn decode_bytes_per_token(engine: &Engine) -> (u64, u64) {
         .filter(|t| tied || t.name != "token_embd.weight")
     {
         let on_gpu = engine.on_gpu(&t.name) || (tied_on_gpu && t.name == "token_embd.weight");
-        *if on_gpu { &mut gpu } else { &mut host } += t.size as u64;
+        if on_gpu {
+            gpu += t.size as u64;
+        } else {
+            host += cpu_bytes(t) as u64;
+        }
     }
     (host, gpu)
+}
+
+/// Bytes of a tensor as the CPU kernels hold it: the rows4 layout where the engine repacks into
+/// it (Q4_K's is 2.8% larger than its GGUF blocks), the GGUF bytes otherwise.
+fn cpu_bytes(t: &crate::gguf::TensorInfo) -> usize {
+    use qwen_run_kernels::{best_packing, rows4_row_bytes, Packing};
+    match t.dims[..] {
+        [cols, rows] if best_packing(t.ty, rows) == Packing::Rows4 => {
+            rows4_row_bytes(t.ty, cols).map_or(t.size, |rb| rows * rb)
+        }
+        _ => t.size,
+    }
 }
 
 /// The GPU's memory bandwidth in GB/s, counting the bytes a large device-to-device copy reads and
