@@ -282,6 +282,7 @@ fn real_main() {
             (QuantType::Q5_0, 4864, 896),
             (QuantType::Q8_0, 151936, 896),
             (QuantType::Q4K, 8960, 1536),
+            (QuantType::Q6K, 1536, 8960),
         ] {
             let w = make_weights(ty, rows, cols, 1);
             let per = time_it(Duration::from_millis(700), 2, || {
