@@ -723,6 +723,74 @@ unsafe fn micro_k<const SIX: bool, const T: usize>(
     finish(acc)
 }
 
+/// Adds one token's products with a K-quant sub-block of 32 values (its four steps `w`; the
+/// token's 32 activation bytes at `aq`) to `isum`: Q6_K (SIX) scales each 16-value half by its
+/// own `s[0]`, `s[1]`; Q4_K/Q5_K the whole sub-block by `s[0]`. Lanes [r0 r0 r1 r1 r2 r2 r3 r3].
+/// Shared by the panel and rows4 kernels, so that both give the same bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_sub_block<const SIX: bool>(
+    w: &[__m256i; 4],
+    s: &[__m256i; 2],
+    aq: *const u8,
+    isum: __m256i,
+) -> __m256i {
+    let bq = |p: *const u8| _mm256_set1_epi64x(std::ptr::read_unaligned(p as *const i64));
+    let mb = |k: usize| _mm256_maddubs_epi16(w[k], bq(aq.add(8 * k)));
+    if SIX {
+        // |4 products| <= 4 * 63 * 127 < 2^15
+        let pa = _mm256_add_epi16(mb(0), mb(1));
+        let pb = _mm256_add_epi16(mb(2), mb(3));
+        _mm256_add_epi32(
+            isum,
+            _mm256_add_epi32(_mm256_madd_epi16(pa, s[0]), _mm256_madd_epi16(pb, s[1])),
+        )
+    } else {
+        // |8 products| <= 8 * 31 * 127 < 2^15
+        let p = _mm256_add_epi16(
+            _mm256_add_epi16(mb(0), mb(1)),
+            _mm256_add_epi16(mb(2), mb(3)),
+        );
+        _mm256_add_epi32(isum, _mm256_madd_epi16(p, s[0]))
+    }
+}
+
+/// One token's float step for a K-quant super-block: the integer sum `isum` less the mins term
+/// (the bsums times the factors `m`, four steps of [4 rows x 4 i16]: Q4_K/Q5_K subtract it scaled
+/// by dmin, Q6_K subtract 32 times it, its -32 offset, in integers), scaled by d and the token's
+/// d, added to `acc`. Shared by the panel and rows4 kernels.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_block_token<const SIX: bool>(
+    acc: __m256,
+    isum: __m256i,
+    m: &[__m256i; 4],
+    d8: __m256,
+    dmin8: __m256,
+    ab: &BlockQ8K,
+) -> __m256 {
+    let bp = ab.bsums.as_ptr() as *const u8;
+    let bq = |k: usize| _mm256_set1_epi64x(std::ptr::read_unaligned(bp.add(8 * k) as *const i64));
+    let mi = _mm256_add_epi32(
+        _mm256_add_epi32(
+            _mm256_madd_epi16(bq(0), m[0]),
+            _mm256_madd_epi16(bq(1), m[1]),
+        ),
+        _mm256_add_epi32(
+            _mm256_madd_epi16(bq(2), m[2]),
+            _mm256_madd_epi16(bq(3), m[3]),
+        ),
+    );
+    let da = _mm256_broadcast_ss(&ab.d);
+    if SIX {
+        let i = _mm256_sub_epi32(isum, _mm256_slli_epi32::<5>(mi));
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d8, da), acc)
+    } else {
+        let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d8, da), acc);
+        _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mi), _mm256_mul_ps(dmin8, da), acc)
+    }
+}
+
 /// One super-block `pb` of the panel against T tokens (block `a` of token 0,
 /// the next tokens `astride` blocks apart), added to `acc`.
 #[inline]
@@ -733,279 +801,185 @@ unsafe fn micro_k_block<const SIX: bool, const T: usize>(
     astride: usize,
     acc: &mut [__m256; T],
 ) {
-    let mut ap = [a; T];
+    let mut isum = [_mm256_setzero_si256(); T];
+    for j in 0..8 {
+        let vp = pb.add(KPB_VALS + 128 * j);
+        let w = [0, 1, 2, 3].map(|k| ld256(vp.add(32 * k)));
+        let s = if SIX {
+            let sp = pb.add(KPB_SCL + 64 * j);
+            [ld256(sp), ld256(sp.add(32))]
+        } else {
+            [ld256(pb.add(KPB_SCL + 32 * j)); 2]
+        };
+        for t in 0..T {
+            let aq = (*a.add(t * astride)).qs.as_ptr() as *const u8;
+            isum[t] = k_sub_block::<SIX>(&w, &s, aq.add(32 * j), isum[t]);
+        }
+    }
+    let mv = pb.add(KPB_MINV);
+    let m = [0, 1, 2, 3].map(|q| ld256(mv.add(32 * q)));
+    let d8 = _mm256_loadu_ps(pb.add(KPB_D) as *const f32);
+    let dmin8 = _mm256_loadu_ps(pb.add(KPB_DMIN) as *const f32);
     for t in 0..T {
-        ap[t] = a.add(t * astride);
-    }
-    let b = 0;
-    let bq = |p: *const u8| _mm256_set1_epi64x(std::ptr::read_unaligned(p as *const i64));
-    {
-        let mut isum = [_mm256_setzero_si256(); T];
-        for j in 0..8 {
-            let vp = pb.add(KPB_VALS + 128 * j);
-            let w0 = ld256(vp);
-            let w1 = ld256(vp.add(32));
-            let w2 = ld256(vp.add(64));
-            let w3 = ld256(vp.add(96));
-            if SIX {
-                let sa = ld256(pb.add(KPB_SCL + 64 * j));
-                let sb = ld256(pb.add(KPB_SCL + 64 * j + 32));
-                for t in 0..T {
-                    let aq = ((*ap[t].add(b)).qs.as_ptr() as *const u8).add(32 * j);
-                    // |4 products| <= 4 * 63 * 127 < 2^15
-                    let pa = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(w0, bq(aq)),
-                        _mm256_maddubs_epi16(w1, bq(aq.add(8))),
-                    );
-                    let pbb = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(w2, bq(aq.add(16))),
-                        _mm256_maddubs_epi16(w3, bq(aq.add(24))),
-                    );
-                    isum[t] = _mm256_add_epi32(
-                        isum[t],
-                        _mm256_add_epi32(_mm256_madd_epi16(pa, sa), _mm256_madd_epi16(pbb, sb)),
-                    );
-                }
-            } else {
-                let s = ld256(pb.add(KPB_SCL + 32 * j));
-                for t in 0..T {
-                    let aq = ((*ap[t].add(b)).qs.as_ptr() as *const u8).add(32 * j);
-                    // |8 products| <= 8 * 31 * 127 < 2^15
-                    let p = _mm256_add_epi16(
-                        _mm256_add_epi16(
-                            _mm256_maddubs_epi16(w0, bq(aq)),
-                            _mm256_maddubs_epi16(w1, bq(aq.add(8))),
-                        ),
-                        _mm256_add_epi16(
-                            _mm256_maddubs_epi16(w2, bq(aq.add(16))),
-                            _mm256_maddubs_epi16(w3, bq(aq.add(24))),
-                        ),
-                    );
-                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p, s));
-                }
-            }
-        }
-        let d8 = _mm256_loadu_ps(pb.add(KPB_D) as *const f32);
-        let mv = pb.add(KPB_MINV);
-        let (m0, m1, m2, m3) = (
-            ld256(mv),
-            ld256(mv.add(32)),
-            ld256(mv.add(64)),
-            ld256(mv.add(96)),
-        );
-        for t in 0..T {
-            let ab = &*ap[t].add(b);
-            let bp = ab.bsums.as_ptr() as *const u8;
-            let mi = _mm256_add_epi32(
-                _mm256_add_epi32(
-                    _mm256_madd_epi16(bq(bp), m0),
-                    _mm256_madd_epi16(bq(bp.add(8)), m1),
-                ),
-                _mm256_add_epi32(
-                    _mm256_madd_epi16(bq(bp.add(16)), m2),
-                    _mm256_madd_epi16(bq(bp.add(24)), m3),
-                ),
-            );
-            let da = _mm256_broadcast_ss(&ab.d);
-            if SIX {
-                let i = _mm256_sub_epi32(isum[t], _mm256_slli_epi32::<5>(mi));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d8, da), acc[t]);
-            } else {
-                let dmin8 = _mm256_loadu_ps(pb.add(KPB_DMIN) as *const f32);
-                acc[t] =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d8, da), acc[t]);
-                acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mi), _mm256_mul_ps(dmin8, da), acc[t]);
-            }
-        }
+        acc[t] = k_block_token::<SIX>(acc[t], isum[t], &m, d8, dmin8, &*a.add(t * astride));
     }
 }
 
-/// Q4_K rows4 group-blocks (repack.rs) at `w` x T tokens over `nb` super-blocks: each
-/// sub-block's four steps come from two loads and its scales from one byte shuffle, then the
-/// arithmetic of [`micro_k_block`] (the same bits as the panel path, for every token count).
-/// Prefetches `pf` bytes ahead (0: none).
+/// Sub-block `j` of the Q4_K rows4 group-block at `p` (repack.rs): its four steps (two loads of
+/// nibbles) and its scales spread to [r0 x4, r1 x4 | r2 x4, r3 x4] i16 by one byte shuffle of
+/// the group-block's scale bytes `sc[0]` ([`k_rows4_scales`]).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q4k_rows4<const T: usize>(
-    w: *const u8,
-    a: *const BlockQ8K,
-    astride: usize,
-    nb: usize,
-    pf: usize,
-) -> [[f32; T]; PR] {
-    use crate::repack::{Q4K_D, Q4K_DMIN, Q4K_GROUP_BYTES, Q4K_MINS, Q4K_SCALES};
+unsafe fn q4k_rows4_sub_block(
+    p: *const u8,
+    j: usize,
+    sc: &[__m256i; 2],
+) -> ([__m256i; 4], [__m256i; 2]) {
     let m4 = _mm256_set1_epi8(0x0f);
-    let bq = |p: *const u8| _mm256_set1_epi64x(std::ptr::read_unaligned(p as *const i64));
-    let mut acc = [_mm256_setzero_ps(); T];
-    for b in 0..nb {
-        let p = w.add(b * Q4K_GROUP_BYTES);
-        if pf != 0 {
-            prefetch(p.wrapping_add(pf), Q4K_GROUP_BYTES);
-        }
-        let scales = ld256(p.add(Q4K_SCALES));
-        let mut isum = [_mm256_setzero_si256(); T];
-        for j in 0..8 {
-            let (va, vb) = (ld256(p.add(64 * j)), ld256(p.add(64 * j + 32)));
-            let w0 = _mm256_and_si256(va, m4);
-            let w1 = _mm256_and_si256(_mm256_srli_epi16::<4>(va), m4);
-            let w2 = _mm256_and_si256(vb, m4);
-            let w3 = _mm256_and_si256(_mm256_srli_epi16::<4>(vb), m4);
-            // [sc r0 x4, sc r1 x4 | sc r2 x4, sc r3 x4] as i16: row r's scales sit at 8 (r % 2)
-            // in the 128-bit half of rows 2 (r / 2) and 2 (r / 2) + 1
-            let (lo, hi, z) = (j as i8, 8 + j as i8, -128i8);
-            let s = _mm256_shuffle_epi8(
-                scales,
-                _mm256_setr_epi8(
-                    lo, z, lo, z, lo, z, lo, z, hi, z, hi, z, hi, z, hi, z, lo, z, lo, z, lo, z,
-                    lo, z, hi, z, hi, z, hi, z, hi, z,
-                ),
-            );
-            for t in 0..T {
-                let aq = ((*a.add(t * astride + b)).qs.as_ptr() as *const u8).add(32 * j);
-                // |8 products| <= 8 * 15 * 127 < 2^15
-                let p = _mm256_add_epi16(
-                    _mm256_add_epi16(
-                        _mm256_maddubs_epi16(w0, bq(aq)),
-                        _mm256_maddubs_epi16(w1, bq(aq.add(8))),
-                    ),
-                    _mm256_add_epi16(
-                        _mm256_maddubs_epi16(w2, bq(aq.add(16))),
-                        _mm256_maddubs_epi16(w3, bq(aq.add(24))),
-                    ),
-                );
-                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p, s));
-            }
-        }
-        // step q of the bsum factors: [min(2q) min(2q) min(2q+1) min(2q+1)] of each row
-        let minv = |q: usize| {
-            let x = _mm_loadl_epi64(p.add(Q4K_MINS + 8 * q) as *const __m128i);
-            _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(x, x))
-        };
-        let (m0, m1, m2, m3) = (minv(0), minv(1), minv(2), minv(3));
-        let f16x8 = |o: usize| {
-            let x = _mm_loadl_epi64(p.add(o) as *const __m128i);
-            _mm256_cvtph_ps(_mm_unpacklo_epi16(x, x))
-        };
-        let (d8, dmin8) = (f16x8(Q4K_D), f16x8(Q4K_DMIN));
-        for t in 0..T {
-            let ab = &*a.add(t * astride + b);
-            let bp = ab.bsums.as_ptr() as *const u8;
-            let mi = _mm256_add_epi32(
-                _mm256_add_epi32(
-                    _mm256_madd_epi16(bq(bp), m0),
-                    _mm256_madd_epi16(bq(bp.add(8)), m1),
-                ),
-                _mm256_add_epi32(
-                    _mm256_madd_epi16(bq(bp.add(16)), m2),
-                    _mm256_madd_epi16(bq(bp.add(24)), m3),
-                ),
-            );
-            let da = _mm256_broadcast_ss(&ab.d);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d8, da), acc[t]);
-            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mi), _mm256_mul_ps(dmin8, da), acc[t]);
-        }
-    }
-    finish(acc)
+    let (va, vb) = (ld256(p.add(64 * j)), ld256(p.add(64 * j + 32)));
+    let w = [
+        _mm256_and_si256(va, m4),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(va), m4),
+        _mm256_and_si256(vb, m4),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(vb), m4),
+    ];
+    let (lo, hi, z) = (j as i8, 8 + j as i8, -128i8);
+    let c = _mm_setr_epi8(lo, z, lo, z, lo, z, lo, z, hi, z, hi, z, hi, z, hi, z);
+    let s = _mm256_shuffle_epi8(sc[0], _mm256_broadcastsi128_si256(c));
+    (w, [s; 2])
 }
 
-/// Q6_K rows4 group-blocks (repack.rs) at `w` x T tokens over `nb` super-blocks: each
-/// sub-block's steps from three loads (the fourth step from their top bits), the group scales
-/// spread by byte shuffles, then the arithmetic of [`micro_k_block`] (the same bits as the panel path).
-/// Prefetches `pf` bytes ahead (0: none).
+/// i8 bytes `idx` of each 128-bit half of `v` as sign-extended i16 lanes (each byte shuffled to
+/// the high half of its lane, then an arithmetic shift).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q6k_rows4<const T: usize>(
-    w: *const u8,
-    a: *const BlockQ8K,
-    astride: usize,
-    nb: usize,
-    pf: usize,
-) -> [[f32; T]; PR] {
-    use crate::repack::{Q6K_D, Q6K_SCALES};
-    const GB: usize = 840;
+unsafe fn spread_i8(v: __m256i, idx: [i8; 8]) -> __m256i {
+    let z = -128i8;
+    let c = _mm_setr_epi8(
+        z, idx[0], z, idx[1], z, idx[2], z, idx[3], z, idx[4], z, idx[5], z, idx[6], z, idx[7],
+    );
+    _mm256_srai_epi16::<8>(_mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(c)))
+}
+
+/// The scale bytes of the Q4_K (SIX = false) or Q6_K rows4 group-block at `p`, loaded once per
+/// group-block: Q4_K's 32 in `[0]`, Q6_K's groups `8h..8h + 8` in `[h]`. Row r's sit at
+/// 8 (r % 2) in the 128-bit half of rows 2 (r / 2), 2 (r / 2) + 1.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_rows4_scales<const SIX: bool>(p: *const u8) -> [__m256i; 2] {
+    use crate::repack::{Q4K_SCALES, Q6K_SCALES};
+    if SIX {
+        [ld256(p.add(Q6K_SCALES)), ld256(p.add(Q6K_SCALES + 32))]
+    } else {
+        [ld256(p.add(Q4K_SCALES)), _mm256_setzero_si256()]
+    }
+}
+
+/// Sub-block `j` of the Q6_K rows4 group-block at `p`: steps 0-2 as 6-bit values from three
+/// loads, step 3 from their top bits, and the scales of its two groups of 16 from `sc`
+/// ([`k_rows4_scales`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_rows4_sub_block(
+    p: *const u8,
+    j: usize,
+    sc: &[__m256i; 2],
+) -> ([__m256i; 4], [__m256i; 2]) {
     let m3f = _mm256_set1_epi8(0x3f);
-    let bq = |p: *const u8| _mm256_set1_epi64x(std::ptr::read_unaligned(p as *const i64));
-    // i8 bytes `idx[i]` of each 128-bit half as i16 lanes (byte to the high half, then an
-    // arithmetic shift sign-extends it)
-    let spread = |v: __m256i, idx: [i8; 8]| {
-        let z = -128i8;
-        let c = _mm_setr_epi8(
-            z, idx[0], z, idx[1], z, idx[2], z, idx[3], z, idx[4], z, idx[5], z, idx[6], z, idx[7],
-        );
-        _mm256_srai_epi16::<8>(_mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(c)))
+    let v = |i: usize| ld256(p.add(96 * j + 32 * i));
+    let (va, vb, vc) = (v(0), v(1), v(2));
+    let top = _mm256_or_si256(
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<6>(va), _mm256_set1_epi8(0x03)),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(vb), _mm256_set1_epi8(0x0c)),
+        ),
+        _mm256_and_si256(_mm256_srli_epi16::<2>(vc), _mm256_set1_epi8(0x30)),
+    );
+    let w = [
+        _mm256_and_si256(va, m3f),
+        _mm256_and_si256(vb, m3f),
+        _mm256_and_si256(vc, m3f),
+        top,
+    ];
+    let group = |g: usize| {
+        let (lo, hi) = ((g % 8) as i8, 8 + (g % 8) as i8);
+        spread_i8(sc[g / 8], [lo, lo, lo, lo, hi, hi, hi, hi])
     };
-    let mut acc = [_mm256_setzero_ps(); T];
-    for b in 0..nb {
-        let p = w.add(b * GB);
-        if pf != 0 {
-            prefetch(p.wrapping_add(pf), GB);
-        }
-        // groups 8h..8h+8: row r's scales at 8 (r % 2) of the half of rows 2 (r / 2), +1
-        let sc = [ld256(p.add(Q6K_SCALES)), ld256(p.add(Q6K_SCALES + 32))];
-        let group = |g: usize| {
-            let (lo, hi) = ((g % 8) as i8, 8 + (g % 8) as i8);
-            spread(sc[g / 8], [lo, lo, lo, lo, hi, hi, hi, hi])
-        };
-        let mut isum = [_mm256_setzero_si256(); T];
-        for j in 0..8 {
-            let v = |i: usize| ld256(p.add(96 * j + 32 * i));
-            let (va, vb, vc) = (v(0), v(1), v(2));
-            let w0 = _mm256_and_si256(va, m3f);
-            let w1 = _mm256_and_si256(vb, m3f);
-            let w2 = _mm256_and_si256(vc, m3f);
-            // step 3 from the top two bits of the other three
-            let w3 = _mm256_or_si256(
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<6>(va), _mm256_set1_epi8(0x03)),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(vb), _mm256_set1_epi8(0x0c)),
-                ),
-                _mm256_and_si256(_mm256_srli_epi16::<2>(vc), _mm256_set1_epi8(0x30)),
-            );
-            let (sa, sb) = (group(2 * j), group(2 * j + 1));
-            for t in 0..T {
-                let aq = ((*a.add(t * astride + b)).qs.as_ptr() as *const u8).add(32 * j);
-                // |4 products| <= 4 * 63 * 127 < 2^15
-                let pa = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(w0, bq(aq)),
-                    _mm256_maddubs_epi16(w1, bq(aq.add(8))),
-                );
-                let pb = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(w2, bq(aq.add(16))),
-                    _mm256_maddubs_epi16(w3, bq(aq.add(24))),
-                );
-                isum[t] = _mm256_add_epi32(
-                    isum[t],
-                    _mm256_add_epi32(_mm256_madd_epi16(pa, sa), _mm256_madd_epi16(pb, sb)),
-                );
-            }
-        }
-        // step q of the bsum factors: the scales of groups 4q..4q+4 of each row
-        let minv = |q: usize| {
+    (w, [group(2 * j), group(2 * j + 1)])
+}
+
+/// The bsum factors (four steps, as the panel's minv), d8 and dmin8 of the Q4_K (SIX = false)
+/// or Q6_K rows4 group-block at `p`: Q4_K's mins of sub-blocks 2q, 2q + 1 as
+/// [m m m' m'] per row; Q6_K's group scales 4q..4q + 4 per row.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_rows4_mins_d<const SIX: bool>(
+    p: *const u8,
+    sc: &[__m256i; 2],
+) -> ([__m256i; 4], __m256, __m256) {
+    use crate::repack::{Q4K_D, Q4K_DMIN, Q4K_MINS, Q6K_D};
+    let f16x8 = |o: usize| {
+        let x = _mm_loadl_epi64(p.add(o) as *const __m128i);
+        _mm256_cvtph_ps(_mm_unpacklo_epi16(x, x))
+    };
+    if SIX {
+        let m = [0, 1, 2, 3].map(|q| {
             let o = 4 * (q % 2) as i8;
-            spread(
+            spread_i8(
                 sc[q / 2],
                 [o, o + 1, o + 2, o + 3, o + 8, o + 9, o + 10, o + 11],
             )
-        };
-        let (m0, m1, m2, m3) = (minv(0), minv(1), minv(2), minv(3));
-        let d = _mm_loadl_epi64(p.add(Q6K_D) as *const __m128i);
-        let d8 = _mm256_cvtph_ps(_mm_unpacklo_epi16(d, d));
+        });
+        (m, f16x8(Q6K_D), _mm256_setzero_ps())
+    } else {
+        let m = [0, 1, 2, 3].map(|q| {
+            let x = _mm_loadl_epi64(p.add(Q4K_MINS + 8 * q) as *const __m128i);
+            _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(x, x))
+        });
+        (m, f16x8(Q4K_D), f16x8(Q4K_DMIN))
+    }
+}
+
+/// Q4_K (SIX = false) or Q6_K rows4 group-blocks (repack.rs) at `w` x T tokens over `nb`
+/// super-blocks: each sub-block unpacked in registers once for the T tokens, then the panel
+/// kernels' arithmetic (the same bits as the GGUF panel path, for every token count).
+/// Prefetches `pf` bytes ahead (0: none).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_k_rows4<const SIX: bool, const T: usize>(
+    w: *const u8,
+    a: *const BlockQ8K,
+    astride: usize,
+    nb: usize,
+    pf: usize,
+) -> [[f32; T]; PR] {
+    let gb = if SIX {
+        840
+    } else {
+        crate::repack::Q4K_GROUP_BYTES
+    };
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        let p = w.add(b * gb);
+        if pf != 0 {
+            prefetch(p.wrapping_add(pf), gb);
+        }
+        let sc = k_rows4_scales::<SIX>(p);
+        let mut isum = [_mm256_setzero_si256(); T];
+        for j in 0..8 {
+            let (steps, s) = if SIX {
+                q6k_rows4_sub_block(p, j, &sc)
+            } else {
+                q4k_rows4_sub_block(p, j, &sc)
+            };
+            for t in 0..T {
+                let aq = (*a.add(t * astride + b)).qs.as_ptr() as *const u8;
+                isum[t] = k_sub_block::<SIX>(&steps, &s, aq.add(32 * j), isum[t]);
+            }
+        }
+        let (m, d8, dmin8) = k_rows4_mins_d::<SIX>(p, &sc);
         for t in 0..T {
-            let ab = &*a.add(t * astride + b);
-            let bp = ab.bsums.as_ptr() as *const u8;
-            let mi = _mm256_add_epi32(
-                _mm256_add_epi32(
-                    _mm256_madd_epi16(bq(bp), m0),
-                    _mm256_madd_epi16(bq(bp.add(8)), m1),
-                ),
-                _mm256_add_epi32(
-                    _mm256_madd_epi16(bq(bp.add(16)), m2),
-                    _mm256_madd_epi16(bq(bp.add(24)), m3),
-                ),
-            );
-            let i = _mm256_sub_epi32(isum[t], _mm256_slli_epi32::<5>(mi));
-            let da = _mm256_broadcast_ss(&ab.d);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d8, da), acc[t]);
+            acc[t] = k_block_token::<SIX>(acc[t], isum[t], &m, d8, dmin8, &*a.add(t * astride + b));
         }
     }
     finish(acc)
@@ -1036,11 +1010,7 @@ pub(super) unsafe fn gemm_k_rows4<const SIX: bool>(
             let (wr, yr) = (w.add(r * rb), y.add(r));
             let mut pf = PR * rb;
             token_tiles!(tc, te, PR, yr, ystride, |t, T| {
-                let o = if SIX {
-                    tile_q6k_rows4::<T>(wr, a.add(t * nb), nb, nb, pf)
-                } else {
-                    tile_q4k_rows4::<T>(wr, a.add(t * nb), nb, nb, pf)
-                };
+                let o = tile_k_rows4::<SIX, T>(wr, a.add(t * nb), nb, nb, pf);
                 pf = 0;
                 o
             });
