@@ -37,8 +37,9 @@ fn act_kind(ty: QuantType) -> u8 {
     }
 }
 
-/// Bytes per weight row as stored in `packing`.
-fn stored_row_bytes(ty: QuantType, packing: Packing, cols: usize) -> Option<usize> {
+/// Bytes per weight row of `cols` columns as stored in `packing` (`None`: `cols` is not a
+/// multiple of the block size).
+pub fn stored_row_bytes(ty: QuantType, packing: Packing, cols: usize) -> Option<usize> {
     match packing {
         Packing::Gguf => ty.row_bytes(cols),
         Packing::Rows4 => repack::rows4_row_bytes(ty, cols),

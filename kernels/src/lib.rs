@@ -19,7 +19,7 @@ mod scalar;
 mod x86;
 
 pub use act::{BlockQ8, BlockQ8K};
-pub use driver::MatMulJob;
+pub use driver::{stored_row_bytes, MatMulJob};
 pub use repack::{has_rows4, repack_rows4, repack_rows4_into, rows4_row_bytes, Packing};
 
 /// Tensor element types of GGUF files that these kernels understand.

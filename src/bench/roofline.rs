@@ -32,10 +32,10 @@ pub fn decode_bytes_per_token(engine: &Engine) -> (u64, u64) {
 /// Bytes of a tensor as the CPU kernels hold it: the rows4 layout where the engine repacks into
 /// it (Q4_K's is 2.8% larger than its GGUF blocks), the GGUF bytes otherwise.
 fn cpu_bytes(t: &crate::gguf::TensorInfo) -> usize {
-    use qwen_run_kernels::{best_packing, rows4_row_bytes, Packing};
+    use qwen_run_kernels::{best_packing, stored_row_bytes};
     match t.dims[..] {
-        [cols, rows] if best_packing(t.ty, rows) == Packing::Rows4 => {
-            rows4_row_bytes(t.ty, cols).map_or(t.size, |rb| rows * rb)
+        [cols, rows] => {
+            stored_row_bytes(t.ty, best_packing(t.ty, rows), cols).map_or(t.size, |rb| rows * rb)
         }
         _ => t.size,
     }

@@ -14,7 +14,8 @@ pub struct QMatrix {
     info: TensorInfo,
     pub rows: usize,
     pub cols: usize,
-    repacked: Option<(Packing, Vec<u8>)>,
+    /// The rows4 copy ([`Packing::Rows4`]), when the CPU kernels read that layout faster.
+    repacked: Option<Vec<u8>>,
 }
 
 impl QMatrix {
@@ -56,14 +57,14 @@ impl QMatrix {
                 .context("rows4 repacking refused a supported shape")?;
             self.file.release(&self.info, i * step..(i + 1) * step);
         }
-        self.repacked = Some((Packing::Rows4, out));
+        self.repacked = Some(out);
         Ok(())
     }
 
     /// The weights as the kernels get them: their layout and bytes.
     fn kernel_weights(&self) -> (Packing, &[u8]) {
         match &self.repacked {
-            Some((packing, w)) => (*packing, w),
+            Some(w) => (Packing::Rows4, w),
             None => (Packing::Gguf, self.data()),
         }
     }
