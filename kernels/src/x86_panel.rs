@@ -193,7 +193,12 @@ unsafe fn unpack_rows4<const K: u8>(p: *const u8, pf: usize) -> PanelBlock {
             ld256(p.add(96)),
         ];
         return PanelBlock {
-            w: s.map(|v| _mm256_sign_epi8(v, v)),
+            w: [
+                _mm256_sign_epi8(s[0], s[0]),
+                _mm256_sign_epi8(s[1], s[1]),
+                _mm256_sign_epi8(s[2], s[2]),
+                _mm256_sign_epi8(s[3], s[3]),
+            ],
             s,
             d,
             m: _mm256_setzero_ps(),
@@ -804,7 +809,12 @@ unsafe fn micro_k_block<const SIX: bool, const T: usize>(
     let mut isum = [_mm256_setzero_si256(); T];
     for j in 0..8 {
         let vp = pb.add(KPB_VALS + 128 * j);
-        let w = [0, 1, 2, 3].map(|k| ld256(vp.add(32 * k)));
+        let w = [
+            ld256(vp),
+            ld256(vp.add(32)),
+            ld256(vp.add(64)),
+            ld256(vp.add(96)),
+        ];
         let s = if SIX {
             let sp = pb.add(KPB_SCL + 64 * j);
             [ld256(sp), ld256(sp.add(32))]
@@ -817,7 +827,12 @@ unsafe fn micro_k_block<const SIX: bool, const T: usize>(
         }
     }
     let mv = pb.add(KPB_MINV);
-    let m = [0, 1, 2, 3].map(|q| ld256(mv.add(32 * q)));
+    let m = [
+        ld256(mv),
+        ld256(mv.add(32)),
+        ld256(mv.add(64)),
+        ld256(mv.add(96)),
+    ];
     let d8 = _mm256_loadu_ps(pb.add(KPB_D) as *const f32);
     let dmin8 = _mm256_loadu_ps(pb.add(KPB_DMIN) as *const f32);
     for t in 0..T {
@@ -843,22 +858,75 @@ unsafe fn q4k_rows4_sub_block(
         _mm256_and_si256(vb, m4),
         _mm256_and_si256(_mm256_srli_epi16::<4>(vb), m4),
     ];
-    let (lo, hi, z) = (j as i8, 8 + j as i8, -128i8);
-    let c = _mm_setr_epi8(lo, z, lo, z, lo, z, lo, z, hi, z, hi, z, hi, z, hi, z);
-    let s = _mm256_shuffle_epi8(sc[0], _mm256_broadcastsi128_si256(c));
+    let s = _mm256_shuffle_epi8(sc[0], shuffle_control(&Q4K_SCALE_SPREAD[j]));
     (w, [s; 2])
 }
 
-/// i8 bytes `idx` of each 128-bit half of `v` as sign-extended i16 lanes (each byte shuffled to
-/// the high half of its lane, then an arithmetic shift).
+/// A 16-byte shuffle control, the same in both 128-bit halves. Loaded from a table rather than
+/// built from a loop index, which would cost a chain of byte inserts per use.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn spread_i8(v: __m256i, idx: [i8; 8]) -> __m256i {
-    let z = -128i8;
-    let c = _mm_setr_epi8(
-        z, idx[0], z, idx[1], z, idx[2], z, idx[3], z, idx[4], z, idx[5], z, idx[6], z, idx[7],
-    );
-    _mm256_srai_epi16::<8>(_mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(c)))
+unsafe fn shuffle_control(c: &[i8; 16]) -> __m256i {
+    _mm256_broadcastsi128_si256(_mm_loadu_si128(c.as_ptr() as *const __m128i))
+}
+
+/// Byte-shuffle controls that spread 8 chosen bytes of a 128-bit half to 8 i16 lanes: byte
+/// `idx[i]` goes to the low byte of lane i (`HIGH` false, zero-extended) or to its high byte
+/// (`HIGH` true, for a following arithmetic shift that sign-extends it); -128 clears a byte.
+const fn spread_control<const HIGH: bool>(idx: [i8; 8]) -> [i8; 16] {
+    let mut c = [-128i8; 16];
+    let mut i = 0;
+    while i < 8 {
+        c[2 * i + HIGH as usize] = idx[i];
+        i += 1;
+    }
+    c
+}
+
+/// Controls for Q4_K rows4 sub-block `j`: its scale byte of row r (byte 8 (r % 2) + j of the
+/// half of rows 2 (r / 2), 2 (r / 2) + 1) to four i16 lanes.
+const Q4K_SCALE_SPREAD: [[i8; 16]; 8] = {
+    let mut t = [[0i8; 16]; 8];
+    let mut j = 0;
+    while j < 8 {
+        let (lo, hi) = (j as i8, 8 + j as i8);
+        t[j] = spread_control::<false>([lo, lo, lo, lo, hi, hi, hi, hi]);
+        j += 1;
+    }
+    t
+};
+
+/// Controls for Q6_K rows4 group `g % 8` of a half of the scale bytes (see [`spread_i8`]).
+const Q6K_SCALE_SPREAD: [[i8; 16]; 8] = {
+    let mut t = [[0i8; 16]; 8];
+    let mut g = 0;
+    while g < 8 {
+        let (lo, hi) = (g as i8, 8 + g as i8);
+        t[g] = spread_control::<true>([lo, lo, lo, lo, hi, hi, hi, hi]);
+        g += 1;
+    }
+    t
+};
+
+/// Controls for the Q6_K bsum factors of step q (its group scales 4 (q % 2)..+4 per row).
+const Q6K_MINS_SPREAD: [[i8; 16]; 2] = {
+    let mut t = [[0i8; 16]; 2];
+    let mut h = 0;
+    while h < 2 {
+        let o = 4 * h as i8;
+        t[h] = spread_control::<true>([o, o + 1, o + 2, o + 3, o + 8, o + 9, o + 10, o + 11]);
+        h += 1;
+    }
+    t
+};
+
+/// The i8 bytes of each 128-bit half of `v` that control `c` (a `spread_control::<true>`) picks,
+/// as sign-extended i16 lanes (each byte shuffled to the high half of its lane, then an
+/// arithmetic shift).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn spread_i8(v: __m256i, c: &[i8; 16]) -> __m256i {
+    _mm256_srai_epi16::<8>(_mm256_shuffle_epi8(v, shuffle_control(c)))
 }
 
 /// The scale bytes of the Q4_K (SIX = false) or Q6_K rows4 group-block at `p`, loaded once per
@@ -901,10 +969,7 @@ unsafe fn q6k_rows4_sub_block(
         _mm256_and_si256(vc, m3f),
         top,
     ];
-    let group = |g: usize| {
-        let (lo, hi) = ((g % 8) as i8, 8 + (g % 8) as i8);
-        spread_i8(sc[g / 8], [lo, lo, lo, lo, hi, hi, hi, hi])
-    };
+    let group = |g: usize| spread_i8(sc[g / 8], &Q6K_SCALE_SPREAD[g % 8]);
     (w, [group(2 * j), group(2 * j + 1)])
 }
 
@@ -923,19 +988,15 @@ unsafe fn k_rows4_mins_d<const SIX: bool>(
         _mm256_cvtph_ps(_mm_unpacklo_epi16(x, x))
     };
     if SIX {
-        let m = [0, 1, 2, 3].map(|q| {
-            let o = 4 * (q % 2) as i8;
-            spread_i8(
-                sc[q / 2],
-                [o, o + 1, o + 2, o + 3, o + 8, o + 9, o + 10, o + 11],
-            )
-        });
+        let m = |q: usize| spread_i8(sc[q / 2], &Q6K_MINS_SPREAD[q % 2]);
+        let m = [m(0), m(1), m(2), m(3)];
         (m, f16x8(Q6K_D), _mm256_setzero_ps())
     } else {
-        let m = [0, 1, 2, 3].map(|q| {
+        let m = |q: usize| {
             let x = _mm_loadl_epi64(p.add(Q4K_MINS + 8 * q) as *const __m128i);
             _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(x, x))
-        });
+        };
+        let m = [m(0), m(1), m(2), m(3)];
         (m, f16x8(Q4K_D), f16x8(Q4K_DMIN))
     }
 }
