@@ -160,11 +160,25 @@ impl Engine {
             ),
             n => n,
         };
-        let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        let template = ChatTemplate::from_gguf(&gguf)?;
         let placement =
             Placement::new(cfg.n_layers, &device, opts.gpu_layers.unwrap_or(usize::MAX));
-        let model = Qwen2::load(&gguf, placement, ctx_size)?;
+        // The tokenizer (a quarter of a second for Qwen's 151k-token vocabulary) is built on its
+        // own thread while this one loads the weights.
+        let (text, model) = std::thread::scope(|s| {
+            let text = s.spawn(|| -> Result<_> {
+                Ok((
+                    Tokenizer::from_gguf(&gguf)?,
+                    ChatTemplate::from_gguf(&gguf)?,
+                ))
+            });
+            let model = Qwen2::load(&gguf, placement, ctx_size);
+            let text = text
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("building the tokenizer panicked")));
+            (text, model)
+        });
+        let (tokenizer, template) = text?;
+        let model = model?;
         let cache_type_k = opts.cache_type_k.unwrap_or(opts.cache_type);
         let cache_type_v = opts.cache_type_v.unwrap_or(opts.cache_type);
         for ty in [cache_type_k, cache_type_v] {

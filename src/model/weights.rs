@@ -4,6 +4,7 @@ use crate::gguf::{GgufFile, TensorInfo};
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use qwen_run_kernels::{Packing, QuantType};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// A `rows x cols` weight matrix in its GGUF block format, read in place from the mapping, or,
@@ -50,13 +51,18 @@ impl QMatrix {
         let prb = qwen_run_kernels::rows4_row_bytes(ty, cols).context("rows4 row size")?;
         let data = self.file.tensor_data(&self.info);
         let mut out = vec![0u8; rows * prb];
-        let groups = (4usize << 20).div_ceil(4 * rb);
+        // 1 MiB parts, spread over the worker threads (a layer's smaller matrices are a few MiB).
+        let groups = (1usize << 20).div_ceil(4 * rb);
         let (step, out_step) = (groups * 4 * rb, groups * 4 * prb);
-        for (i, (src, dst)) in data.chunks(step).zip(out.chunks_mut(out_step)).enumerate() {
-            qwen_run_kernels::repack_rows4_into(ty, src.len() / rb, cols, src, dst)
-                .context("rows4 repacking refused a supported shape")?;
-            self.file.release(&self.info, i * step..(i + 1) * step);
-        }
+        data.par_chunks(step)
+            .zip(out.par_chunks_mut(out_step))
+            .enumerate()
+            .try_for_each(|(i, (src, dst))| {
+                qwen_run_kernels::repack_rows4_into(ty, src.len() / rb, cols, src, dst)
+                    .context("rows4 repacking refused a supported shape")?;
+                self.file.release(&self.info, i * step..(i + 1) * step);
+                anyhow::Ok(())
+            })?;
         self.repacked = Some(out);
         Ok(())
     }
