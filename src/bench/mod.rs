@@ -2,6 +2,7 @@
 //! table, plus what llama-bench does not report: load time, time to first token, peak RSS and
 //! decode speed against the memory-bandwidth roofline.
 
+pub mod alloc_count;
 pub mod fidelity;
 mod roofline;
 
@@ -58,6 +59,12 @@ pub struct BenchExtras {
     /// Decode t/s of the last tg test over the bandwidth bound: host bytes / host bandwidth +
     /// GPU bytes / GPU bandwidth per token.
     pub roofline_pct: Option<f64>,
+    /// Heap allocations per generated token (decode of one sequence), and their bytes; `None`
+    /// where the counting allocator is not installed.
+    pub allocations_per_token: Option<f64>,
+    pub allocated_bytes_per_token: Option<f64>,
+    /// Minor page faults per generated token (memory the allocator had to map afresh).
+    pub page_faults_per_token: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -79,6 +86,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let mut ttft_prompt_tokens = 0;
     let (mut host_bytes, mut gpu_bytes) = (0, 0);
     let mut gpu_bandwidth_gbs = None;
+    let mut per_token = DecodeCosts::default();
     for &threads in &opts.threads {
         let mut load = opts.load.clone();
         load.threads = threads;
@@ -106,6 +114,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         if let (None, Some(gpu)) = (gpu_bandwidth_gbs, engine.placement().gpu()) {
             gpu_bandwidth_gbs = Some(measure_device_bandwidth(gpu)?);
         }
+        per_token = decode_costs(&engine)?;
         let ttft = time_to_first_token(&engine)?;
         ttft_ms = ttft.0.as_secs_f64() * 1e3;
         ttft_prompt_tokens = ttft.1;
@@ -179,6 +188,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             gpu_bandwidth_gbs,
             decode_bytes_on_gpu: gpu_bytes,
             roofline_pct,
+            allocations_per_token: per_token.allocations,
+            allocated_bytes_per_token: per_token.bytes,
+            page_faults_per_token: per_token.page_faults,
         },
     })
 }
@@ -224,6 +236,47 @@ fn time_generation(engine: &Engine, n: usize, sequences: usize) -> Result<Durati
         engine.forward_batch(&mut batch, &refs)?;
     }
     Ok(t0.elapsed())
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct DecodeCosts {
+    allocations: Option<f64>,
+    bytes: Option<f64>,
+    page_faults: f64,
+}
+
+/// Heap allocations and minor page faults of single-sequence decode steps, per token: counted over
+/// 16 steps after a warm-up step (the first step of a session sizes its buffers).
+fn decode_costs(engine: &Engine) -> Result<DecodeCosts> {
+    const STEPS: usize = 16;
+    let tokens = bench_tokens(engine, STEPS + 1);
+    let mut session = engine.new_session()?;
+    engine.forward(&mut session, &tokens[..1], Logits::Last)?;
+    let (a0, f0) = (alloc_count::snapshot(), minor_page_faults());
+    for t in &tokens[1..] {
+        engine.forward(&mut session, std::slice::from_ref(t), Logits::Last)?;
+    }
+    let (a1, f1) = (alloc_count::snapshot(), minor_page_faults());
+    let per = |x: u64| x as f64 / STEPS as f64;
+    let counted = a0.zip(a1);
+    Ok(DecodeCosts {
+        allocations: counted.map(|((n0, _), (n1, _))| per(n1 - n0)),
+        bytes: counted.map(|((_, b0), (_, b1))| per(b1 - b0)),
+        page_faults: per(f1.saturating_sub(f0)),
+    })
+}
+
+/// This process's minor page faults so far (0 where getrusage fails).
+fn minor_page_faults() -> u64 {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut u) == 0 {
+            u.ru_minflt as u64
+        } else {
+            0
+        }
+    }
 }
 
 /// A short chat prompt from an empty cache to the first sampled token.
@@ -362,6 +415,13 @@ pub fn to_markdown(report: &BenchReport) -> String {
     }
     if let Some(p) = e.roofline_pct {
         s.push_str(&format!(" | decode at {p:.0}% of the bandwidth roofline"));
+    }
+    if let (Some(n), Some(b)) = (e.allocations_per_token, e.allocated_bytes_per_token) {
+        s.push_str(&format!(
+            " | per generated token: {n:.0} heap allocations ({:.1} KiB), {:.1} page faults",
+            b / 1024.0,
+            e.page_faults_per_token
+        ));
     }
     s.push('\n');
     s
