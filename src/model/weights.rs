@@ -51,6 +51,7 @@ impl QMatrix {
         let prb = qwen_run_kernels::rows4_row_bytes(ty, cols).context("rows4 row size")?;
         let data = self.file.tensor_data(&self.info);
         let mut out = vec![0u8; rows * prb];
+        advise_huge_pages(&mut out);
         // 1 MiB parts, spread over the worker threads (a layer's smaller matrices are a few MiB).
         let groups = (1usize << 20).div_ceil(4 * rb);
         let (step, out_step) = (groups * 4 * rb, groups * 4 * prb);
@@ -123,6 +124,26 @@ impl QMatrix {
         };
         let q = qtensor_from_ggml(dtype, self.data(), vec![self.rows, self.cols], device)?;
         Ok(QMatMul::from_qtensor(q)?)
+    }
+}
+
+/// Asks the kernel to back a large fresh buffer with 2 MiB pages (Linux transparent huge pages,
+/// where enabled): decode streams every weight once per token, and with 4 KiB pages each page is
+/// a TLB miss. Measured on the 1.5B (11 alternating runs each, `bench -p 0 -n 64 -r 2 -t 2`):
+/// tg64 23.17 -> 24.23 t/s; the 0.5B, whose matrices are mostly under 2 MiB, is unchanged.
+fn advise_huge_pages(buf: &mut [u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (buf.as_mut_ptr() as usize).next_multiple_of(HUGE);
+        let end = (buf.as_mut_ptr() as usize + buf.len()) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: the range lies inside `buf`, memory this process owns; the advice changes
+            // only how its pages are backed, not their contents.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
     }
 }
 
