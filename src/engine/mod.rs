@@ -43,6 +43,8 @@ pub struct LoadOptions {
     pub prompt_cache_max_mib: u64,
     /// Tokens per prefix-cache block (prefixes are cached in whole blocks).
     pub prefix_block: usize,
+    /// Back the CPU copy of the weights with 2 MiB pages where the system offers them.
+    pub huge_pages: bool,
 }
 
 /// Default memory budget of the prompt-prefix cache, MiB.
@@ -68,6 +70,7 @@ impl LoadOptions {
             prompt_cache: None,
             prompt_cache_max_mib: DEFAULT_PROMPT_CACHE_MAX_MIB,
             prefix_block: DEFAULT_PREFIX_BLOCK,
+            huge_pages: true,
         }
     }
 }
@@ -171,7 +174,7 @@ impl Engine {
                     ChatTemplate::from_gguf(&gguf)?,
                 ))
             });
-            let model = Qwen2::load(&gguf, placement, ctx_size);
+            let model = Qwen2::load(&gguf, placement, ctx_size, opts.huge_pages);
             let text = text
                 .join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("building the tokenizer panicked")));

@@ -3,6 +3,7 @@
 mod attention;
 mod ops;
 mod qwen2;
+mod weight_arena;
 mod weights;
 
 pub use qwen2::{check_shapes, Config, Logits, Placement, Qwen2, Sequence};

@@ -1,6 +1,7 @@
 //! Qwen2 / Qwen2.5: a decoder-only transformer with grouped-query attention (q/k/v biases),
 //! rotary embeddings in the NeoX layout, RMSNorm and a SwiGLU MLP.
 
+use super::weight_arena::WeightArena;
 use super::weights::{load_vector, Embedding, Linear};
 use super::{attention, ops};
 use crate::gguf::GgufFile;
@@ -150,7 +151,13 @@ pub struct Qwen2 {
 
 impl Qwen2 {
     /// `placement` comes from [`Placement::new`] with this file's layer count.
-    pub fn load(gguf: &Arc<GgufFile>, placement: Placement, max_positions: usize) -> Result<Qwen2> {
+    /// `huge_pages`: back the CPU copies of the weights with 2 MiB pages ([`WeightArena`]).
+    pub fn load(
+        gguf: &Arc<GgufFile>,
+        placement: Placement,
+        max_positions: usize,
+        huge_pages: bool,
+    ) -> Result<Qwen2> {
         let cfg = Config::from_gguf(gguf)?;
         if placement.layers.len() != cfg.n_layers {
             bail!(
@@ -159,12 +166,15 @@ impl Qwen2 {
                 cfg.n_layers
             );
         }
+        // One arena for the CPU copies of all matrices, so that all of them sit in 2 MiB pages.
+        let arena = WeightArena::new(huge_pages);
         let lin = |name: &str, bias: bool, device: &Device| {
             Linear::load(
                 gguf,
                 &format!("{name}.weight"),
                 bias.then(|| format!("{name}.bias")).as_deref(),
                 device,
+                &arena,
             )
         };
         let layers = placement
@@ -191,7 +201,7 @@ impl Qwen2 {
         let out_dev = &placement.output;
         let output = match gguf.tensor("output.weight") {
             Some(_) => lin("output", false, out_dev)?,
-            None => embed.as_linear(out_dev)?,
+            None => embed.as_linear(out_dev, &arena)?,
         };
         let mut rope: Vec<Rope> = Vec::new();
         for d in placement.layers.iter() {

@@ -1,5 +1,6 @@
 //! Weights as the model uses them: quantized matrices that stay quantized, and small float tensors.
 
+use super::weight_arena::{WeightArena, WeightBuf};
 use crate::gguf::{GgufFile, TensorInfo};
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
@@ -16,7 +17,7 @@ pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
     /// The rows4 copy ([`Packing::Rows4`]), when the CPU kernels read that layout faster.
-    repacked: Option<Vec<u8>>,
+    repacked: Option<WeightBuf>,
 }
 
 impl QMatrix {
@@ -42,7 +43,8 @@ impl QMatrix {
     /// Copies the weights into the layout the CPU kernels read fastest on this machine, if that
     /// is not the GGUF one, a few MiB at a time, giving each part of the mapping back to the
     /// system once copied: the process holds one copy of the weights, not two, even at its peak.
-    pub fn repack_for_cpu(&mut self) -> Result<()> {
+    /// The copy lives in `arena`.
+    pub fn repack_for_cpu(&mut self, arena: &WeightArena) -> Result<()> {
         let (ty, rows, cols) = (self.ty(), self.rows, self.cols);
         if qwen_run_kernels::best_packing(ty, rows) != Packing::Rows4 {
             return Ok(());
@@ -50,8 +52,7 @@ impl QMatrix {
         let rb = self.row_bytes();
         let prb = qwen_run_kernels::rows4_row_bytes(ty, cols).context("rows4 row size")?;
         let data = self.file.tensor_data(&self.info);
-        let mut out = vec![0u8; rows * prb];
-        advise_huge_pages(&mut out);
+        let mut out = arena.alloc(rows * prb)?;
         // 1 MiB parts, spread over the worker threads (a layer's smaller matrices are a few MiB).
         let groups = (1usize << 20).div_ceil(4 * rb);
         let (step, out_step) = (groups * 4 * rb, groups * 4 * prb);
@@ -71,7 +72,7 @@ impl QMatrix {
     /// The weights as the kernels get them: their layout and bytes.
     fn kernel_weights(&self) -> (Packing, &[u8]) {
         match &self.repacked {
-            Some(w) => (Packing::Rows4, w),
+            Some(w) => (Packing::Rows4, &w[..]),
             None => (Packing::Gguf, self.data()),
         }
     }
@@ -127,26 +128,6 @@ impl QMatrix {
     }
 }
 
-/// Asks the kernel to back a large fresh buffer with 2 MiB pages (Linux transparent huge pages,
-/// where enabled): decode streams every weight once per token, and with 4 KiB pages each page is
-/// a TLB miss. Measured on the 1.5B (11 alternating runs each, `bench -p 0 -n 64 -r 2 -t 2`):
-/// tg64 23.17 -> 24.23 t/s; the 0.5B, whose matrices are mostly under 2 MiB, is unchanged.
-fn advise_huge_pages(buf: &mut [u8]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = (buf.as_mut_ptr() as usize).next_multiple_of(HUGE);
-        let end = (buf.as_mut_ptr() as usize + buf.len()) / HUGE * HUGE;
-        if end > start {
-            // SAFETY: the range lies inside `buf`, memory this process owns; the advice changes
-            // only how its pages are backed, not their contents.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-}
-
 /// `y = x W^T + b`, with W quantized. On the CPU our own kernels read W straight from the
 /// mapping; on other devices Candle's quantized matmul holds a device copy.
 pub enum Linear {
@@ -166,6 +147,7 @@ impl Linear {
         name: &str,
         bias: Option<&str>,
         device: &Device,
+        arena: &WeightArena,
     ) -> Result<Linear> {
         let w = QMatrix::load(file, name)?;
         let bias = bias.map(|b| load_vector(file, b, device)).transpose()?;
@@ -181,7 +163,7 @@ impl Linear {
         Ok(match device {
             Device::Cpu => {
                 let mut w = w;
-                w.repack_for_cpu()?;
+                w.repack_for_cpu(arena)?;
                 Linear::Native {
                     w: Arc::new(w),
                     bias,
@@ -346,8 +328,8 @@ impl Embedding {
     }
 
     /// Tied output heads reuse the embedding table as a matrix.
-    pub fn as_linear(&self, device: &Device) -> Result<Linear> {
+    pub fn as_linear(&self, device: &Device, arena: &WeightArena) -> Result<Linear> {
         let file = self.table.file.clone();
-        Linear::load(&file, &self.table.info.name, None, device)
+        Linear::load(&file, &self.table.info.name, None, device, arena)
     }
 }
