@@ -2,6 +2,7 @@
 //! bounded by memory bandwidth / bytes of weights per token.
 
 use crate::engine::Engine;
+use crate::model::WeightArena;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
@@ -60,11 +61,21 @@ pub fn measure_device_bandwidth(device: &Device) -> Result<f64> {
 }
 
 /// Sustained read bandwidth of main memory with `threads` readers, in GB/s (1e9 bytes): the best
-/// of a few passes over a buffer much larger than the caches.
+/// of a few passes over a buffer much larger than the caches, in 2 MiB pages like the weights
+/// (with 4 KiB pages, TLB misses would slow the probe, not the decode it is compared with).
 pub fn measure_read_bandwidth(threads: usize) -> f64 {
     const BYTES: usize = 512 << 20;
     let words = BYTES / 8;
-    let buf: Vec<u64> = (0..words as u64).collect();
+    let Ok(mut mem) = WeightArena::new(true).alloc(BYTES) else {
+        return 0.0;
+    };
+    // SAFETY: the buffer is 2 MiB aligned and BYTES long; any bit pattern is a valid u64.
+    let buf: &mut [u64] =
+        unsafe { std::slice::from_raw_parts_mut(mem.as_mut_ptr() as *mut u64, words) };
+    for (i, w) in buf.iter_mut().enumerate() {
+        *w = i as u64;
+    }
+    let buf = &*buf;
     let pool = match rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build()

@@ -7,4 +7,5 @@ mod weight_arena;
 mod weights;
 
 pub use qwen2::{check_shapes, Config, Logits, Placement, Qwen2, Sequence};
+pub use weight_arena::WeightArena;
 pub use weights::{Embedding, Linear, QMatrix};
