@@ -305,7 +305,7 @@ impl Qwen2 {
             h = h.to_device(&l.device)?;
             // Attention: projections and rotary embedding for all tokens at once, then each
             // sequence on its own KV cache.
-            let x = candle_nn::ops::rms_norm(&h, &l.attn_norm, c.rms_eps)?;
+            let x = ops::rms_norm(&h, &l.attn_norm, c.rms_eps)?;
             let (cos, sin, masks) = &per_device[d];
             let all = tokens.len();
             let rotate = |y: Tensor, nh: usize| -> Result<Tensor> {
@@ -319,7 +319,7 @@ impl Qwen2 {
             let y = attention::attend(c, i, &q_all, &k_all, &v_all, seqs, masks)?;
             h = (h + l.o.forward(&y)?)?;
             // MLP.
-            let x = candle_nn::ops::rms_norm(&h, &l.ffn_norm, c.rms_eps)?;
+            let x = ops::rms_norm(&h, &l.ffn_norm, c.rms_eps)?;
             let [gate, up] = Linear::forward_many([&l.gate, &l.up], &x)?;
             let y = ops::swiglu(&gate, &up)?;
             h = (h + l.down.forward(&y)?)?;
@@ -342,8 +342,7 @@ impl Qwen2 {
                 }
             }
         };
-        let h =
-            candle_nn::ops::rms_norm(&h.to_device(&self.placement.output)?, &self.norm, c.rms_eps)?;
+        let h = ops::rms_norm(&h.to_device(&self.placement.output)?, &self.norm, c.rms_eps)?;
         Ok(self.output.forward(&h)?.to_dtype(DType::F32)?)
     }
 }

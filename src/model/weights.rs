@@ -128,12 +128,16 @@ impl QMatrix {
     }
 }
 
+/// A bias in host memory, for the CPU kernels to add.
+type HostBias = Option<Arc<Vec<f32>>>;
+
 /// `y = x W^T + b`, with W quantized. On the CPU our own kernels read W straight from the
-/// mapping; on other devices Candle's quantized matmul holds a device copy.
+/// mapping (or from their repacked copy) and add the bias as they write `y`; on other devices
+/// Candle's quantized matmul holds a device copy.
 pub enum Linear {
     Native {
         w: Arc<QMatrix>,
-        bias: Option<Tensor>,
+        bias: HostBias,
     },
     Candle {
         w: candle_core::quantized::QMatMul,
@@ -166,7 +170,7 @@ impl Linear {
                 w.repack_for_cpu(arena)?;
                 Linear::Native {
                     w: Arc::new(w),
-                    bias,
+                    bias: bias.map(|b| b.to_vec1::<f32>().map(Arc::new)).transpose()?,
                 }
             }
             _ => Linear::Candle {
@@ -186,17 +190,17 @@ impl Linear {
     /// one kernel call ([`qwen_run_kernels::matmul_many`]): one activation quantization and one
     /// parallel region for all of them.
     pub fn forward_many<const N: usize>(linears: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
-        let native: Option<Vec<Arc<QMatrix>>> = linears
+        let native: Option<Vec<_>> = linears
             .iter()
             .map(|l| match l {
-                Linear::Native { w, .. } => Some(w.clone()),
+                Linear::Native { w, bias } => Some((w.clone(), bias.clone())),
                 Linear::Candle { .. } => None,
             })
             .collect();
         let ys: Vec<Tensor> = match native {
             Some(ws) => {
                 let n = x.dim(0)?;
-                let rows: Vec<usize> = ws.iter().map(|w| w.rows).collect();
+                let rows: Vec<usize> = ws.iter().map(|(w, _)| w.rows).collect();
                 // One flat output, matrix after matrix: each part is a contiguous view.
                 let flat = x.contiguous()?.apply_op1_no_bwd(&NativeMatMul(ws))?;
                 let mut at = 0;
@@ -212,33 +216,19 @@ impl Linear {
                 .iter()
                 .map(|l| match l {
                     Linear::Native { .. } => bail!("mixed CPU and GPU projections"),
-                    Linear::Candle { w, .. } => Ok(x.apply(w)?),
+                    Linear::Candle { w, bias: None } => Ok(x.apply(w)?),
+                    Linear::Candle { w, bias: Some(b) } => Ok(x.apply(w)?.broadcast_add(b)?),
                 })
                 .collect::<Result<_>>()?,
         };
-        let with_bias: Vec<Tensor> = ys
-            .into_iter()
-            .zip(linears)
-            .map(|(y, l)| match l.bias() {
-                Some(b) => Ok(y.broadcast_add(b)?),
-                None => Ok(y),
-            })
-            .collect::<Result<_>>()?;
-        with_bias
-            .try_into()
+        ys.try_into()
             .map_err(|_| anyhow::anyhow!("forward_many: wrong number of outputs"))
-    }
-
-    fn bias(&self) -> Option<&Tensor> {
-        match self {
-            Linear::Native { bias, .. } | Linear::Candle { bias, .. } => bias.as_ref(),
-        }
     }
 }
 
-/// Our CPU kernels over weight matrices that share the input; the output is flat, each
-/// matrix's `[n, rows]` block after the previous one's.
-struct NativeMatMul(Vec<Arc<QMatrix>>);
+/// Our CPU kernels over weight matrices (and their biases) that share the input; the output is
+/// flat, each matrix's `[n, rows]` block after the previous one's.
+struct NativeMatMul(Vec<(Arc<QMatrix>, HostBias)>);
 
 impl CustomOp1 for NativeMatMul {
     fn name(&self) -> &'static str {
@@ -255,7 +245,7 @@ impl CustomOp1 for NativeMatMul {
             _ => candle_core::bail!("qmatmul expects f32 activations"),
         };
         let (n, k) = layout.shape().dims2()?;
-        for w in &self.0 {
+        for (w, _) in &self.0 {
             if k != w.cols {
                 candle_core::bail!(
                     "qmatmul: input has {k} columns, weight '{}' has {}",
@@ -268,11 +258,11 @@ impl CustomOp1 for NativeMatMul {
             Some((a, b)) => &x[a..b],
             None => candle_core::bail!("qmatmul expects a contiguous input"),
         };
-        let total: usize = self.0.iter().map(|w| n * w.rows).sum();
+        let total: usize = self.0.iter().map(|(w, _)| n * w.rows).sum();
         let mut y = vec![0f32; total];
         let mut rest = y.as_mut_slice();
         let mut jobs = Vec::with_capacity(self.0.len());
-        for w in &self.0 {
+        for (w, _) in &self.0 {
             let (part, tail) = rest.split_at_mut(n * w.rows);
             rest = tail;
             let (packing, data) = w.kernel_weights();
@@ -285,6 +275,13 @@ impl CustomOp1 for NativeMatMul {
             });
         }
         qwen_run_kernels::matmul_many(k, x, n, &mut jobs);
+        for (job, (_, bias)) in jobs.iter_mut().zip(&self.0) {
+            if let Some(b) = bias {
+                for row in job.y.chunks_exact_mut(b.len()) {
+                    row.iter_mut().zip(b.iter()).for_each(|(y, b)| *y += b);
+                }
+            }
+        }
         Ok((CpuStorage::F32(y), Shape::from(total)))
     }
 }
