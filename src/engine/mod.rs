@@ -43,7 +43,8 @@ pub struct LoadOptions {
     pub prompt_cache_max_mib: u64,
     /// Tokens per prefix-cache block (prefixes are cached in whole blocks).
     pub prefix_block: usize,
-    /// Back the CPU copy of the weights with 2 MiB pages where the system offers them.
+    /// Back the CPU copy of the weights with 2 MiB pages where the system offers them: faster
+    /// decoding, a slower load where fresh 2 MiB pages are slow to get.
     pub huge_pages: bool,
 }
 
@@ -70,7 +71,7 @@ impl LoadOptions {
             prompt_cache: None,
             prompt_cache_max_mib: DEFAULT_PROMPT_CACHE_MAX_MIB,
             prefix_block: DEFAULT_PREFIX_BLOCK,
-            huge_pages: true,
+            huge_pages: false,
         }
     }
 }
