@@ -883,30 +883,24 @@ const fn spread_control<const HIGH: bool>(idx: [i8; 8]) -> [i8; 16] {
     c
 }
 
-/// Controls for Q4_K rows4 sub-block `j`: its scale byte of row r (byte 8 (r % 2) + j of the
-/// half of rows 2 (r / 2), 2 (r / 2) + 1) to four i16 lanes.
-const Q4K_SCALE_SPREAD: [[i8; 16]; 8] = {
+/// Controls that spread scale byte `i` of each row of a 128-bit half (bytes `i` and `8 + i`, for
+/// its two rows) to four i16 lanes per row, for `i` in 0..8.
+const fn scale_spread<const HIGH: bool>() -> [[i8; 16]; 8] {
     let mut t = [[0i8; 16]; 8];
-    let mut j = 0;
-    while j < 8 {
-        let (lo, hi) = (j as i8, 8 + j as i8);
-        t[j] = spread_control::<false>([lo, lo, lo, lo, hi, hi, hi, hi]);
-        j += 1;
+    let mut i = 0;
+    while i < 8 {
+        let (lo, hi) = (i as i8, 8 + i as i8);
+        t[i] = spread_control::<HIGH>([lo, lo, lo, lo, hi, hi, hi, hi]);
+        i += 1;
     }
     t
-};
+}
 
-/// Controls for Q6_K rows4 group `g % 8` of a half of the scale bytes (see [`spread_i8`]).
-const Q6K_SCALE_SPREAD: [[i8; 16]; 8] = {
-    let mut t = [[0i8; 16]; 8];
-    let mut g = 0;
-    while g < 8 {
-        let (lo, hi) = (g as i8, 8 + g as i8);
-        t[g] = spread_control::<true>([lo, lo, lo, lo, hi, hi, hi, hi]);
-        g += 1;
-    }
-    t
-};
+/// Controls for Q4_K rows4 sub-block `j` (zero-extended: its scales are unsigned).
+const Q4K_SCALE_SPREAD: [[i8; 16]; 8] = scale_spread::<false>();
+
+/// Controls for Q6_K rows4 group `g % 8` of a half of the scale bytes (for [`spread_i8`]).
+const Q6K_SCALE_SPREAD: [[i8; 16]; 8] = scale_spread::<true>();
 
 /// Controls for the Q6_K bsum factors of step q (its group scales 4 (q % 2)..+4 per row).
 const Q6K_MINS_SPREAD: [[i8; 16]; 2] = {

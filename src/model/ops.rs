@@ -32,14 +32,7 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
-            candle_core::bail!("rms-norm expects f32 tensors");
-        };
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("rms-norm expects contiguous tensors");
-        };
-        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let (x, w) = two_f32(self.name(), s1, l1, s2, l2)?;
         let d = w.len();
         if d == 0 || l1.dims().last() != Some(&d) {
             candle_core::bail!("rms-norm: input {:?}, weight of {d} elements", l1.shape());
@@ -88,13 +81,7 @@ impl CustomOp2 for SiluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (s1, s2) else {
-            candle_core::bail!("silu-mul expects f32 tensors");
-        };
-        let (Some((g0, g1)), Some((u0, u1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("silu-mul expects contiguous tensors");
-        };
+        let (g, u) = two_f32(self.name(), s1, l1, s2, l2)?;
         if l1.shape() != l2.shape() {
             candle_core::bail!(
                 "silu-mul: shapes {:?} and {:?} differ",
@@ -102,8 +89,26 @@ impl CustomOp2 for SiluMul {
                 l2.shape()
             );
         }
-        let mut out = vec![0f32; g1 - g0];
-        qwen_run_kernels::elementwise::silu_mul(&g[g0..g1], &u[u0..u1], &mut out);
+        let mut out = vec![0f32; g.len()];
+        qwen_run_kernels::elementwise::silu_mul(g, u, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+}
+
+/// The two inputs of an op as contiguous f32 slices.
+fn two_f32<'a>(
+    op: &str,
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> candle_core::Result<(&'a [f32], &'a [f32])> {
+    let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+        candle_core::bail!("{op} expects f32 tensors");
+    };
+    let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+    else {
+        candle_core::bail!("{op} expects contiguous tensors");
+    };
+    Ok((&a[a0..a1], &b[b0..b1]))
 }
