@@ -189,7 +189,13 @@ pub fn default_prompt_cache_dir() -> Option<PathBuf> {
 }
 
 impl ModelArgs {
+    /// The load options of a one-shot command's one model.
     pub fn load_options(&self) -> Result<LoadOptions> {
+        self.one_model_options(false)
+    }
+
+    /// `long_lived`: the default of --huge-pages.
+    fn one_model_options(&self, long_lived: bool) -> Result<LoadOptions> {
         let threads = self.thread_count()?;
         let model = match (&self.model[..], &self.hf_repo) {
             ([model], _) => model.clone(),
@@ -200,7 +206,7 @@ impl ModelArgs {
         if model.is_dir() {
             bail!("--model {} is a directory; only `qwen-run serve` takes a directory of models, other commands take one GGUF file", model.display());
         }
-        Ok(self.options_for(model, threads, false))
+        Ok(self.options_for(model, threads, long_lived))
     }
 
     /// The load options of every model `serve` is given: each -m file, each GGUF file of an -m
@@ -208,9 +214,7 @@ impl ModelArgs {
     /// They are a server's, so 2 MiB pages are on unless --huge-pages off.
     pub fn load_options_all(&self) -> Result<Vec<LoadOptions>> {
         if self.model.len() < 2 && !self.model.iter().any(|m| m.is_dir()) {
-            let mut one = self.load_options()?;
-            one.huge_pages = self.huge_pages.unwrap_or(true);
-            return Ok(vec![one]);
+            return Ok(vec![self.one_model_options(true)?]);
         }
         let threads = self.thread_count()?;
         let mut files = Vec::new();

@@ -41,9 +41,9 @@ impl QMatrix {
     }
 
     /// Copies the weights into the layout the CPU kernels read fastest on this machine, if that
-    /// is not the GGUF one, a few MiB at a time, giving each part of the mapping back to the
-    /// system once copied: the process holds one copy of the weights, not two, even at its peak.
-    /// The copy lives in `arena`.
+    /// is not the GGUF one, in 1 MiB parts over the worker threads, giving each part of the
+    /// mapping back to the system once copied: the process holds one copy of the weights, not
+    /// two, even at its peak. The copy lives in `arena`.
     pub fn repack_for_cpu(&mut self, arena: &WeightArena) -> Result<()> {
         let (ty, rows, cols) = (self.ty(), self.rows, self.cols);
         if qwen_run_kernels::best_packing(ty, rows) != Packing::Rows4 {
