@@ -9,6 +9,11 @@
 
 use crate::driver::YPtr;
 use crate::Backend;
+use std::cell::Cell;
+
+thread_local! {
+    static SCORES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
 
 /// Shapes shared by all sequences of a step.
 #[derive(Clone, Copy, Debug)]
@@ -65,8 +70,7 @@ pub fn cached_attention_with(
     let tokens: usize = seqs.iter().map(|s| s.n).sum();
     assert_eq!(q.len(), tokens * n_heads * d, "queries: wrong length");
     assert_eq!(y.len(), q.len(), "output: wrong length");
-    let mut first_row = Vec::with_capacity(seqs.len());
-    let (mut rows, mut work) = (0, 0);
+    let mut work = 0;
     for s in seqs {
         assert!(
             s.keys.len() == s.values.len() && s.keys.len().is_multiple_of(kv_heads * d),
@@ -76,8 +80,6 @@ pub fn cached_attention_with(
             s.pos + s.n <= s.capacity(kv_heads, d),
             "sequence runs past its cache"
         );
-        first_row.push(rows);
-        rows += s.n;
         work += s.n * (s.pos + s.n) * n_heads * d;
     }
     let out = YPtr(y.as_mut_ptr());
@@ -87,7 +89,8 @@ pub fn cached_attention_with(
             dims,
             seq: seqs[si],
             kv_head: head,
-            row0: first_row[si],
+            // the rows of the sequences before this one (a few sums, no allocation per step)
+            row0: seqs[..si].iter().map(|s| s.n).sum(),
             scale,
         };
         // SAFETY: tasks write disjoint (row, head) blocks of `y`, which outlives them.
@@ -146,8 +149,12 @@ impl Task<'_> {
         let base = self.kv_head * self.seq.capacity(kv_heads, d) * d;
         let keys = &keys[base..base + (pos + n) * d];
         let values = &values[base..base + (pos + n) * d];
-        let mut scores = vec![0f32; pos + n];
-        let mut acc = vec![0f32; d];
+        // Kept by the thread from step to step, sized for the whole context once: a step
+        // allocates nothing.
+        let mut scores = SCORES.with(|c| c.take());
+        let capacity = self.seq.capacity(kv_heads, d);
+        scores.reserve(capacity.saturating_sub(scores.len()));
+        scores.resize(pos + n, 0.0);
         for i in 0..n {
             let seen = pos + i + 1;
             for h in self.kv_head * group..(self.kv_head + 1) * group {
@@ -159,19 +166,18 @@ impl Task<'_> {
                     max = max.max(*s);
                 }
                 let sum = crate::elementwise::exp_shifted(backend, &mut scores[..seen], max);
-                acc.fill(0.0);
+                let out = std::slice::from_raw_parts_mut(y.0.add(at), d);
+                out.fill(0.0);
                 for (&p, v) in scores[..seen].iter().zip(values.chunks_exact(d)) {
-                    for (a, &x) in acc.iter_mut().zip(v) {
-                        *a = p.mul_add(x, *a);
+                    for (o, &x) in out.iter_mut().zip(v) {
+                        *o = p.mul_add(x, *o);
                     }
                 }
-                let out = std::slice::from_raw_parts_mut(y.0.add(at), d);
                 let inv = 1.0 / sum;
-                for (o, &a) in out.iter_mut().zip(&acc) {
-                    *o = a * inv;
-                }
+                out.iter_mut().for_each(|o| *o *= inv);
             }
         }
+        SCORES.with(|c| c.set(scores));
     }
 }
 

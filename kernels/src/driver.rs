@@ -5,6 +5,7 @@ use crate::act::{self, BlockQ8, BlockQ8K};
 use crate::repack::{self, Packing};
 use crate::{scalar, Backend, QuantType};
 use rayon::prelude::*;
+use smallvec::SmallVec;
 use std::cell::Cell;
 
 thread_local! {
@@ -140,37 +141,45 @@ pub(crate) fn matmul_many(
             },
         );
     }
-    let tasks: Vec<Task> = jobs
-        .iter_mut()
-        .flat_map(|j| {
-            let act = match act_kind(j.ty) {
-                0 => Act::F32(x),
-                1 => Act::Q8(&q8),
-                _ => Act::Q8K(&q8k),
-            };
-            let rb = stored_row_bytes(j.ty, j.packing, cols).expect("checked above");
-            let chunk = chunk_rows_for(j.rows, rb, n_tokens);
-            let (ty, packing, w, rows) = (j.ty, j.packing, j.w, j.rows);
-            let y = YPtr(j.y.as_mut_ptr());
-            (0..rows.div_ceil(chunk)).map(move |c| Task {
-                ty,
-                packing,
-                w,
-                rb,
-                rows,
-                act,
-                y,
-                r0: c * chunk,
-                r1: ((c + 1) * chunk).min(rows),
-            })
-        })
-        .collect();
-    let job = |t: &Task| {
+    // Each job's row chunks are tasks `first_task..first_task + chunks` of one parallel loop.
+    // Plans sit inline (a call has a few matrices), so a call allocates nothing.
+    let mut plans: SmallVec<[Plan; 4]> = SmallVec::new();
+    let mut n_tasks = 0;
+    for j in jobs.iter_mut() {
+        let act = match act_kind(j.ty) {
+            0 => Act::F32(x),
+            1 => Act::Q8(&q8),
+            _ => Act::Q8K(&q8k),
+        };
+        let rb = stored_row_bytes(j.ty, j.packing, cols).expect("checked above");
+        let chunk = chunk_rows_for(j.rows, rb, n_tokens);
+        plans.push(Plan {
+            ty: j.ty,
+            packing: j.packing,
+            w: j.w,
+            rb,
+            rows: j.rows,
+            act,
+            y: YPtr(j.y.as_mut_ptr()),
+            chunk,
+            first_task: n_tasks,
+        });
+        n_tasks += j.rows.div_ceil(chunk);
+    }
+    let job = |i: usize| {
+        let p = plans
+            .iter()
+            .rev()
+            .find(|p| p.first_task <= i)
+            .expect("task 0 belongs to the first plan");
+        let r0 = (i - p.first_task) * p.chunk;
+        let r1 = (r0 + p.chunk).min(p.rows);
         chunk_rows(
-            backend, t.ty, t.packing, t.w, t.rb, t.rows, cols, t.act, n_tokens, t.y, t.r0, t.r1,
+            backend, p.ty, p.packing, p.w, p.rb, p.rows, cols, p.act, n_tokens, p.y, r0, r1,
         )
     };
-    crate::pool::for_each(tasks.len(), |i| job(&tasks[i]));
+    crate::pool::for_each(n_tasks, job);
+    drop(plans);
     SCRATCH_Q8.with(|c| c.set(q8));
     SCRATCH_Q8K.with(|c| c.set(q8k));
 }
@@ -196,8 +205,8 @@ fn quantize_rows<B: Default + Clone + Send>(
     }
 }
 
-/// Rows `r0..r1` of one matrix: one parallel task.
-struct Task<'a> {
+/// One matrix of a call, cut into tasks of `chunk` rows.
+struct Plan<'a> {
     ty: QuantType,
     packing: Packing,
     w: &'a [u8],
@@ -205,8 +214,8 @@ struct Task<'a> {
     rows: usize,
     act: Act<'a>,
     y: YPtr,
-    r0: usize,
-    r1: usize,
+    chunk: usize,
+    first_task: usize,
 }
 
 /// Rows per task (a multiple of 4, so rows4 groups are never split): a few tasks per thread, none under [`MIN_TASK_BYTES`].

@@ -1,7 +1,7 @@
-//! Element-wise kernels whose cost is the exponential: the SwiGLU gate (`silu(g) * u`) and the
-//! softmax of attention. A scalar `expf` call costs a few nanoseconds; eight lanes of a
-//! polynomial cost about as much as one, which matters for the MLP's `ffn` values per token and
-//! per layer.
+//! Element-wise kernels of the forward pass. The SwiGLU gate (`silu(g) * u`) and the softmax of
+//! attention cost their exponentials: a scalar `expf` call costs a few nanoseconds; eight lanes
+//! of a polynomial cost about as much as one, which matters for the MLP's `ffn` values per token
+//! and per layer. RMSNorm and the rotary embedding are plain loops the compiler vectorizes.
 
 use crate::Backend;
 use rayon::prelude::*;
@@ -32,6 +32,57 @@ pub fn silu_mul_with(backend: Backend, gate: &[f32], up: &[f32], out: &mut [f32]
             .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
             .for_each(|(o, (g, u))| run(g, u, o));
     }
+}
+
+/// RMSNorm of each `w.len()`-wide row of `x` into `out`, scaled by `w`. Rows run in parallel
+/// only where there are many (prompt chunks), not for the few of a decode step.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    assert!(
+        d > 0 && x.len().is_multiple_of(d) && out.len() == x.len(),
+        "rms_norm: {} values in rows of {d} into {}",
+        x.len(),
+        out.len()
+    );
+    let row = |(x, y): (&[f32], &mut [f32])| {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let scale = 1.0 / (ms + eps).sqrt();
+        for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+            *y = x * scale * w;
+        }
+    };
+    if x.len() / d >= 16 {
+        x.par_chunks(d).zip(out.par_chunks_mut(d)).for_each(row);
+    } else {
+        x.chunks(d).zip(out.chunks_mut(d)).for_each(row);
+    }
+}
+
+/// Rotary embedding in the NeoX layout, in place, on every head of one token: `x` holds heads of
+/// `2 * cos.len()` values; the first and second halves of each head rotate as pairs by the angles
+/// whose cosines and sines are given.
+pub fn rope_neox(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    assert!(
+        half > 0 && sin.len() == half && x.len().is_multiple_of(2 * half),
+        "rope: {} values in heads of {}",
+        x.len(),
+        2 * half
+    );
+    for head in x.chunks_exact_mut(2 * half) {
+        let (a, b) = head.split_at_mut(half);
+        for i in 0..half {
+            let (x1, x2) = (a[i], b[i]);
+            a[i] = x1 * cos[i] - x2 * sin[i];
+            b[i] = x2 * cos[i] + x1 * sin[i];
+        }
+    }
+}
+
+/// `acc[i] += x[i]` (the residual connections).
+pub fn add_assign(acc: &mut [f32], x: &[f32]) {
+    assert_eq!(acc.len(), x.len(), "add_assign: lengths differ");
+    acc.iter_mut().zip(x).for_each(|(a, x)| *a += x);
 }
 
 fn silu_mul_scalar(gate: &[f32], up: &[f32], out: &mut [f32]) {

@@ -127,7 +127,7 @@ thread_local! {
 /// Runs `f` with the current rayon pool's other threads spinning, ready for the [`for_each`]
 /// loops `f` runs on this thread. Meant for a whole forward pass: the workers burn their cores
 /// until `f` returns.
-pub fn with_spinning_workers<R>(f: impl FnOnce() -> R) -> R {
+pub fn with_spinning_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let helpers = rayon::current_num_threads().saturating_sub(1);
     if helpers == 0 || CREW.with(|c| c.get()).is_some() {
         return f();
@@ -140,16 +140,13 @@ pub fn with_spinning_workers<R>(f: impl FnOnce() -> R) -> R {
         panicked: AtomicBool::new(false),
     };
     let owner = std::thread::current().id();
-    rayon::in_place_scope(|s| {
-        for _ in 0..helpers {
-            let crew = &crew;
-            s.spawn(move |_| {
-                // This thread may pick its own spawned job up while it waits; it must not spin.
-                if std::thread::current().id() != owner {
-                    crew.help();
-                }
-            });
+    let help = || {
+        // This thread may pick its own helper job up while it waits; it must not spin.
+        if std::thread::current().id() != owner {
+            crew.help();
         }
+    };
+    with_helpers(helpers, &help, || {
         struct Reset<'a>(&'a Crew);
         impl Drop for Reset<'_> {
             fn drop(&mut self) {
@@ -163,6 +160,16 @@ pub fn with_spinning_workers<R>(f: impl FnOnce() -> R) -> R {
         let _reset = Reset(&crew);
         f()
     })
+}
+
+/// Runs `f` with `k` copies of `help` offered to the pool's other threads, as the second halves
+/// of nested `rayon::join`s: unlike spawned jobs, they live on this thread's stack, so a forward
+/// pass allocates nothing to borrow the workers.
+fn with_helpers<R: Send>(k: usize, help: &(dyn Fn() + Sync), f: impl FnOnce() -> R + Send) -> R {
+    match k {
+        0 => f(),
+        _ => rayon::join(|| with_helpers(k - 1, help, f), help).0,
+    }
 }
 
 /// `task(i)` for every `i in 0..n`, in parallel: on the spinning workers inside

@@ -9,7 +9,6 @@ mod roofline;
 pub use roofline::{decode_bytes_per_token, measure_device_bandwidth, measure_read_bandwidth};
 
 use crate::engine::{Engine, LoadOptions};
-use crate::model::Logits;
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -207,7 +206,7 @@ fn time_prompt(engine: &Engine, n: usize) -> Result<Duration> {
     let tokens = bench_tokens(engine, n);
     let mut session = engine.new_session()?;
     let t0 = Instant::now();
-    engine.forward(&mut session, &tokens, Logits::Last)?;
+    engine.forward_last(&mut session, &tokens)?;
     Ok(t0.elapsed())
 }
 
@@ -220,7 +219,7 @@ fn time_generation(engine: &Engine, n: usize, sequences: usize) -> Result<Durati
         let mut session = engine.new_session()?;
         let t0 = Instant::now();
         for &t in &tokens[..n] {
-            engine.forward(&mut session, &[t], Logits::Last)?;
+            engine.forward_last(&mut session, &[t])?;
         }
         return Ok(t0.elapsed());
     }
@@ -246,15 +245,18 @@ struct DecodeCosts {
 }
 
 /// Heap allocations and minor page faults of single-sequence decode steps, per token: counted over
-/// 16 steps after a warm-up step (the first step of a session sizes its buffers).
+/// 16 steps after 16 warm-up steps (the first steps of a session size its buffers, and each
+/// worker thread sizes its own when it first takes part in attention).
 fn decode_costs(engine: &Engine) -> Result<DecodeCosts> {
     const STEPS: usize = 16;
-    let tokens = bench_tokens(engine, STEPS + 1);
+    let tokens = bench_tokens(engine, 2 * STEPS);
     let mut session = engine.new_session()?;
-    engine.forward(&mut session, &tokens[..1], Logits::Last)?;
+    for t in &tokens[..STEPS] {
+        engine.forward_last(&mut session, std::slice::from_ref(t))?;
+    }
     let (a0, f0) = (alloc_count::snapshot(), minor_page_faults());
-    for t in &tokens[1..] {
-        engine.forward(&mut session, std::slice::from_ref(t), Logits::Last)?;
+    for t in &tokens[STEPS..] {
+        engine.forward_last(&mut session, std::slice::from_ref(t))?;
     }
     let (a1, f1) = (alloc_count::snapshot(), minor_page_faults());
     let per = |x: u64| x as f64 / STEPS as f64;

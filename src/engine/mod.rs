@@ -311,7 +311,8 @@ impl Engine {
             cache: self
                 .model
                 .new_cache(self.ctx_size, self.cache_type_k, self.cache_type_v)?,
-            tokens: Vec::new(),
+            tokens: Vec::with_capacity(self.ctx_size),
+            logits: Vec::new(),
         })
     }
 
@@ -480,19 +481,43 @@ impl Engine {
         tokens: &[u32],
         which: Logits,
     ) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.config().vocab_size;
         let mut rows = Vec::new();
         for chunk in tokens.chunks(self.batch_size) {
-            let logits = self.run_pass(|| self.model.forward(chunk, &mut session.cache, which))?;
-            session.tokens.extend_from_slice(chunk);
-            rows = match which {
-                Logits::Last => logits.to_vec2::<f32>()?,
-                Logits::All => {
-                    rows.extend(logits.to_vec2::<f32>()?);
-                    rows
-                }
-            };
+            self.run_chunk(session, chunk, which)?;
+            if which == Logits::Last {
+                rows.clear();
+            }
+            rows.extend(session.logits.chunks_exact(vocab).map(<[f32]>::to_vec));
         }
         Ok(rows)
+    }
+
+    /// Runs the model on `tokens` appended to the session and returns the logits of the last
+    /// one, in a buffer the session keeps: a decode step on the CPU allocates nothing.
+    pub fn forward_last<'s>(
+        &self,
+        session: &'s mut Session,
+        tokens: &[u32],
+    ) -> Result<&'s mut [f32]> {
+        if tokens.is_empty() {
+            bail!("forward needs at least one token");
+        }
+        for chunk in tokens.chunks(self.batch_size) {
+            self.run_chunk(session, chunk, Logits::Last)?;
+        }
+        Ok(&mut session.logits)
+    }
+
+    fn run_chunk(&self, session: &mut Session, chunk: &[u32], which: Logits) -> Result<()> {
+        let Session {
+            cache,
+            tokens,
+            logits,
+        } = session;
+        self.run_pass(|| self.model.forward(chunk, cache, which, logits))?;
+        tokens.extend_from_slice(chunk);
+        Ok(())
     }
 
     /// Runs one step for several sessions at once, `tokens[i]` appended to `sessions[i]`, and
@@ -510,11 +535,18 @@ impl Engine {
                 cache: &mut s.cache,
             })
             .collect();
-        let logits = self.run_pass(|| self.model.forward_batch(&mut seqs, Logits::Last))?;
+        let mut logits = Vec::new();
+        self.run_pass(|| {
+            self.model
+                .forward_batch(&mut seqs, Logits::Last, &mut logits)
+        })?;
         for (s, t) in sessions.iter_mut().zip(tokens) {
             s.tokens.extend_from_slice(t);
         }
-        Ok(logits.to_vec2::<f32>()?)
+        Ok(logits
+            .chunks_exact(self.config().vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     /// Readies `session` for `prompt`: keeps the prefix it already holds, or restores a longer
@@ -574,24 +606,18 @@ impl Engine {
     ) -> Result<Generation> {
         let t0 = Instant::now();
         let prefill = self.begin(session, prompt)?;
-        let mut logits = self
-            .forward(session, &prompt[prefill.reused..], Logits::Last)?
-            .pop()
-            .context("no logits")?;
+        self.forward_last(session, &prompt[prefill.reused..])?;
         let prefill_time = t0.elapsed();
         self.store_prompt(session, prompt, &prefill);
         let mut decoder = Decoder::new(self, prompt, max_tokens);
         let t_decode = Instant::now();
         let mut ttft = None;
         loop {
-            let step = decoder.step(self, sampler, &mut logits, &mut on_text);
+            let step = decoder.step(self, sampler, &mut session.logits, &mut on_text);
             ttft.get_or_insert_with(|| t0.elapsed());
             match step {
                 Some(next) => {
-                    logits = self
-                        .forward(session, &[next], Logits::Last)?
-                        .pop()
-                        .context("no logits")?
+                    self.forward_last(session, &[next])?;
                 }
                 None => break,
             }
@@ -729,6 +755,8 @@ impl Decoder {
 pub struct Session {
     pub cache: KvCache,
     tokens: Vec<u32>,
+    /// The logits of the last forward pass, `[rows, vocab]`, kept so that a step allocates none.
+    logits: Vec<f32>,
 }
 
 impl Session {

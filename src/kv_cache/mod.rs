@@ -11,7 +11,6 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
-use std::sync::Mutex;
 
 /// Storage type of cached keys and values, named as llama.cpp names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -19,55 +18,6 @@ pub enum CacheType {
     F32,
     F16,
     Q8_0,
-}
-
-/// Copies token rows of a `[tokens, kv_heads, head_dim]` tensor into a `[kv_heads, capacity,
-/// head_dim]` cache buffer.
-struct WriteRows {
-    row0: usize,
-    n: usize,
-    pos: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    capacity: usize,
-}
-
-impl candle_core::InplaceOp2 for WriteRows {
-    fn name(&self) -> &'static str {
-        "kv-cache-write-rows"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut candle_core::CpuStorage,
-        dst_l: &candle_core::Layout,
-        src: &candle_core::CpuStorage,
-        src_l: &candle_core::Layout,
-    ) -> candle_core::Result<()> {
-        use candle_core::CpuStorage::F32;
-        let (F32(dst), F32(src)) = (dst, src) else {
-            candle_core::bail!("the KV cache write expects f32 buffers");
-        };
-        let (Some((d0, _)), Some((s0, s1))) =
-            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
-        else {
-            candle_core::bail!("the KV cache write expects contiguous buffers");
-        };
-        let (src, d) = (&src[s0..s1], self.head_dim);
-        if src.len() < (self.row0 + self.n) * self.kv_heads * d
-            || dst.len() < d0 + self.kv_heads * self.capacity * d
-        {
-            candle_core::bail!("the KV cache write got buffers of the wrong size");
-        }
-        for i in 0..self.n {
-            for h in 0..self.kv_heads {
-                let from = ((self.row0 + i) * self.kv_heads + h) * d;
-                let to = d0 + (h * self.capacity + self.pos + i) * d;
-                dst[to..to + d].copy_from_slice(&src[from..from + d]);
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Values per q8_0 block and bytes per block (an f16 scale and 32 i8).
@@ -131,9 +81,11 @@ impl CacheType {
 
 /// One of a layer's two buffers (keys or values), `[kv_heads, capacity, head_dim]`.
 enum Store {
+    /// f32 in host memory, read and written in place by the CPU decode pass.
+    Host(Vec<f32>),
     Tensor(Tensor),
     /// q8_0 rows, head-major: row `(h, pos)` starts at `(h * capacity + pos) * row_bytes`.
-    Q8(Mutex<Vec<u8>>),
+    Q8(Vec<u8>),
 }
 
 /// The KV of a token range, as host bytes: per layer the keys then the values, each laid out
@@ -179,10 +131,10 @@ impl KvCache {
                     if !head_dim.is_multiple_of(Q8_0_BLOCK) {
                         bail!("a q8_0 KV cache needs a head size that is a multiple of {Q8_0_BLOCK}; this model's is {head_dim}: use f16 or f32");
                     }
-                    Store::Q8(Mutex::new(vec![
-                        0u8;
-                        kv_heads * capacity * ty.row_bytes(head_dim)
-                    ]))
+                    Store::Q8(vec![0u8; kv_heads * capacity * ty.row_bytes(head_dim)])
+                }
+                CacheType::F32 if device.is_cpu() => {
+                    Store::Host(vec![0f32; kv_heads * capacity * head_dim])
                 }
                 _ => Store::Tensor(Tensor::zeros(
                     (kv_heads, capacity, head_dim),
@@ -260,84 +212,59 @@ impl KvCache {
 
     /// Writes `k`, `v` (`[kv_heads, n, head_dim]`) of `layer` at position `len()` and returns
     /// views of all cached keys and values of that layer, the new ones included, as f32.
-    pub fn append(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = k.dim(1)?;
         self.check_room(n)?;
-        let (ck, cv) = &self.layers[layer];
-        let k = self.write_and_read(ck, self.ty_k, k, n)?;
-        let v = self.write_and_read(cv, self.ty_v, v, n)?;
-        Ok((k, v))
+        let (g, len) = (self.geometry(), self.len);
+        let (ck, cv) = &mut self.layers[layer];
+        Ok((
+            ck.write_and_read(g, self.ty_k, len, k, n)?,
+            cv.write_and_read(g, self.ty_v, len, v, n)?,
+        ))
     }
 
-    fn write_and_read(&self, store: &Store, ty: CacheType, x: &Tensor, n: usize) -> Result<Tensor> {
-        let total = self.len + n;
-        match store {
-            Store::Tensor(t) => {
-                t.slice_set(&x.to_dtype(ty.dtype())?, 1, self.len)?;
-                Ok(t.narrow(1, 0, total)?.to_dtype(DType::F32)?)
-            }
-            Store::Q8(data) => {
-                let (hd, rb) = (self.head_dim, ty.row_bytes(self.head_dim));
-                let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
-                let mut out = vec![0f32; self.kv_heads * total * hd];
-                for h in 0..self.kv_heads {
-                    for i in 0..n {
-                        let at = (h * self.capacity + self.len + i) * rb;
-                        let src = &values[(h * n + i) * hd..][..hd];
-                        quantize_q8_0(src, &mut data[at..at + rb]);
-                    }
-                    let rows = &data[h * self.capacity * rb..][..total * rb];
-                    dequantize_q8_0(rows, &mut out[h * total * hd..][..total * hd]);
-                }
-                Ok(Tensor::from_vec(
-                    out,
-                    (self.kv_heads, total, hd),
-                    x.device(),
-                )?)
-            }
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            capacity: self.capacity,
         }
     }
 
-    /// A layer's key and value buffers (`[kv_heads, capacity, head_dim]`), when both are f32
-    /// tensors in host memory: decode attention then reads them in place.
-    pub fn host_f32(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+    /// A layer's key and value buffers (`[kv_heads, capacity, head_dim]`), when both are f32 in
+    /// host memory: CPU decode steps read them in place.
+    pub fn host_layer(&self, layer: usize) -> Option<(&[f32], &[f32])> {
         match &self.layers[layer] {
-            (Store::Tensor(k), Store::Tensor(v))
-                if k.device().is_cpu() && k.dtype() == DType::F32 && v.dtype() == DType::F32 =>
-            {
-                Some((k, v))
-            }
+            (Store::Host(k), Store::Host(v)) => Some((k, v)),
             _ => None,
         }
     }
 
-    /// Writes rows `row0..row0 + n` of `k` and `v` (`[tokens, kv_heads, head_dim]`, the layout
-    /// the projections produce) at positions `len()..` of a [`host_f32`](Self::host_f32) layer,
-    /// with no intermediate copies; returns that layer's key and value buffers.
-    pub fn write_host_f32(
-        &self,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-        row0: usize,
-        n: usize,
-    ) -> Result<(&Tensor, &Tensor)> {
-        let Some((ck, cv)) = self.host_f32(layer) else {
+    /// Writes `k` and `v` (`[n, kv_heads, head_dim]`, the layout the projections produce) at
+    /// positions `len()..len() + n` of a [`host_layer`](Self::host_layer).
+    pub fn write_host(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let (heads, d, capacity, pos) = (self.kv_heads, self.head_dim, self.capacity, self.len);
+        if k.len() != v.len() || !k.len().is_multiple_of(heads * d) {
+            bail!(
+                "KV cache write of {} keys and {} values, not whole rows of {}",
+                k.len(),
+                v.len(),
+                heads * d
+            );
+        }
+        self.check_room(k.len() / (heads * d))?;
+        let (Store::Host(ck), Store::Host(cv)) = &mut self.layers[layer] else {
             bail!("layer {layer} of the KV cache is not f32 in host memory");
         };
-        self.check_room(n)?;
-        let op = WriteRows {
-            row0,
-            n,
-            pos: self.len,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-            capacity: self.capacity,
-        };
-        ck.inplace_op2(k, &op)?;
-        cv.inplace_op2(v, &op)?;
-        Ok((ck, cv))
+        for (cache, src) in [(ck, k), (cv, v)] {
+            for (i, token) in src.chunks_exact(heads * d).enumerate() {
+                for (h, row) in token.chunks_exact(d).enumerate() {
+                    let to = (h * capacity + pos + i) * d;
+                    cache[to..to + d].copy_from_slice(row);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn check_room(&self, n: usize) -> Result<()> {
@@ -370,8 +297,8 @@ impl KvCache {
             .iter()
             .map(|(k, v)| {
                 Ok((
-                    self.export_store(k, self.ty_k, start, n)?,
-                    self.export_store(v, self.ty_v, start, n)?,
+                    k.export(self.geometry(), self.ty_k, start, n)?,
+                    v.export(self.geometry(), self.ty_v, start, n)?,
                 ))
             })
             .collect::<Result<_>>()?;
@@ -380,33 +307,6 @@ impl KvCache {
             type_k: self.ty_k,
             type_v: self.ty_v,
             layers,
-        })
-    }
-
-    fn export_store(
-        &self,
-        store: &Store,
-        ty: CacheType,
-        start: usize,
-        n: usize,
-    ) -> Result<Vec<u8>> {
-        Ok(match store {
-            Store::Tensor(t) => {
-                let flat = t.narrow(1, start, n)?.contiguous()?.flatten_all()?;
-                match ty {
-                    CacheType::F32 => f32_to_bytes(&flat.to_vec1::<f32>()?),
-                    _ => f16_to_bytes(&flat.to_vec1::<f16>()?),
-                }
-            }
-            Store::Q8(data) => {
-                let rb = ty.row_bytes(self.head_dim);
-                let data = data.lock().unwrap_or_else(|e| e.into_inner());
-                let mut out = Vec::with_capacity(self.kv_heads * n * rb);
-                for h in 0..self.kv_heads {
-                    out.extend_from_slice(&data[(h * self.capacity + start) * rb..][..n * rb]);
-                }
-                out
-            }
         })
     }
 
@@ -442,32 +342,129 @@ impl KvCache {
                 self.layers.len()
             );
         }
-        for ((k, v), (bk, bv)) in self.layers.iter().zip(&block.layers) {
-            self.import_store(k, self.ty_k, start, n, bk)?;
-            self.import_store(v, self.ty_v, start, n, bv)?;
+        let g = self.geometry();
+        for ((k, v), (bk, bv)) in self.layers.iter_mut().zip(&block.layers) {
+            k.import(g, self.ty_k, start, n, bk)?;
+            v.import(g, self.ty_v, start, n, bv)?;
         }
         self.len = start + n;
         Ok(())
     }
+}
 
-    fn import_store(
-        &self,
-        store: &Store,
+/// Where the rows of a [`Store`] sit: row `(h, pos)` is row `h * capacity + pos`.
+#[derive(Clone, Copy)]
+struct Geometry {
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+}
+
+impl Store {
+    /// Writes `x` (`[kv_heads, n, head_dim]`) at position `len` and returns the first `len + n`
+    /// positions as f32.
+    fn write_and_read(
+        &mut self,
+        g: Geometry,
+        ty: CacheType,
+        len: usize,
+        x: &Tensor,
+        n: usize,
+    ) -> Result<Tensor> {
+        let total = len + n;
+        let (heads, hd) = (g.kv_heads, g.head_dim);
+        match self {
+            Store::Host(data) => {
+                // The tensor pass attends over a copy of the rows it needs (prompt chunks,
+                // whose matrix products cost far more than the copy).
+                let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = Vec::with_capacity(heads * total * hd);
+                for h in 0..heads {
+                    let rows = &mut data[h * g.capacity * hd..][..total * hd];
+                    rows[len * hd..].copy_from_slice(&values[h * n * hd..][..n * hd]);
+                    out.extend_from_slice(rows);
+                }
+                Ok(Tensor::from_vec(out, (heads, total, hd), x.device())?)
+            }
+            Store::Tensor(t) => {
+                t.slice_set(&x.to_dtype(ty.dtype())?, 1, len)?;
+                Ok(t.narrow(1, 0, total)?.to_dtype(DType::F32)?)
+            }
+            Store::Q8(data) => {
+                let (hd, rb) = (g.head_dim, ty.row_bytes(g.head_dim));
+                let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; g.kv_heads * total * hd];
+                for h in 0..g.kv_heads {
+                    for i in 0..n {
+                        let at = (h * g.capacity + len + i) * rb;
+                        let src = &values[(h * n + i) * hd..][..hd];
+                        quantize_q8_0(src, &mut data[at..at + rb]);
+                    }
+                    let rows = &data[h * g.capacity * rb..][..total * rb];
+                    dequantize_q8_0(rows, &mut out[h * total * hd..][..total * hd]);
+                }
+                Ok(Tensor::from_vec(out, (g.kv_heads, total, hd), x.device())?)
+            }
+        }
+    }
+
+    fn export(&self, g: Geometry, ty: CacheType, start: usize, n: usize) -> Result<Vec<u8>> {
+        Ok(match self {
+            Store::Host(data) => {
+                let d = g.head_dim;
+                let mut out = Vec::with_capacity(g.kv_heads * n * d * 4);
+                for h in 0..g.kv_heads {
+                    let rows = &data[(h * g.capacity + start) * d..][..n * d];
+                    out.extend(rows.iter().flat_map(|x| x.to_le_bytes()));
+                }
+                out
+            }
+            Store::Tensor(t) => {
+                let flat = t.narrow(1, start, n)?.contiguous()?.flatten_all()?;
+                match ty {
+                    CacheType::F32 => f32_to_bytes(&flat.to_vec1::<f32>()?),
+                    _ => f16_to_bytes(&flat.to_vec1::<f16>()?),
+                }
+            }
+            Store::Q8(data) => {
+                let rb = ty.row_bytes(g.head_dim);
+                let mut out = Vec::with_capacity(g.kv_heads * n * rb);
+                for h in 0..g.kv_heads {
+                    out.extend_from_slice(&data[(h * g.capacity + start) * rb..][..n * rb]);
+                }
+                out
+            }
+        })
+    }
+
+    fn import(
+        &mut self,
+        g: Geometry,
         ty: CacheType,
         start: usize,
         n: usize,
         bytes: &[u8],
     ) -> Result<()> {
-        let rb = ty.row_bytes(self.head_dim);
-        if bytes.len() != self.kv_heads * n * rb {
+        let rb = ty.row_bytes(g.head_dim);
+        if bytes.len() != g.kv_heads * n * rb {
             bail!(
                 "cached KV holds {} bytes per layer, expected {}",
                 bytes.len(),
-                self.kv_heads * n * rb
+                g.kv_heads * n * rb
             );
         }
-        let shape = (self.kv_heads, n, self.head_dim);
-        match store {
+        let shape = (g.kv_heads, n, g.head_dim);
+        match self {
+            Store::Host(data) => {
+                let d = g.head_dim;
+                for h in 0..g.kv_heads {
+                    let rows = &mut data[(h * g.capacity + start) * d..][..n * d];
+                    let src = &bytes[h * n * d * 4..][..n * d * 4];
+                    for (x, b) in rows.iter_mut().zip(src.chunks_exact(4)) {
+                        *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
+                }
+            }
             Store::Tensor(t) => {
                 let src = match ty {
                     CacheType::F32 => Tensor::from_vec(bytes_to_f32(bytes), shape, t.device())?,
@@ -476,9 +473,8 @@ impl KvCache {
                 t.slice_set(&src, 1, start)?;
             }
             Store::Q8(data) => {
-                let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
-                for h in 0..self.kv_heads {
-                    data[(h * self.capacity + start) * rb..][..n * rb]
+                for h in 0..g.kv_heads {
+                    data[(h * g.capacity + start) * rb..][..n * rb]
                         .copy_from_slice(&bytes[h * n * rb..][..n * rb]);
                 }
             }

@@ -1,6 +1,8 @@
-//! Model code: Qwen2 built from GGUF weights, device-generic over Candle tensors.
+//! Model code: Qwen2 built from GGUF weights, device-generic over Candle tensors, with a pass
+//! over host memory for CPU decode steps.
 
 mod attention;
+mod host_pass;
 mod ops;
 mod qwen2;
 mod weight_arena;

@@ -2,11 +2,10 @@
 
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
-/// RMSNorm of each row of `x` (`[n, d]`), scaled by `weight` (`[d]`). On the CPU one pass of
-/// plain loops: Candle's op goes through a parallel iterator even for the one row of a decode
-/// step, which cost several microseconds a call, twice per layer.
+/// RMSNorm of each row of `x` (`[n, d]`), scaled by `weight` (`[d]`). On the CPU our kernel:
+/// Candle's op goes through a parallel iterator even for the one row of a decode step, which
+/// cost several microseconds a call, twice per layer.
 pub(super) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     if x.device().is_cpu() {
         Ok(x.contiguous()?
@@ -38,20 +37,7 @@ impl CustomOp2 for RmsNorm {
             candle_core::bail!("rms-norm: input {:?}, weight of {d} elements", l1.shape());
         }
         let mut out = vec![0f32; x.len()];
-        let eps = self.eps;
-        let row = |(x, y): (&[f32], &mut [f32])| {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let scale = 1.0 / (ms + eps).sqrt();
-            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                *y = x * scale * w;
-            }
-        };
-        // Rows in parallel only where there are many (prompt chunks), not for decode steps.
-        if x.len() / d >= 16 {
-            x.par_chunks(d).zip(out.par_chunks_mut(d)).for_each(row);
-        } else {
-            x.chunks(d).zip(out.chunks_mut(d)).for_each(row);
-        }
+        qwen_run_kernels::elementwise::rms_norm(x, w, self.eps, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -3,12 +3,12 @@
 
 use super::weight_arena::WeightArena;
 use super::weights::{load_vector, Embedding, Linear};
-use super::{attention, ops};
+use super::{attention, host_pass, ops};
 use crate::gguf::GgufFile;
 use crate::kv_cache::{CacheType, KvCache};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -72,17 +72,17 @@ impl Config {
     }
 }
 
-struct Layer {
-    device: Device,
-    attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+pub(super) struct Layer {
+    pub(super) device: Device,
+    pub(super) attn_norm: Tensor,
+    pub(super) q: Linear,
+    pub(super) k: Linear,
+    pub(super) v: Linear,
+    pub(super) o: Linear,
+    pub(super) ffn_norm: Tensor,
+    pub(super) gate: Linear,
+    pub(super) up: Linear,
+    pub(super) down: Linear,
 }
 
 /// Which positions the output head runs on.
@@ -132,21 +132,23 @@ impl Placement {
 }
 
 /// Rotary tables on one device.
-struct Rope {
+pub(super) struct Rope {
     device: Device,
-    cos: Tensor,
-    sin: Tensor,
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
 }
 
 pub struct Qwen2 {
     pub cfg: Config,
     pub placement: Placement,
-    embed: Embedding,
-    layers: Vec<Layer>,
-    norm: Tensor,
-    output: Linear,
+    pub(super) embed: Embedding,
+    pub(super) layers: Vec<Layer>,
+    pub(super) norm: Tensor,
+    pub(super) output: Linear,
     /// One per device the placement uses.
-    rope: Vec<Rope>,
+    pub(super) rope: Vec<Rope>,
+    /// The host pass's activations, kept from step to step.
+    scratch: Mutex<host_pass::Scratch>,
 }
 
 impl Qwen2 {
@@ -222,6 +224,7 @@ impl Qwen2 {
             layers,
             output,
             rope,
+            scratch: Mutex::default(),
         })
     }
 
@@ -243,18 +246,31 @@ impl Qwen2 {
         )
     }
 
-    /// Runs `tokens` at positions `cache.len()..` and returns logits `[n, vocab]` (f32) for the
-    /// positions `which` asks for.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
-        self.forward_batch(&mut [Sequence { tokens, cache }], which)
+    /// Runs `tokens` at positions `cache.len()..` and writes the logits (f32) of the positions
+    /// `which` asks for into `logits`, `[n, vocab]` row after row.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.forward_batch(&mut [Sequence { tokens, cache }], which, logits)
     }
 
     /// Runs several sequences in one pass: their tokens are stacked into one matrix for the
     /// weight matmuls (each weight is read once for all of them), and each attends only to its own
-    /// cache. Returns the logits of every sequence's last token, in order (`Logits::Last`), or of
-    /// every token (`Logits::All`).
-    pub fn forward_batch(&self, seqs: &mut [Sequence], which: Logits) -> Result<Tensor> {
-        let c = &self.cfg;
+    /// cache. Writes the logits of every sequence's last token, in order (`Logits::Last`), or of
+    /// every token (`Logits::All`) into `logits`, `[rows, vocab]`.
+    ///
+    /// Decode steps of a model wholly on the CPU with f32 caches run over host memory
+    /// ([`host_pass`]), allocating nothing; everything else runs in tensor ops.
+    pub fn forward_batch(
+        &self,
+        seqs: &mut [Sequence],
+        which: Logits,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
             bail!("forward needs at least one token per sequence");
         }
@@ -267,6 +283,19 @@ impl Qwen2 {
                 );
             }
         }
+        if host_pass::fits(self, seqs) {
+            let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+            return host_pass::run(self, seqs, which, &mut scratch, logits);
+        }
+        let out = self.tensor_pass(seqs, which)?;
+        logits.clear();
+        logits.extend(out.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    /// [`forward_batch`](Self::forward_batch) in tensor ops, on any device; returns the logits.
+    fn tensor_pass(&self, seqs: &mut [Sequence], which: Logits) -> Result<Tensor> {
+        let c = &self.cfg;
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         // Per device: the rotary rows of every token (each sequence from its own position), and
         // each sequence's causal mask.
@@ -316,7 +345,7 @@ impl Qwen2 {
             let q_all = rotate(q, c.n_heads)?;
             let k_all = rotate(k, c.n_kv_heads)?;
             let v_all = v.reshape((all, c.n_kv_heads, c.head_dim))?;
-            let y = attention::attend(c, i, &q_all, &k_all, &v_all, seqs, masks)?;
+            let y = attention::attend(c, i, &q_all, &k_all, &v_all, &mut *seqs, masks)?;
             h = (h + l.o.forward(&y)?)?;
             // MLP.
             let x = ops::rms_norm(&h, &l.ffn_norm, c.rms_eps)?;

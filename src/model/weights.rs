@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use qwen_run_kernels::{Packing, QuantType};
 use rayon::prelude::*;
+use smallvec::SmallVec;
 use std::sync::Arc;
 
 /// A `rows x cols` weight matrix in its GGUF block format, read in place from the mapping, or,
@@ -180,6 +181,14 @@ impl Linear {
         })
     }
 
+    /// The matrix and bias our CPU kernels read, when this projection runs on them.
+    pub(super) fn native(&self) -> Option<(&QMatrix, Option<&[f32]>)> {
+        match self {
+            Linear::Native { w, bias } => Some((w, bias.as_ref().map(|b| b.as_slice()))),
+            Linear::Candle { .. } => None,
+        }
+    }
+
     /// `x`: `[n, cols]` f32 -> `[n, rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let [y] = Linear::forward_many([self], x)?;
@@ -261,28 +270,50 @@ impl CustomOp1 for NativeMatMul {
         let total: usize = self.0.iter().map(|(w, _)| n * w.rows).sum();
         let mut y = vec![0f32; total];
         let mut rest = y.as_mut_slice();
-        let mut jobs = Vec::with_capacity(self.0.len());
-        for (w, _) in &self.0 {
-            let (part, tail) = rest.split_at_mut(n * w.rows);
+        let parts = self.0.iter().map(|(w, bias)| {
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(n * w.rows);
             rest = tail;
-            let (packing, data) = w.kernel_weights();
-            jobs.push(qwen_run_kernels::MatMulJob {
-                ty: w.ty(),
-                packing,
-                w: data,
-                rows: w.rows,
-                y: part,
-            });
-        }
-        qwen_run_kernels::matmul_many(k, x, n, &mut jobs);
-        for (job, (_, bias)) in jobs.iter_mut().zip(&self.0) {
-            if let Some(b) = bias {
-                for row in job.y.chunks_exact_mut(b.len()) {
-                    row.iter_mut().zip(b.iter()).for_each(|(y, b)| *y += b);
-                }
+            (&**w, bias.as_ref().map(|b| b.as_slice()), part)
+        });
+        native_matmul(parts, x, n);
+        Ok((CpuStorage::F32(y), Shape::from(total)))
+    }
+}
+
+/// A weight matrix, its bias and the output they are written to.
+pub(super) type MatMulPart<'a> = (&'a QMatrix, Option<&'a [f32]>, &'a mut [f32]);
+
+/// `y = x W^T + b` (`[n, rows]`) for each `(W, b, y)` of `parts`, all sharing the input `x`
+/// (`[n, cols]`, checked by the caller), on our CPU kernels: the input is quantized once and
+/// all matrices share one parallel region; the bias is added as `y` is written. Allocates
+/// nothing (a call has a few matrices).
+pub(super) fn native_matmul<'a>(
+    parts: impl IntoIterator<Item = MatMulPart<'a>>,
+    x: &[f32],
+    n: usize,
+) {
+    let mut jobs: SmallVec<[qwen_run_kernels::MatMulJob; 4]> = SmallVec::new();
+    let mut biases: SmallVec<[Option<&[f32]>; 4]> = SmallVec::new();
+    let mut cols = 0;
+    for (w, bias, y) in parts {
+        let (packing, data) = w.kernel_weights();
+        cols = w.cols;
+        jobs.push(qwen_run_kernels::MatMulJob {
+            ty: w.ty(),
+            packing,
+            w: data,
+            rows: w.rows,
+            y,
+        });
+        biases.push(bias);
+    }
+    qwen_run_kernels::matmul_many(cols, x, n, &mut jobs);
+    for (job, bias) in jobs.iter_mut().zip(biases) {
+        if let Some(b) = bias {
+            for row in job.y.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
             }
         }
-        Ok((CpuStorage::F32(y), Shape::from(total)))
     }
 }
 
@@ -310,9 +341,18 @@ impl Embedding {
     }
 
     pub fn forward(&self, tokens: &[u32], device: &Device) -> Result<Tensor> {
-        let dim = self.table.cols;
-        let mut out = vec![0f32; tokens.len() * dim];
-        for (row, &t) in out.chunks_exact_mut(dim).zip(tokens) {
+        let mut out = vec![0f32; tokens.len() * self.table.cols];
+        self.lookup_into(tokens, &mut out)?;
+        Ok(Tensor::from_vec(
+            out,
+            (tokens.len(), self.table.cols),
+            device,
+        )?)
+    }
+
+    /// The rows of `tokens`, as f32, into `out` (`[tokens, dim]`).
+    pub fn lookup_into(&self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
+        for (row, &t) in out.chunks_exact_mut(self.table.cols).zip(tokens) {
             if t as usize >= self.table.rows {
                 bail!(
                     "token id {t} is outside the vocabulary of {} tokens",
@@ -321,7 +361,7 @@ impl Embedding {
             }
             self.table.dequantize_row(t as usize, row);
         }
-        Ok(Tensor::from_vec(out, (tokens.len(), dim), device)?)
+        Ok(())
     }
 
     /// Tied output heads reuse the embedding table as a matrix.
