@@ -245,17 +245,19 @@ struct DecodeCosts {
 }
 
 /// Heap allocations and minor page faults of single-sequence decode steps, per token: counted over
-/// 16 steps after 16 warm-up steps (the first steps of a session size its buffers, and each
-/// worker thread sizes its own when it first takes part in attention).
+/// 16 steps after 64 warm-up steps. The first steps of a session size its buffers, and each worker
+/// thread sizes its own when it first takes part in attention, which it does once the context is
+/// long enough to be worth splitting (a few dozen tokens).
 fn decode_costs(engine: &Engine) -> Result<DecodeCosts> {
+    const WARM_UP: usize = 64;
     const STEPS: usize = 16;
-    let tokens = bench_tokens(engine, 2 * STEPS);
+    let tokens = bench_tokens(engine, WARM_UP + STEPS);
     let mut session = engine.new_session()?;
-    for t in &tokens[..STEPS] {
+    for t in &tokens[..WARM_UP] {
         engine.forward_last(&mut session, std::slice::from_ref(t))?;
     }
     let (a0, f0) = (alloc_count::snapshot(), minor_page_faults());
-    for t in &tokens[STEPS..] {
+    for t in &tokens[WARM_UP..] {
         engine.forward_last(&mut session, std::slice::from_ref(t))?;
     }
     let (a1, f1) = (alloc_count::snapshot(), minor_page_faults());
