@@ -69,6 +69,7 @@ pub struct Sampler {
     rng: StdRng,
     /// Scratch reused across steps so sampling allocates nothing per token.
     candidates: Vec<(u32, f32)>,
+    seen: Vec<u32>,
 }
 
 impl Sampler {
@@ -78,6 +79,7 @@ impl Sampler {
             rng: StdRng::seed_from_u64(params.seed),
             params,
             candidates: Vec::new(),
+            seen: Vec::new(),
         })
     }
 
@@ -90,10 +92,12 @@ impl Sampler {
         let p = &self.params;
         if p.repeat_penalty != 1.0 {
             let start = history.len().saturating_sub(p.repeat_last_n);
-            let mut seen: Vec<u32> = history[start..].to_vec();
+            let seen = &mut self.seen;
+            seen.clear();
+            seen.extend_from_slice(&history[start..]);
             seen.sort_unstable();
             seen.dedup();
-            for t in seen {
+            for &t in seen.iter() {
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l = if *l > 0.0 {
                         *l / p.repeat_penalty
