@@ -414,8 +414,7 @@ impl Store {
                 let d = g.head_dim;
                 let mut out = Vec::with_capacity(g.kv_heads * n * d * 4);
                 for h in 0..g.kv_heads {
-                    let rows = &data[(h * g.capacity + start) * d..][..n * d];
-                    out.extend(rows.iter().flat_map(|x| x.to_le_bytes()));
+                    out.extend(f32_to_bytes(&data[(h * g.capacity + start) * d..][..n * d]));
                 }
                 out
             }
@@ -458,11 +457,8 @@ impl Store {
             Store::Host(data) => {
                 let d = g.head_dim;
                 for h in 0..g.kv_heads {
-                    let rows = &mut data[(h * g.capacity + start) * d..][..n * d];
-                    let src = &bytes[h * n * d * 4..][..n * d * 4];
-                    for (x, b) in rows.iter_mut().zip(src.chunks_exact(4)) {
-                        *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                    }
+                    data[(h * g.capacity + start) * d..][..n * d]
+                        .copy_from_slice(&bytes_to_f32(&bytes[h * n * d * 4..][..n * d * 4]));
                 }
             }
             Store::Tensor(t) => {
