@@ -57,9 +57,8 @@ fn every_weight_type_loads_and_runs() {
 }
 
 /// Prefill of n tokens at once must equal feeding them one by one through the cache: this checks
-/// the causal mask, RoPE positions and the in-place KV cache together, and, with f32 caches, that
-/// the host pass of decode steps computes what the tensor pass of prompt chunks (over 16 tokens)
-/// does.
+/// the causal mask, RoPE positions and the in-place KV cache together (with f32 caches in the
+/// host pass, with f16 caches in the tensor pass).
 #[test]
 fn cached_decode_matches_full_prefill() {
     let dir = tempfile::tempdir().unwrap();
@@ -90,6 +89,62 @@ fn cached_decode_matches_full_prefill() {
                 "position {i}, cache {cache_type:?}: relative max diff {d} (scale {scale})"
             );
         }
+    }
+}
+
+/// The host pass (CPU, f32 caches) computes what the tensor pass does: a prompt chunk longer than
+/// an attention task's block, then a step of two sequences, one of them several tokens long.
+#[test]
+fn host_pass_matches_tensor_pass() {
+    use qwen_run::model::Sequence;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = load(&write_tiny_model(dir.path(), QuantType::Q4K));
+    let model = &engine.model;
+    let prompt: Vec<u32> = (0..45).map(|i| (i * 29 + 3) % 250).collect();
+    let steps: [&[u32]; 2] = [&[7], &[11, 12, 13]];
+    let mut results = Vec::new();
+    for tensor_ops in [false, true] {
+        let pass = |seqs: &mut [Sequence], which| {
+            let mut logits = Vec::new();
+            if tensor_ops {
+                model.forward_batch_in_tensor_ops(seqs, which, &mut logits)
+            } else {
+                model.forward_batch(seqs, which, &mut logits)
+            }
+            .unwrap();
+            logits
+        };
+        let (mut a, mut b) = (engine.new_session().unwrap(), engine.new_session().unwrap());
+        let prefill = pass(
+            &mut [Sequence {
+                tokens: &prompt,
+                cache: &mut a.cache,
+            }],
+            Logits::All,
+        );
+        let step = pass(
+            &mut [
+                Sequence {
+                    tokens: steps[0],
+                    cache: &mut a.cache,
+                },
+                Sequence {
+                    tokens: steps[1],
+                    cache: &mut b.cache,
+                },
+            ],
+            Logits::All,
+        );
+        results.push((prefill, step));
+    }
+    let scale = results[1].0.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for (host, tensor) in [
+        (&results[0].0, &results[1].0),
+        (&results[0].1, &results[1].1),
+    ] {
+        assert_eq!(host.len(), tensor.len());
+        let d = max_abs_diff(host, tensor) / scale;
+        assert!(d < 1e-4, "relative max diff {d}");
     }
 }
 

@@ -13,7 +13,48 @@ use std::cell::Cell;
 
 thread_local! {
     static SCORES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    static TILES: Cell<Tiles> = const { Cell::new(Tiles::new()) };
 }
+
+/// A thread's buffers for [`Task::run_tiled`], grown to the largest task it has run.
+struct Tiles {
+    /// The task's queries, scaled, one row per (token, head).
+    q: Vec<f32>,
+    /// A chunk of keys, transposed: `[head_dim, keys]`.
+    kt: Vec<f32>,
+    /// Scores, then probabilities, of the chunk: `[rows, keys]`.
+    s: Vec<f32>,
+    /// Output rows, not yet divided by their softmax sums.
+    o: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+impl Tiles {
+    const fn new() -> Tiles {
+        Tiles {
+            q: Vec::new(),
+            kt: Vec::new(),
+            s: Vec::new(),
+            o: Vec::new(),
+            max: Vec::new(),
+            sum: Vec::new(),
+        }
+    }
+}
+
+impl Default for Tiles {
+    fn default() -> Tiles {
+        Tiles::new()
+    }
+}
+
+/// Keys per chunk of [`Task::run_tiled`]: the chunk's transposed keys, scores and values stay in
+/// L2 while every row of the task uses them.
+const KEY_CHUNK: usize = 256;
+
+/// Tasks of at least this many tokens run [`Task::run_tiled`].
+const TILED_MIN_TOKENS: usize = 4;
 
 /// Shapes shared by all sequences of a step.
 #[derive(Clone, Copy, Debug)]
@@ -84,19 +125,14 @@ pub fn cached_attention_with(
     }
     let out = YPtr(y.as_mut_ptr());
     let task = |t: usize| {
-        let (si, head) = (t / kv_heads, t % kv_heads);
-        let job = Task {
-            dims,
-            seq: seqs[si],
-            kv_head: head,
-            // the rows of the sequences before this one (a few sums, no allocation per step)
-            row0: seqs[..si].iter().map(|s| s.n).sum(),
-            scale,
-        };
         // SAFETY: tasks write disjoint (row, head) blocks of `y`, which outlives them.
-        unsafe { job.run(backend, q, out) }
+        unsafe { task_at(dims, seqs, scale, t).run(backend, q, out) }
     };
-    let n_tasks = seqs.len() * kv_heads;
+    let n_tasks = seqs
+        .iter()
+        .map(|s| s.n.div_ceil(QUERY_BLOCK))
+        .sum::<usize>()
+        * kv_heads;
     if work < MIN_PARALLEL_WORK || rayon::current_num_threads() < 2 {
         (0..n_tasks).for_each(task);
     } else {
@@ -104,12 +140,42 @@ pub fn cached_attention_with(
     }
 }
 
-/// The query heads of one KV head, for every token of one sequence.
+/// Query tokens per task: a prompt chunk's attention splits into many tasks (so that all
+/// threads share it), a decode step's is one per (sequence, KV head).
+const QUERY_BLOCK: usize = 32;
+
+/// Task `t` of a step: the sequences' query blocks, each sequence's from its last (which sees
+/// the most keys, so the longest tasks are claimed first) to its first, times the KV heads.
+fn task_at<'a>(dims: AttnDims, seqs: &[CachedSeq<'a>], scale: f32, mut t: usize) -> Task<'a> {
+    let mut row0 = 0;
+    for &seq in seqs {
+        let blocks = seq.n.div_ceil(QUERY_BLOCK);
+        if t < blocks * dims.kv_heads {
+            let first = (blocks - 1 - t / dims.kv_heads) * QUERY_BLOCK;
+            return Task {
+                dims,
+                seq,
+                kv_head: t % dims.kv_heads,
+                row0,
+                queries: first..(first + QUERY_BLOCK).min(seq.n),
+                scale,
+            };
+        }
+        t -= blocks * dims.kv_heads;
+        row0 += seq.n;
+    }
+    unreachable!("task {t} past the step's tasks")
+}
+
+/// The query heads of one KV head, for a block of one sequence's tokens.
 struct Task<'a> {
     dims: AttnDims,
     seq: CachedSeq<'a>,
     kv_head: usize,
+    /// The step's rows before this sequence's.
     row0: usize,
+    /// This task's tokens of the sequence.
+    queries: std::ops::Range<usize>,
     scale: f32,
 }
 
@@ -117,11 +183,115 @@ impl Task<'_> {
     /// # Safety
     /// `y` must be valid for the whole output and no one else may write this task's block.
     unsafe fn run(&self, backend: Backend, q: &[f32], y: YPtr) {
+        if self.queries.len() >= TILED_MIN_TOKENS
+            && self.dims.head_dim.is_multiple_of(crate::f32_gemm::COLS)
+        {
+            return self.run_tiled(backend, q, y);
+        }
         match backend {
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 => self.run_avx2(q, y),
             _ => self.run_portable(Backend::Scalar, q, y),
         }
+    }
+
+    /// Several tokens at once, as matrix products over chunks of the keys with a running
+    /// softmax (the chunk's scores never need the whole context in memory): rows are the
+    /// task's (token, query head) pairs, so each key and value is read once per chunk for all.
+    ///
+    /// # Safety
+    /// As [`run`](Self::run).
+    unsafe fn run_tiled(&self, backend: Backend, q: &[f32], y: YPtr) {
+        use crate::f32_gemm::{gemm, COLS};
+        let AttnDims {
+            n_heads,
+            kv_heads,
+            head_dim: d,
+        } = self.dims;
+        let group = n_heads / kv_heads;
+        let CachedSeq {
+            keys, values, pos, ..
+        } = self.seq;
+        let base = self.kv_head * self.seq.capacity(kv_heads, d) * d;
+        let seen = pos + self.queries.end;
+        let keys = &keys[base..base + seen * d];
+        let values = &values[base..base + seen * d];
+        let rows = self.queries.len() * group;
+        // The query head and token of row r.
+        let head = |r: usize| self.kv_head * group + r % group;
+        let token = |r: usize| self.queries.start + r / group;
+        let width = KEY_CHUNK.min(seen).next_multiple_of(COLS);
+
+        let mut t = TILES.with(|c| c.take());
+        let grow = |v: &mut Vec<f32>, n: usize, x: f32| {
+            v.clear();
+            v.resize(n, x);
+        };
+        grow(&mut t.q, rows * d, 0.0);
+        grow(&mut t.kt, d * width, 0.0);
+        grow(&mut t.s, rows * width, 0.0);
+        grow(&mut t.o, rows * d, 0.0);
+        grow(&mut t.max, rows, f32::NEG_INFINITY);
+        grow(&mut t.sum, rows, 0.0);
+        for (r, qr) in t.q.chunks_exact_mut(d).enumerate() {
+            let at = ((self.row0 + token(r)) * n_heads + head(r)) * d;
+            for (x, &v) in qr.iter_mut().zip(&q[at..at + d]) {
+                *x = v * self.scale;
+            }
+        }
+        let mut c0 = 0;
+        while c0 < seen {
+            let n = (seen - c0).min(KEY_CHUNK);
+            let np = n.next_multiple_of(COLS);
+            for (c, kt) in t.kt.chunks_exact_mut(np).take(d).enumerate() {
+                for (j, x) in kt[..n].iter_mut().enumerate() {
+                    *x = keys[(c0 + j) * d + c];
+                }
+                kt[n..].fill(0.0);
+            }
+            gemm(
+                backend,
+                (rows, np, d),
+                (&t.q, d),
+                (&t.kt, np),
+                (&mut t.s, np),
+                false,
+            );
+            for r in 0..rows {
+                // Causal: the row's token sees keys up to its own position.
+                let valid = (pos + token(r) + 1).saturating_sub(c0).min(n);
+                let s = &mut t.s[r * np..(r + 1) * np];
+                let max = s[..valid].iter().fold(t.max[r], |m, &x| m.max(x));
+                if max > t.max[r] {
+                    let rescale = (t.max[r] - max).exp();
+                    t.sum[r] *= rescale;
+                    t.o[r * d..(r + 1) * d]
+                        .iter_mut()
+                        .for_each(|o| *o *= rescale);
+                    t.max[r] = max;
+                }
+                t.sum[r] += crate::elementwise::exp_shifted(backend, &mut s[..valid], t.max[r]);
+                s[valid..].fill(0.0);
+            }
+            gemm(
+                backend,
+                (rows, d, n),
+                (&t.s, np),
+                (&values[c0 * d..(c0 + n) * d], d),
+                (&mut t.o, d),
+                true,
+            );
+            c0 += n;
+        }
+        for (r, o) in t.o.chunks_exact(d).enumerate() {
+            let at = ((self.row0 + token(r)) * n_heads + head(r)) * d;
+            let out = std::slice::from_raw_parts_mut(y.0.add(at), d);
+            let inv = 1.0 / t.sum[r];
+            for (y, &o) in out.iter_mut().zip(o) {
+                *y = o * inv;
+            }
+        }
+        TILES.with(|c| c.set(t));
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -155,7 +325,7 @@ impl Task<'_> {
         let capacity = self.seq.capacity(kv_heads, d);
         scores.reserve(capacity.saturating_sub(scores.len()));
         scores.resize(pos + n, 0.0);
-        for i in 0..n {
+        for i in self.queries.clone() {
             let seen = pos + i + 1;
             for h in self.kv_head * group..(self.kv_head + 1) * group {
                 let at = ((self.row0 + i) * n_heads + h) * d;
@@ -244,15 +414,29 @@ mod tests {
 
     #[test]
     fn matches_the_reference_for_every_sequence_head_and_backend() {
-        // Odd head size (a tail after the 8-lane chunks), 3 query heads per KV head, sequences
-        // with one token, several tokens (causal mask) and an empty history, caches of two sizes.
-        let dims = AttnDims {
-            n_heads: 6,
-            kv_heads: 2,
-            head_dim: 12,
-        };
+        // An odd head size (a tail after the 8-lane chunks, no tiled path) and one the tiled path
+        // takes, 3 query heads per KV head, sequences with one token, several tokens (causal
+        // mask), an empty history, more tokens than a task's block and more keys than a chunk
+        // of the tiled path, caches of four sizes.
+        for head_dim in [12, 32] {
+            check_against_reference(AttnDims {
+                n_heads: 6,
+                kv_heads: 2,
+                head_dim,
+            });
+        }
+    }
+
+    fn check_against_reference(dims: AttnDims) {
         // (position, tokens, cache capacity)
-        let shapes = [(17, 1, 40), (0, 3, 40), (30, 4, 40), (5, 1, 24)];
+        let shapes = [
+            (17, 1, 40),
+            (0, 3, 40),
+            (30, 4, 40),
+            (5, 1, 24),
+            (9, 70, 80),
+            (250, 37, 300),
+        ];
         let caches: Vec<(Vec<f32>, Vec<f32>)> = (0..shapes.len() as u32)
             .map(|i| {
                 let buf = dims.kv_heads * shapes[i as usize].2 * dims.head_dim;

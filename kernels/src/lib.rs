@@ -12,6 +12,7 @@ pub mod attention;
 mod dequant;
 mod driver;
 pub mod elementwise;
+mod f32_gemm;
 pub mod pool;
 mod repack;
 mod scalar;

@@ -1,11 +1,14 @@
-//! Decode steps of a model that runs wholly on the CPU with f32 KV caches, over host memory.
+//! Forward passes (prompt chunks and decode steps) of a model that runs wholly on the CPU with
+//! f32 KV caches, over host memory.
 //!
-//! The tensor pass ([`Qwen2::forward_batch`]) computes the same thing for everything else
-//! (prompt chunks, GPUs, f16 and q8_0 caches). Built from tensor ops, a decode step makes a few
-//! thousand small allocations (each op's output, shape and strides) and some copies, which cost
-//! about as much as the step's small ops themselves. Here each step writes its activations into
-//! buffers kept from step to step, writes and reads the KV caches in place, and allocates
-//! nothing once the buffers have grown to the step's size.
+//! The tensor pass ([`Qwen2::tensor_pass`]) computes the same thing for everything else (GPUs,
+//! f16 and q8_0 caches). Built from tensor ops, a decode step makes a few thousand small
+//! allocations (each op's output, shape and strides) and some copies, which cost about as much
+//! as the step's small ops themselves; a prompt chunk's temporaries are large, and the
+//! allocator keeps some of them after it frees them (peak RSS grew ~70 MiB over repeated 512-token
+//! prompts on the 0.5B). Here each pass writes its activations into buffers kept from pass to
+//! pass, writes and reads the KV caches in place, and allocates nothing once the buffers have
+//! grown to the pass's size.
 
 use super::qwen2::{Logits, Qwen2, Sequence};
 use super::weights::{native_matmul, Linear, MatMulPart};
@@ -15,11 +18,7 @@ use qwen_run_kernels::attention::{cached_attention, AttnDims, CachedSeq};
 use qwen_run_kernels::elementwise::{add_assign, rms_norm, rope_neox, silu_mul};
 use smallvec::SmallVec;
 
-/// The most tokens a sequence may run in a host step. Longer runs (prompt chunks) are matrix
-/// products, where the tensor pass's attention is faster.
-pub(super) const MAX_TOKENS: usize = 16;
-
-/// The activations of a step, kept for the next one (grown, never shrunk).
+/// The activations of a pass, kept for the next one (grown, never shrunk).
 #[derive(Default)]
 pub(super) struct Scratch {
     h: Vec<f32>,
@@ -42,18 +41,17 @@ fn part(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut buf[..n]
 }
 
-/// Whether [`run`] can take this step: every layer and the output head on the CPU, f32 caches,
-/// and a few tokens per sequence.
+/// Whether [`run`] can take this pass: every layer and the output head on the CPU, and f32
+/// caches.
 pub(super) fn fits(model: &Qwen2, seqs: &[Sequence]) -> bool {
     let p = &model.placement;
     p.layers.iter().chain([&p.output]).all(|d| d.is_cpu())
-        && seqs.iter().all(|s| {
-            s.tokens.len() <= MAX_TOKENS
-                && (0..model.cfg.n_layers).all(|l| s.cache.host_layer(l).is_some())
-        })
+        && seqs
+            .iter()
+            .all(|s| (0..model.cfg.n_layers).all(|l| s.cache.host_layer(l).is_some()))
 }
 
-/// Runs one step (shapes and room in the caches checked by the caller) and writes the logits
+/// Runs one pass (shapes and room in the caches checked by the caller) and writes the logits
 /// `which` asks for into `logits` (`[rows, vocab]`).
 pub(super) fn run(
     model: &Qwen2,

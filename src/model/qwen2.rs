@@ -147,7 +147,7 @@ pub struct Qwen2 {
     pub(super) output: Linear,
     /// One per device the placement uses.
     pub(super) rope: Vec<Rope>,
-    /// The host pass's activations, kept from step to step.
+    /// The host pass's activations, kept from pass to pass.
     scratch: Mutex<host_pass::Scratch>,
 }
 
@@ -263,30 +263,40 @@ impl Qwen2 {
     /// cache. Writes the logits of every sequence's last token, in order (`Logits::Last`), or of
     /// every token (`Logits::All`) into `logits`, `[rows, vocab]`.
     ///
-    /// Decode steps of a model wholly on the CPU with f32 caches run over host memory
-    /// ([`host_pass`]), allocating nothing; everything else runs in tensor ops.
+    /// A model wholly on the CPU with f32 caches runs over host memory ([`host_pass`]),
+    /// allocating nothing once its buffers have grown; everything else runs in tensor ops.
     pub fn forward_batch(
         &self,
         seqs: &mut [Sequence],
         which: Logits,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
-        if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
-            bail!("forward needs at least one token per sequence");
-        }
-        for s in seqs.iter() {
-            let (n, pos) = (s.tokens.len(), s.cache.len());
-            if pos + n > s.cache.capacity() {
-                bail!(
-                    "the context is full: {pos} tokens cached + {n} new exceed the context size {} (raise --ctx-size)",
-                    s.cache.capacity()
-                );
-            }
-        }
+        check_room(seqs)?;
         if host_pass::fits(self, seqs) {
             let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
             return host_pass::run(self, seqs, which, &mut scratch, logits);
         }
+        self.run_tensor_pass(seqs, which, logits)
+    }
+
+    /// [`forward_batch`](Self::forward_batch) in tensor ops whatever the placement and caches:
+    /// the tests check the host pass against it.
+    pub fn forward_batch_in_tensor_ops(
+        &self,
+        seqs: &mut [Sequence],
+        which: Logits,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_room(seqs)?;
+        self.run_tensor_pass(seqs, which, logits)
+    }
+
+    fn run_tensor_pass(
+        &self,
+        seqs: &mut [Sequence],
+        which: Logits,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         let out = self.tensor_pass(seqs, which)?;
         logits.clear();
         logits.extend(out.flatten_all()?.to_vec1::<f32>()?);
@@ -380,6 +390,23 @@ impl Qwen2 {
 pub struct Sequence<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
+}
+
+/// Fails unless every sequence has tokens and room for them in its cache.
+fn check_room(seqs: &[Sequence]) -> Result<()> {
+    if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
+        bail!("forward needs at least one token per sequence");
+    }
+    for s in seqs {
+        let (n, pos) = (s.tokens.len(), s.cache.len());
+        if pos + n > s.cache.capacity() {
+            bail!(
+                "the context is full: {pos} tokens cached + {n} new exceed the context size {} (raise --ctx-size)",
+                s.cache.capacity()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `[n, pos + n]` additive mask: query `i` (at position `pos + i`) sees keys `0..=pos + i`.
