@@ -197,13 +197,19 @@ def main(argv):
     print("## qwen-run vs llama.cpp b11434: %s, %s threads, %d rounds x %d repetitions\n"
           % (name, t, args.rounds, args.repetitions))
     print(table(rows))
-    ex = extras[-1]
-    tg_mean = statistics.mean(ours[tg])
-    roof = ex["read_bandwidth_gbs"] * 1e9 / ex["decode_bytes_per_token"]
-    print("\nroofline: %.1f GB/s measured read bandwidth / %.1f MB of weights per token = %.1f t/s; "
-          "qwen-run decode %.1f t/s = %.0f%%, llama.cpp %.1f t/s = %.0f%%"
-          % (ex["read_bandwidth_gbs"], ex["decode_bytes_per_token"] / 1e6, roof, tg_mean,
-             100 * tg_mean / roof, statistics.mean(theirs[tg]), 100 * statistics.mean(theirs[tg]) / roof))
+    # The roofline of each qwen-run process: its own probe, taken right after its decode test.
+    # On a shared machine the bandwidth left to us drifts from minute to minute (probes here
+    # ranged 23-31 GB/s), so decode is set against the probe of the same run, not of another.
+    bytes_per_token = extras[-1]["decode_bytes_per_token"]
+    bws = [e["read_bandwidth_gbs"] for e in extras]
+    per_run = [e["roofline_pct"] for e in extras]
+    roof = statistics.mean(bws) * 1e9 / bytes_per_token
+    print("\nroofline: %.1f MB of weights per token; qwen-run decode at %.0f%% of its run's measured "
+          "read bandwidth (runs: %s; probes %s GB/s); llama.cpp %.1f t/s = %.0f%% of the mean probe "
+          "(%.1f t/s)"
+          % (bytes_per_token / 1e6, statistics.median(per_run), ", ".join("%.0f%%" % p for p in per_run),
+             ", ".join("%.1f" % b for b in bws), statistics.mean(theirs[tg]),
+             100 * statistics.mean(theirs[tg]) / roof, roof))
 
     fidelity = None
     if not args.no_fidelity:
