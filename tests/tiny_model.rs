@@ -274,7 +274,7 @@ fn tokenizer_round_trips_text() {
 }
 
 #[test]
-fn bench_reports_batched_decode_rows() {
+fn bench_reports_batched_decode_and_depth_rows() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_tiny_model(dir.path(), QuantType::Q8_0);
     let mut load = LoadOptions::new(&path);
@@ -283,17 +283,28 @@ fn bench_reports_batched_decode_rows() {
         load,
         prompt_lens: vec![8],
         gen_lens: vec![6],
+        depths: vec![0, 20],
         threads: vec![2],
         parallel: vec![1, 3],
         repetitions: 1,
     })
     .unwrap();
-    let rows: Vec<(&str, usize, usize)> = report
+    let rows: Vec<(&str, usize, usize, usize)> = report
         .rows
         .iter()
-        .map(|r| (r.test.as_str(), r.n_tokens, r.sequences))
+        .map(|r| (r.test.as_str(), r.n_tokens, r.sequences, r.depth))
         .collect();
-    assert_eq!(rows, vec![("pp8", 8, 1), ("tg6", 6, 1), ("tg6 x3", 18, 3)]);
+    assert_eq!(
+        rows,
+        vec![
+            ("pp8", 8, 1, 0),
+            ("pp8 @ d20", 8, 1, 20),
+            ("tg6", 6, 1, 0),
+            ("tg6 @ d20", 6, 1, 20),
+            ("tg6 x3", 18, 3, 0),
+            ("tg6 x3 @ d20", 18, 3, 20),
+        ]
+    );
     assert!(report.rows.iter().all(|r| r.avg_ts > 0.0));
 }
 

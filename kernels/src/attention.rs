@@ -16,7 +16,8 @@ thread_local! {
     static TILES: Cell<Tiles> = const { Cell::new(Tiles::new()) };
 }
 
-/// A thread's buffers for [`Task::run_tiled`], grown to the largest task it has run.
+/// A thread's buffers for [`Task::run_tiled`] and [`Task::run_narrow`], grown to the largest
+/// task it has run.
 struct Tiles {
     /// The task's queries, scaled, one row per (token, head).
     q: Vec<f32>,
@@ -53,8 +54,13 @@ impl Default for Tiles {
 /// L2 while every row of the task uses them.
 const KEY_CHUNK: usize = 256;
 
-/// Tasks of at least this many tokens run [`Task::run_tiled`].
-const TILED_MIN_TOKENS: usize = 4;
+/// `v` holding `n` copies of `x`, with room for `room` values: buffers sized for the largest
+/// step at once, so that decode steps allocate nothing as the context grows.
+fn grow(v: &mut Vec<f32>, n: usize, room: usize, x: f32) {
+    v.clear();
+    v.reserve(room.max(n));
+    v.resize(n, x);
+}
 
 /// Shapes shared by all sequences of a step.
 #[derive(Clone, Copy, Debug)]
@@ -183,16 +189,95 @@ impl Task<'_> {
     /// # Safety
     /// `y` must be valid for the whole output and no one else may write this task's block.
     unsafe fn run(&self, backend: Backend, q: &[f32], y: YPtr) {
-        if self.queries.len() >= TILED_MIN_TOKENS
-            && self.dims.head_dim.is_multiple_of(crate::f32_gemm::COLS)
-        {
-            return self.run_tiled(backend, q, y);
+        let AttnDims {
+            n_heads,
+            kv_heads,
+            head_dim,
+        } = self.dims;
+        if head_dim.is_multiple_of(crate::f32_gemm::COLS) {
+            return match self.queries.len() * (n_heads / kv_heads) {
+                rows if rows <= crate::f32_gemm::COLS => self.run_narrow(backend, q, y),
+                _ => self.run_tiled(backend, q, y),
+            };
         }
         match backend {
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 => self.run_avx2(q, y),
             _ => self.run_portable(Backend::Scalar, q, y),
         }
+    }
+
+    /// Up to 16 query rows (a decode step's query heads of one KV head): the scores as one
+    /// product of the keys, as they lie in the cache, with the rows as its 16 columns (no key is
+    /// copied, unlike [`run_tiled`](Self::run_tiled), whose many rows pay for that), turned into
+    /// rows for the softmax, then one product of the probabilities with the values.
+    ///
+    /// # Safety
+    /// As [`run`](Self::run).
+    unsafe fn run_narrow(&self, backend: Backend, q: &[f32], y: YPtr) {
+        use crate::f32_gemm::{gemm, COLS};
+        let AttnDims {
+            n_heads,
+            kv_heads,
+            head_dim: d,
+        } = self.dims;
+        let group = n_heads / kv_heads;
+        let CachedSeq {
+            keys, values, pos, ..
+        } = self.seq;
+        let capacity = self.seq.capacity(kv_heads, d);
+        let base = self.kv_head * capacity * d;
+        let seen = pos + self.queries.end;
+        let keys = &keys[base..base + seen * d];
+        let values = &values[base..base + seen * d];
+        let rows = self.queries.len() * group;
+        let token = |r: usize| self.queries.start + r / group;
+        let q_at =
+            |r: usize| ((self.row0 + token(r)) * n_heads + self.kv_head * group + r % group) * d;
+
+        let mut t = TILES.with(|c| c.take());
+        // t.q: the rows as columns, [d, COLS]; t.kt: the scores that way, [seen, COLS].
+        grow(&mut t.q, d * COLS, 0, 0.0);
+        grow(&mut t.kt, seen * COLS, capacity * COLS, 0.0);
+        grow(&mut t.s, rows * seen, COLS * capacity, 0.0);
+        grow(&mut t.o, rows * d, 0, 0.0);
+        for r in 0..rows {
+            for (c, &v) in q[q_at(r)..q_at(r) + d].iter().enumerate() {
+                t.q[c * COLS + r] = v * self.scale;
+            }
+        }
+        gemm(
+            backend,
+            (seen, COLS, d),
+            (keys, d),
+            (&t.q, COLS),
+            (&mut t.kt, COLS),
+            false,
+        );
+        for r in 0..rows {
+            // Causal: the row's token sees keys up to its own position.
+            let valid = pos + token(r) + 1;
+            let s = &mut t.s[r * seen..(r + 1) * seen];
+            for (j, x) in s[..valid].iter_mut().enumerate() {
+                *x = t.kt[j * COLS + r];
+            }
+            let max = s[..valid].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let inv = 1.0 / crate::elementwise::exp_shifted(backend, &mut s[..valid], max);
+            s[..valid].iter_mut().for_each(|x| *x *= inv);
+            s[valid..].fill(0.0);
+        }
+        gemm(
+            backend,
+            (rows, d, seen),
+            (&t.s, seen),
+            (values, d),
+            (&mut t.o, d),
+            false,
+        );
+        for (r, o) in t.o.chunks_exact(d).enumerate() {
+            std::slice::from_raw_parts_mut(y.0.add(q_at(r)), d).copy_from_slice(o);
+        }
+        TILES.with(|c| c.set(t));
     }
 
     /// Several tokens at once, as matrix products over chunks of the keys with a running
@@ -223,16 +308,12 @@ impl Task<'_> {
         let width = KEY_CHUNK.min(seen).next_multiple_of(COLS);
 
         let mut t = TILES.with(|c| c.take());
-        let grow = |v: &mut Vec<f32>, n: usize, x: f32| {
-            v.clear();
-            v.resize(n, x);
-        };
-        grow(&mut t.q, rows * d, 0.0);
-        grow(&mut t.kt, d * width, 0.0);
-        grow(&mut t.s, rows * width, 0.0);
-        grow(&mut t.o, rows * d, 0.0);
-        grow(&mut t.max, rows, f32::NEG_INFINITY);
-        grow(&mut t.sum, rows, 0.0);
+        grow(&mut t.q, rows * d, 0, 0.0);
+        grow(&mut t.kt, d * width, d * KEY_CHUNK, 0.0);
+        grow(&mut t.s, rows * width, rows * KEY_CHUNK, 0.0);
+        grow(&mut t.o, rows * d, 0, 0.0);
+        grow(&mut t.max, rows, 0, f32::NEG_INFINITY);
+        grow(&mut t.sum, rows, 0, 0.0);
         for (r, qr) in t.q.chunks_exact_mut(d).enumerate() {
             let at = ((self.row0 + token(r)) * n_heads + head(r)) * d;
             for (x, &v) in qr.iter_mut().zip(&q[at..at + d]) {

@@ -8,7 +8,7 @@ mod roofline;
 
 pub use roofline::{decode_bytes_per_token, measure_device_bandwidth, measure_read_bandwidth};
 
-use crate::engine::{Engine, LoadOptions};
+use crate::engine::{Engine, LoadOptions, Session};
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -18,6 +18,8 @@ pub struct BenchOptions {
     pub load: LoadOptions,
     pub prompt_lens: Vec<usize>,
     pub gen_lens: Vec<usize>,
+    /// Context already filled when each test starts (llama-bench's n_depth); empty means 0.
+    pub depths: Vec<usize>,
     pub threads: Vec<usize>,
     /// Sequences decoded together in the tg tests (batched decode, as the server's --parallel
     /// slots run it); 1 is llama-bench's tg.
@@ -37,6 +39,8 @@ pub struct BenchRow {
     pub n_tokens: usize,
     /// Sequences decoded together (tg tests); 1 otherwise.
     pub sequences: usize,
+    /// Tokens in the context before the test's own (llama-bench's n_depth).
+    pub depth: usize,
     pub samples_ts: Vec<f64>,
     pub avg_ts: f64,
     pub stddev_ts: f64,
@@ -96,6 +100,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             .copied()
             .max()
             .unwrap_or(0)
+            + opts.depths.iter().copied().max().unwrap_or(0)
             + 1;
         if load.ctx_size == 0 {
             // Room for the time-to-first-token chat prompt too.
@@ -121,6 +126,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             [] => vec![1],
             p => p.to_vec(),
         };
+        let depths: Vec<usize> = match &opts.depths[..] {
+            [] => vec![0],
+            d => d.to_vec(),
+        };
         let tests = opts
             .prompt_lens
             .iter()
@@ -131,13 +140,18 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                     1 => (format!("tg{n}"), n, false, 1),
                     b => (format!("tg{n} x{b}"), n, false, b),
                 })
-            }));
-        for (name, n, is_prompt, seqs) in tests {
+            }))
+            .flat_map(|test| depths.iter().map(move |&d| (test.clone(), d)));
+        for ((name, n, is_prompt, seqs), depth) in tests {
+            let name = match depth {
+                0 => name,
+                d => format!("{name} @ d{d}"),
+            };
             let once = |e: &Engine| {
                 if is_prompt {
-                    time_prompt(e, n)
+                    time_prompt(e, n, depth)
                 } else {
-                    time_generation(e, n, seqs)
+                    time_generation(e, n, seqs, depth)
                 }
             };
             once(&engine)?; // warm-up, as llama-bench does
@@ -159,6 +173,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                 test: name,
                 n_tokens: n * seqs,
                 sequences: seqs,
+                depth,
                 samples_ts: samples,
                 avg_ts: avg,
                 stddev_ts: sd,
@@ -173,7 +188,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let roofline_pct = rows
         .iter()
         .rev()
-        .find(|r| r.test.starts_with("tg") && r.sequences == 1)
+        .find(|r| r.test.starts_with("tg") && r.sequences == 1 && r.depth == 0)
         .map(|r| 100.0 * r.avg_ts * seconds_per_token);
     Ok(BenchReport {
         rows,
@@ -202,36 +217,48 @@ fn bench_tokens(engine: &Engine, n: usize) -> Vec<u32> {
         .collect()
 }
 
-fn time_prompt(engine: &Engine, n: usize) -> Result<Duration> {
-    let tokens = bench_tokens(engine, n);
+/// A session holding `depth` prompt tokens (untimed), and the `n` tokens to time after them.
+fn session_at_depth(engine: &Engine, depth: usize, n: usize) -> Result<(Session, Vec<u32>)> {
+    let tokens = bench_tokens(engine, depth + n);
     let mut session = engine.new_session()?;
+    if depth > 0 {
+        engine.forward_last(&mut session, &tokens[..depth])?;
+    }
+    Ok((session, tokens[depth..].to_vec()))
+}
+
+fn time_prompt(engine: &Engine, n: usize, depth: usize) -> Result<Duration> {
+    let (mut session, tokens) = session_at_depth(engine, depth, n)?;
     let t0 = Instant::now();
     engine.forward_last(&mut session, &tokens)?;
     Ok(t0.elapsed())
 }
 
-/// n single-token steps from an almost empty context, as llama-bench's tg test runs them; with
-/// several sequences, each step is one batched forward pass over all of them, each on its own KV
-/// cache, as the server's continuous batching runs it.
-fn time_generation(engine: &Engine, n: usize, sequences: usize) -> Result<Duration> {
-    let tokens = bench_tokens(engine, n + sequences);
+/// n single-token steps after `depth` tokens of context (llama-bench's tg test, with its -d);
+/// with several sequences, each step is one batched forward pass over all of them, each on its
+/// own KV cache, as the server's continuous batching runs it.
+fn time_generation(engine: &Engine, n: usize, sequences: usize, depth: usize) -> Result<Duration> {
+    let mut sessions = Vec::with_capacity(sequences);
+    let mut tokens = Vec::new();
+    for _ in 0..sequences {
+        let (session, t) = session_at_depth(engine, depth, n + sequences)?;
+        sessions.push(session);
+        tokens = t;
+    }
     if sequences == 1 {
-        let mut session = engine.new_session()?;
+        let session = &mut sessions[0];
         let t0 = Instant::now();
         for &t in &tokens[..n] {
-            engine.forward_last(&mut session, &[t])?;
+            engine.forward_last(session, &[t])?;
         }
         return Ok(t0.elapsed());
     }
-    let mut sessions = (0..sequences)
-        .map(|_| engine.new_session())
-        .collect::<Result<Vec<_>>>()?;
     let t0 = Instant::now();
     for i in 0..n {
         // A different token per sequence, as different requests would have.
         let step: Vec<[u32; 1]> = (0..sequences).map(|s| [tokens[i + s]]).collect();
         let refs: Vec<&[u32]> = step.iter().map(|t| t.as_slice()).collect();
-        let mut batch: Vec<&mut crate::engine::Session> = sessions.iter_mut().collect();
+        let mut batch: Vec<&mut Session> = sessions.iter_mut().collect();
         engine.forward_batch(&mut batch, &refs)?;
     }
     Ok(t0.elapsed())

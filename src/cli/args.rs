@@ -58,6 +58,16 @@ pub struct BenchArgs {
         default_value = "128"
     )]
     pub n_gen: Vec<usize>,
+    /// Tokens already in the context when each test starts, comma separated (llama-bench's -d):
+    /// `tg128 @ d2048` decodes 128 tokens after a 2048-token prompt, as a long system prompt or
+    /// tool list leaves it. The prefill of that depth is not timed.
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub n_depth: Vec<usize>,
     /// Sequences decoded together in the tg tests, comma separated (as `serve --parallel` batches
     /// requests); `tg128 x8` reports the aggregate t/s of 8 sequences of 128 tokens.
     #[arg(long = "parallel", value_delimiter = ',', default_value = "1")]

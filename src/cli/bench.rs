@@ -17,6 +17,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         load,
         prompt_lens: args.n_prompt.clone(),
         gen_lens: args.n_gen.clone(),
+        depths: args.n_depth.clone(),
         threads,
         parallel: args.parallel.clone(),
         repetitions: args.repetitions,
