@@ -185,6 +185,54 @@ struct Task<'a> {
     scale: f32,
 }
 
+/// A task's view of its sequence's cache (its KV head's rows, up to the last key its tokens see)
+/// and its shape.
+struct Span<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    /// Position of the sequence's first new token.
+    pos: usize,
+    /// Keys seen by the task's last token.
+    seen: usize,
+    /// Query rows: the task's (token, query head) pairs, token-major.
+    rows: usize,
+    /// Positions in the cache buffers.
+    capacity: usize,
+}
+
+impl<'a> Task<'a> {
+    fn span(&self) -> Span<'a> {
+        let AttnDims {
+            n_heads,
+            kv_heads,
+            head_dim: d,
+        } = self.dims;
+        let capacity = self.seq.capacity(kv_heads, d);
+        let base = self.kv_head * capacity * d;
+        let seen = self.seq.pos + self.queries.end;
+        Span {
+            keys: &self.seq.keys[base..base + seen * d],
+            values: &self.seq.values[base..base + seen * d],
+            pos: self.seq.pos,
+            seen,
+            rows: self.queries.len() * (n_heads / kv_heads),
+            capacity,
+        }
+    }
+
+    /// The token (of the sequence) of query row `r`.
+    fn token(&self, r: usize) -> usize {
+        self.queries.start + r / (self.dims.n_heads / self.dims.kv_heads)
+    }
+
+    /// Where query row `r` sits in the step's queries (and its output in `y`).
+    fn q_at(&self, r: usize) -> usize {
+        let group = self.dims.n_heads / self.dims.kv_heads;
+        ((self.row0 + self.token(r)) * self.dims.n_heads + self.kv_head * group + r % group)
+            * self.dims.head_dim
+    }
+}
+
 impl Task<'_> {
     /// # Safety
     /// `y` must be valid for the whole output and no one else may write this task's block.
@@ -216,24 +264,15 @@ impl Task<'_> {
     /// As [`run`](Self::run).
     unsafe fn run_narrow(&self, backend: Backend, q: &[f32], y: YPtr) {
         use crate::f32_gemm::{gemm, COLS};
-        let AttnDims {
-            n_heads,
-            kv_heads,
-            head_dim: d,
-        } = self.dims;
-        let group = n_heads / kv_heads;
-        let CachedSeq {
-            keys, values, pos, ..
-        } = self.seq;
-        let capacity = self.seq.capacity(kv_heads, d);
-        let base = self.kv_head * capacity * d;
-        let seen = pos + self.queries.end;
-        let keys = &keys[base..base + seen * d];
-        let values = &values[base..base + seen * d];
-        let rows = self.queries.len() * group;
-        let token = |r: usize| self.queries.start + r / group;
-        let q_at =
-            |r: usize| ((self.row0 + token(r)) * n_heads + self.kv_head * group + r % group) * d;
+        let Span {
+            keys,
+            values,
+            pos,
+            seen,
+            rows,
+            capacity,
+        } = self.span();
+        let (d, token, q_at) = (self.dims.head_dim, |r| self.token(r), |r| self.q_at(r));
 
         let mut t = TILES.with(|c| c.take());
         // t.q: the rows as columns, [d, COLS]; t.kt: the scores that way, [seen, COLS].
@@ -288,23 +327,15 @@ impl Task<'_> {
     /// As [`run`](Self::run).
     unsafe fn run_tiled(&self, backend: Backend, q: &[f32], y: YPtr) {
         use crate::f32_gemm::{gemm, COLS};
-        let AttnDims {
-            n_heads,
-            kv_heads,
-            head_dim: d,
-        } = self.dims;
-        let group = n_heads / kv_heads;
-        let CachedSeq {
-            keys, values, pos, ..
-        } = self.seq;
-        let base = self.kv_head * self.seq.capacity(kv_heads, d) * d;
-        let seen = pos + self.queries.end;
-        let keys = &keys[base..base + seen * d];
-        let values = &values[base..base + seen * d];
-        let rows = self.queries.len() * group;
-        // The query head and token of row r.
-        let head = |r: usize| self.kv_head * group + r % group;
-        let token = |r: usize| self.queries.start + r / group;
+        let Span {
+            keys,
+            values,
+            pos,
+            seen,
+            rows,
+            ..
+        } = self.span();
+        let (d, token, q_at) = (self.dims.head_dim, |r| self.token(r), |r| self.q_at(r));
         let width = KEY_CHUNK.min(seen).next_multiple_of(COLS);
 
         let mut t = TILES.with(|c| c.take());
@@ -315,7 +346,7 @@ impl Task<'_> {
         grow(&mut t.max, rows, 0, f32::NEG_INFINITY);
         grow(&mut t.sum, rows, 0, 0.0);
         for (r, qr) in t.q.chunks_exact_mut(d).enumerate() {
-            let at = ((self.row0 + token(r)) * n_heads + head(r)) * d;
+            let at = q_at(r);
             for (x, &v) in qr.iter_mut().zip(&q[at..at + d]) {
                 *x = v * self.scale;
             }
@@ -365,7 +396,7 @@ impl Task<'_> {
             c0 += n;
         }
         for (r, o) in t.o.chunks_exact(d).enumerate() {
-            let at = ((self.row0 + token(r)) * n_heads + head(r)) * d;
+            let at = q_at(r);
             let out = std::slice::from_raw_parts_mut(y.0.add(at), d);
             let inv = 1.0 / t.sum[r];
             for (y, &o) in out.iter_mut().zip(o) {
