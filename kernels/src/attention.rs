@@ -1,11 +1,11 @@
-//! Attention for steps that run a few tokens per sequence (decode, continuous batching), read
-//! straight from each sequence's preallocated f32 KV cache.
+//! Attention of a forward pass on the CPU (prompt chunks, decode steps, continuous batching),
+//! read straight from each sequence's preallocated f32 KV cache.
 //!
 //! A decode step's attention is tiny arithmetic spread over many small tensors; built from
 //! general tensor ops it costs a dozen allocations and copies per sequence and layer, more than
-//! the arithmetic. Here one call covers every sequence of the step: tasks are (sequence, KV head)
-//! pairs, so the query heads that share a KV head read its cache rows once, and the tasks run on
-//! the current rayon pool.
+//! the arithmetic. Here one call covers every sequence of the step: tasks are (sequence, KV head,
+//! block of query tokens) triples, so the query heads that share a KV head read its cache rows
+//! once, and the tasks run on the current rayon pool.
 
 use crate::driver::YPtr;
 use crate::Backend;
@@ -19,13 +19,15 @@ thread_local! {
 /// A thread's buffers for [`Task::run_tiled`] and [`Task::run_narrow`], grown to the largest
 /// task it has run.
 struct Tiles {
-    /// The task's queries, scaled, one row per (token, head).
+    /// The task's queries, scaled: one row per (token, head) (tiled), or one column (narrow,
+    /// `[head_dim, 16]`).
     q: Vec<f32>,
-    /// A chunk of keys, transposed: `[head_dim, keys]`.
+    /// Tiled: a chunk of keys, transposed, `[head_dim, keys]`. Narrow: the scores with one
+    /// column per query row, `[keys, 16]`.
     kt: Vec<f32>,
-    /// Scores, then probabilities, of the chunk: `[rows, keys]`.
+    /// Scores, then probabilities: `[rows, keys]` (of the chunk, when tiled).
     s: Vec<f32>,
-    /// Output rows, not yet divided by their softmax sums.
+    /// Output rows (tiled: not yet divided by their softmax sums).
     o: Vec<f32>,
     max: Vec<f32>,
     sum: Vec<f32>,

@@ -375,8 +375,9 @@ impl Store {
         let (heads, hd) = (g.kv_heads, g.head_dim);
         match self {
             Store::Host(data) => {
-                // The tensor pass attends over a copy of the rows it needs (only the tests run
-                // it over host caches, to check the host pass against it).
+                // The tensor pass attends over a copy of the rows it needs. It meets host
+                // caches in the CPU layers of a model split with a GPU, with an f32 cache
+                // beside an f16/q8_0 one, and in the tests that check the host pass against it.
                 let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let mut out = Vec::with_capacity(heads * total * hd);
                 for h in 0..heads {

@@ -1,8 +1,8 @@
 //! Forward passes (prompt chunks and decode steps) of a model that runs wholly on the CPU with
 //! f32 KV caches, over host memory.
 //!
-//! The tensor pass ([`Qwen2::tensor_pass`]) computes the same thing for everything else (GPUs,
-//! f16 and q8_0 caches). Built from tensor ops, a decode step makes a few thousand small
+//! The tensor pass ([`Qwen2::forward_batch_in_tensor_ops`]) computes the same thing for
+//! everything else (GPUs, f16 and q8_0 caches). Built from tensor ops, a decode step makes a few thousand small
 //! allocations (each op's output, shape and strides) and some copies, which cost about as much
 //! as the step's small ops themselves; a prompt chunk's temporaries are large, and the
 //! allocator keeps some of them after it frees them (peak RSS grew ~70 MiB over repeated 512-token
