@@ -271,3 +271,36 @@ fn a_good_run_streams_text_and_reports() {
         assert!(stderr.contains(field), "report lacks {field:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_forced_kernel_level_is_checked() {
+    let run = |level: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
+            .args(["-m", "/nonexistent.gguf", "-p", "hi"])
+            .env("QWEN_RUN_KERNELS", level)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run("avx3");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("QWEN_RUN_KERNELS=avx3 is not a kernel level")
+            && err.contains("scalar, avx2, avx512"),
+        "{err}"
+    );
+    // a level this CPU has gets as far as the model file
+    let (code, err) = run("scalar");
+    assert_eq!(code, 1);
+    assert!(err.contains("nonexistent.gguf"), "{err}");
+    for b in qwen_run_kernels::Backend::ALL {
+        if !b.is_available() {
+            let (code, err) = run(b.env_name());
+            assert_eq!(code, 1);
+            assert!(err.contains("this CPU lacks"), "{err}");
+        }
+    }
+}

@@ -20,3 +20,6 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 echo "== cargo test"
 # Release mode: the real-model tests run the model, and share the build with clippy's deps.
 cargo test --release --workspace
+
+echo "== the kernel levels those tests ran on this CPU"
+cargo test --release -q -p qwen-run-kernels --test correctness kernel_levels -- --nocapture 2>&1 | grep "kernel levels"

@@ -122,7 +122,7 @@ pub(crate) fn matmul_many(
             &mut q8,
             |xs, out| match backend {
                 #[cfg(target_arch = "x86_64")]
-                Backend::Avx2 => unsafe { act::avx2::quantize_q8(xs, out) },
+                Backend::Avx2 | Backend::Avx512 => unsafe { act::avx2::quantize_q8(xs, out) },
                 _ => act::quantize_q8_scalar(xs, out),
             },
         );
@@ -136,7 +136,7 @@ pub(crate) fn matmul_many(
             &mut q8k,
             |xs, out| match backend {
                 #[cfg(target_arch = "x86_64")]
-                Backend::Avx2 => unsafe { act::avx2::quantize_q8k(xs, out) },
+                Backend::Avx2 | Backend::Avx512 => unsafe { act::avx2::quantize_q8k(xs, out) },
                 _ => act::quantize_q8k_scalar(xs, out),
             },
         );
@@ -257,8 +257,13 @@ fn chunk_rows(
 ) {
     match backend {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: the backend was checked against the CPU's features (`Backend::is_available`)
         Backend::Avx2 => unsafe {
-            crate::x86::chunk_rows(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
+            crate::x86::chunk_rows_avx2(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => unsafe {
+            crate::x86::chunk_rows_avx512(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
         },
         _ => chunk_rows_scalar(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1),
     }

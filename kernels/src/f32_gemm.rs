@@ -35,7 +35,9 @@ pub(crate) fn gemm(
     match backend {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the shapes were checked against the slices above.
-        Backend::Avx2 => unsafe { avx2::gemm(m, n, k, a, lda, b, ldb, c, ldc, accumulate) },
+        Backend::Avx2 | Backend::Avx512 => unsafe {
+            avx2::gemm(m, n, k, a, lda, b, ldb, c, ldc, accumulate)
+        },
         _ => {
             for i in 0..m {
                 for j in 0..n {

@@ -4,8 +4,9 @@
 //! bytes) times `n_tokens` f32 activation vectors. Activations are quantized once
 //! per call (Q8 blocks of 32 for the 32-element formats, Q8_K blocks of 256 for
 //! the K-quants) and then combined with the weights using integer dot products.
-//! An AVX2+FMA path is selected at run time; a portable scalar path computes the
-//! same thing and serves as the test reference.
+//! The feature level is chosen at run time ([`Backend`]: AVX-512 VNNI, AVX2+FMA, or the
+//! portable scalar path that computes the same thing and serves as the test reference);
+//! [`KERNELS_ENV`] forces one. The two x86 levels run the same kernels and give the same bits.
 
 mod act;
 pub mod attention;
@@ -196,79 +197,167 @@ pub fn dequantize(ty: QuantType, data: &[u8], out: &mut [f32]) {
     dequant::dequantize(ty, data, out);
 }
 
-/// Which implementation [`matmul_with`] should use.
+/// Which implementation [`matmul_with`] should use: a feature level of the CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Backend {
     /// Portable scalar code (the reference).
     Scalar,
     /// AVX2 + FMA + F16C (x86_64 only; requires those features at run time).
     Avx2,
+    /// The AVX2 kernels with AVX-512 VNNI integer products (`vpdpbusd`, `vpdpwssd`):
+    /// requires AVX-512 F, BW, VL and VNNI besides AVX2 + FMA + F16C. Same results as
+    /// [`Backend::Avx2`], bit for bit.
+    Avx512,
 }
 
+/// The environment variable that forces a [`Backend`] (`scalar`, `avx2`, `avx512`), for tests
+/// and A/B runs.
+pub const KERNELS_ENV: &str = "QWEN_RUN_KERNELS";
+
 impl Backend {
-    /// The best backend available on this machine (detected at run time, cached).
-    pub fn detect() -> Backend {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::sync::OnceLock;
-            static B: OnceLock<Backend> = OnceLock::new();
-            *B.get_or_init(|| {
-                let forced_scalar = std::env::var("QWEN_RUN_KERNELS_SCALAR")
-                    .map(|v| !v.is_empty() && v != "0")
-                    .unwrap_or(false);
-                if !forced_scalar
-                    && is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
-                {
-                    Backend::Avx2
-                } else {
-                    Backend::Scalar
-                }
-            })
+    /// Every backend, slowest first.
+    pub const ALL: [Backend; 3] = [Backend::Scalar, Backend::Avx2, Backend::Avx512];
+
+    /// The name [`KERNELS_ENV`] takes.
+    pub fn env_name(self) -> &'static str {
+        match self {
+            Backend::Scalar => "scalar",
+            Backend::Avx2 => "avx2",
+            Backend::Avx512 => "avx512",
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            Backend::Scalar
+    }
+
+    /// The fastest backend this machine runs.
+    pub fn best() -> Backend {
+        *Backend::ALL
+            .iter()
+            .rev()
+            .find(|b| b.is_available())
+            .expect("the scalar backend always runs")
+    }
+
+    /// The backend [`KERNELS_ENV`] asks for, or [`Backend::best`] when it is unset or empty;
+    /// an error names the value and what this machine offers when the value is unknown or
+    /// the CPU lacks that level. Front ends check this once at start-up.
+    pub fn configured() -> Result<Backend, String> {
+        let Ok(v) = std::env::var(KERNELS_ENV) else {
+            return Ok(Backend::best());
+        };
+        let v = v.trim().to_ascii_lowercase();
+        if v.is_empty() {
+            return Ok(Backend::best());
+        }
+        let offered = || {
+            Backend::ALL
+                .iter()
+                .filter(|b| b.is_available())
+                .map(|b| b.env_name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match Backend::ALL.iter().find(|b| b.env_name() == v) {
+            Some(b) if b.is_available() => Ok(*b),
+            Some(b) => Err(format!(
+                "{KERNELS_ENV}={v}: this CPU lacks {}; it runs: {}",
+                b.requirements(),
+                offered()
+            )),
+            None => Err(format!(
+                "{KERNELS_ENV}={v} is not a kernel level; use one of: {} (this CPU runs: {})",
+                Backend::ALL.map(|b| b.env_name()).join(", "),
+                offered()
+            )),
+        }
+    }
+
+    /// The backend the kernels use: [`Backend::configured`], or [`Backend::best`] when that
+    /// is an error (detected once, cached).
+    pub fn detect() -> Backend {
+        use std::sync::OnceLock;
+        static B: OnceLock<Backend> = OnceLock::new();
+        *B.get_or_init(|| Backend::configured().unwrap_or_else(|_| Backend::best()))
+    }
+
+    /// The CPU features this backend needs, as /proc/cpuinfo names them.
+    pub fn requirements(self) -> &'static str {
+        match self {
+            Backend::Scalar => "nothing",
+            Backend::Avx2 => "avx2, fma, f16c",
+            Backend::Avx512 => "avx2, fma, f16c, avx512f, avx512bw, avx512vl, avx512_vnni",
         }
     }
 
     /// Whether this backend can run on the current machine.
     pub fn is_available(self) -> bool {
-        match self {
-            Backend::Scalar => true,
-            Backend::Avx2 => {
-                #[cfg(target_arch = "x86_64")]
-                {
-                    is_x86_feature_detected!("avx2")
-                        && is_x86_feature_detected!("fma")
-                        && is_x86_feature_detected!("f16c")
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                {
-                    false
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = || {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            };
+            match self {
+                Backend::Scalar => true,
+                Backend::Avx2 => avx2(),
+                Backend::Avx512 => {
+                    avx2()
+                        && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512vl")
+                        && is_x86_feature_detected!("avx512vnni")
                 }
             }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Backend::Scalar
+        }
+    }
+
+    /// Whether this backend runs the x86 SIMD kernels (AVX2 and above).
+    pub fn is_simd(self) -> bool {
+        self != Backend::Scalar
+    }
+
+    /// The name reports print ("AVX2+FMA", "AVX-512 VNNI", "scalar").
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Scalar => "scalar",
+            Backend::Avx2 => "AVX2+FMA",
+            Backend::Avx512 => "AVX-512 VNNI",
         }
     }
 }
 
 /// The weight layout the kernels read fastest, on this machine, for `rows` rows of `ty`:
-/// [`Packing::Rows4`] where the type has it and the AVX2 kernels run, otherwise the GGUF one.
+/// [`Packing::Rows4`] where the type has it and the SIMD kernels run, otherwise the GGUF one.
 pub fn best_packing(ty: QuantType, rows: usize) -> Packing {
-    if Backend::detect() == Backend::Avx2 && has_rows4(ty) && rows.is_multiple_of(4) {
+    if Backend::detect().is_simd() && has_rows4(ty) && rows.is_multiple_of(4) {
         Packing::Rows4
     } else {
         Packing::Gguf
     }
 }
 
-/// Which SIMD path [`matmul`] uses: "AVX2+FMA" or "scalar" (detected at run time).
+/// Which kernels [`matmul`] uses, as reports name them: "AVX-512 VNNI", "AVX2+FMA" or
+/// "scalar" (detected at run time, or forced by [`KERNELS_ENV`]).
 pub fn simd_name() -> &'static str {
-    match Backend::detect() {
-        Backend::Avx2 => "AVX2+FMA",
-        Backend::Scalar => "scalar",
+    Backend::detect().name()
+}
+
+/// 8-bit multiply-adds per second that every thread of the current rayon pool computes at once
+/// with the product instructions of the kernels' level (`None` for the scalar kernels): the
+/// compute ceiling that prefill and batched decode are measured against. Takes about `seconds`.
+pub fn int8_product_rate(seconds: f64) -> Option<f64> {
+    let backend = Backend::detect();
+    #[cfg(target_arch = "x86_64")]
+    if backend.is_simd() {
+        // SAFETY: `detect` returns only levels this CPU runs
+        let rates = rayon::broadcast(|_| unsafe { x86::product_rate(backend, seconds) });
+        return Some(rates.iter().sum());
     }
+    let _ = (backend, seconds);
+    None
 }
 
 /// `y[t*rows + r] = dot(W row r, x[t*cols .. (t+1)*cols])` for `t in 0..n_tokens`.

@@ -353,7 +353,7 @@ pub fn repack_rows4_into(
         .for_each(|(dst, src)| {
             #[cfg(target_arch = "x86_64")]
             let k_quant = matches!(ty, QuantType::Q4K | QuantType::Q6K);
-            if !k_quant && crate::Backend::detect() == crate::Backend::Avx2 {
+            if !k_quant && crate::Backend::detect().is_simd() {
                 // SAFETY: the backend checked AVX2, FMA and F16C at run time
                 return unsafe { crate::x86::pack_rows4(ty, rb, src, dst) };
             }

@@ -168,6 +168,17 @@ fn check_matmul(ty: QuantType, rows: usize, cols: usize, n_tokens: usize, seed: 
     matmul_scalar(ty, &bytes, rows, cols, &x, n_tokens, &mut ys);
     let mut yd = vec![f32::NAN; n_tokens * rows];
     matmul(ty, &bytes, rows, cols, &x, n_tokens, &mut yd);
+    // every SIMD level this CPU has gives the same bits as the one `matmul` picked
+    for backend in simd_levels() {
+        let mut yl = vec![f32::NAN; n_tokens * rows];
+        matmul_with(backend, ty, &bytes, rows, cols, &x, n_tokens, &mut yl);
+        assert_eq!(
+            bits(&yl),
+            bits(&yd),
+            "{ty} rows={rows} cols={cols} n={n_tokens}: {backend:?} against {}",
+            qwen_run_kernels::simd_name()
+        );
+    }
     for i in 0..n_tokens * rows {
         let what = format!(
             "{ty} rows={rows} cols={cols} n={n_tokens} t={} r={}",
@@ -271,17 +282,48 @@ fn matmul_in_custom_pools() {
     }
 }
 
+/// The SIMD levels this CPU runs (AVX2, AVX-512 VNNI).
+fn simd_levels() -> Vec<Backend> {
+    Backend::ALL
+        .into_iter()
+        .filter(|b| b.is_simd() && b.is_available())
+        .collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+/// Prints the levels the other tests ran (`cargo test -- --nocapture kernel_levels`).
 #[test]
-fn backends_and_name() {
-    let name = qwen_run_kernels::simd_name();
-    assert!(name == "AVX2+FMA" || name == "scalar");
+fn kernel_levels() {
+    let levels: Vec<_> = Backend::ALL
+        .into_iter()
+        .filter(|b| b.is_available())
+        .map(|b| b.name())
+        .collect();
+    println!(
+        "kernel levels tested on this CPU: {} (matmul uses {})",
+        levels.join(", "),
+        qwen_run_kernels::simd_name()
+    );
     assert!(Backend::Scalar.is_available());
-    if Backend::Avx2.is_available() {
+    assert_eq!(
+        Backend::best(),
+        *Backend::ALL
+            .iter()
+            .rev()
+            .find(|b| b.is_available())
+            .unwrap()
+    );
+    let name = qwen_run_kernels::simd_name();
+    assert!(Backend::ALL.iter().any(|b| b.name() == name));
+    for backend in simd_levels() {
         let (bytes, _) = make_weights(QuantType::Q6K, 8, 256, 3);
         let x = vec![0.5f32; 256 * 2];
         let mut a = vec![0f32; 16];
         let mut b = vec![0f32; 16];
-        matmul_with(Backend::Avx2, QuantType::Q6K, &bytes, 8, 256, &x, 2, &mut a);
+        matmul_with(backend, QuantType::Q6K, &bytes, 8, 256, &x, 2, &mut a);
         matmul_with(
             Backend::Scalar,
             QuantType::Q6K,
@@ -484,9 +526,7 @@ fn rows4_weights_match_the_gguf_blocks() {
         y
     };
     let mut backends = vec![Backend::Scalar];
-    if Backend::Avx2.is_available() {
-        backends.push(Backend::Avx2);
-    }
+    backends.extend(simd_levels());
     for (i, ty) in [
         QuantType::Q4_0,
         QuantType::Q5_0,
@@ -509,7 +549,7 @@ fn rows4_weights_match_the_gguf_blocks() {
                     let x = &x[..n * cols];
                     let got = run(backend, ty, Packing::Rows4, &packed, rows, cols, x, n);
                     // a lone token against the same token at the front of a batch
-                    let want = if n < batch_min && backend == Backend::Avx2 {
+                    let want = if n < batch_min && backend.is_simd() {
                         let xb: Vec<f32> =
                             x.iter().cycle().take(batch_min * cols).copied().collect();
                         let y = run(
@@ -526,7 +566,6 @@ fn rows4_weights_match_the_gguf_blocks() {
                     } else {
                         run(backend, ty, Packing::Gguf, &bytes, rows, cols, x, n)
                     };
-                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
                         bits(&got),
                         bits(&want),

@@ -6,7 +6,10 @@ pub mod alloc_count;
 pub mod fidelity;
 mod roofline;
 
-pub use roofline::{decode_bytes_per_token, measure_device_bandwidth, measure_read_bandwidth};
+pub use roofline::{
+    decode_bytes_per_token, measure_device_bandwidth, measure_product_rate, measure_read_bandwidth,
+    multiply_adds_per_token,
+};
 
 use crate::engine::{Engine, LoadOptions, Session};
 use anyhow::{bail, Result};
@@ -62,6 +65,15 @@ pub struct BenchExtras {
     /// Decode t/s of the last tg test over the bandwidth bound: host bytes / host bandwidth +
     /// GPU bytes / GPU bandwidth per token.
     pub roofline_pct: Option<f64>,
+    /// 8-bit multiply-adds per second the CPU threads compute with the kernels' product
+    /// instructions alone, in units of 1e9 (`None`: scalar kernels).
+    pub int8_peak_gmacs: Option<f64>,
+    /// 8-bit multiply-adds of one token through the CPU's layers.
+    pub multiply_adds_per_token: u64,
+    /// The last pp test's multiply-adds per second over `int8_peak_gmacs`.
+    pub prefill_compute_pct: Option<f64>,
+    /// The same for the last batched decode test (several sequences).
+    pub batched_compute_pct: Option<f64>,
     /// Heap allocations per generated token (decode of one sequence), and their bytes; `None`
     /// where the counting allocator is not installed.
     pub allocations_per_token: Option<f64>,
@@ -88,6 +100,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let mut ttft_ms = 0.0;
     let mut ttft_prompt_tokens = 0;
     let (mut host_bytes, mut gpu_bytes) = (0, 0);
+    let mut macs_per_token = 0;
     let mut gpu_bandwidth_gbs = None;
     let mut per_token = DecodeCosts::default();
     for &threads in &opts.threads {
@@ -115,6 +128,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         }
         load_s = engine.load_time.as_secs_f64();
         (host_bytes, gpu_bytes) = decode_bytes_per_token(&engine);
+        macs_per_token = multiply_adds_per_token(&engine);
         if let (None, Some(gpu)) = (gpu_bandwidth_gbs, engine.placement().gpu()) {
             gpu_bandwidth_gbs = Some(measure_device_bandwidth(gpu)?);
         }
@@ -190,6 +204,22 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         .rev()
         .find(|r| r.test.starts_with("tg") && r.sequences == 1 && r.depth == 0)
         .map(|r| 100.0 * r.avg_ts * seconds_per_token);
+    let int8_peak_gmacs =
+        measure_product_rate(*opts.threads.iter().max().unwrap_or(&1)).map(|r| r / 1e9);
+    let compute_pct = |row: Option<&BenchRow>| {
+        let (row, peak) = (row?, int8_peak_gmacs?);
+        Some(100.0 * row.avg_ts * macs_per_token as f64 / (peak * 1e9))
+    };
+    let prefill_compute_pct = compute_pct(
+        rows.iter()
+            .rev()
+            .find(|r| r.test.starts_with("pp") && r.depth == 0),
+    );
+    let batched_compute_pct = compute_pct(
+        rows.iter()
+            .rev()
+            .find(|r| r.test.starts_with("tg") && r.sequences > 1 && r.depth == 0),
+    );
     Ok(BenchReport {
         rows,
         extras: BenchExtras {
@@ -202,6 +232,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             gpu_bandwidth_gbs,
             decode_bytes_on_gpu: gpu_bytes,
             roofline_pct,
+            int8_peak_gmacs,
+            multiply_adds_per_token: macs_per_token,
+            prefill_compute_pct,
+            batched_compute_pct,
             allocations_per_token: per_token.allocations,
             allocated_bytes_per_token: per_token.bytes,
             page_faults_per_token: per_token.page_faults,
@@ -446,6 +480,18 @@ pub fn to_markdown(report: &BenchReport) -> String {
     }
     if let Some(p) = e.roofline_pct {
         s.push_str(&format!(" | decode at {p:.0}% of the bandwidth roofline"));
+    }
+    if let Some(peak) = e.int8_peak_gmacs {
+        s.push_str(&format!(
+            " | 8-bit multiply-add peak {peak:.0} G/s ({:.2} G per token)",
+            e.multiply_adds_per_token as f64 / 1e9
+        ));
+    }
+    if let Some(p) = e.prefill_compute_pct {
+        s.push_str(&format!(" | prefill at {p:.0}% of it"));
+    }
+    if let Some(p) = e.batched_compute_pct {
+        s.push_str(&format!(" | batched decode at {p:.0}% of it"));
     }
     if let (Some(n), Some(b)) = (e.allocations_per_token, e.allocated_bytes_per_token) {
         s.push_str(&format!(

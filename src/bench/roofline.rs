@@ -1,5 +1,7 @@
-//! The decode roofline: one generated token reads every weight matrix once, so decode speed is
-//! bounded by memory bandwidth / bytes of weights per token.
+//! The rooflines: one generated token reads every weight matrix once, so decode speed is bounded
+//! by memory bandwidth / bytes of weights per token; a prompt token (or a token of a batched
+//! decode step) multiplies every layer's weights with its activations, so prefill is bounded by
+//! the CPU's 8-bit multiply-add rate / multiply-adds per token.
 
 use crate::engine::Engine;
 use crate::model::WeightArena;
@@ -106,4 +108,34 @@ pub fn measure_read_bandwidth(threads: usize) -> f64 {
         best = best.max(BYTES as f64 / t0.elapsed().as_secs_f64() / 1e9);
     }
     best
+}
+
+/// 8-bit multiply-adds of one token through the CPU's layers: rows x cols of every quantized
+/// layer matrix on the host (the output head is left out: a prompt computes it for its last
+/// token only; attention is float and grows with the context, so it is left out too).
+pub fn multiply_adds_per_token(engine: &Engine) -> u64 {
+    engine
+        .gguf
+        .tensors
+        .iter()
+        .filter(|t| t.name.starts_with("blk.") && !t.ty.is_float() && !engine.on_gpu(&t.name))
+        .map(|t| match t.dims[..] {
+            [cols, rows] => (cols * rows) as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// The 8-bit multiply-adds per second `threads` threads compute at once with the kernels'
+/// product instructions alone (`None` for the scalar kernels): see
+/// [`qwen_run_kernels::int8_product_rate`].
+pub fn measure_product_rate(threads: usize) -> Option<f64> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .ok()?;
+    // the best of a few short runs, as for the bandwidth
+    (0..3)
+        .filter_map(|_| pool.install(|| qwen_run_kernels::int8_product_rate(0.1)))
+        .reduce(f64::max)
 }

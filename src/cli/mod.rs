@@ -27,6 +27,11 @@ pub fn main() -> i32 {
             return code;
         }
     };
+    // a forced kernel level this CPU lacks (or a misspelt one) is refused, not quietly replaced
+    if let Err(e) = qwen_run_kernels::Backend::configured() {
+        eprintln!("error: {e}");
+        return 1;
+    }
     let result = std::panic::catch_unwind(|| match cli.command {
         Some(Command::Run(args)) => run::run(&args),
         Some(Command::Bench(args)) => bench::bench(&args),

@@ -1,13 +1,17 @@
-//! AVX2 + FMA + F16C kernels.
+//! x86 kernels: AVX2 + FMA + F16C, and the same kernels with AVX-512 VNNI integer products.
 //!
 //! Every weight type has a `tile` computing an `R x T` block of outputs (R weight
 //! rows, T tokens): each weight block is loaded and unpacked once per tile and
-//! combined with the T activation blocks using `maddubs`/`madd` integer dot
-//! products. `gemm` walks a row chunk in tiles; `gemm_small` serves decode and,
+//! combined with the T activation blocks using integer dot products (`maddubs`/`madd`, or
+//! `vpdpbusd`/`vpdpwssd`: the [`isa::Isa`] the kernel is compiled for). `gemm` walks a row
+//! chunk in tiles; `gemm_small` serves decode and,
 //! for the K-quants, batches of 2 or 3 tokens (one call per weight and decode
 //! step under continuous batching): weights prefetched one row tile ahead, each
 //! row tile unpacked once per tile of up to 3 tokens. The 32-element formats
-//! from 2 tokens on and the K-quants from 4 on go to x86_panel.rs.
+//! from 2 tokens on and the K-quants from 4 on go to panel.rs.
+//!
+//! [`chunk_rows_avx2`] and [`chunk_rows_avx512`] are the two ways in; the driver picks one by
+//! the run-time [`crate::Backend`].
 
 #![allow(clippy::needless_range_loop)]
 
@@ -17,8 +21,11 @@ use crate::{Packing, QuantType};
 use std::arch::x86_64::*;
 use std::mem::size_of;
 
-#[path = "x86_panel.rs"]
+mod isa;
 mod panel;
+
+pub(crate) use isa::product_rate;
+use isa::{Avx2, Avx512Vnni, Isa};
 
 const K_Q4_0: u8 = 0;
 const K_Q4_1: u8 = 1;
@@ -57,7 +64,7 @@ const PREFETCH_TILES: usize = 1;
 const Q32_STEPS_MAX: usize = 16;
 
 /// From this many tokens on, the K-quants (Q4_K, Q5_K, Q6_K) use the panel
-/// kernels (x86_panel.rs); fewer: the direct R x T tiles (`tile_q45k`,
+/// kernels (panel.rs); fewer: the direct R x T tiles (`tile_q45k`,
 /// `tile_q6k`), whose results for a token do not depend on the other tokens.
 const K_PANEL_MIN_TOKENS: usize = 4;
 
@@ -386,9 +393,8 @@ unsafe fn k_block_acc(acc: __m256, isum: __m256i, msum: __m256i, dm: __m128, ad:
 }
 
 /// Q4_K (FIVE = false) and Q5_K (FIVE = true).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q45k<const FIVE: bool, const R: usize, const T: usize>(
+#[inline(always)]
+unsafe fn tile_q45k<I: Isa, const FIVE: bool, const R: usize, const T: usize>(
     w: *const u8,
     rb: usize,
     a: *const u8,
@@ -430,10 +436,9 @@ unsafe fn tile_q45k<const FIVE: bool, const R: usize, const T: usize>(
                 for t in 0..T {
                     let ab = &*(a.add(t * astride) as *const BlockQ8K).add(b);
                     let aq = ab.qs.as_ptr() as *const u8;
-                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ld256(aq.add(64 * j))), s0);
-                    let p1 =
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ld256(aq.add(64 * j + 32))), s1);
-                    isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(p0, p1));
+                    let p0 = _mm256_maddubs_epi16(lo, ld256(aq.add(64 * j)));
+                    let p1 = _mm256_maddubs_epi16(hi, ld256(aq.add(64 * j + 32)));
+                    isum[t] = I::madd_acc(I::madd_acc(isum[t], p0, s0), p1, s1);
                 }
             }
             for t in 0..T {
@@ -648,9 +653,8 @@ unsafe fn tile_float<const K: u8, const R: usize, const T: usize>(
     out
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<const K: u8, const R: usize, const T: usize>(
+#[inline(always)]
+unsafe fn tile<I: Isa, const K: u8, const R: usize, const T: usize>(
     w: *const u8,
     rb: usize,
     a: *const u8,
@@ -670,18 +674,17 @@ unsafe fn tile<const K: u8, const R: usize, const T: usize>(
         K_Q4_0 | K_Q4_1 | K_Q5_0 | K_Q5_1 | K_Q8_0 => {
             tile_q32::<K, R, T>(w, rb, a, astride, nb, pf)
         }
-        K_Q4K => tile_q45k::<false, R, T>(w, rb, a, astride, nb, pf),
-        K_Q5K => tile_q45k::<true, R, T>(w, rb, a, astride, nb, pf),
+        K_Q4K => tile_q45k::<I, false, R, T>(w, rb, a, astride, nb, pf),
+        K_Q5K => tile_q45k::<I, true, R, T>(w, rb, a, astride, nb, pf),
         K_Q6K => tile_q6k::<R, T>(w, rb, a, astride, nb, pf),
         K_Q8K => tile_q8k::<R, T>(w, rb, a, astride, nb, pf),
         _ => tile_float::<K, R, T>(w, rb, a, astride, nb, pf),
     }
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn row_tiles<const K: u8, const R: usize, const T: usize>(
+unsafe fn row_tiles<I: Isa, const K: u8, const R: usize, const T: usize>(
     w: *const u8,
     rb: usize,
     a: *const u8,
@@ -695,7 +698,7 @@ unsafe fn row_tiles<const K: u8, const R: usize, const T: usize>(
 ) {
     let mut t = t0;
     while t + T <= t1 {
-        let o = tile::<K, R, T>(w, rb, a.add(t * astride), astride, nb, 0);
+        let o = tile::<I, K, R, T>(w, rb, a.add(t * astride), astride, nb, 0);
         for (r, or) in o.iter().enumerate() {
             for (j, v) in or.iter().enumerate() {
                 *y.add((t + j) * ystride + r) = *v;
@@ -704,7 +707,7 @@ unsafe fn row_tiles<const K: u8, const R: usize, const T: usize>(
         t += T;
     }
     while t < t1 {
-        let o = tile::<K, R, 1>(w, rb, a.add(t * astride), astride, nb, pf);
+        let o = tile::<I, K, R, 1>(w, rb, a.add(t * astride), astride, nb, pf);
         for (r, or) in o.iter().enumerate() {
             *y.add(t * ystride + r) = or[0];
         }
@@ -713,9 +716,9 @@ unsafe fn row_tiles<const K: u8, const R: usize, const T: usize>(
 }
 
 /// Rows `0..nrows` (starting at `w`, outputs at `y`) for all `ntok` tokens.
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm<const K: u8, const R: usize, const T: usize>(
+unsafe fn gemm<I: Isa, const K: u8, const R: usize, const T: usize>(
     w: *const u8,
     rb: usize,
     nrows: usize,
@@ -736,7 +739,7 @@ unsafe fn gemm<const K: u8, const R: usize, const T: usize>(
         let te = (tc + TOKEN_CHUNK).min(ntok);
         let mut r = 0;
         while r + R <= nrows {
-            row_tiles::<K, R, T>(
+            row_tiles::<I, K, R, T>(
                 w.add(r * rb),
                 rb,
                 a,
@@ -751,7 +754,7 @@ unsafe fn gemm<const K: u8, const R: usize, const T: usize>(
             r += R;
         }
         while r < nrows {
-            row_tiles::<K, 1, T>(
+            row_tiles::<I, K, 1, T>(
                 w.add(r * rb),
                 rb,
                 a,
@@ -770,10 +773,9 @@ unsafe fn gemm<const K: u8, const R: usize, const T: usize>(
 }
 
 /// One R x T tile at token `t`, written to `y`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn put_tile<const K: u8, const R: usize, const T: usize>(
+unsafe fn put_tile<I: Isa, const K: u8, const R: usize, const T: usize>(
     w: *const u8,
     rb: usize,
     a: *const u8,
@@ -784,7 +786,7 @@ unsafe fn put_tile<const K: u8, const R: usize, const T: usize>(
     ystride: usize,
     pf: usize,
 ) {
-    let o = tile::<K, R, T>(w, rb, a.add(t * astride), astride, nb, pf);
+    let o = tile::<I, K, R, T>(w, rb, a.add(t * astride), astride, nb, pf);
     for (r, or) in o.iter().enumerate() {
         for (j, v) in or.iter().enumerate() {
             *y.add((t + j) * ystride + r) = *v;
@@ -799,10 +801,9 @@ const SMALL_T: usize = 3;
 /// All `ntok` tokens of one row tile in token tiles of at most [`SMALL_T`]: the
 /// weights are unpacked once per token tile, and only the first tile prefetches
 /// (the others find the row tile in cache).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn small_tiles<const K: u8, const R: usize>(
+unsafe fn small_tiles<I: Isa, const K: u8, const R: usize>(
     w: *const u8,
     rb: usize,
     a: *const u8,
@@ -820,9 +821,9 @@ unsafe fn small_tiles<const K: u8, const R: usize>(
         // even split of what is left into ceil(left / SMALL_T) tiles
         let n = left.div_ceil(left.div_ceil(SMALL_T));
         match n {
-            1 => put_tile::<K, R, 1>(w, rb, a, astride, nb, t, y, ystride, pf),
-            2 => put_tile::<K, R, 2>(w, rb, a, astride, nb, t, y, ystride, pf),
-            _ => put_tile::<K, R, 3>(w, rb, a, astride, nb, t, y, ystride, pf),
+            1 => put_tile::<I, K, R, 1>(w, rb, a, astride, nb, t, y, ystride, pf),
+            2 => put_tile::<I, K, R, 2>(w, rb, a, astride, nb, t, y, ystride, pf),
+            _ => put_tile::<I, K, R, 3>(w, rb, a, astride, nb, t, y, ystride, pf),
         }
         pf = 0;
         t += n;
@@ -832,9 +833,9 @@ unsafe fn small_tiles<const K: u8, const R: usize>(
 /// Decode and small batches (continuous batching: one call per weight with a
 /// token per active request): rows `0..nrows` in tiles of 4, all `ntok` tokens
 /// of a row tile before the next, the next row tile prefetched as in decode.
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_small<const K: u8>(
+unsafe fn gemm_small<I: Isa, const K: u8>(
     w: *const u8,
     rb: usize,
     nrows: usize,
@@ -849,7 +850,7 @@ unsafe fn gemm_small<const K: u8>(
     let pf = PREFETCH_TILES * R * rb;
     let mut r = 0;
     while r + R <= nrows {
-        small_tiles::<K, R>(
+        small_tiles::<I, K, R>(
             w.add(r * rb),
             rb,
             a,
@@ -863,7 +864,7 @@ unsafe fn gemm_small<const K: u8>(
         r += R;
     }
     while r < nrows {
-        small_tiles::<K, 1>(
+        small_tiles::<I, K, 1>(
             w.add(r * rb),
             rb,
             a,
@@ -897,13 +898,54 @@ pub(crate) unsafe fn pack_rows4(ty: QuantType, rb: usize, src: &[u8], dst: &mut 
     }
 }
 
-/// AVX2 implementation of rows `r0..r1` for all tokens.
+/// Rows `r0..r1` for all tokens, with the AVX2 kernels.
 ///
 /// # Safety
 /// Requires AVX2, FMA and F16C; `y` must be valid for `n_tokens * rows` writes and
 /// rows `r0..r1` must not be written concurrently by anyone else.
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn chunk_rows(
+pub(crate) unsafe fn chunk_rows_avx2(
+    ty: QuantType,
+    packing: Packing,
+    w: &[u8],
+    rb: usize,
+    rows: usize,
+    cols: usize,
+    act: Act<'_>,
+    n_tokens: usize,
+    y: YPtr,
+    r0: usize,
+    r1: usize,
+) {
+    chunk_rows::<Avx2>(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
+}
+
+/// [`chunk_rows_avx2`] with the AVX-512 VNNI products: the same kernels and the same results.
+///
+/// # Safety
+/// As [`chunk_rows_avx2`], and requires AVX-512 F, BW, VL and VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn chunk_rows_avx512(
+    ty: QuantType,
+    packing: Packing,
+    w: &[u8],
+    rb: usize,
+    rows: usize,
+    cols: usize,
+    act: Act<'_>,
+    n_tokens: usize,
+    y: YPtr,
+    r0: usize,
+    r1: usize,
+) {
+    chunk_rows::<Avx512Vnni>(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunk_rows<I: Isa>(
     ty: QuantType,
     packing: Packing,
     w: &[u8],
@@ -922,7 +964,7 @@ pub(crate) unsafe fn chunk_rows(
     macro_rules! q8 {
         ($k:expr, $a:expr) => {{
             let nb = cols / 32;
-            gemm_small::<{ $k }>(
+            I::gemm_small::<{ $k }>(
                 wp,
                 rb,
                 nrows,
@@ -938,7 +980,7 @@ pub(crate) unsafe fn chunk_rows(
     macro_rules! q8k {
         ($k:expr, $a:expr) => {{
             let nb = cols / 256;
-            gemm_small::<{ $k }>(
+            I::gemm_small::<{ $k }>(
                 wp,
                 rb,
                 nrows,
@@ -953,7 +995,7 @@ pub(crate) unsafe fn chunk_rows(
     }
     macro_rules! fl {
         ($k:expr, $x:expr) => {{
-            gemm::<{ $k }, 4, 2>(
+            I::gemm::<{ $k }, 4, 2>(
                 wp,
                 rb,
                 nrows,
@@ -976,9 +1018,9 @@ pub(crate) unsafe fn chunk_rows(
             macro_rules! q32 {
                 ($k:expr) => {
                     if n_tokens <= Q32_STEPS_MAX {
-                        panel::gemm_steps_q32::<{ $k }>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                        I::gemm_steps_q32::<{ $k }>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
                     } else {
-                        panel::gemm_panel_q32::<{ $k }>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                        I::gemm_panel_q32::<{ $k }>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
                     }
                 };
             }
@@ -996,9 +1038,9 @@ pub(crate) unsafe fn chunk_rows(
         (QuantType::Q4K | QuantType::Q6K, Act::Q8K(a)) if packing == Packing::Rows4 => {
             let (ap, nb) = (a.as_ptr(), cols / 256);
             if ty == QuantType::Q6K {
-                panel::gemm_k_rows4::<true>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                I::gemm_k_rows4::<true>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
             } else {
-                panel::gemm_k_rows4::<false>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                I::gemm_k_rows4::<false>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
             }
         }
         (QuantType::Q4K | QuantType::Q5K | QuantType::Q6K, Act::Q8K(a))
@@ -1008,7 +1050,7 @@ pub(crate) unsafe fn chunk_rows(
             let ap = a.as_ptr();
             macro_rules! kq {
                 ($k:expr) => {
-                    panel::gemm_panel_k::<{ $k }>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
+                    I::gemm_panel_k::<{ $k }>(wp, rb, nrows, ap, nb, n_tokens, yp, rows)
                 };
             }
             match ty {
@@ -1027,7 +1069,7 @@ pub(crate) unsafe fn chunk_rows(
         (QuantType::Q6K, Act::Q8K(a)) => q8k!(K_Q6K, a),
         (QuantType::Q8K, Act::Q8K(a)) => {
             let nb = cols / 256;
-            gemm::<K_Q8K, 4, 4>(
+            I::gemm::<K_Q8K, 4, 4>(
                 wp,
                 rb,
                 nrows,

@@ -313,48 +313,36 @@ unsafe fn unpack_panel<const K: u8>(
 /// Adds one token's products with one panel block to `acc` (lanes
 /// [r0 r0 r1 r1 r2 r2 r3 r3]). Shared by the panel micro-kernels and the
 /// in-register small-batch kernel, so that both give the same bits.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn block_token<const SIGNED: bool>(
+#[inline(always)]
+pub(super) unsafe fn block_token<I: Isa, const SIGNED: bool>(
     u: &PanelBlock,
     ab: &BlockQ8,
     acc: __m256,
 ) -> __m256 {
-    let ones = _mm256_set1_epi16(1);
     let aq = ab.qs.as_ptr() as *const u8;
     let bq = |k: usize| _mm256_set1_epi64x(std::ptr::read_unaligned(aq.add(8 * k) as *const i64));
+    let a = [bq(0), bq(1), bq(2), bq(3)];
     let sc = _mm256_mul_ps(u.d, _mm256_broadcast_ss(&ab.d));
     if SIGNED {
-        let p = |k: usize| {
-            _mm256_madd_epi16(
-                _mm256_maddubs_epi16(u.w[k], _mm256_sign_epi8(bq(k), u.s[k])),
-                ones,
-            )
-        };
-        let h = _mm256_add_epi32(_mm256_add_epi32(p(0), p(1)), _mm256_add_epi32(p(2), p(3)));
+        let s = [
+            _mm256_sign_epi8(a[0], u.s[0]),
+            _mm256_sign_epi8(a[1], u.s[1]),
+            _mm256_sign_epi8(a[2], u.s[2]),
+            _mm256_sign_epi8(a[3], u.s[3]),
+        ];
+        let h = I::dot4(&u.w, &s);
         _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), sc, acc)
     } else {
-        // |8 products| <= 8 * 31 * 127 < 2^15: i16 adds cannot overflow
-        let p = _mm256_add_epi16(
-            _mm256_add_epi16(
-                _mm256_maddubs_epi16(u.w[0], bq(0)),
-                _mm256_maddubs_epi16(u.w[1], bq(1)),
-            ),
-            _mm256_add_epi16(
-                _mm256_maddubs_epi16(u.w[2], bq(2)),
-                _mm256_maddubs_epi16(u.w[3], bq(3)),
-            ),
-        );
-        let h = _mm256_madd_epi16(p, ones);
+        // |8 products| <= 8 * 31 * 127 < 2^15: i16 sums cannot overflow
+        let h = I::dot4_narrow(&u.w, &a);
         let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), sc, acc);
         _mm256_fmadd_ps(u.m, _mm256_broadcast_ss(&ab.s), acc)
     }
 }
 
 /// 4 rows x T tokens over `nb` blocks. Accumulator lanes are [r0 r0 r1 r1 r2 r2 r3 r3].
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn micro<const SIGNED: bool, const T: usize>(
+#[inline(always)]
+unsafe fn micro<I: Isa, const SIGNED: bool, const T: usize>(
     panel: *const u8,
     nb: usize,
     a: *const BlockQ8,
@@ -386,7 +374,7 @@ unsafe fn micro<const SIGNED: bool, const T: usize>(
             },
         };
         for t in 0..T {
-            acc[t] = block_token::<SIGNED>(&u, &*a.add(t * astride + b), acc[t]);
+            acc[t] = block_token::<I, SIGNED>(&u, &*a.add(t * astride + b), acc[t]);
         }
     }
     finish(acc)
@@ -396,10 +384,9 @@ unsafe fn micro<const SIGNED: bool, const T: usize>(
 /// block is unpacked and transposed in registers once for the T tokens, with the
 /// panel kernels' arithmetic (same results as the panel path for every token).
 /// Prefetches `pf` bytes ahead like the decode kernel.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn tile_steps<const K: u8, const T: usize>(
+pub(super) unsafe fn tile_steps<I: Isa, const K: u8, const T: usize>(
     w: *const u8,
     rb: usize,
     nr: usize,
@@ -415,9 +402,9 @@ pub(super) unsafe fn tile_steps<const K: u8, const T: usize>(
         for t in 0..T {
             let ab = &*a.add(t * astride + b);
             acc[t] = if q32_signed(K) {
-                block_token::<true>(&u, ab, acc[t])
+                block_token::<I, true>(&u, ab, acc[t])
             } else {
-                block_token::<false>(&u, ab, acc[t])
+                block_token::<I, false>(&u, ab, acc[t])
             };
         }
     }
@@ -485,9 +472,9 @@ macro_rules! token_tiles {
 
 /// Rows `0..nrows` at `w` (row stride `rb`), all `ntok` tokens of `a` (nb blocks each).
 /// Every token gets the same operations whatever `ntok` is (n = 1 included).
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_panel_q32<const K: u8>(
+pub(super) unsafe fn gemm_panel_q32<I: Isa, const K: u8>(
     w: *const u8,
     rb: usize,
     nrows: usize,
@@ -513,14 +500,14 @@ pub(super) unsafe fn gemm_panel_q32<const K: u8>(
             unpack_panel::<K>(w.add(r * rb), rb, nr, nb, panel, pf);
             let yr = y.add(r);
             if q32_signed(K) {
-                token_tiles!(tc, te, nr, yr, ystride, |t, T| micro::<true, T>(
+                token_tiles!(tc, te, nr, yr, ystride, |t, T| micro::<I, true, T>(
                     panel,
                     nb,
                     a.add(t * nb),
                     nb
                 ));
             } else {
-                token_tiles!(tc, te, nr, yr, ystride, |t, T| micro::<false, T>(
+                token_tiles!(tc, te, nr, yr, ystride, |t, T| micro::<I, false, T>(
                     panel,
                     nb,
                     a.add(t * nb),
@@ -537,9 +524,9 @@ pub(super) unsafe fn gemm_panel_q32<const K: u8>(
 /// Small batches: rows `0..nrows` in tiles of 4, each block unpacked in registers
 /// once per token tile ([`tile_steps`]), the next row tile prefetched as in decode.
 /// Same results as [`gemm_panel_q32`].
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_steps_q32<const K: u8>(
+pub(super) unsafe fn gemm_steps_q32<I: Isa, const K: u8>(
     w: *const u8,
     rb: usize,
     nrows: usize,
@@ -557,7 +544,7 @@ pub(super) unsafe fn gemm_steps_q32<const K: u8>(
         // the first token tile streams the weights; the next ones find them in cache
         let mut pf = PR * rb;
         token_tiles!(0, ntok, nr, yr, ystride, |t, T| {
-            let o = tile_steps::<K, T>(wr, rb, nr, a.add(t * nb), nb, nb, pf);
+            let o = tile_steps::<I, K, T>(wr, rb, nr, a.add(t * nb), nb, nb, pf);
             pf = 0;
             o
         });
@@ -713,9 +700,8 @@ unsafe fn unpack_panel_k<const K: u8>(
 const K_BLOCK_BYTES: [usize; 9] = [0, 0, 0, 0, 0, 144, 176, 210, 292];
 
 /// 4 rows x T tokens over `nb` super-blocks; accumulator lanes [r0 r0 r1 r1 r2 r2 r3 r3].
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn micro_k<const SIX: bool, const T: usize>(
+#[inline(always)]
+unsafe fn micro_k<I: Isa, const BITS: u32, const T: usize>(
     panel: *const u8,
     nb: usize,
     a: *const BlockQ8K,
@@ -723,40 +709,42 @@ unsafe fn micro_k<const SIX: bool, const T: usize>(
 ) -> [[f32; T]; PR] {
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
-        micro_k_block::<SIX, T>(panel.add(b * KPB), a.add(b), astride, &mut acc);
+        micro_k_block::<I, BITS, T>(panel.add(b * KPB), a.add(b), astride, &mut acc);
     }
     finish(acc)
 }
 
 /// Adds one token's products with a K-quant sub-block of 32 values (its four steps `w`; the
-/// token's 32 activation bytes at `aq`) to `isum`: Q6_K (SIX) scales each 16-value half by its
-/// own `s[0]`, `s[1]`; Q4_K/Q5_K the whole sub-block by `s[0]`. Lanes [r0 r0 r1 r1 r2 r2 r3 r3].
-/// Shared by the panel and rows4 kernels, so that both give the same bits.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_sub_block<const SIX: bool>(
+/// token's 32 activation bytes at `aq`) to `isum`: Q6_K (`BITS` 6) scales each 16-value half by
+/// its own `s[0]`, `s[1]`; Q4_K/Q5_K (`BITS` 4, 5) the whole sub-block by `s[0]`. Lanes
+/// [r0 r0 r1 r1 r2 r2 r3 r3]. Shared by the panel and rows4 kernels, so that both give the same
+/// bits.
+#[inline(always)]
+unsafe fn k_sub_block<I: Isa, const BITS: u32>(
     w: &[__m256i; 4],
     s: &[__m256i; 2],
     aq: *const u8,
     isum: __m256i,
 ) -> __m256i {
     let bq = |p: *const u8| _mm256_set1_epi64x(std::ptr::read_unaligned(p as *const i64));
+    if BITS == 4 {
+        // a lane's 16 products: |sum| <= 16 * 15 * 127 < 2^15
+        let a = [bq(aq), bq(aq.add(8)), bq(aq.add(16)), bq(aq.add(24))];
+        return I::dot4_scaled(isum, w, &a, s[0]);
+    }
     let mb = |k: usize| _mm256_maddubs_epi16(w[k], bq(aq.add(8 * k)));
-    if SIX {
+    if BITS == 6 {
         // |4 products| <= 4 * 63 * 127 < 2^15
         let pa = _mm256_add_epi16(mb(0), mb(1));
         let pb = _mm256_add_epi16(mb(2), mb(3));
-        _mm256_add_epi32(
-            isum,
-            _mm256_add_epi32(_mm256_madd_epi16(pa, s[0]), _mm256_madd_epi16(pb, s[1])),
-        )
+        I::madd_acc(I::madd_acc(isum, pa, s[0]), pb, s[1])
     } else {
         // |8 products| <= 8 * 31 * 127 < 2^15
         let p = _mm256_add_epi16(
             _mm256_add_epi16(mb(0), mb(1)),
             _mm256_add_epi16(mb(2), mb(3)),
         );
-        _mm256_add_epi32(isum, _mm256_madd_epi16(p, s[0]))
+        I::madd_acc(isum, p, s[0])
     }
 }
 
@@ -764,9 +752,8 @@ unsafe fn k_sub_block<const SIX: bool>(
 /// (the bsums times the factors `m`, four steps of [4 rows x 4 i16]: Q4_K/Q5_K subtract it scaled
 /// by dmin, Q6_K subtract 32 times it, its -32 offset, in integers), scaled by d and the token's
 /// d, added to `acc`. Shared by the panel and rows4 kernels.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_block_token<const SIX: bool>(
+#[inline(always)]
+unsafe fn k_block_token<I: Isa, const SIX: bool>(
     acc: __m256,
     isum: __m256i,
     m: &[__m256i; 4],
@@ -776,16 +763,7 @@ unsafe fn k_block_token<const SIX: bool>(
 ) -> __m256 {
     let bp = ab.bsums.as_ptr() as *const u8;
     let bq = |k: usize| _mm256_set1_epi64x(std::ptr::read_unaligned(bp.add(8 * k) as *const i64));
-    let mi = _mm256_add_epi32(
-        _mm256_add_epi32(
-            _mm256_madd_epi16(bq(0), m[0]),
-            _mm256_madd_epi16(bq(1), m[1]),
-        ),
-        _mm256_add_epi32(
-            _mm256_madd_epi16(bq(2), m[2]),
-            _mm256_madd_epi16(bq(3), m[3]),
-        ),
-    );
+    let mi = (0..4).fold(_mm256_setzero_si256(), |mi, k| I::madd_acc(mi, bq(k), m[k]));
     let da = _mm256_broadcast_ss(&ab.d);
     if SIX {
         let i = _mm256_sub_epi32(isum, _mm256_slli_epi32::<5>(mi));
@@ -798,9 +776,8 @@ unsafe fn k_block_token<const SIX: bool>(
 
 /// One super-block `pb` of the panel against T tokens (block `a` of token 0,
 /// the next tokens `astride` blocks apart), added to `acc`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn micro_k_block<const SIX: bool, const T: usize>(
+#[inline(always)]
+unsafe fn micro_k_block<I: Isa, const BITS: u32, const T: usize>(
     pb: *const u8,
     a: *const BlockQ8K,
     astride: usize,
@@ -815,7 +792,7 @@ unsafe fn micro_k_block<const SIX: bool, const T: usize>(
             ld256(vp.add(64)),
             ld256(vp.add(96)),
         ];
-        let s = if SIX {
+        let s = if BITS == 6 {
             let sp = pb.add(KPB_SCL + 64 * j);
             [ld256(sp), ld256(sp.add(32))]
         } else {
@@ -823,7 +800,7 @@ unsafe fn micro_k_block<const SIX: bool, const T: usize>(
         };
         for t in 0..T {
             let aq = (*a.add(t * astride)).qs.as_ptr() as *const u8;
-            isum[t] = k_sub_block::<SIX>(&w, &s, aq.add(32 * j), isum[t]);
+            isum[t] = k_sub_block::<I, BITS>(&w, &s, aq.add(32 * j), isum[t]);
         }
     }
     let mv = pb.add(KPB_MINV);
@@ -836,7 +813,12 @@ unsafe fn micro_k_block<const SIX: bool, const T: usize>(
     let d8 = _mm256_loadu_ps(pb.add(KPB_D) as *const f32);
     let dmin8 = _mm256_loadu_ps(pb.add(KPB_DMIN) as *const f32);
     for t in 0..T {
-        acc[t] = k_block_token::<SIX>(acc[t], isum[t], &m, d8, dmin8, &*a.add(t * astride));
+        let ab = &*a.add(t * astride);
+        acc[t] = if BITS == 6 {
+            k_block_token::<I, true>(acc[t], isum[t], &m, d8, dmin8, ab)
+        } else {
+            k_block_token::<I, false>(acc[t], isum[t], &m, d8, dmin8, ab)
+        };
     }
 }
 
@@ -999,9 +981,8 @@ unsafe fn k_rows4_mins_d<const SIX: bool>(
 /// super-blocks: each sub-block unpacked in registers once for the T tokens, then the panel
 /// kernels' arithmetic (the same bits as the GGUF panel path, for every token count).
 /// Prefetches `pf` bytes ahead (0: none).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_k_rows4<const SIX: bool, const T: usize>(
+#[inline(always)]
+unsafe fn tile_k_rows4<I: Isa, const SIX: bool, const T: usize>(
     w: *const u8,
     a: *const BlockQ8K,
     astride: usize,
@@ -1029,12 +1010,17 @@ unsafe fn tile_k_rows4<const SIX: bool, const T: usize>(
             };
             for t in 0..T {
                 let aq = (*a.add(t * astride + b)).qs.as_ptr() as *const u8;
-                isum[t] = k_sub_block::<SIX>(&steps, &s, aq.add(32 * j), isum[t]);
+                isum[t] = if SIX {
+                    k_sub_block::<I, 6>(&steps, &s, aq.add(32 * j), isum[t])
+                } else {
+                    k_sub_block::<I, 4>(&steps, &s, aq.add(32 * j), isum[t])
+                };
             }
         }
         let (m, d8, dmin8) = k_rows4_mins_d::<SIX>(p, &sc);
         for t in 0..T {
-            acc[t] = k_block_token::<SIX>(acc[t], isum[t], &m, d8, dmin8, &*a.add(t * astride + b));
+            acc[t] =
+                k_block_token::<I, SIX>(acc[t], isum[t], &m, d8, dmin8, &*a.add(t * astride + b));
         }
     }
     finish(acc)
@@ -1044,9 +1030,9 @@ unsafe fn tile_k_rows4<const SIX: bool, const T: usize>(
 /// all `ntok` tokens, for every token count: tokens in chunks whose activations stay in L2,
 /// each group of four rows through all tokens of a chunk in tiles of up to 8, the next group
 /// prefetched by the first tile.
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_k_rows4<const SIX: bool>(
+pub(super) unsafe fn gemm_k_rows4<I: Isa, const SIX: bool>(
     w: *const u8,
     rb: usize,
     nrows: usize,
@@ -1065,7 +1051,7 @@ pub(super) unsafe fn gemm_k_rows4<const SIX: bool>(
             let (wr, yr) = (w.add(r * rb), y.add(r));
             let mut pf = PR * rb;
             token_tiles!(tc, te, PR, yr, ystride, |t, T| {
-                let o = tile_k_rows4::<SIX, T>(wr, a.add(t * nb), nb, nb, pf);
+                let o = tile_k_rows4::<I, SIX, T>(wr, a.add(t * nb), nb, nb, pf);
                 pf = 0;
                 o
             });
@@ -1076,9 +1062,9 @@ pub(super) unsafe fn gemm_k_rows4<const SIX: bool>(
 }
 
 /// Rows `0..nrows` at `w` (row stride `rb`), all `ntok` tokens of `a` (nb super-blocks each).
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_panel_k<const K: u8>(
+pub(super) unsafe fn gemm_panel_k<I: Isa, const K: u8>(
     w: *const u8,
     rb: usize,
     nrows: usize,
@@ -1102,20 +1088,20 @@ pub(super) unsafe fn gemm_panel_k<const K: u8>(
             let nr = (nrows - r).min(PR);
             unpack_panel_k::<K>(w.add(r * rb), rb, nr, nb, panel, pf);
             let yr = y.add(r);
-            if K == K_Q6K {
-                token_tiles!(tc, te, nr, yr, ystride, |t, T| micro_k::<true, T>(
-                    panel,
-                    nb,
-                    a.add(t * nb),
-                    nb
-                ));
-            } else {
-                token_tiles!(tc, te, nr, yr, ystride, |t, T| micro_k::<false, T>(
-                    panel,
-                    nb,
-                    a.add(t * nb),
-                    nb
-                ));
+            macro_rules! micro {
+                ($bits:literal) => {
+                    token_tiles!(tc, te, nr, yr, ystride, |t, T| micro_k::<I, $bits, T>(
+                        panel,
+                        nb,
+                        a.add(t * nb),
+                        nb
+                    ))
+                };
+            }
+            match K {
+                K_Q6K => micro!(6),
+                K_Q5K => micro!(5),
+                _ => micro!(4),
             }
             r += PR;
         }

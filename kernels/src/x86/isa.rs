@@ -1,0 +1,332 @@
+//! The integer products that differ between x86 feature levels, behind one trait, so that
+//! every kernel is written once and compiled once per level.
+//!
+//! AVX2 multiplies u8 x i8 pairs into i16 (`maddubs`), widens pairs of those into i32 with
+//! `madd`, then adds; AVX-512 VNNI does the three in one `vpdpbusd` (u8 x i8) or `vpdpwssd`
+//! (i16 x i16), here on 256-bit registers (AVX512VL), so the kernels keep their layouts.
+//! Both produce the same integers (the kernels keep every i16 partial sum in range), so the
+//! levels give bit-identical results.
+//!
+//! The products, and the kernels generic over [`Isa`], are `#[inline(always)]` with no target
+//! features of their own: they take those of the function they are inlined into. Those are
+//! the trait's entry points (`gemm_*`), one per kernel family, each compiled with its level's
+//! features by [`entry_points`]: `#[target_feature]` cannot vary with a generic parameter, so
+//! each level's impl stamps them out.
+
+// the entry points take the kernels' own argument lists
+#![allow(clippy::too_many_arguments)]
+
+use super::panel;
+use crate::act::{BlockQ8, BlockQ8K};
+use std::arch::x86_64::*;
+
+/// One x86 feature level's integer dot products (see the module docs).
+pub(crate) trait Isa {
+    /// i32 lanes: each lane's four u8 x i8 products of `u[k]` and `s[k]`, summed over k.
+    /// Exact when every adjacent pair of products fits in i16.
+    unsafe fn dot4(u: &[__m256i; 4], s: &[__m256i; 4]) -> __m256i;
+
+    /// [`Isa::dot4`] where the sums over k of each adjacent pair of products also fit in i16
+    /// (AVX2 adds them in i16 before widening once).
+    unsafe fn dot4_narrow(u: &[__m256i; 4], s: &[__m256i; 4]) -> __m256i;
+
+    /// `acc` + per i32 lane, the lane's four u8 x i8 products of `u` and `s` (one instruction's
+    /// worth of the products [`Isa::dot4`] sums).
+    unsafe fn dot_acc(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+
+    /// `acc` + per i32 lane, the two i16 products of `p` and `s` (`madd`).
+    unsafe fn madd_acc(acc: __m256i, p: __m256i, s: __m256i) -> __m256i;
+
+    /// `acc` + per i32 lane, `s` times [`Isa::dot4`] of `u` and `a`, where each lane's sum fits
+    /// in i16 and `s` holds one i16 scale twice in every lane.
+    unsafe fn dot4_scaled(acc: __m256i, u: &[__m256i; 4], a: &[__m256i; 4], s: __m256i) -> __m256i;
+
+    /// [`panel::gemm_steps_q32`] compiled for this level.
+    unsafe fn gemm_steps_q32<const K: u8>(
+        w: *const u8,
+        rb: usize,
+        nrows: usize,
+        a: *const BlockQ8,
+        nb: usize,
+        ntok: usize,
+        y: *mut f32,
+        ystride: usize,
+    );
+    /// [`panel::gemm_panel_q32`] compiled for this level.
+    unsafe fn gemm_panel_q32<const K: u8>(
+        w: *const u8,
+        rb: usize,
+        nrows: usize,
+        a: *const BlockQ8,
+        nb: usize,
+        ntok: usize,
+        y: *mut f32,
+        ystride: usize,
+    );
+    /// [`panel::gemm_k_rows4`] compiled for this level.
+    unsafe fn gemm_k_rows4<const SIX: bool>(
+        w: *const u8,
+        rb: usize,
+        nrows: usize,
+        a: *const BlockQ8K,
+        nb: usize,
+        ntok: usize,
+        y: *mut f32,
+        ystride: usize,
+    );
+    /// [`panel::gemm_panel_k`] compiled for this level.
+    unsafe fn gemm_panel_k<const K: u8>(
+        w: *const u8,
+        rb: usize,
+        nrows: usize,
+        a: *const BlockQ8K,
+        nb: usize,
+        ntok: usize,
+        y: *mut f32,
+        ystride: usize,
+    );
+    /// [`super::gemm_small`] compiled for this level.
+    unsafe fn gemm_small<const K: u8>(
+        w: *const u8,
+        rb: usize,
+        nrows: usize,
+        a: *const u8,
+        astride: usize,
+        nb: usize,
+        ntok: usize,
+        y: *mut f32,
+        ystride: usize,
+    );
+    /// [`super::gemm`] compiled for this level.
+    unsafe fn gemm<const K: u8, const R: usize, const T: usize>(
+        w: *const u8,
+        rb: usize,
+        nrows: usize,
+        a: *const u8,
+        astride: usize,
+        nb: usize,
+        ntok: usize,
+        y: *mut f32,
+        ystride: usize,
+    );
+}
+
+/// The [`Isa`] entry points of one level, compiled with its target features `$features`.
+macro_rules! entry_points {
+    ($features:literal) => {
+        #[target_feature(enable = $features)]
+        unsafe fn gemm_steps_q32<const K: u8>(
+            w: *const u8,
+            rb: usize,
+            nrows: usize,
+            a: *const BlockQ8,
+            nb: usize,
+            ntok: usize,
+            y: *mut f32,
+            ystride: usize,
+        ) {
+            panel::gemm_steps_q32::<Self, K>(w, rb, nrows, a, nb, ntok, y, ystride)
+        }
+        #[target_feature(enable = $features)]
+        unsafe fn gemm_panel_q32<const K: u8>(
+            w: *const u8,
+            rb: usize,
+            nrows: usize,
+            a: *const BlockQ8,
+            nb: usize,
+            ntok: usize,
+            y: *mut f32,
+            ystride: usize,
+        ) {
+            panel::gemm_panel_q32::<Self, K>(w, rb, nrows, a, nb, ntok, y, ystride)
+        }
+        #[target_feature(enable = $features)]
+        unsafe fn gemm_k_rows4<const SIX: bool>(
+            w: *const u8,
+            rb: usize,
+            nrows: usize,
+            a: *const BlockQ8K,
+            nb: usize,
+            ntok: usize,
+            y: *mut f32,
+            ystride: usize,
+        ) {
+            panel::gemm_k_rows4::<Self, SIX>(w, rb, nrows, a, nb, ntok, y, ystride)
+        }
+        #[target_feature(enable = $features)]
+        unsafe fn gemm_panel_k<const K: u8>(
+            w: *const u8,
+            rb: usize,
+            nrows: usize,
+            a: *const BlockQ8K,
+            nb: usize,
+            ntok: usize,
+            y: *mut f32,
+            ystride: usize,
+        ) {
+            panel::gemm_panel_k::<Self, K>(w, rb, nrows, a, nb, ntok, y, ystride)
+        }
+        #[target_feature(enable = $features)]
+        unsafe fn gemm_small<const K: u8>(
+            w: *const u8,
+            rb: usize,
+            nrows: usize,
+            a: *const u8,
+            astride: usize,
+            nb: usize,
+            ntok: usize,
+            y: *mut f32,
+            ystride: usize,
+        ) {
+            super::gemm_small::<Self, K>(w, rb, nrows, a, astride, nb, ntok, y, ystride)
+        }
+        #[target_feature(enable = $features)]
+        unsafe fn gemm<const K: u8, const R: usize, const T: usize>(
+            w: *const u8,
+            rb: usize,
+            nrows: usize,
+            a: *const u8,
+            astride: usize,
+            nb: usize,
+            ntok: usize,
+            y: *mut f32,
+            ystride: usize,
+        ) {
+            super::gemm::<Self, K, R, T>(w, rb, nrows, a, astride, nb, ntok, y, ystride)
+        }
+    };
+}
+
+/// AVX2 + FMA + F16C.
+pub(crate) struct Avx2;
+
+/// AVX-512 F/BW/VL with VNNI (on 256-bit registers), plus AVX2 + FMA + F16C.
+pub(crate) struct Avx512Vnni;
+
+impl Isa for Avx2 {
+    #[inline(always)]
+    unsafe fn dot4(u: &[__m256i; 4], s: &[__m256i; 4]) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        let p = |k: usize| _mm256_madd_epi16(_mm256_maddubs_epi16(u[k], s[k]), ones);
+        _mm256_add_epi32(_mm256_add_epi32(p(0), p(1)), _mm256_add_epi32(p(2), p(3)))
+    }
+
+    #[inline(always)]
+    unsafe fn dot4_narrow(u: &[__m256i; 4], s: &[__m256i; 4]) -> __m256i {
+        let p = |k: usize| _mm256_maddubs_epi16(u[k], s[k]);
+        let h = _mm256_add_epi16(_mm256_add_epi16(p(0), p(1)), _mm256_add_epi16(p(2), p(3)));
+        _mm256_madd_epi16(h, _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    unsafe fn dot_acc(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+        _mm256_add_epi32(acc, p)
+    }
+
+    #[inline(always)]
+    unsafe fn madd_acc(acc: __m256i, p: __m256i, s: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(p, s))
+    }
+
+    #[inline(always)]
+    unsafe fn dot4_scaled(acc: __m256i, u: &[__m256i; 4], a: &[__m256i; 4], s: __m256i) -> __m256i {
+        // the lane's sum fits in i16, so its byte pairs' and its halves' sums do too
+        let p = |k: usize| _mm256_maddubs_epi16(u[k], a[k]);
+        let h = _mm256_add_epi16(_mm256_add_epi16(p(0), p(1)), _mm256_add_epi16(p(2), p(3)));
+        Self::madd_acc(acc, h, s)
+    }
+
+    entry_points!("avx2,fma,f16c");
+}
+
+impl Isa for Avx512Vnni {
+    #[inline(always)]
+    unsafe fn dot4(u: &[__m256i; 4], s: &[__m256i; 4]) -> __m256i {
+        (0..4).fold(_mm256_setzero_si256(), |h, k| Self::dot_acc(h, u[k], s[k]))
+    }
+
+    #[inline(always)]
+    unsafe fn dot4_narrow(u: &[__m256i; 4], s: &[__m256i; 4]) -> __m256i {
+        Self::dot4(u, s)
+    }
+
+    #[inline(always)]
+    unsafe fn dot_acc(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, u, s)
+    }
+
+    #[inline(always)]
+    unsafe fn madd_acc(acc: __m256i, p: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpwssd_epi32(acc, p, s)
+    }
+
+    #[inline(always)]
+    unsafe fn dot4_scaled(acc: __m256i, u: &[__m256i; 4], a: &[__m256i; 4], s: __m256i) -> __m256i {
+        // the i32 sum fits in i16: its low half is the sum and its high half the sign, so
+        // the scale goes in the low half alone
+        let s_low = _mm256_and_si256(s, _mm256_set1_epi32(0xffff));
+        _mm256_dpwssd_epi32(acc, Self::dot4(u, a), s_low)
+    }
+
+    entry_points!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
+}
+
+/// Independent accumulator chains of [`product_rate`]: enough to hide the products' latency.
+const CHAINS: usize = 12;
+
+/// `iters` rounds of [`CHAINS`] u8 x i8 products of 32 bytes each, as the level computes them
+/// (AVX2: `maddubs`, `madd`, add; AVX-512 VNNI: `vpdpbusd`), on values in registers; each chain
+/// feeds its own result back in, so nothing can be hoisted. Returns a value that depends on
+/// every product (so the loop is not removed).
+#[inline(always)]
+unsafe fn product_chains<I: Isa>(iters: usize) -> i32 {
+    let s = _mm256_set1_epi8(1);
+    let mut acc = [_mm256_setzero_si256(); CHAINS];
+    for (i, a) in acc.iter_mut().enumerate() {
+        *a = _mm256_set1_epi32(i as i32);
+    }
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = I::dot_acc(*a, *a, s);
+        }
+    }
+    let mut out = [0i32; 8];
+    let sum = acc
+        .iter()
+        .fold(_mm256_setzero_si256(), |x, a| _mm256_add_epi32(x, *a));
+    _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, sum);
+    out.iter().fold(0, |x, v| x.wrapping_add(*v))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn product_chains_avx2(iters: usize) -> i32 {
+    product_chains::<Avx2>(iters)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn product_chains_avx512(iters: usize) -> i32 {
+    product_chains::<Avx512Vnni>(iters)
+}
+
+/// The 8-bit multiply-adds one thread computes per second with `backend`'s product instructions
+/// and nothing else: the compute ceiling of the quantized kernels (prefill, batched decode).
+///
+/// # Safety
+/// `backend` must be available on this CPU.
+pub(crate) unsafe fn product_rate(backend: crate::Backend, seconds: f64) -> f64 {
+    let run = |iters: usize| match backend {
+        crate::Backend::Avx512 => product_chains_avx512(iters),
+        _ => product_chains_avx2(iters),
+    };
+    let mut iters = 1 << 12;
+    loop {
+        let t0 = std::time::Instant::now();
+        std::hint::black_box(run(iters));
+        let dt = t0.elapsed().as_secs_f64();
+        if dt >= seconds || iters >= 1 << 34 {
+            return (iters * CHAINS * 32) as f64 / dt;
+        }
+        iters *= 2;
+    }
+}
