@@ -3,8 +3,9 @@
 
 Both qwen-run and llama.cpp quantize activations to 8 bits; comparing them with each other says
 how alike they are, not which is closer to the truth. This script judges both against the same
-weights dequantized to F32 and run in f32 by llama.cpp (`llama-quantize --allow-requantize X.gguf
-X-f32.gguf F32`, made once and cached beside the model): next-token distributions at every
+weights dequantized to F32 and run in f32, KV cache included, by llama.cpp (`llama-quantize
+--allow-requantize X.gguf X-f32.gguf F32`, made once and cached beside the model; each engine
+itself runs with its default KV cache: f16 for llama.cpp, f32 for qwen-run): next-token distributions at every
 position of benches/data/fidelity.txt, top-1 agreement and KL(F32 || engine), for llama.cpp on
 the quantized file and for qwen-run on it at every kernel level this CPU runs (QWEN_RUN_KERNELS).
 
@@ -101,7 +102,7 @@ def main(argv):
         compare.run(["cc", "-O2", os.path.join(compare.ROOT, "benches", "llama_logits.c"), "-I", inc, "-L", lb,
                      "-lllama", "-Wl,-rpath," + lb, "-o", exe])
         ref = os.path.join(d, "f32.bin")
-        compare.run([exe, f32, compare.FIDELITY_TEXT, ref, t])
+        compare.run([exe, f32, compare.FIDELITY_TEXT, ref, t, "f32"])
         theirs = os.path.join(d, "llama.bin")
         compare.run([exe, model, compare.FIDELITY_TEXT, theirs, t])
         rows.append(("llama.cpp b%s" % os.path.basename(os.path.dirname(lb)).split("-b")[-1],
@@ -118,7 +119,7 @@ def main(argv):
             rows.append(("qwen-run, %s kernels" % level, json.loads(p.stdout)["logits"]))
 
     n = rows[0][1]["positions"]
-    print("against %s run in f32 by llama.cpp, %d positions of benches/data/fidelity.txt:\n"
+    print("against %s run in f32 (KV cache too) by llama.cpp, %d positions of benches/data/fidelity.txt:\n"
           % (os.path.basename(f32), n))
     print("| engine | top-1 agreement | mean KL | max KL |")
     print("| --- | ---: | ---: | ---: |")

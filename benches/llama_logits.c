@@ -2,7 +2,8 @@
 //
 // Build (benches/compare.py does this): cc -O2 benches/llama_logits.c -I$LLAMA/include
 //   -L$LLAMA/bin -lllama -Wl,-rpath,$LLAMA/bin -o llama_logits
-// Usage: llama_logits MODEL.gguf TEXT_FILE OUT_FILE [THREADS]
+// Usage: llama_logits MODEL.gguf TEXT_FILE OUT_FILE [THREADS] [KV_TYPE]
+// KV_TYPE: f16 (llama.cpp's default) or f32 (the exact computation, for an F32 reference).
 // Output, little-endian: "QRLOGIT1", u32 n_tokens, u32 n_vocab, n_tokens u32 ids,
 // n_tokens x n_vocab f32 logits. The text is tokenized without special tokens and run as one
 // batch with flash attention off (the attention numerics qwen-run's f32 KV cache follows).
@@ -23,8 +24,10 @@ static int fail(const char *what) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 4) return fail("usage: llama_logits MODEL.gguf TEXT_FILE OUT_FILE [THREADS]");
+    if (argc < 4) return fail("usage: llama_logits MODEL.gguf TEXT_FILE OUT_FILE [THREADS] [f16|f32]");
     int threads = argc > 4 ? atoi(argv[4]) : 2;
+    const char *kv = argc > 5 ? argv[5] : "f16";
+    if (strcmp(kv, "f16") != 0 && strcmp(kv, "f32") != 0) return fail("KV_TYPE must be f16 or f32");
 
     FILE *tf = fopen(argv[2], "rb");
     if (!tf) return fail("cannot open the text file");
@@ -55,6 +58,10 @@ int main(int argc, char **argv) {
     cp.n_threads = threads;
     cp.n_threads_batch = threads;
     cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    if (strcmp(kv, "f32") == 0) {
+        cp.type_k = GGML_TYPE_F32;
+        cp.type_v = GGML_TYPE_F32;
+    }
     struct llama_context *ctx = llama_init_from_model(model, cp);
     if (!ctx) return fail("cannot create the context");
 
