@@ -1026,6 +1026,13 @@ unsafe fn tile_k_rows4<I: Isa, const SIX: bool, const T: usize>(
     finish(acc)
 }
 
+/// How far ahead of the group-block it reads the rows4 K-quant kernel prefetches in decode (one
+/// token), in bytes, at most. The weights are one sequential stream that the hardware prefetcher
+/// follows; a software prefetch a whole group of four rows ahead (tens of KiB on long rows) made
+/// long rows stream more slowly than one that covers the next group-block or two, while prefill,
+/// which spends long on each group, did better with the far one (docs/BENCHMARKS.md).
+const K_ROWS4_DECODE_PREFETCH: usize = 1024;
+
 /// Q4_K (SIX = false) or Q6_K rows4 weights (`rb` bytes per row, `nrows` a multiple of 4),
 /// all `ntok` tokens, for every token count: tokens in chunks whose activations stay in L2,
 /// each group of four rows through all tokens of a chunk in tiles of up to 8, the next group
@@ -1049,7 +1056,11 @@ pub(super) unsafe fn gemm_k_rows4<I: Isa, const SIX: bool>(
         let mut r = 0;
         while r < nrows {
             let (wr, yr) = (w.add(r * rb), y.add(r));
-            let mut pf = PR * rb;
+            let mut pf = if ntok == 1 {
+                (PR * rb).min(K_ROWS4_DECODE_PREFETCH)
+            } else {
+                PR * rb
+            };
             token_tiles!(tc, te, PR, yr, ystride, |t, T| {
                 let o = tile_k_rows4::<I, SIX, T>(wr, a.add(t * nb), nb, nb, pf);
                 pf = 0;
