@@ -259,11 +259,14 @@ fn chunk_rows(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the backend was checked against the CPU's features (`Backend::is_available`)
         Backend::Avx2 => unsafe {
-            crate::x86::chunk_rows_avx2(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
+            use crate::x86::{chunk_rows, Avx2};
+            chunk_rows::<Avx2>(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
         },
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above
         Backend::Avx512 => unsafe {
-            crate::x86::chunk_rows_avx512(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
+            use crate::x86::{chunk_rows, Avx512Vnni};
+            chunk_rows::<Avx512Vnni>(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
         },
         _ => chunk_rows_scalar(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1),
     }

@@ -10,8 +10,7 @@
 //! row tile unpacked once per tile of up to 3 tokens. The 32-element formats
 //! from 2 tokens on and the K-quants from 4 on go to panel.rs.
 //!
-//! [`chunk_rows_avx2`] and [`chunk_rows_avx512`] are the two ways in; the driver picks one by
-//! the run-time [`crate::Backend`].
+//! [`chunk_rows`] is the way in, instantiated by the driver for the run-time [`crate::Backend`].
 
 #![allow(clippy::needless_range_loop)]
 
@@ -25,7 +24,8 @@ mod isa;
 mod panel;
 
 pub(crate) use isa::product_rate;
-use isa::{Avx2, Avx512Vnni, Isa};
+use isa::Isa;
+pub(crate) use isa::{Avx2, Avx512Vnni};
 
 const K_Q4_0: u8 = 0;
 const K_Q4_1: u8 = 1;
@@ -898,54 +898,14 @@ pub(crate) unsafe fn pack_rows4(ty: QuantType, rb: usize, src: &[u8], dst: &mut 
     }
 }
 
-/// Rows `r0..r1` for all tokens, with the AVX2 kernels.
+/// Rows `r0..r1` for all tokens, with the kernels of feature level `I` (`Avx2` or
+/// `Avx512Vnni`): this only picks the kernel, which its level's [`Isa`] entry point runs.
 ///
 /// # Safety
-/// Requires AVX2, FMA and F16C; `y` must be valid for `n_tokens * rows` writes and
-/// rows `r0..r1` must not be written concurrently by anyone else.
-#[target_feature(enable = "avx2,fma,f16c")]
+/// Requires the level's CPU features; `y` must be valid for `n_tokens * rows` writes and rows
+/// `r0..r1` must not be written concurrently by anyone else.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn chunk_rows_avx2(
-    ty: QuantType,
-    packing: Packing,
-    w: &[u8],
-    rb: usize,
-    rows: usize,
-    cols: usize,
-    act: Act<'_>,
-    n_tokens: usize,
-    y: YPtr,
-    r0: usize,
-    r1: usize,
-) {
-    chunk_rows::<Avx2>(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
-}
-
-/// [`chunk_rows_avx2`] with the AVX-512 VNNI products: the same kernels and the same results.
-///
-/// # Safety
-/// As [`chunk_rows_avx2`], and requires AVX-512 F, BW, VL and VNNI.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn chunk_rows_avx512(
-    ty: QuantType,
-    packing: Packing,
-    w: &[u8],
-    rb: usize,
-    rows: usize,
-    cols: usize,
-    act: Act<'_>,
-    n_tokens: usize,
-    y: YPtr,
-    r0: usize,
-    r1: usize,
-) {
-    chunk_rows::<Avx512Vnni>(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn chunk_rows<I: Isa>(
+pub(crate) unsafe fn chunk_rows<I: Isa>(
     ty: QuantType,
     packing: Packing,
     w: &[u8],
