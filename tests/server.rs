@@ -902,6 +902,11 @@ fn bad_multi_model_flags() {
             "--max-loaded must be at least 1",
         ),
         (vec!["-m", tiny, "--queue-timeout", "0"], "--queue-timeout"),
+        (vec!["-m", tiny, "--queue-timeout", "1e20"], "at most 86400"),
+        (
+            vec!["-m", tiny, "--keep-alive", "99999999999"],
+            "longer than ten years",
+        ),
         (
             vec!["-m", tiny, "-m", small, "--alias", "x"],
             "--alias names one model",

@@ -112,6 +112,8 @@ pub struct Engine {
     pub threads: usize,
     pub load_time: Duration,
     pool: rayon::ThreadPool,
+    /// Held by the thread that runs a forward pass, outside the pool: see [`Engine::run_pass`].
+    passes: Mutex<()>,
     /// Tokens per prefix-cache block.
     pub prefix_block: usize,
     prefix: Option<Mutex<PrefixCache>>,
@@ -227,6 +229,7 @@ impl Engine {
             threads,
             load_time: t0.elapsed(),
             pool,
+            passes: Mutex::new(()),
             prefix_block: opts.prefix_block,
             prefix,
             disk,
@@ -460,10 +463,16 @@ impl Engine {
     /// Runs one forward pass on the engine's threads. When the CPU has part of the model, the
     /// other threads spin through the pass instead of sleeping between its parallel loops
     /// (waking them costs about as much as a small matmul).
+    ///
+    /// One pass at a time enters the pool, and callers wait for their turn here, on their own
+    /// thread. A second pass let in would be run by a worker as a stolen job, nested inside a
+    /// parallel loop of the first, and wait there for the model's buffers, which the first holds
+    /// while it waits for that loop: a deadlock (two tests sharing one engine hit it).
     fn run_pass<R>(&self, pass: impl FnOnce() -> R + Send) -> R
     where
         R: Send,
     {
+        let _one_pass = self.passes.lock().unwrap_or_else(|e| e.into_inner());
         self.pool.install(|| {
             if self.model.placement.uses_cpu() {
                 qwen_run_kernels::pool::with_spinning_workers(pass)

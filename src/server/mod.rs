@@ -118,9 +118,13 @@ impl ServeArgs {
         if self.max_loaded == 0 {
             bail!("--max-loaded must be at least 1");
         }
-        if !(self.queue_timeout.is_finite() && self.queue_timeout > 0.0) {
+        // a day at most: longer would overflow the clock before it meant anything
+        if !(self.queue_timeout.is_finite()
+            && self.queue_timeout > 0.0
+            && self.queue_timeout <= 86400.0)
+        {
             bail!(
-                "--queue-timeout {} must be a positive number of seconds",
+                "--queue-timeout {} must be a positive number of seconds, at most 86400 (a day)",
                 self.queue_timeout
             );
         }

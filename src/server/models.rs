@@ -24,6 +24,10 @@ use tokio::sync::mpsc::unbounded_channel;
 /// How long an idle model stays loaded; None: for good.
 pub type KeepAlive = Option<Duration>;
 
+/// The longest keep-alive taken as a duration, in seconds (ten years): longer ones are refused
+/// rather than overflowing the clock (-1 keeps a model for good).
+const MAX_KEEP_ALIVE_SECS: f64 = 10.0 * 365.0 * 86400.0;
+
 /// Parses a keep-alive as Ollama takes it: seconds as a number, or a duration such as "30s",
 /// "5m", "1h", "500ms"; negative means for good, 0 means unload as soon as idle.
 pub fn parse_keep_alive(v: &serde_json::Value) -> Result<KeepAlive, String> {
@@ -51,6 +55,11 @@ pub fn parse_keep_alive(v: &serde_json::Value) -> Result<KeepAlive, String> {
     };
     if !secs.is_finite() {
         return Err(bad());
+    }
+    if secs > MAX_KEEP_ALIVE_SECS {
+        return Err(format!(
+            "keep_alive {v} is longer than ten years: use -1 to keep the model loaded for good"
+        ));
     }
     Ok((secs >= 0.0).then(|| Duration::from_secs_f64(secs)))
 }
@@ -175,7 +184,7 @@ impl LoadedModel {
     /// When it will be unloaded if no request comes; None: never.
     pub fn expires(&self) -> Option<Instant> {
         let last = *lock(&self.last_used);
-        lock(&self.keep_alive).map(|k| last + k)
+        lock(&self.keep_alive).and_then(|k| last.checked_add(k))
     }
 
     /// Tokenizes a rendered prompt and checks it against the context.
@@ -689,6 +698,24 @@ mod tests {
             let e = parse_keep_alive(&bad).unwrap_err();
             assert!(e.contains("not a duration"), "{e}");
         }
+        // beyond what a clock holds (these once panicked in the handler or the unload task)
+        for huge in [
+            json!(1e20),
+            json!(1e19),
+            json!("2000000000000h"),
+            json!(f64::MAX),
+        ] {
+            let e = parse_keep_alive(&huge).unwrap_err();
+            assert!(
+                e.contains("longer than ten years") && e.contains("-1"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            parse_keep_alive(&json!("87600h")),
+            d(MAX_KEEP_ALIVE_SECS),
+            "ten years is still a duration"
+        );
     }
 
     #[test]
