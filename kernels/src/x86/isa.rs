@@ -37,8 +37,8 @@ pub(crate) trait Isa {
     /// `acc` + per i32 lane, the two i16 products of `p` and `s` (`madd`).
     unsafe fn madd_acc(acc: __m256i, p: __m256i, s: __m256i) -> __m256i;
 
-    /// `acc` + per i32 lane, `s` times [`Isa::dot4`] of `u` and `a`, where each lane's sum fits
-    /// in i16 and `s` holds one i16 scale twice in every lane.
+    /// `acc` + per i32 lane, `s` times [`Isa::dot4`] of `u` and `a`, where the sum of any of a
+    /// lane's products fits in i16 and `s` holds one i16 scale twice in every lane.
     unsafe fn dot4_scaled(acc: __m256i, u: &[__m256i; 4], a: &[__m256i; 4], s: __m256i) -> __m256i;
 
     /// [`panel::gemm_steps_q32`] compiled for this level.
@@ -231,7 +231,7 @@ impl Isa for Avx2 {
 
     #[inline(always)]
     unsafe fn dot4_scaled(acc: __m256i, u: &[__m256i; 4], a: &[__m256i; 4], s: __m256i) -> __m256i {
-        // the lane's sum fits in i16, so its byte pairs' and its halves' sums do too
+        // any partial sum of the lane fits in i16, so the i16 adds cannot overflow
         let p = |k: usize| _mm256_maddubs_epi16(u[k], a[k]);
         let h = _mm256_add_epi16(_mm256_add_epi16(p(0), p(1)), _mm256_add_epi16(p(2), p(3)));
         Self::madd_acc(acc, h, s)
