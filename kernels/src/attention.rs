@@ -7,7 +7,7 @@
 //! block of query tokens) triples, so the query heads that share a KV head read its cache rows
 //! once, and the tasks run on the current rayon pool.
 
-use crate::driver::YPtr;
+use crate::layout::YPtr;
 use crate::Backend;
 use std::cell::Cell;
 

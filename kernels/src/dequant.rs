@@ -1,6 +1,6 @@
 //! Scalar reference dequantization of every block format.
 
-use crate::QuantType;
+use crate::layout::QuantType;
 
 #[inline(always)]
 pub(crate) fn f16_at(b: &[u8], o: usize) -> f32 {

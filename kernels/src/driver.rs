@@ -1,30 +1,21 @@
-//! Shape validation, activation quantization (once per call), and splitting of
-//! the rows across the threads ([`crate::pool`]).
+//! The only dispatcher of the matmul kernels: shape validation, activation quantization (once per
+//! call), splitting of the rows across the threads ([`crate::pool`]), and, for every piece of
+//! work, the choice between the scalar reference ([`crate::scalar`], [`crate::repack`]) and the
+//! x86 levels. Neither of those calls the other or back into this module.
 
-use crate::act::{self, BlockQ8, BlockQ8K};
-use crate::repack::{self, Packing};
-use crate::{scalar, Backend, QuantType};
+use crate::layout::{
+    has_rows4, rows4_row_bytes, stored_row_bytes, Act, BlockQ8, BlockQ8K, Packing, QuantType,
+    RowsPlan, YPtr,
+};
+use crate::{repack, scalar, Backend};
 use rayon::prelude::*;
 use smallvec::SmallVec;
 use std::cell::Cell;
+use std::ops::Range;
 
 thread_local! {
     static SCRATCH_Q8: Cell<Vec<BlockQ8>> = const { Cell::new(Vec::new()) };
     static SCRATCH_Q8K: Cell<Vec<BlockQ8K>> = const { Cell::new(Vec::new()) };
-}
-
-/// Raw output pointer shared by the row-chunk tasks (which write disjoint rows).
-#[derive(Clone, Copy)]
-pub(crate) struct YPtr(pub *mut f32);
-unsafe impl Send for YPtr {}
-unsafe impl Sync for YPtr {}
-
-/// Activations of all tokens, in the form the weight type wants.
-#[derive(Clone, Copy)]
-pub(crate) enum Act<'a> {
-    F32(&'a [f32]),
-    Q8(&'a [BlockQ8]),
-    Q8K(&'a [BlockQ8K]),
 }
 
 /// Kind of activation quantization a weight type uses.
@@ -38,19 +29,10 @@ fn act_kind(ty: QuantType) -> u8 {
     }
 }
 
-/// Bytes per weight row of `cols` columns as stored in `packing` (`None`: `cols` is not a
-/// multiple of the block size).
-pub fn stored_row_bytes(ty: QuantType, packing: Packing, cols: usize) -> Option<usize> {
-    match packing {
-        Packing::Gguf => ty.row_bytes(cols),
-        Packing::Rows4 => repack::rows4_row_bytes(ty, cols),
-    }
-}
-
 /// Minimum number of weight bytes per parallel task (below that, fewer tasks).
 const MIN_TASK_BYTES: usize = 32 * 1024;
 
-/// One weight matrix of a [`matmul_many`] call and its output, `[n_tokens, rows]`.
+/// One weight matrix of a [`crate::matmul_many`] call and its output, `[n_tokens, rows]`.
 pub struct MatMulJob<'a> {
     pub ty: QuantType,
     /// How `w` is laid out ([`Packing::Rows4`]: from [`crate::repack_rows4`]).
@@ -80,7 +62,7 @@ pub(crate) fn matmul_many(
         let ty = j.ty;
         if j.packing == Packing::Rows4 {
             assert!(
-                repack::has_rows4(ty) && j.rows.is_multiple_of(4),
+                has_rows4(ty) && j.rows.is_multiple_of(4),
                 "matmul {ty}: no rows4 layout for {} rows of this type",
                 j.rows
             );
@@ -114,36 +96,18 @@ pub(crate) fn matmul_many(
     let mut q8 = SCRATCH_Q8.with(|c| c.take());
     let mut q8k = SCRATCH_Q8K.with(|c| c.take());
     if needs(1) {
-        quantize_rows(
-            x,
-            cols,
-            32,
-            parallel_quant,
-            &mut q8,
-            |xs, out| match backend {
-                #[cfg(target_arch = "x86_64")]
-                Backend::Avx2 | Backend::Avx512 => unsafe { act::avx2::quantize_q8(xs, out) },
-                _ => act::quantize_q8_scalar(xs, out),
-            },
-        );
+        quantize_rows(x, cols, 32, parallel_quant, &mut q8, |xs, out| {
+            quantize_q8(backend, xs, out)
+        });
     }
     if needs(2) {
-        quantize_rows(
-            x,
-            cols,
-            256,
-            parallel_quant,
-            &mut q8k,
-            |xs, out| match backend {
-                #[cfg(target_arch = "x86_64")]
-                Backend::Avx2 | Backend::Avx512 => unsafe { act::avx2::quantize_q8k(xs, out) },
-                _ => act::quantize_q8k_scalar(xs, out),
-            },
-        );
+        quantize_rows(x, cols, 256, parallel_quant, &mut q8k, |xs, out| {
+            quantize_q8k(backend, xs, out)
+        });
     }
     // Each job's row chunks are tasks `first_task..first_task + chunks` of one parallel loop.
     // Plans sit inline (a call has a few matrices), so a call allocates nothing.
-    let mut plans: SmallVec<[Plan; 4]> = SmallVec::new();
+    let mut plans: SmallVec<[JobTasks; 4]> = SmallVec::new();
     let mut n_tasks = 0;
     for j in jobs.iter_mut() {
         let act = match act_kind(j.ty) {
@@ -151,16 +115,20 @@ pub(crate) fn matmul_many(
             1 => Act::Q8(&q8),
             _ => Act::Q8K(&q8k),
         };
-        let rb = stored_row_bytes(j.ty, j.packing, cols).expect("checked above");
-        let chunk = chunk_rows_for(j.rows, rb, n_tokens);
-        plans.push(Plan {
-            ty: j.ty,
-            packing: j.packing,
-            w: j.w,
-            rb,
-            rows: j.rows,
-            act,
-            y: YPtr(j.y.as_mut_ptr()),
+        let row_bytes = stored_row_bytes(j.ty, j.packing, cols).expect("checked above");
+        let chunk = chunk_rows_for(j.rows, row_bytes, n_tokens);
+        plans.push(JobTasks {
+            plan: RowsPlan {
+                ty: j.ty,
+                packing: j.packing,
+                w: j.w,
+                row_bytes,
+                rows: j.rows,
+                cols,
+                act,
+                n_tokens,
+                y: YPtr(j.y.as_mut_ptr()),
+            },
             chunk,
             first_task: n_tasks,
         });
@@ -173,10 +141,10 @@ pub(crate) fn matmul_many(
             .find(|p| p.first_task <= i)
             .expect("task 0 belongs to the first plan");
         let r0 = (i - p.first_task) * p.chunk;
-        let r1 = (r0 + p.chunk).min(p.rows);
-        chunk_rows(
-            backend, p.ty, p.packing, p.w, p.rb, p.rows, cols, p.act, n_tokens, p.y, r0, r1,
-        )
+        let r1 = (r0 + p.chunk).min(p.plan.rows);
+        // SAFETY: `y` was checked to hold `n_tokens * rows` values, and the tasks' row ranges
+        // do not overlap
+        unsafe { chunk_rows(backend, &p.plan, r0..r1) }
     };
     crate::pool::for_each(n_tasks, job);
     drop(plans);
@@ -206,14 +174,8 @@ fn quantize_rows<B: Default + Clone + Send>(
 }
 
 /// One matrix of a call, cut into tasks of `chunk` rows.
-struct Plan<'a> {
-    ty: QuantType,
-    packing: Packing,
-    w: &'a [u8],
-    rb: usize,
-    rows: usize,
-    act: Act<'a>,
-    y: YPtr,
+struct JobTasks<'a> {
+    plan: RowsPlan<'a>,
     chunk: usize,
     first_task: usize,
 }
@@ -231,7 +193,7 @@ fn chunk_rows_for(rows: usize, rb: usize, n_tokens: usize) -> usize {
 }
 
 fn chunks_per_thread(n_tokens: usize) -> usize {
-    // measured: decode is fastest with one contiguous chunk per thread
+    // decode: one contiguous chunk per thread keeps each thread streaming its own rows
     if n_tokens == 1 {
         1
     } else {
@@ -239,82 +201,176 @@ fn chunks_per_thread(n_tokens: usize) -> usize {
     }
 }
 
-/// Computes rows `r0..r1` for all tokens.
-#[allow(clippy::too_many_arguments)]
-fn chunk_rows(
-    backend: Backend,
-    ty: QuantType,
-    packing: Packing,
-    w: &[u8],
-    rb: usize,
-    rows: usize,
-    cols: usize,
-    act: Act<'_>,
-    n_tokens: usize,
-    y: YPtr,
-    r0: usize,
-    r1: usize,
-) {
-    match backend {
-        #[cfg(target_arch = "x86_64")]
+/// Computes rows `rows` of `plan` for all tokens with `backend`'s kernels; the x86 levels leave
+/// the types they have no kernel for to the scalar reference.
+///
+/// # Safety
+/// `plan.y` must be valid for `n_tokens * plan.rows` writes, and no one else may write rows
+/// `rows` of it while this runs.
+unsafe fn chunk_rows(backend: Backend, plan: &RowsPlan<'_>, rows: Range<usize>) {
+    let done = match backend {
         // SAFETY: the backend was checked against the CPU's features (`Backend::is_available`)
-        Backend::Avx2 => unsafe {
-            use crate::x86::{chunk_rows, Avx2};
-            chunk_rows::<Avx2>(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
-        },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above
-        Backend::Avx512 => unsafe {
-            use crate::x86::{chunk_rows, Avx512Vnni};
-            chunk_rows::<Avx512Vnni>(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1)
-        },
-        _ => chunk_rows_scalar(ty, packing, w, rb, rows, cols, act, n_tokens, y, r0, r1),
+        Backend::Avx2 => crate::x86::chunk_rows::<crate::x86::Avx2>(plan, rows.clone()),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => crate::x86::chunk_rows::<crate::x86::Avx512Vnni>(plan, rows.clone()),
+        _ => false,
+    };
+    if !done {
+        scalar::chunk_rows(plan, rows)
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn chunk_rows_scalar(
+/// Quantizes `x` (a multiple of 32 long) into Q8 blocks with `backend`'s code.
+fn quantize_q8(backend: Backend, x: &[f32], out: &mut [BlockQ8]) {
+    match backend {
+        // SAFETY: the backend was checked against the CPU's features
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 | Backend::Avx512 => unsafe { crate::x86::quantize_q8(x, out) },
+        _ => scalar::quantize_q8(x, out),
+    }
+}
+
+/// Quantizes `x` (a multiple of 256 long) into Q8_K blocks with `backend`'s code.
+fn quantize_q8k(backend: Backend, x: &[f32], out: &mut [BlockQ8K]) {
+    match backend {
+        // SAFETY: the backend was checked against the CPU's features
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 | Backend::Avx512 => unsafe { crate::x86::quantize_q8k(x, out) },
+        _ => scalar::quantize_q8k(x, out),
+    }
+}
+
+/// `rows x cols` GGUF weights of `ty` in the rows4 layout ([`rows4_row_bytes`] per row), or
+/// `None` when `ty` has no rows4 form or `rows` is not a multiple of four.
+pub fn repack_rows4(ty: QuantType, rows: usize, cols: usize, data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; rows * rows4_row_bytes(ty, cols)?];
+    repack_rows4_into(ty, rows, cols, data, &mut out)?;
+    Some(out)
+}
+
+/// [`repack_rows4`] into `out`, for callers that choose the memory.
+pub fn repack_rows4_into(
     ty: QuantType,
-    packing: Packing,
-    w: &[u8],
-    rb: usize,
     rows: usize,
     cols: usize,
-    act: Act<'_>,
-    n_tokens: usize,
-    y: YPtr,
-    r0: usize,
-    r1: usize,
-) {
-    // rows4 weights are read one group of four rows at a time, back in GGUF form
-    let grb = ty.row_bytes(cols).expect("checked by matmul_many");
-    let mut group = Vec::new();
-    for r in r0..r1 {
-        let wr = match packing {
-            Packing::Gguf => &w[r * rb..(r + 1) * rb],
-            Packing::Rows4 => {
-                if r % 4 == 0 || group.is_empty() {
-                    let g = r / 4 * 4;
-                    group.resize(4 * grb, 0);
-                    repack::unpack_rows4_group(ty, grb, &w[g * rb..(g + 4) * rb], &mut group);
-                }
-                &group[r % 4 * grb..(r % 4 + 1) * grb]
-            }
-        };
-        for t in 0..n_tokens {
-            let v = match act {
-                Act::F32(x) => scalar::dot_float(ty, wr, &x[t * cols..(t + 1) * cols]),
-                Act::Q8(a) => {
-                    let nb = cols / 32;
-                    scalar::dot_q8(ty, wr, &a[t * nb..(t + 1) * nb])
-                }
-                Act::Q8K(a) => {
-                    let nb = cols / 256;
-                    scalar::dot_q8k(ty, wr, &a[t * nb..(t + 1) * nb])
-                }
-            };
-            // SAFETY: rows r0..r1 belong to this task only; index is in bounds.
-            unsafe { *y.0.add(t * rows + r) = v };
+    data: &[u8],
+    out: &mut [u8],
+) -> Option<()> {
+    let (rb, prb) = (ty.row_bytes(cols)?, rows4_row_bytes(ty, cols)?);
+    let fits = data.len() == rows * rb && out.len() == rows * prb;
+    if !has_rows4(ty) || !rows.is_multiple_of(4) || !fits {
+        return None;
+    }
+    let backend = Backend::detect();
+    // groups are independent: one parallel task per few hundred KiB
+    let groups_per_task = (256usize << 10).div_ceil(4 * rb);
+    out.par_chunks_mut(groups_per_task * 4 * prb)
+        .zip(data.par_chunks(groups_per_task * 4 * rb))
+        .for_each(|(dst, src)| pack_rows4(backend, ty, rb, src, dst));
+    Some(())
+}
+
+/// Groups of four GGUF rows of `ty` (`rb` bytes per row) in `src` as rows4 groups in `dst`, with
+/// `backend`'s packer where it has one for `ty` (the K-quants have only the scalar one).
+fn pack_rows4(backend: Backend, ty: QuantType, rb: usize, src: &[u8], dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if backend.is_simd() && !matches!(ty, QuantType::Q4K | QuantType::Q6K) {
+        // SAFETY: the backend was checked against the CPU's features
+        return unsafe { crate::x86::pack_rows4(ty, rb, src, dst) };
+    }
+    let _ = backend;
+    repack::pack_rows4(ty, rb, src, dst)
+}
+
+/// 8-bit multiply-adds per second of all threads of the current rayon pool with `backend`'s
+/// product instructions (`None` for the scalar kernels); see [`crate::int8_product_rate`].
+pub(crate) fn int8_product_rate(backend: Backend, seconds: f64) -> Option<f64> {
+    // SAFETY (both levels): the backend was checked against the CPU's features
+    let rates = match backend {
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 => {
+            rayon::broadcast(|_| unsafe { crate::x86::product_rate::<crate::x86::Avx2>(seconds) })
         }
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => rayon::broadcast(|_| unsafe {
+            crate::x86::product_rate::<crate::x86::Avx512Vnni>(seconds)
+        }),
+        _ => return None,
+    };
+    Some(rates.iter().sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scalar::tests::activations;
+
+    fn bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s as u8
+            })
+            .collect()
+    }
+
+    fn simd_levels() -> impl Iterator<Item = Backend> {
+        Backend::ALL
+            .into_iter()
+            .filter(|b| b.is_simd() && b.is_available())
+    }
+
+    #[test]
+    fn simd_quantization_is_bit_identical() {
+        let x = activations(1024);
+        for backend in simd_levels() {
+            let mut a = vec![BlockQ8::default(); 32];
+            let mut b = vec![BlockQ8::default(); 32];
+            quantize_q8(Backend::Scalar, &x, &mut a);
+            quantize_q8(backend, &x, &mut b);
+            for (p, q) in a.iter().zip(&b) {
+                assert_eq!(p.qs, q.qs);
+                assert_eq!(p.d.to_bits(), q.d.to_bits());
+                assert_eq!(p.s.to_bits(), q.s.to_bits());
+            }
+            let mut a = vec![BlockQ8K::default(); 4];
+            let mut b = vec![BlockQ8K::default(); 4];
+            quantize_q8k(Backend::Scalar, &x, &mut a);
+            quantize_q8k(backend, &x, &mut b);
+            for (p, q) in a.iter().zip(&b) {
+                assert_eq!(p.qs, q.qs);
+                assert_eq!(p.bsums, q.bsums);
+                assert_eq!(p.d.to_bits(), q.d.to_bits());
+            }
+        }
+    }
+
+    /// The SIMD packer (used by `repack_rows4` where AVX2 runs) writes what the scalar one does.
+    #[test]
+    fn simd_packer_matches_the_scalar_one() {
+        for backend in simd_levels() {
+            for ty in [QuantType::Q4_0, QuantType::Q5_0, QuantType::Q8_0] {
+                let (rows, cols) = (8, 96);
+                let rb = ty.row_bytes(cols).unwrap();
+                let data = bytes(rows * rb, 11);
+                let mut simd = vec![0u8; data.len()];
+                pack_rows4(backend, ty, rb, &data, &mut simd);
+                let mut scalar = vec![0u8; data.len()];
+                pack_rows4(Backend::Scalar, ty, rb, &data, &mut scalar);
+                assert_eq!(simd, scalar, "{ty}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_supported_shapes() {
+        assert!(repack_rows4(QuantType::Q5K, 4, 256, &[0; 4 * 176]).is_none());
+        assert!(repack_rows4(QuantType::Q8_0, 3, 32, &[0; 3 * 34]).is_none());
+        assert!(repack_rows4(QuantType::Q8_0, 4, 32, &[0; 3 * 34]).is_none());
+        assert!(repack_rows4(QuantType::Q8_0, 4, 32, &[0; 4 * 34]).is_some());
     }
 }

@@ -15,7 +15,6 @@ pub(crate) const COLS: usize = 16;
 /// `c[i][j] (=|+=) sum_p a[i][p] b[p][j]` for `i < m`, `j < n`, `p < k`; the slices hold the
 /// rows at strides `lda`, `ldb`, `ldc`. Panics where `n` is not a multiple of [`COLS`] or a
 /// slice is too short.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
     backend: Backend,
     (m, n, k): (usize, usize, usize),
@@ -36,7 +35,7 @@ pub(crate) fn gemm(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the shapes were checked against the slices above.
         Backend::Avx2 | Backend::Avx512 => unsafe {
-            avx2::gemm(m, n, k, a, lda, b, ldb, c, ldc, accumulate)
+            avx2::gemm((m, n, k), (a, lda), (b, ldb), (c, ldc), accumulate)
         },
         _ => {
             for i in 0..m {
@@ -55,18 +54,13 @@ mod avx2 {
     use super::COLS;
     use std::arch::x86_64::*;
 
+    /// [`super::gemm`] once the shapes are checked.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemm(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        lda: usize,
-        b: &[f32],
-        ldb: usize,
-        c: &mut [f32],
-        ldc: usize,
+        (m, n, k): (usize, usize, usize),
+        (a, lda): (&[f32], usize),
+        (b, ldb): (&[f32], usize),
+        (c, ldc): (&mut [f32], usize),
         accumulate: bool,
     ) {
         let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
@@ -75,12 +69,12 @@ mod avx2 {
             let (a, c) = (a.add(i * lda), c.add(i * ldc));
             let rows = (m - i).min(6);
             match rows {
-                6 => rows_block::<6>(n, k, a, lda, b, ldb, c, ldc, accumulate),
-                5 => rows_block::<5>(n, k, a, lda, b, ldb, c, ldc, accumulate),
-                4 => rows_block::<4>(n, k, a, lda, b, ldb, c, ldc, accumulate),
-                3 => rows_block::<3>(n, k, a, lda, b, ldb, c, ldc, accumulate),
-                2 => rows_block::<2>(n, k, a, lda, b, ldb, c, ldc, accumulate),
-                _ => rows_block::<1>(n, k, a, lda, b, ldb, c, ldc, accumulate),
+                6 => rows_block::<6>((n, k), (a, lda), (b, ldb), (c, ldc), accumulate),
+                5 => rows_block::<5>((n, k), (a, lda), (b, ldb), (c, ldc), accumulate),
+                4 => rows_block::<4>((n, k), (a, lda), (b, ldb), (c, ldc), accumulate),
+                3 => rows_block::<3>((n, k), (a, lda), (b, ldb), (c, ldc), accumulate),
+                2 => rows_block::<2>((n, k), (a, lda), (b, ldb), (c, ldc), accumulate),
+                _ => rows_block::<1>((n, k), (a, lda), (b, ldb), (c, ldc), accumulate),
             }
             i += rows;
         }
@@ -88,16 +82,11 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn rows_block<const R: usize>(
-        n: usize,
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
+        (n, k): (usize, usize),
+        (a, lda): (*const f32, usize),
+        (b, ldb): (*const f32, usize),
+        (c, ldc): (*mut f32, usize),
         accumulate: bool,
     ) {
         for j in (0..n).step_by(COLS) {

@@ -8,179 +8,22 @@
 //! portable scalar path that computes the same thing and serves as the test reference);
 //! [`KERNELS_ENV`] forces one. The two x86 levels run the same kernels and give the same bits.
 
-mod act;
 pub mod attention;
 mod dequant;
 mod driver;
 pub mod elementwise;
 mod f32_gemm;
+mod layout;
 pub mod pool;
 mod repack;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use act::{BlockQ8, BlockQ8K};
-pub use driver::{stored_row_bytes, MatMulJob};
-pub use repack::{has_rows4, repack_rows4, repack_rows4_into, rows4_row_bytes, Packing};
-
-/// Tensor element types of GGUF files that these kernels understand.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum QuantType {
-    F32,
-    F16,
-    BF16,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q8_0,
-    Q2K,
-    Q3K,
-    Q4K,
-    Q5K,
-    Q6K,
-    Q8K,
-}
-
-impl QuantType {
-    /// All supported types.
-    pub const ALL: [QuantType; 14] = [
-        QuantType::F32,
-        QuantType::F16,
-        QuantType::BF16,
-        QuantType::Q4_0,
-        QuantType::Q4_1,
-        QuantType::Q5_0,
-        QuantType::Q5_1,
-        QuantType::Q8_0,
-        QuantType::Q2K,
-        QuantType::Q3K,
-        QuantType::Q4K,
-        QuantType::Q5K,
-        QuantType::Q6K,
-        QuantType::Q8K,
-    ];
-
-    /// Maps a ggml type id (as stored in GGUF tensor infos) to a [`QuantType`].
-    pub fn from_ggml_id(id: u32) -> Option<QuantType> {
-        Some(match id {
-            0 => QuantType::F32,
-            1 => QuantType::F16,
-            2 => QuantType::Q4_0,
-            3 => QuantType::Q4_1,
-            6 => QuantType::Q5_0,
-            7 => QuantType::Q5_1,
-            8 => QuantType::Q8_0,
-            10 => QuantType::Q2K,
-            11 => QuantType::Q3K,
-            12 => QuantType::Q4K,
-            13 => QuantType::Q5K,
-            14 => QuantType::Q6K,
-            15 => QuantType::Q8K,
-            30 => QuantType::BF16,
-            _ => return None,
-        })
-    }
-
-    /// The ggml type id.
-    pub fn ggml_id(self) -> u32 {
-        match self {
-            QuantType::F32 => 0,
-            QuantType::F16 => 1,
-            QuantType::Q4_0 => 2,
-            QuantType::Q4_1 => 3,
-            QuantType::Q5_0 => 6,
-            QuantType::Q5_1 => 7,
-            QuantType::Q8_0 => 8,
-            QuantType::Q2K => 10,
-            QuantType::Q3K => 11,
-            QuantType::Q4K => 12,
-            QuantType::Q5K => 13,
-            QuantType::Q6K => 14,
-            QuantType::Q8K => 15,
-            QuantType::BF16 => 30,
-        }
-    }
-
-    /// ggml-style name ("Q4_K", "F16", ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            QuantType::F32 => "F32",
-            QuantType::F16 => "F16",
-            QuantType::BF16 => "BF16",
-            QuantType::Q4_0 => "Q4_0",
-            QuantType::Q4_1 => "Q4_1",
-            QuantType::Q5_0 => "Q5_0",
-            QuantType::Q5_1 => "Q5_1",
-            QuantType::Q8_0 => "Q8_0",
-            QuantType::Q2K => "Q2_K",
-            QuantType::Q3K => "Q3_K",
-            QuantType::Q4K => "Q4_K",
-            QuantType::Q5K => "Q5_K",
-            QuantType::Q6K => "Q6_K",
-            QuantType::Q8K => "Q8_K",
-        }
-    }
-
-    /// Elements per block (1 for the float types).
-    pub fn block_size(self) -> usize {
-        match self {
-            QuantType::F32 | QuantType::F16 | QuantType::BF16 => 1,
-            QuantType::Q4_0
-            | QuantType::Q4_1
-            | QuantType::Q5_0
-            | QuantType::Q5_1
-            | QuantType::Q8_0 => 32,
-            QuantType::Q2K
-            | QuantType::Q3K
-            | QuantType::Q4K
-            | QuantType::Q5K
-            | QuantType::Q6K
-            | QuantType::Q8K => 256,
-        }
-    }
-
-    /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
-        match self {
-            QuantType::F32 => 4,
-            QuantType::F16 | QuantType::BF16 => 2,
-            QuantType::Q4_0 => 18,
-            QuantType::Q4_1 => 20,
-            QuantType::Q5_0 => 22,
-            QuantType::Q5_1 => 24,
-            QuantType::Q8_0 => 34,
-            QuantType::Q2K => 84,
-            QuantType::Q3K => 110,
-            QuantType::Q4K => 144,
-            QuantType::Q5K => 176,
-            QuantType::Q6K => 210,
-            QuantType::Q8K => 292,
-        }
-    }
-
-    /// Bytes of a row of `n` elements, `None` if `n` is not a multiple of the block size.
-    pub fn row_bytes(self, n: usize) -> Option<usize> {
-        let bs = self.block_size();
-        if !n.is_multiple_of(bs) {
-            None
-        } else {
-            Some(n / bs * self.block_bytes())
-        }
-    }
-
-    /// True for the float (non block-quantized) types.
-    pub fn is_float(self) -> bool {
-        matches!(self, QuantType::F32 | QuantType::F16 | QuantType::BF16)
-    }
-}
-
-impl std::fmt::Display for QuantType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use driver::{repack_rows4, repack_rows4_into, MatMulJob};
+pub use layout::{
+    has_rows4, rows4_row_bytes, stored_row_bytes, BlockQ8, BlockQ8K, Packing, QuantType,
+};
 
 /// Scalar reference dequantization of `out.len()` elements.
 ///
@@ -349,15 +192,7 @@ pub fn simd_name() -> &'static str {
 /// with the product instructions of the kernels' level (`None` for the scalar kernels): the
 /// compute ceiling that prefill and batched decode are measured against. Takes about `seconds`.
 pub fn int8_product_rate(seconds: f64) -> Option<f64> {
-    let backend = Backend::detect();
-    #[cfg(target_arch = "x86_64")]
-    if backend.is_simd() {
-        // SAFETY: `detect` returns only levels this CPU runs
-        let rates = rayon::broadcast(|_| unsafe { x86::product_rate(backend, seconds) });
-        return Some(rates.iter().sum());
-    }
-    let _ = (backend, seconds);
-    None
+    driver::int8_product_rate(Backend::detect(), seconds)
 }
 
 /// `y[t*rows + r] = dot(W row r, x[t*cols .. (t+1)*cols])` for `t in 0..n_tokens`.

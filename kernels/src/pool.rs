@@ -2,7 +2,7 @@
 //!
 //! A decode step is about a hundred short parallel loops (a matmul is tens of microseconds)
 //! separated by small serial ops. Between two loops, rayon's idle workers go to sleep and the
-//! next loop waits for the kernel to wake them, which on these machines costs about as much as a
+//! next loop waits for the kernel to wake them, which can cost about as much as a
 //! small matmul itself. [`with_spinning_workers`] borrows the pool's other threads for the length
 //! of a closure (a forward pass): they spin, taking the tasks of every [`for_each`] the closure
 //! runs as soon as it is published, and running ordinary rayon jobs (Candle's parallel ops) while

@@ -1,80 +1,24 @@
-//! The "rows4" weight layout: Q4_0, Q5_0, Q8_0 and Q4_K rearranged once at load so that the
-//! SIMD kernels read four rows' blocks as ready-made vectors.
-//!
-//! Why: in the GGUF layout every block of every row must be unpacked and then transposed
-//! into the kernels' "step" form (each 32-byte vector holds 8 consecutive values of each of
-//! four rows, so one broadcast 8-byte activation chunk meets all four rows in one `maddubs`).
-//! For decode that work, not the memory traffic, bounded these formats. Rows4 stores the
-//! blocks already transposed, with the same number of bytes.
-//!
-//! Rows are taken in groups of four (the matrix must have a multiple of four rows); a group
-//! holds, for each block index `b` of the rows, one group-block:
-//!
-//! * Q8_0 (136 bytes): four steps of 32 signed values, then the four rows' f16 scales.
-//! * Q4_0 (72 bytes), Q5_0 (88 bytes): two 32-byte vectors of nibbles (low nibbles: steps 0
-//!   and 2, high nibbles: steps 1 and 3), for Q5_0 the 128 fifth bits as 16 bytes (see
-//!   [`Q5_HIGH_BIT`]), then the four rows' f16 scales.
-//!
-//! * Q4_K (592 bytes, 16 more than four GGUF blocks): for each sub-block `j` of 32 values,
-//!   two 32-byte vectors of nibbles as above (its four steps); then the 6-bit scales as bytes,
-//!   row `r`'s eight at `8r` (so one in-lane byte shuffle spreads a sub-block's four scales);
-//!   then the mins as bytes, those of sub-blocks `2q, 2q + 1` of row `r` at `8q + 2r`; then the
-//!   four d and the four dmin as f16. The scales and mins cost the extra bytes: unpacked once
-//!   here rather than from their 12-byte packing for every block of every row at run time.
-//!
-//! * Q6_K (840 bytes): for each sub-block of 32 values three 32-byte vectors: steps 0, 1 and 2
-//!   as 6-bit values, the top two bits of each byte holding two of step 3's six (low, middle,
-//!   high); then the 16 group scales (i8) of each row, groups `8h..8h + 8` of row `r` at
-//!   `32h + 8r`; then the four d as f16.
-//!
-//! Step `k`, byte `s` (0..32) is element `8k + s % 8` (of the block or sub-block) of row `s / 8`.
+//! The scalar packer and unpacker of the rows4 weight layout ([`crate::layout`] describes it):
+//! the reference the x86 packer must match, the packer of the types that have no x86 one, and
+//! how the scalar kernels read rows4 weights.
 
-use crate::QuantType;
-use rayon::prelude::*;
+use crate::dequant::scale_min_k4;
+use crate::layout::{
+    group_block_bytes, QuantType, Q4K_D, Q4K_DMIN, Q4K_MINS, Q4K_SCALES, Q5_HIGH_BIT, Q6K_D,
+    Q6K_SCALES,
+};
 
-/// Weight layouts the kernels read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum Packing {
-    /// Raw GGUF blocks, row after row.
-    #[default]
-    Gguf,
-    /// Groups of four rows, blocks transposed (this module; from [`repack_rows4`]).
-    Rows4,
-}
-
-/// Where the fifth bit of step `k`, byte `s` of a Q5_0 group-block sits: byte `s % 16` of the
-/// 16 high-bit bytes, at bit `Q5_HIGH_BIT[k][s / 16]`. Chosen so that one 64-bit shift per
-/// step (left for steps 0 and 1, right for 2 and 3, a different count in each 128-bit half)
-/// brings every byte's bit to position 4 without a neighbour's bit landing there.
-pub(crate) const Q5_HIGH_BIT: [[u32; 2]; 4] = [[0, 1], [2, 3], [4, 7], [5, 6]];
-
-/// Whether `ty` has a rows4 form.
-pub fn has_rows4(ty: QuantType) -> bool {
-    matches!(
-        ty,
-        QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 | QuantType::Q4K | QuantType::Q6K
-    )
-}
-
-/// Bytes of one group-block (four rows' blocks of index `b`): the same as four GGUF blocks,
-/// but for Q4_K's unpacked scales and mins.
-fn group_block_bytes(ty: QuantType) -> usize {
-    match ty {
-        QuantType::Q4K => Q4K_GROUP_BYTES,
-        _ => 4 * ty.block_bytes(),
+/// Groups of four GGUF rows of `ty` (`rb` bytes per row) in `src` as rows4 groups in `dst`.
+pub(crate) fn pack_rows4(ty: QuantType, rb: usize, src: &[u8], dst: &mut [u8]) {
+    let (bb, gb) = (ty.block_bytes(), group_block_bytes(ty));
+    let group = rb / bb * gb;
+    for (dst, src) in dst.chunks_exact_mut(group).zip(src.chunks_exact(4 * rb)) {
+        for (b, g) in dst.chunks_exact_mut(gb).enumerate() {
+            let blk = |r: usize| &src[r * rb + b * bb..r * rb + (b + 1) * bb];
+            pack_group_block(ty, [blk(0), blk(1), blk(2), blk(3)], g);
+        }
     }
 }
-
-/// Bytes of a Q4_K group-block, and where its scales, mins, d and dmin start.
-pub(crate) const Q4K_GROUP_BYTES: usize = 592;
-pub(crate) const Q4K_SCALES: usize = 512;
-pub(crate) const Q4K_MINS: usize = 544;
-pub(crate) const Q4K_D: usize = 576;
-pub(crate) const Q4K_DMIN: usize = 584;
-
-/// Where a Q6_K group-block's scales and d start.
-pub(crate) const Q6K_SCALES: usize = 768;
-pub(crate) const Q6K_D: usize = 832;
 
 /// Packs four rows' Q6_K super-blocks of one index into a group-block.
 fn pack_group_block_q6k(blocks: [&[u8]; 4], out: &mut [u8]) {
@@ -128,11 +72,6 @@ fn unpack_group_block_q6k(g: &[u8], r: usize, out: &mut [u8]) {
     out[208..210].copy_from_slice(&g[Q6K_D + 2 * r..Q6K_D + 2 * r + 2]);
 }
 
-/// Bytes per row of a `cols`-column matrix of `ty` in the rows4 layout (a quarter of a group).
-pub fn rows4_row_bytes(ty: QuantType, cols: usize) -> Option<usize> {
-    Some(ty.row_bytes(cols)? / ty.block_bytes() * group_block_bytes(ty) / 4)
-}
-
 /// Packs four rows' Q4_K super-blocks of one index into a group-block.
 fn pack_group_block_q4k(blocks: [&[u8]; 4], out: &mut [u8]) {
     let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
@@ -148,7 +87,7 @@ fn pack_group_block_q4k(blocks: [&[u8]; 4], out: &mut [u8]) {
             out[o..o + 8].copy_from_slice(&(step(0) | step(1) << 4).to_le_bytes());
             out[o + 32..o + 40].copy_from_slice(&(step(2) | step(3) << 4).to_le_bytes());
         }
-        let (sc, mn) = crate::dequant::scale_min_k4(&blk[4..16]);
+        let (sc, mn) = scale_min_k4(&blk[4..16]);
         out[Q4K_SCALES + 8 * r..Q4K_SCALES + 8 * r + 8].copy_from_slice(&sc);
         for q in 0..4 {
             let o = Q4K_MINS + 8 * q + 2 * r;
@@ -324,49 +263,6 @@ fn unpack_group_block(ty: QuantType, g: &[u8], r: usize, out: &mut [u8]) {
     block_from_values(ty, &q, [g[so], g[so + 1]], out);
 }
 
-/// `rows x cols` GGUF weights of `ty` in the rows4 layout ([`rows4_row_bytes`] per row), or
-/// `None` when `ty` has no rows4 form or `rows` is not a multiple of four.
-pub fn repack_rows4(ty: QuantType, rows: usize, cols: usize, data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = vec![0u8; rows * rows4_row_bytes(ty, cols)?];
-    repack_rows4_into(ty, rows, cols, data, &mut out)?;
-    Some(out)
-}
-
-/// [`repack_rows4`] into `out`, for callers that choose the memory.
-pub fn repack_rows4_into(
-    ty: QuantType,
-    rows: usize,
-    cols: usize,
-    data: &[u8],
-    out: &mut [u8],
-) -> Option<()> {
-    let (rb, prb) = (ty.row_bytes(cols)?, rows4_row_bytes(ty, cols)?);
-    let fits = data.len() == rows * rb && out.len() == rows * prb;
-    if !has_rows4(ty) || !rows.is_multiple_of(4) || !fits {
-        return None;
-    }
-    let (bb, gb) = (ty.block_bytes(), group_block_bytes(ty));
-    // groups are independent: one parallel task per few hundred KiB
-    let groups_per_task = (256usize << 10).div_ceil(4 * rb);
-    out.par_chunks_mut(groups_per_task * 4 * prb)
-        .zip(data.par_chunks(groups_per_task * 4 * rb))
-        .for_each(|(dst, src)| {
-            #[cfg(target_arch = "x86_64")]
-            let k_quant = matches!(ty, QuantType::Q4K | QuantType::Q6K);
-            if !k_quant && crate::Backend::detect().is_simd() {
-                // SAFETY: the backend checked AVX2, FMA and F16C at run time
-                return unsafe { crate::x86::pack_rows4(ty, rb, src, dst) };
-            }
-            for (dst, src) in dst.chunks_exact_mut(4 * prb).zip(src.chunks_exact(4 * rb)) {
-                for (b, g) in dst.chunks_exact_mut(gb).enumerate() {
-                    let blk = |r: usize| &src[r * rb + b * bb..r * rb + (b + 1) * bb];
-                    pack_group_block(ty, [blk(0), blk(1), blk(2), blk(3)], g);
-                }
-            }
-        });
-    Some(())
-}
-
 /// One group of four rows (rows4 layout) back in GGUF form, `rb` bytes per row, into `out`
 /// (`4 * rb` bytes): the scalar reference reads rows4 weights through this.
 pub(crate) fn unpack_rows4_group(ty: QuantType, rb: usize, group: &[u8], out: &mut [u8]) {
@@ -401,8 +297,8 @@ mod tests {
             let (rows, cols) = (8, 96);
             let rb = ty.row_bytes(cols).unwrap();
             let data = bytes(rows * rb, 7);
-            let packed = repack_rows4(ty, rows, cols, &data).unwrap();
-            assert_eq!(packed.len(), data.len());
+            let mut packed = vec![0u8; data.len()];
+            pack_rows4(ty, rb, &data, &mut packed);
             let mut back = vec![0u8; data.len()];
             for (g, o) in packed
                 .chunks_exact(4 * rb)
@@ -412,40 +308,5 @@ mod tests {
             }
             assert_eq!(back, data, "{ty}");
         }
-    }
-
-    /// The SIMD packer (used by `repack_rows4` where AVX2 runs) writes what the scalar one does.
-    #[test]
-    fn simd_packer_matches_the_scalar_one() {
-        #[cfg(target_arch = "x86_64")]
-        if crate::Backend::Avx2.is_available() {
-            for ty in [QuantType::Q4_0, QuantType::Q5_0, QuantType::Q8_0] {
-                let (rows, cols) = (8, 96);
-                let rb = ty.row_bytes(cols).unwrap();
-                let data = bytes(rows * rb, 11);
-                let mut simd = vec![0u8; data.len()];
-                unsafe { crate::x86::pack_rows4(ty, rb, &data, &mut simd) };
-                let (bb, gb) = (ty.block_bytes(), group_block_bytes(ty));
-                let mut scalar = vec![0u8; data.len()];
-                for (src, dst) in data
-                    .chunks_exact(4 * rb)
-                    .zip(scalar.chunks_exact_mut(4 * rb))
-                {
-                    for (b, g) in dst.chunks_exact_mut(gb).enumerate() {
-                        let blk = |r: usize| &src[r * rb + b * bb..r * rb + (b + 1) * bb];
-                        pack_group_block(ty, [blk(0), blk(1), blk(2), blk(3)], g);
-                    }
-                }
-                assert_eq!(simd, scalar, "{ty}");
-            }
-        }
-    }
-
-    #[test]
-    fn only_supported_shapes() {
-        assert!(repack_rows4(QuantType::Q5K, 4, 256, &[0; 4 * 176]).is_none());
-        assert!(repack_rows4(QuantType::Q8_0, 3, 32, &[0; 3 * 34]).is_none());
-        assert!(repack_rows4(QuantType::Q8_0, 4, 32, &[0; 3 * 34]).is_none());
-        assert!(repack_rows4(QuantType::Q8_0, 4, 32, &[0; 4 * 34]).is_some());
     }
 }

@@ -1,9 +1,98 @@
-//! Portable scalar dot products of one weight row with one quantized activation
-//! row. These are the reference for the SIMD kernels.
+//! The portable scalar kernels, the reference for the SIMD ones: activation quantization into
+//! Q8 and Q8_K blocks (round-half-to-even of `x * (1/d)` with `d = amax / 127`), dot products of
+//! one weight row with one activation row, and a row chunk of a product built from them.
 
-use crate::act::{BlockQ8, BlockQ8K};
 use crate::dequant::{bf16_at, f16_at, f32_at, scale_min_k4, scales_q3k, u32_at};
-use crate::QuantType;
+use crate::layout::{q8_scale, Act, BlockQ8, BlockQ8K, Packing, QuantType, RowsPlan};
+use crate::repack::unpack_rows4_group;
+use std::ops::Range;
+
+#[inline(always)]
+fn q(x: f32, id: f32) -> i8 {
+    (x * id).round_ties_even().clamp(-127.0, 127.0) as i8
+}
+
+/// Quantizes `x` (a multiple of 32 long) into `out`.
+pub(crate) fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+    assert_eq!(x.len(), out.len() * 32);
+    for (xb, ob) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (d, id) = q8_scale(amax);
+        let mut sum = 0i32;
+        for (o, &v) in ob.qs.iter_mut().zip(xb) {
+            *o = q(v, id);
+            sum += *o as i32;
+        }
+        ob.d = d;
+        ob.s = d * sum as f32;
+    }
+}
+
+/// Quantizes `x` (a multiple of 256 long) into `out`.
+pub(crate) fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
+    assert_eq!(x.len(), out.len() * 256);
+    for (xb, ob) in x.chunks_exact(256).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (d, id) = q8_scale(amax);
+        for (o, &v) in ob.qs.iter_mut().zip(xb) {
+            *o = q(v, id);
+        }
+        for g in 0..16 {
+            ob.bsums[g] = ob.qs[16 * g..16 * g + 16].iter().map(|&v| v as i16).sum();
+        }
+        ob.d = d;
+    }
+}
+
+/// Rows `rows` of `plan` for all its tokens.
+///
+/// # Safety
+/// `plan.y` must be valid for `n_tokens * plan.rows` writes, and no one else may write rows
+/// `rows` of it while this runs.
+pub(crate) unsafe fn chunk_rows(plan: &RowsPlan<'_>, rows: Range<usize>) {
+    let &RowsPlan {
+        ty,
+        packing,
+        w,
+        row_bytes: rb,
+        rows: stride,
+        cols,
+        act,
+        n_tokens,
+        y,
+    } = plan;
+    // rows4 weights are read one group of four rows at a time, back in GGUF form
+    let grb = ty.row_bytes(cols).expect("checked by matmul_many");
+    let mut group = Vec::new();
+    for r in rows.clone() {
+        let wr = match packing {
+            Packing::Gguf => &w[r * rb..(r + 1) * rb],
+            Packing::Rows4 => {
+                if r % 4 == 0 || group.is_empty() {
+                    let g = r / 4 * 4;
+                    group.resize(4 * grb, 0);
+                    unpack_rows4_group(ty, grb, &w[g * rb..(g + 4) * rb], &mut group);
+                }
+                &group[r % 4 * grb..(r % 4 + 1) * grb]
+            }
+        };
+        for t in 0..n_tokens {
+            let v = match act {
+                Act::F32(x) => dot_float(ty, wr, &x[t * cols..(t + 1) * cols]),
+                Act::Q8(a) => {
+                    let nb = cols / 32;
+                    dot_q8(ty, wr, &a[t * nb..(t + 1) * nb])
+                }
+                Act::Q8K(a) => {
+                    let nb = cols / 256;
+                    dot_q8k(ty, wr, &a[t * nb..(t + 1) * nb])
+                }
+            };
+            // SAFETY: the caller gives this task rows `rows`; the index is in bounds.
+            *y.0.add(t * stride + r) = v;
+        }
+    }
+}
 
 /// Dot of a float-typed weight row with f32 activations.
 pub(crate) fn dot_float(ty: QuantType, w: &[u8], x: &[f32]) -> f32 {
@@ -198,4 +287,37 @@ pub(crate) fn dot_q8k(ty: QuantType, w: &[u8], a: &[BlockQ8K]) -> f32 {
         };
     }
     sum
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Activations with exact ties, zeros, a zero block and a few large values.
+    pub(crate) fn activations(n: usize) -> Vec<f32> {
+        let mut s = 12345u32;
+        (0..n)
+            .map(|i| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                let v = (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                if i % 97 == 0 || (256..288).contains(&i) {
+                    0.0
+                } else {
+                    v * if i % 31 == 0 { 10.0 } else { 1.0 }
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quantization_error_is_bounded() {
+        let x = activations(256);
+        let mut a = vec![BlockQ8::default(); 8];
+        quantize_q8(&x, &mut a);
+        for (xb, ab) in x.chunks(32).zip(&a) {
+            for (v, q) in xb.iter().zip(&ab.qs) {
+                assert!((v - ab.d * *q as f32).abs() <= ab.d * 0.5 + 1e-7);
+            }
+        }
+    }
 }

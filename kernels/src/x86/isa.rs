@@ -9,15 +9,12 @@
 //!
 //! The products, and the kernels generic over [`Isa`], are `#[inline(always)]` with no target
 //! features of their own: they take those of the function they are inlined into. Those are
-//! the trait's entry points (`gemm_*`), one per kernel family, each compiled with its level's
-//! features by [`entry_points`]: `#[target_feature]` cannot vary with a generic parameter, so
-//! each level's impl stamps them out.
+//! the trait's entry points (`gemm_*`, one per kernel family, and `product_chains`), each
+//! compiled with its level's features by `entry_points!`: `#[target_feature]` cannot vary with
+//! a generic parameter, so each level's impl stamps them out.
 
-// the entry points take the kernels' own argument lists
-#![allow(clippy::too_many_arguments)]
-
-use super::panel;
-use crate::act::{BlockQ8, BlockQ8K};
+use super::{decode, panel, Operands};
+use crate::layout::{BlockQ8, BlockQ8K};
 use std::arch::x86_64::*;
 
 /// One x86 feature level's integer dot products (see the module docs).
@@ -42,157 +39,51 @@ pub(crate) trait Isa {
     unsafe fn dot4_scaled(acc: __m256i, u: &[__m256i; 4], a: &[__m256i; 4], s: __m256i) -> __m256i;
 
     /// [`panel::gemm_steps_q32`] compiled for this level.
-    unsafe fn gemm_steps_q32<const K: u8>(
-        w: *const u8,
-        rb: usize,
-        nrows: usize,
-        a: *const BlockQ8,
-        nb: usize,
-        ntok: usize,
-        y: *mut f32,
-        ystride: usize,
-    );
+    unsafe fn gemm_steps_q32<const K: u8>(o: Operands<BlockQ8>);
     /// [`panel::gemm_panel_q32`] compiled for this level.
-    unsafe fn gemm_panel_q32<const K: u8>(
-        w: *const u8,
-        rb: usize,
-        nrows: usize,
-        a: *const BlockQ8,
-        nb: usize,
-        ntok: usize,
-        y: *mut f32,
-        ystride: usize,
-    );
+    unsafe fn gemm_panel_q32<const K: u8>(o: Operands<BlockQ8>);
     /// [`panel::gemm_k_rows4`] compiled for this level.
-    unsafe fn gemm_k_rows4<const SIX: bool>(
-        w: *const u8,
-        rb: usize,
-        nrows: usize,
-        a: *const BlockQ8K,
-        nb: usize,
-        ntok: usize,
-        y: *mut f32,
-        ystride: usize,
-    );
+    unsafe fn gemm_k_rows4<const SIX: bool>(o: Operands<BlockQ8K>);
     /// [`panel::gemm_panel_k`] compiled for this level.
-    unsafe fn gemm_panel_k<const K: u8>(
-        w: *const u8,
-        rb: usize,
-        nrows: usize,
-        a: *const BlockQ8K,
-        nb: usize,
-        ntok: usize,
-        y: *mut f32,
-        ystride: usize,
-    );
-    /// [`super::gemm_small`] compiled for this level.
-    unsafe fn gemm_small<const K: u8>(
-        w: *const u8,
-        rb: usize,
-        nrows: usize,
-        a: *const u8,
-        astride: usize,
-        nb: usize,
-        ntok: usize,
-        y: *mut f32,
-        ystride: usize,
-    );
-    /// [`super::gemm`] compiled for this level.
-    unsafe fn gemm<const K: u8, const R: usize, const T: usize>(
-        w: *const u8,
-        rb: usize,
-        nrows: usize,
-        a: *const u8,
-        astride: usize,
-        nb: usize,
-        ntok: usize,
-        y: *mut f32,
-        ystride: usize,
-    );
+    unsafe fn gemm_panel_k<const K: u8>(o: Operands<BlockQ8K>);
+    /// [`decode::gemm_small`] compiled for this level.
+    unsafe fn gemm_small<const K: u8>(o: Operands<u8>);
+    /// [`decode::gemm`] compiled for this level.
+    unsafe fn gemm<const K: u8, const R: usize, const T: usize>(o: Operands<u8>);
+    /// [`product_chains`] compiled for this level.
+    unsafe fn product_chains(iters: usize) -> i32;
 }
 
 /// The [`Isa`] entry points of one level, compiled with its target features `$features`.
 macro_rules! entry_points {
     ($features:literal) => {
         #[target_feature(enable = $features)]
-        unsafe fn gemm_steps_q32<const K: u8>(
-            w: *const u8,
-            rb: usize,
-            nrows: usize,
-            a: *const BlockQ8,
-            nb: usize,
-            ntok: usize,
-            y: *mut f32,
-            ystride: usize,
-        ) {
-            panel::gemm_steps_q32::<Self, K>(w, rb, nrows, a, nb, ntok, y, ystride)
+        unsafe fn gemm_steps_q32<const K: u8>(o: Operands<BlockQ8>) {
+            panel::gemm_steps_q32::<Self, K>(o)
         }
         #[target_feature(enable = $features)]
-        unsafe fn gemm_panel_q32<const K: u8>(
-            w: *const u8,
-            rb: usize,
-            nrows: usize,
-            a: *const BlockQ8,
-            nb: usize,
-            ntok: usize,
-            y: *mut f32,
-            ystride: usize,
-        ) {
-            panel::gemm_panel_q32::<Self, K>(w, rb, nrows, a, nb, ntok, y, ystride)
+        unsafe fn gemm_panel_q32<const K: u8>(o: Operands<BlockQ8>) {
+            panel::gemm_panel_q32::<Self, K>(o)
         }
         #[target_feature(enable = $features)]
-        unsafe fn gemm_k_rows4<const SIX: bool>(
-            w: *const u8,
-            rb: usize,
-            nrows: usize,
-            a: *const BlockQ8K,
-            nb: usize,
-            ntok: usize,
-            y: *mut f32,
-            ystride: usize,
-        ) {
-            panel::gemm_k_rows4::<Self, SIX>(w, rb, nrows, a, nb, ntok, y, ystride)
+        unsafe fn gemm_k_rows4<const SIX: bool>(o: Operands<BlockQ8K>) {
+            panel::gemm_k_rows4::<Self, SIX>(o)
         }
         #[target_feature(enable = $features)]
-        unsafe fn gemm_panel_k<const K: u8>(
-            w: *const u8,
-            rb: usize,
-            nrows: usize,
-            a: *const BlockQ8K,
-            nb: usize,
-            ntok: usize,
-            y: *mut f32,
-            ystride: usize,
-        ) {
-            panel::gemm_panel_k::<Self, K>(w, rb, nrows, a, nb, ntok, y, ystride)
+        unsafe fn gemm_panel_k<const K: u8>(o: Operands<BlockQ8K>) {
+            panel::gemm_panel_k::<Self, K>(o)
         }
         #[target_feature(enable = $features)]
-        unsafe fn gemm_small<const K: u8>(
-            w: *const u8,
-            rb: usize,
-            nrows: usize,
-            a: *const u8,
-            astride: usize,
-            nb: usize,
-            ntok: usize,
-            y: *mut f32,
-            ystride: usize,
-        ) {
-            super::gemm_small::<Self, K>(w, rb, nrows, a, astride, nb, ntok, y, ystride)
+        unsafe fn gemm_small<const K: u8>(o: Operands<u8>) {
+            decode::gemm_small::<Self, K>(o)
         }
         #[target_feature(enable = $features)]
-        unsafe fn gemm<const K: u8, const R: usize, const T: usize>(
-            w: *const u8,
-            rb: usize,
-            nrows: usize,
-            a: *const u8,
-            astride: usize,
-            nb: usize,
-            ntok: usize,
-            y: *mut f32,
-            ystride: usize,
-        ) {
-            super::gemm::<Self, K, R, T>(w, rb, nrows, a, astride, nb, ntok, y, ystride)
+        unsafe fn gemm<const K: u8, const R: usize, const T: usize>(o: Operands<u8>) {
+            decode::gemm::<Self, K, R, T>(o)
+        }
+        #[target_feature(enable = $features)]
+        unsafe fn product_chains(iters: usize) -> i32 {
+            self::product_chains::<Self>(iters)
         }
     };
 }
@@ -299,30 +190,17 @@ unsafe fn product_chains<I: Isa>(iters: usize) -> i32 {
     out.iter().fold(0, |x, v| x.wrapping_add(*v))
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn product_chains_avx2(iters: usize) -> i32 {
-    product_chains::<Avx2>(iters)
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn product_chains_avx512(iters: usize) -> i32 {
-    product_chains::<Avx512Vnni>(iters)
-}
-
-/// The 8-bit multiply-adds one thread computes per second with `backend`'s product instructions
-/// and nothing else: the compute ceiling of the quantized kernels (prefill, batched decode).
+/// The 8-bit multiply-adds one thread computes per second with level `I`'s product
+/// instructions and nothing else: the compute ceiling of the quantized kernels (prefill, batched
+/// decode).
 ///
 /// # Safety
-/// `backend` must be available on this CPU.
-pub(crate) unsafe fn product_rate(backend: crate::Backend, seconds: f64) -> f64 {
-    let run = |iters: usize| match backend {
-        crate::Backend::Avx512 => product_chains_avx512(iters),
-        _ => product_chains_avx2(iters),
-    };
+/// Requires the level's CPU features.
+pub(crate) unsafe fn product_rate<I: Isa>(seconds: f64) -> f64 {
     let mut iters = 1 << 12;
     loop {
         let t0 = std::time::Instant::now();
-        std::hint::black_box(run(iters));
+        std::hint::black_box(I::product_chains(iters));
         let dt = t0.elapsed().as_secs_f64();
         if dt >= seconds || iters >= 1 << 34 {
             return (iters * CHAINS * 32) as f64 / dt;

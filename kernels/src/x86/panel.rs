@@ -22,7 +22,17 @@
 
 #![allow(clippy::needless_range_loop)]
 
-use super::*;
+use super::isa::Isa;
+use super::simd::{f16_ld, ld128, ld256, prefetch, scale_min_bytes_k4, unpack32u_vals};
+use super::{
+    q32_block_bytes, q32_signed, Operands, K_Q4_0, K_Q4_0R4, K_Q4_1, K_Q5K, K_Q5_0, K_Q5_0R4,
+    K_Q5_1, K_Q6K, K_Q8_0, K_Q8_0R4,
+};
+use crate::layout::{
+    BlockQ8, BlockQ8K, Q4K_D, Q4K_DMIN, Q4K_GROUP_BYTES, Q4K_MINS, Q4K_SCALES, Q6K_D, Q6K_SCALES,
+};
+use std::arch::x86_64::*;
+use std::mem::size_of;
 
 /// Rows per panel.
 pub(super) const PR: usize = 4;
@@ -36,38 +46,6 @@ const OFF_M: usize = 288;
 
 thread_local! {
     static PANEL: std::cell::Cell<Vec<u64>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// Unsigned values only (d and m are not read by callers that gather them).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn unpack32u_vals<const K: u8>(p: *const u8) -> (__m256i, f32, f32) {
-    match K {
-        K_Q4_0 => (nibbles32(p.add(2)), 0.0, 0.0),
-        K_Q4_1 => (nibbles32(p.add(4)), 0.0, 0.0),
-        K_Q5_0 => {
-            let hb = bits32(p.add(2));
-            (
-                _mm256_or_si256(
-                    nibbles32(p.add(6)),
-                    _mm256_and_si256(hb, _mm256_set1_epi8(0x10)),
-                ),
-                0.0,
-                0.0,
-            )
-        }
-        _ => {
-            let hb = bits32(p.add(4));
-            (
-                _mm256_or_si256(
-                    nibbles32(p.add(8)),
-                    _mm256_and_si256(hb, _mm256_set1_epi8(0x10)),
-                ),
-                0.0,
-                0.0,
-            )
-        }
-    }
 }
 
 /// Four 32-byte row vectors as four "step" vectors: step k holds bytes 8k..8k+8
@@ -103,9 +81,9 @@ unsafe fn store_steps(v: [__m256i; 4], dst: *mut u8) {
 #[derive(Clone, Copy)]
 pub(super) struct PanelBlock {
     /// Value steps: |w| for Q8_0, unsigned values otherwise.
-    w: [__m256i; 4],
+    pub w: [__m256i; 4],
     /// Signed steps (Q8_0 only).
-    s: [__m256i; 4],
+    pub s: [__m256i; 4],
     /// [d0 d0 d1 d1 d2 d2 d3 d3]
     d: __m256,
     /// [m0 0 m1 0 m2 0 m3 0]: x = d * v + m (Q4_0/Q5_0: the -8/-16 offset)
@@ -172,7 +150,7 @@ pub(super) unsafe fn unpack_block<const K: u8>(
     }
 }
 
-/// One rows4 group-block (repack.rs) at `p`: the steps are stored as they are used, so
+/// One rows4 group-block (layout.rs) at `p`: the steps are stored as they are used, so
 /// unpacking is a few loads and masks (for Q5_0 one shift per step brings the fifth bits
 /// into place, see `Q5_HIGH_BIT`). Prefetches `pf` bytes ahead (0: none).
 #[inline]
@@ -233,53 +211,6 @@ unsafe fn unpack_rows4<const K: u8>(p: *const u8, pf: usize) -> PanelBlock {
         s: [_mm256_setzero_si256(); 4],
         d,
         m: _mm256_mul_ps(d, even(offset)),
-    }
-}
-
-/// [`unpack_rows4`]'s inverse: `nb` blocks of four GGUF rows at `src` (row stride `rb`) as
-/// rows4 group-blocks at `dst` (the same bytes as the scalar packer in repack.rs writes).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn pack_rows4<const K: u8>(src: *const u8, rb: usize, nb: usize, dst: *mut u8) {
-    let bb = q32_block_bytes(K);
-    let gb = 4 * bb;
-    let m4 = _mm256_set1_epi8(0x0f);
-    let b4 = _mm256_set1_epi8(0x10);
-    for b in 0..nb {
-        let (p, g) = (src.add(b * bb), dst.add(b * gb));
-        let u = unpack_block::<K>(p, rb, PR, 0);
-        for r in 0..PR {
-            std::ptr::copy_nonoverlapping(p.add(r * rb), g.add(gb - 8 + 2 * r), 2);
-        }
-        let st = |o: usize, v: __m256i| _mm256_storeu_si256(g.add(o) as *mut __m256i, v);
-        if K == K_Q8_0 {
-            for k in 0..4 {
-                st(32 * k, u.s[k]);
-            }
-            continue;
-        }
-        let nib = |lo: __m256i, hi: __m256i| {
-            _mm256_or_si256(
-                _mm256_and_si256(lo, m4),
-                _mm256_slli_epi16::<4>(_mm256_and_si256(hi, m4)),
-            )
-        };
-        st(0, nib(u.w[0], u.w[1]));
-        st(32, nib(u.w[2], u.w[3]));
-        if K == K_Q5_0 {
-            let hb = |k: usize| _mm256_and_si256(u.w[k], b4);
-            let h = _mm256_or_si256(
-                _mm256_or_si256(
-                    _mm256_srlv_epi64(hb(0), _mm256_setr_epi64x(4, 4, 3, 3)),
-                    _mm256_srlv_epi64(hb(1), _mm256_setr_epi64x(2, 2, 1, 1)),
-                ),
-                _mm256_or_si256(
-                    _mm256_sllv_epi64(hb(2), _mm256_setr_epi64x(0, 0, 3, 3)),
-                    _mm256_sllv_epi64(hb(3), _mm256_setr_epi64x(1, 1, 2, 2)),
-                ),
-            );
-            let h = _mm_or_si128(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
-            _mm_storeu_si128(g.add(64) as *mut __m128i, h);
-        }
     }
 }
 
@@ -385,7 +316,6 @@ unsafe fn micro<I: Isa, const SIGNED: bool, const T: usize>(
 /// panel kernels' arithmetic (same results as the panel path for every token).
 /// Prefetches `pf` bytes ahead like the decode kernel.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn tile_steps<I: Isa, const K: u8, const T: usize>(
     w: *const u8,
     rb: usize,
@@ -470,20 +400,21 @@ macro_rules! token_tiles {
     }};
 }
 
-/// Rows `0..nrows` at `w` (row stride `rb`), all `ntok` tokens of `a` (nb blocks each).
-/// Every token gets the same operations whatever `ntok` is (n = 1 included).
+/// All rows and tokens of `o`. Every token gets the same operations whatever the number of
+/// tokens is (1 included).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_panel_q32<I: Isa, const K: u8>(
-    w: *const u8,
-    rb: usize,
-    nrows: usize,
-    a: *const BlockQ8,
-    nb: usize,
-    ntok: usize,
-    y: *mut f32,
-    ystride: usize,
-) {
+pub(super) unsafe fn gemm_panel_q32<I: Isa, const K: u8>(o: Operands<BlockQ8>) {
+    let Operands {
+        w,
+        rb,
+        nrows,
+        a,
+        nb,
+        ntok,
+        y,
+        ystride,
+        ..
+    } = o;
     let mut buf = PANEL.with(|c| c.take());
     buf.resize((nb * PB).div_ceil(8), 0); // u64-backed: 8-byte aligned f32/i16 fields
     let panel = buf.as_mut_ptr() as *mut u8;
@@ -521,21 +452,22 @@ pub(super) unsafe fn gemm_panel_q32<I: Isa, const K: u8>(
     PANEL.with(|c| c.set(buf));
 }
 
-/// Small batches: rows `0..nrows` in tiles of 4, each block unpacked in registers
+/// Small batches: the rows of `o` in tiles of 4, each block unpacked in registers
 /// once per token tile ([`tile_steps`]), the next row tile prefetched as in decode.
 /// Same results as [`gemm_panel_q32`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_steps_q32<I: Isa, const K: u8>(
-    w: *const u8,
-    rb: usize,
-    nrows: usize,
-    a: *const BlockQ8,
-    nb: usize,
-    ntok: usize,
-    y: *mut f32,
-    ystride: usize,
-) {
+pub(super) unsafe fn gemm_steps_q32<I: Isa, const K: u8>(o: Operands<BlockQ8>) {
+    let Operands {
+        w,
+        rb,
+        nrows,
+        a,
+        nb,
+        ntok,
+        y,
+        ystride,
+        ..
+    } = o;
     let mut r = 0;
     while r < nrows {
         let nr = (nrows - r).min(PR);
@@ -822,7 +754,7 @@ unsafe fn micro_k_block<I: Isa, const BITS: u32, const T: usize>(
     }
 }
 
-/// Sub-block `j` of the Q4_K rows4 group-block at `p` (repack.rs): its four steps (two loads of
+/// Sub-block `j` of the Q4_K rows4 group-block at `p` (layout.rs): its four steps (two loads of
 /// nibbles) and its scales spread to [r0 x4, r1 x4 | r2 x4, r3 x4] i16 by one byte shuffle of
 /// the group-block's scale bytes `sc[0]` ([`k_rows4_scales`]).
 #[inline]
@@ -911,7 +843,6 @@ unsafe fn spread_i8(v: __m256i, c: &[i8; 16]) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn k_rows4_scales<const SIX: bool>(p: *const u8) -> [__m256i; 2] {
-    use crate::repack::{Q4K_SCALES, Q6K_SCALES};
     if SIX {
         [ld256(p.add(Q6K_SCALES)), ld256(p.add(Q6K_SCALES + 32))]
     } else {
@@ -958,7 +889,6 @@ unsafe fn k_rows4_mins_d<const SIX: bool>(
     p: *const u8,
     sc: &[__m256i; 2],
 ) -> ([__m256i; 4], __m256, __m256) {
-    use crate::repack::{Q4K_D, Q4K_DMIN, Q4K_MINS, Q6K_D};
     let f16x8 = |o: usize| {
         let x = _mm_loadl_epi64(p.add(o) as *const __m128i);
         _mm256_cvtph_ps(_mm_unpacklo_epi16(x, x))
@@ -977,7 +907,7 @@ unsafe fn k_rows4_mins_d<const SIX: bool>(
     }
 }
 
-/// Q4_K (SIX = false) or Q6_K rows4 group-blocks (repack.rs) at `w` x T tokens over `nb`
+/// Q4_K (SIX = false) or Q6_K rows4 group-blocks (layout.rs) at `w` x T tokens over `nb`
 /// super-blocks: each sub-block unpacked in registers once for the T tokens, then the panel
 /// kernels' arithmetic (the same bits as the GGUF panel path, for every token count).
 /// Prefetches `pf` bytes ahead (0: none).
@@ -989,11 +919,7 @@ unsafe fn tile_k_rows4<I: Isa, const SIX: bool, const T: usize>(
     nb: usize,
     pf: usize,
 ) -> [[f32; T]; PR] {
-    let gb = if SIX {
-        840
-    } else {
-        crate::repack::Q4K_GROUP_BYTES
-    };
+    let gb = if SIX { 840 } else { Q4K_GROUP_BYTES };
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let p = w.add(b * gb);
@@ -1033,22 +959,23 @@ unsafe fn tile_k_rows4<I: Isa, const SIX: bool, const T: usize>(
 /// which spends long on each group, did better with the far one (docs/BENCHMARKS.md).
 const K_ROWS4_DECODE_PREFETCH: usize = 1024;
 
-/// Q4_K (SIX = false) or Q6_K rows4 weights (`rb` bytes per row, `nrows` a multiple of 4),
-/// all `ntok` tokens, for every token count: tokens in chunks whose activations stay in L2,
+/// Q4_K (SIX = false) or Q6_K rows4 weights (`o.nrows` a multiple of 4), all tokens of `o`, for
+/// every token count: tokens in chunks whose activations stay in L2,
 /// each group of four rows through all tokens of a chunk in tiles of up to 8, the next group
 /// prefetched by the first tile.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_k_rows4<I: Isa, const SIX: bool>(
-    w: *const u8,
-    rb: usize,
-    nrows: usize,
-    a: *const BlockQ8K,
-    nb: usize,
-    ntok: usize,
-    y: *mut f32,
-    ystride: usize,
-) {
+pub(super) unsafe fn gemm_k_rows4<I: Isa, const SIX: bool>(o: Operands<BlockQ8K>) {
+    let Operands {
+        w,
+        rb,
+        nrows,
+        a,
+        nb,
+        ntok,
+        y,
+        ystride,
+        ..
+    } = o;
     let tch = ((256 << 10) / (nb * size_of::<BlockQ8K>())).clamp(16, 192) / PT_MAX * PT_MAX;
     let mut tc = 0;
     while tc < ntok {
@@ -1072,19 +999,20 @@ pub(super) unsafe fn gemm_k_rows4<I: Isa, const SIX: bool>(
     }
 }
 
-/// Rows `0..nrows` at `w` (row stride `rb`), all `ntok` tokens of `a` (nb super-blocks each).
+/// All rows and tokens of `o` (Q4_K, Q5_K or Q6_K in the GGUF layout).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_panel_k<I: Isa, const K: u8>(
-    w: *const u8,
-    rb: usize,
-    nrows: usize,
-    a: *const BlockQ8K,
-    nb: usize,
-    ntok: usize,
-    y: *mut f32,
-    ystride: usize,
-) {
+pub(super) unsafe fn gemm_panel_k<I: Isa, const K: u8>(o: Operands<BlockQ8K>) {
+    let Operands {
+        w,
+        rb,
+        nrows,
+        a,
+        nb,
+        ntok,
+        y,
+        ystride,
+        ..
+    } = o;
     const KT: usize = 4;
     let mut buf = PANEL.with(|c| c.take());
     buf.resize((nb * KPB).div_ceil(8), 0);

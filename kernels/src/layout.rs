@@ -1,0 +1,337 @@
+//! The types and layouts every kernel level shares: the GGUF element types, the weight layouts
+//! and their byte sizes, the quantized activation blocks, and the plan of a row chunk that the
+//! driver hands to a kernel level. It imports nothing from the rest of the crate, so that the
+//! driver, the scalar reference, the rows4 packer and the x86 kernels all depend on it and not
+//! on each other.
+//!
+//! # The rows4 weight layout
+//!
+//! Q4_0, Q5_0, Q8_0, Q4_K and Q6_K rearranged once at load so that the SIMD kernels read four
+//! rows' blocks as ready-made vectors ([`Packing::Rows4`], from [`crate::repack_rows4`]).
+//!
+//! Why: in the GGUF layout every block of every row must be unpacked and then transposed
+//! into the kernels' "step" form (each 32-byte vector holds 8 consecutive values of each of
+//! four rows, so one broadcast 8-byte activation chunk meets all four rows in one `maddubs`).
+//! For decode that work, not the memory traffic, bounded these formats. Rows4 stores the
+//! blocks already transposed, with the same number of bytes.
+//!
+//! Rows are taken in groups of four (the matrix must have a multiple of four rows); a group
+//! holds, for each block index `b` of the rows, one group-block:
+//!
+//! * Q8_0 (136 bytes): four steps of 32 signed values, then the four rows' f16 scales.
+//! * Q4_0 (72 bytes), Q5_0 (88 bytes): two 32-byte vectors of nibbles (low nibbles: steps 0
+//!   and 2, high nibbles: steps 1 and 3), for Q5_0 the 128 fifth bits as 16 bytes (see
+//!   [`Q5_HIGH_BIT`]), then the four rows' f16 scales.
+//!
+//! * Q4_K (592 bytes, 16 more than four GGUF blocks): for each sub-block `j` of 32 values,
+//!   two 32-byte vectors of nibbles as above (its four steps); then the 6-bit scales as bytes,
+//!   row `r`'s eight at `8r` (so one in-lane byte shuffle spreads a sub-block's four scales);
+//!   then the mins as bytes, those of sub-blocks `2q, 2q + 1` of row `r` at `8q + 2r`; then the
+//!   four d and the four dmin as f16. The scales and mins cost the extra bytes: unpacked once
+//!   at load rather than from their 12-byte packing for every block of every row at run time.
+//!
+//! * Q6_K (840 bytes): for each sub-block of 32 values three 32-byte vectors: steps 0, 1 and 2
+//!   as 6-bit values, the top two bits of each byte holding two of step 3's six (low, middle,
+//!   high); then the 16 group scales (i8) of each row, groups `8h..8h + 8` of row `r` at
+//!   `32h + 8r`; then the four d as f16.
+//!
+//! Step `k`, byte `s` (0..32) is element `8k + s % 8` (of the block or sub-block) of row `s / 8`.
+
+/// Tensor element types of GGUF files that these kernels understand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    Q8K,
+}
+
+impl QuantType {
+    /// All supported types.
+    pub const ALL: [QuantType; 14] = [
+        QuantType::F32,
+        QuantType::F16,
+        QuantType::BF16,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::Q8_0,
+        QuantType::Q2K,
+        QuantType::Q3K,
+        QuantType::Q4K,
+        QuantType::Q5K,
+        QuantType::Q6K,
+        QuantType::Q8K,
+    ];
+
+    /// Maps a ggml type id (as stored in GGUF tensor infos) to a [`QuantType`].
+    pub fn from_ggml_id(id: u32) -> Option<QuantType> {
+        Some(match id {
+            0 => QuantType::F32,
+            1 => QuantType::F16,
+            2 => QuantType::Q4_0,
+            3 => QuantType::Q4_1,
+            6 => QuantType::Q5_0,
+            7 => QuantType::Q5_1,
+            8 => QuantType::Q8_0,
+            10 => QuantType::Q2K,
+            11 => QuantType::Q3K,
+            12 => QuantType::Q4K,
+            13 => QuantType::Q5K,
+            14 => QuantType::Q6K,
+            15 => QuantType::Q8K,
+            30 => QuantType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// The ggml type id.
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            QuantType::F32 => 0,
+            QuantType::F16 => 1,
+            QuantType::Q4_0 => 2,
+            QuantType::Q4_1 => 3,
+            QuantType::Q5_0 => 6,
+            QuantType::Q5_1 => 7,
+            QuantType::Q8_0 => 8,
+            QuantType::Q2K => 10,
+            QuantType::Q3K => 11,
+            QuantType::Q4K => 12,
+            QuantType::Q5K => 13,
+            QuantType::Q6K => 14,
+            QuantType::Q8K => 15,
+            QuantType::BF16 => 30,
+        }
+    }
+
+    /// ggml-style name ("Q4_K", "F16", ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::F32 => "F32",
+            QuantType::F16 => "F16",
+            QuantType::BF16 => "BF16",
+            QuantType::Q4_0 => "Q4_0",
+            QuantType::Q4_1 => "Q4_1",
+            QuantType::Q5_0 => "Q5_0",
+            QuantType::Q5_1 => "Q5_1",
+            QuantType::Q8_0 => "Q8_0",
+            QuantType::Q2K => "Q2_K",
+            QuantType::Q3K => "Q3_K",
+            QuantType::Q4K => "Q4_K",
+            QuantType::Q5K => "Q5_K",
+            QuantType::Q6K => "Q6_K",
+            QuantType::Q8K => "Q8_K",
+        }
+    }
+
+    /// Elements per block (1 for the float types).
+    pub fn block_size(self) -> usize {
+        match self {
+            QuantType::F32 | QuantType::F16 | QuantType::BF16 => 1,
+            QuantType::Q4_0
+            | QuantType::Q4_1
+            | QuantType::Q5_0
+            | QuantType::Q5_1
+            | QuantType::Q8_0 => 32,
+            QuantType::Q2K
+            | QuantType::Q3K
+            | QuantType::Q4K
+            | QuantType::Q5K
+            | QuantType::Q6K
+            | QuantType::Q8K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantType::F32 => 4,
+            QuantType::F16 | QuantType::BF16 => 2,
+            QuantType::Q4_0 => 18,
+            QuantType::Q4_1 => 20,
+            QuantType::Q5_0 => 22,
+            QuantType::Q5_1 => 24,
+            QuantType::Q8_0 => 34,
+            QuantType::Q2K => 84,
+            QuantType::Q3K => 110,
+            QuantType::Q4K => 144,
+            QuantType::Q5K => 176,
+            QuantType::Q6K => 210,
+            QuantType::Q8K => 292,
+        }
+    }
+
+    /// Bytes of a row of `n` elements, `None` if `n` is not a multiple of the block size.
+    pub fn row_bytes(self, n: usize) -> Option<usize> {
+        let bs = self.block_size();
+        if !n.is_multiple_of(bs) {
+            None
+        } else {
+            Some(n / bs * self.block_bytes())
+        }
+    }
+
+    /// True for the float (non block-quantized) types.
+    pub fn is_float(self) -> bool {
+        matches!(self, QuantType::F32 | QuantType::F16 | QuantType::BF16)
+    }
+}
+
+impl std::fmt::Display for QuantType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Weight layouts the kernels read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Packing {
+    /// Raw GGUF blocks, row after row.
+    #[default]
+    Gguf,
+    /// Groups of four rows, blocks transposed (see the module docs; from
+    /// [`crate::repack_rows4`]).
+    Rows4,
+}
+
+/// Bytes per weight row of `cols` columns as stored in `packing` (`None`: `cols` is not a
+/// multiple of the block size).
+pub fn stored_row_bytes(ty: QuantType, packing: Packing, cols: usize) -> Option<usize> {
+    match packing {
+        Packing::Gguf => ty.row_bytes(cols),
+        Packing::Rows4 => rows4_row_bytes(ty, cols),
+    }
+}
+
+/// Whether `ty` has a rows4 form.
+pub fn has_rows4(ty: QuantType) -> bool {
+    matches!(
+        ty,
+        QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 | QuantType::Q4K | QuantType::Q6K
+    )
+}
+
+/// Bytes per row of a `cols`-column matrix of `ty` in the rows4 layout (a quarter of a group).
+pub fn rows4_row_bytes(ty: QuantType, cols: usize) -> Option<usize> {
+    Some(ty.row_bytes(cols)? / ty.block_bytes() * group_block_bytes(ty) / 4)
+}
+
+/// Bytes of one rows4 group-block (four rows' blocks of index `b`): the same as four GGUF
+/// blocks, but for Q4_K's unpacked scales and mins.
+pub(crate) fn group_block_bytes(ty: QuantType) -> usize {
+    match ty {
+        QuantType::Q4K => Q4K_GROUP_BYTES,
+        _ => 4 * ty.block_bytes(),
+    }
+}
+
+/// Where the fifth bit of step `k`, byte `s` of a Q5_0 group-block sits: byte `s % 16` of the
+/// 16 high-bit bytes, at bit `Q5_HIGH_BIT[k][s / 16]`. Chosen so that one 64-bit shift per
+/// step (left for steps 0 and 1, right for 2 and 3, a different count in each 128-bit half)
+/// brings every byte's bit to position 4 without a neighbour's bit landing there.
+pub(crate) const Q5_HIGH_BIT: [[u32; 2]; 4] = [[0, 1], [2, 3], [4, 7], [5, 6]];
+
+/// Bytes of a Q4_K group-block, and where its scales, mins, d and dmin start.
+pub(crate) const Q4K_GROUP_BYTES: usize = 592;
+pub(crate) const Q4K_SCALES: usize = 512;
+pub(crate) const Q4K_MINS: usize = 544;
+pub(crate) const Q4K_D: usize = 576;
+pub(crate) const Q4K_DMIN: usize = 584;
+
+/// Where a Q6_K group-block's scales and d start.
+pub(crate) const Q6K_SCALES: usize = 768;
+pub(crate) const Q6K_D: usize = 832;
+
+/// 32 activations quantized to i8: `x ~= d * qs`, `s = d * sum(qs)`.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(8))]
+pub struct BlockQ8 {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; 32],
+}
+
+impl Default for BlockQ8 {
+    fn default() -> Self {
+        BlockQ8 {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; 32],
+        }
+    }
+}
+
+/// 256 activations quantized to i8: `x ~= d * qs`; `bsums[g]` = sum of `qs[16g..16g+16]`.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(8))]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; 256],
+    pub bsums: [i16; 16],
+}
+
+impl Default for BlockQ8K {
+    fn default() -> Self {
+        BlockQ8K {
+            d: 0.0,
+            qs: [0; 256],
+            bsums: [0; 16],
+        }
+    }
+}
+
+/// The scale `d = amax / 127` of an activation block whose largest magnitude is `amax`, and
+/// the factor `1 / d` its values are multiplied by before rounding (0 for an all-zero block).
+/// One definition for every level, so that their blocks are bit-identical.
+#[inline(always)]
+pub(crate) fn q8_scale(amax: f32) -> (f32, f32) {
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    (d, id)
+}
+
+/// Activations of all tokens, in the form the weight type wants.
+#[derive(Clone, Copy)]
+pub(crate) enum Act<'a> {
+    F32(&'a [f32]),
+    Q8(&'a [BlockQ8]),
+    Q8K(&'a [BlockQ8K]),
+}
+
+/// Raw output pointer shared by the row-chunk tasks (which write disjoint rows).
+#[derive(Clone, Copy)]
+pub(crate) struct YPtr(pub *mut f32);
+unsafe impl Send for YPtr {}
+unsafe impl Sync for YPtr {}
+
+/// One weight matrix of a matmul call and everything a kernel level needs to compute any range
+/// of its rows: built once per call by the driver, then shared by the tasks, each of which
+/// passes it with its own row range.
+#[derive(Clone, Copy)]
+pub(crate) struct RowsPlan<'a> {
+    pub ty: QuantType,
+    pub packing: Packing,
+    /// All `rows` rows, as stored in `packing`.
+    pub w: &'a [u8],
+    /// Bytes per row of `w` ([`stored_row_bytes`]).
+    pub row_bytes: usize,
+    pub rows: usize,
+    pub cols: usize,
+    /// All `n_tokens` tokens' activations.
+    pub act: Act<'a>,
+    pub n_tokens: usize,
+    /// `[n_tokens, rows]` outputs.
+    pub y: YPtr,
+}
