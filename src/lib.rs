@@ -1,9 +1,11 @@
 //! qwen-run: Qwen2.5 inference from quantized GGUF files, on Candle.
 //!
-//! The parts, from the file up: [`gguf`] reads model files, [`model`] is the Qwen2 forward pass
-//! over quantized weights (CPU kernels in the `qwen-run-kernels` crate), [`kv_cache`] holds
-//! attention state, [`tokenizer`] turns text into tokens and chats into prompts, [`sampler`]
-//! picks tokens, and [`engine`] ties them into a streaming generation loop that the [`cli`] uses.
+//! The parts, from the file up: [`gguf`] reads model files, [`model`] runs Qwen2 steps over
+//! quantized weights (CPU kernels in the `qwen-run-kernels` crate), [`kv_cache`] holds attention
+//! state, [`prefix_cache`] reuses prompt prefixes, [`tokenizer`] turns text into tokens and chats
+//! into prompts, [`sampler`] picks tokens, [`engine`] is a loaded model on its threads,
+//! [`scheduler`] is the one generation loop, and [`server`] and [`cli`] are layers on top.
+//! docs/ARCHITECTURE.md has the call graph.
 
 pub mod bench;
 pub mod cli;
@@ -14,5 +16,6 @@ pub mod kv_cache;
 pub mod model;
 pub mod prefix_cache;
 pub mod sampler;
+pub mod scheduler;
 pub mod server;
 pub mod tokenizer;

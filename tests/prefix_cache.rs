@@ -326,11 +326,11 @@ fn memory_cache_respects_its_budget() {
         .collect();
     for p in &prompts {
         generate(&engine, p);
-        let (used, budget, blocks) = engine.prefix_cache_stats().unwrap();
+        let (used, budget, blocks) = engine.prompt_cache().memory_stats().unwrap();
         assert!(used <= budget, "{used} > {budget}");
         assert!(blocks > 0);
     }
-    let (used, _, _) = engine.prefix_cache_stats().unwrap();
+    let (used, _, _) = engine.prompt_cache().memory_stats().unwrap();
     assert!(used > (1 << 20) / 2, "the budget is used: {used}");
     // The most recent prompt is still cached; the oldest is gone.
     assert_eq!(
@@ -360,9 +360,9 @@ fn disk_cache_respects_its_budget() {
             .sum();
         assert!(total <= 1 << 20, "{total} bytes on disk");
         assert!(!cache_files(&cache).is_empty());
-        assert_eq!(engine.disk_cache().unwrap().used_bytes(), total);
+        assert_eq!(engine.prompt_cache().disk().unwrap().used_bytes(), total);
     }
-    let total = engine.disk_cache().unwrap().used_bytes();
+    let total = engine.prompt_cache().disk().unwrap().used_bytes();
     assert!(total > (1 << 20) / 2, "the budget is used: {total}");
     let last = tokens(&engine, &system_text(200, 24));
     assert_eq!(generate(&engine, &last).cache_source, CacheSource::Disk);

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use qwen_run::engine::{Engine, LoadOptions};
+use qwen_run::engine::{Engine, LoadOptions, Step};
 use qwen_run::kv_cache::CacheType;
 use qwen_run::model::Logits;
 use qwen_run::sampler::{Sampler, SamplingParams};
@@ -96,45 +96,43 @@ fn cached_decode_matches_full_prefill() {
 /// an attention task's block, then a step of two sequences, one of them several tokens long.
 #[test]
 fn host_pass_matches_tensor_pass() {
-    use qwen_run::model::Sequence;
     let dir = tempfile::tempdir().unwrap();
-    let engine = load(&write_tiny_model(dir.path(), QuantType::Q4K));
-    let model = &engine.model;
+    let path = write_tiny_model(dir.path(), QuantType::Q4K);
     let prompt: Vec<u32> = (0..45).map(|i| (i * 29 + 3) % 250).collect();
     let steps: [&[u32]; 2] = [&[7], &[11, 12, 13]];
     let mut results = Vec::new();
-    for tensor_ops in [false, true] {
-        let pass = |seqs: &mut [Sequence], which| {
-            let mut logits = Vec::new();
-            if tensor_ops {
-                model.forward_batch_in_tensor_ops(seqs, which, &mut logits)
-            } else {
-                model.forward_batch(seqs, which, &mut logits)
-            }
-            .unwrap();
-            logits
-        };
+    for engine in [load(&path), load(&path).into_tensor_ops()] {
         let (mut a, mut b) = (engine.new_session().unwrap(), engine.new_session().unwrap());
-        let prefill = pass(
-            &mut [Sequence {
-                tokens: &prompt,
-                cache: &mut a.cache,
-            }],
-            Logits::All,
-        );
-        let step = pass(
-            &mut [
-                Sequence {
-                    tokens: steps[0],
-                    cache: &mut a.cache,
-                },
-                Sequence {
-                    tokens: steps[1],
-                    cache: &mut b.cache,
-                },
-            ],
-            Logits::All,
-        );
+        let mut prefill = Vec::new();
+        engine
+            .step(
+                &mut [Step {
+                    session: &mut a,
+                    tokens: &prompt,
+                    logits: Logits::All,
+                }],
+                &mut prefill,
+            )
+            .unwrap();
+        let mut step = Vec::new();
+        engine
+            .step(
+                &mut [
+                    Step {
+                        session: &mut a,
+                        tokens: steps[0],
+                        logits: Logits::All,
+                    },
+                    Step {
+                        session: &mut b,
+                        tokens: steps[1],
+                        logits: Logits::Last,
+                    },
+                ],
+                &mut step,
+            )
+            .unwrap();
+        assert_eq!(step.len(), 2 * engine.config().vocab_size);
         results.push((prefill, step));
     }
     let scale = results[1].0.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -326,15 +324,23 @@ fn batched_step_matches_each_sequence_alone() {
         engine.forward(&mut s, p, Logits::Last).unwrap();
         let mut solo = engine.new_session().unwrap();
         engine.forward(&mut solo, p, Logits::Last).unwrap();
-        alone.push(engine.forward_last(&mut solo, &[t]).unwrap().to_vec());
+        alone.extend(engine.forward(&mut solo, &[t], Logits::Last).unwrap());
         sessions.push(s);
     }
-    let steps: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-    let refs: Vec<&[u32]> = steps.iter().map(|t| t.as_slice()).collect();
-    let mut batch: Vec<&mut qwen_run::engine::Session> = sessions.iter_mut().collect();
-    let batched = engine.forward_batch(&mut batch, &refs).unwrap();
-    assert_eq!(batched.len(), 3);
-    for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
+    let mut batch: Vec<Step> = sessions
+        .iter_mut()
+        .zip(&next)
+        .map(|(session, t)| Step {
+            session,
+            tokens: std::slice::from_ref(t),
+            logits: Logits::Last,
+        })
+        .collect();
+    let mut batched = Vec::new();
+    engine.step(&mut batch, &mut batched).unwrap();
+    let vocab = engine.config().vocab_size;
+    assert_eq!(batched.len(), 3 * vocab);
+    for (i, (b, a)) in batched.chunks_exact(vocab).zip(&alone).enumerate() {
         let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
         let d = max_abs_diff(b, a) / scale;
         assert!(d < 1e-4, "sequence {i}: relative max diff {d}");

@@ -1,6 +1,7 @@
 //! Counts heap allocations, so the benchmark can report how many a generated token costs.
-//! The `qwen-run` binary installs [`Counting`] as its global allocator; elsewhere (tests, other
-//! binaries linking the library) the counters stay at zero and the benchmark says so.
+//! The `qwen-run` binary installs [`Counting`] as its global allocator when built with
+//! `--features count-allocations`, and `tests/decode_allocations.rs` installs it in its own test
+//! binary; elsewhere the counters stay at zero and the benchmark says so.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

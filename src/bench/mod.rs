@@ -11,7 +11,8 @@ pub use roofline::{
     multiply_adds_per_token,
 };
 
-use crate::engine::{Engine, LoadOptions, Session};
+use crate::engine::{Engine, LoadOptions, Session, Step};
+use crate::model::Logits;
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -256,7 +257,7 @@ fn session_at_depth(engine: &Engine, depth: usize, n: usize) -> Result<(Session,
     let tokens = bench_tokens(engine, depth + n);
     let mut session = engine.new_session()?;
     if depth > 0 {
-        engine.forward_last(&mut session, &tokens[..depth])?;
+        engine.forward(&mut session, &tokens[..depth], Logits::Last)?;
     }
     Ok((session, tokens[depth..].to_vec()))
 }
@@ -264,7 +265,7 @@ fn session_at_depth(engine: &Engine, depth: usize, n: usize) -> Result<(Session,
 fn time_prompt(engine: &Engine, n: usize, depth: usize) -> Result<Duration> {
     let (mut session, tokens) = session_at_depth(engine, depth, n)?;
     let t0 = Instant::now();
-    engine.forward_last(&mut session, &tokens)?;
+    engine.forward(&mut session, &tokens, Logits::Last)?;
     Ok(t0.elapsed())
 }
 
@@ -279,21 +280,20 @@ fn time_generation(engine: &Engine, n: usize, sequences: usize, depth: usize) ->
         sessions.push(session);
         tokens = t;
     }
-    if sequences == 1 {
-        let session = &mut sessions[0];
-        let t0 = Instant::now();
-        for &t in &tokens[..n] {
-            engine.forward_last(session, &[t])?;
-        }
-        return Ok(t0.elapsed());
-    }
+    let mut logits = Vec::new();
     let t0 = Instant::now();
     for i in 0..n {
         // A different token per sequence, as different requests would have.
-        let step: Vec<[u32; 1]> = (0..sequences).map(|s| [tokens[i + s]]).collect();
-        let refs: Vec<&[u32]> = step.iter().map(|t| t.as_slice()).collect();
-        let mut batch: Vec<&mut Session> = sessions.iter_mut().collect();
-        engine.forward_batch(&mut batch, &refs)?;
+        let mut batch: Vec<Step> = sessions
+            .iter_mut()
+            .zip(&tokens[i..])
+            .map(|(session, t)| Step {
+                session,
+                tokens: std::slice::from_ref(t),
+                logits: Logits::Last,
+            })
+            .collect();
+        engine.step(&mut batch, &mut logits)?;
     }
     Ok(t0.elapsed())
 }
@@ -314,12 +314,21 @@ fn decode_costs(engine: &Engine) -> Result<DecodeCosts> {
     const STEPS: usize = 16;
     let tokens = bench_tokens(engine, WARM_UP + STEPS);
     let mut session = engine.new_session()?;
+    let mut logits = Vec::new();
+    let mut step = |t: &u32| {
+        let mut one = [Step {
+            session: &mut session,
+            tokens: std::slice::from_ref(t),
+            logits: Logits::Last,
+        }];
+        engine.step(&mut one, &mut logits)
+    };
     for t in &tokens[..WARM_UP] {
-        engine.forward_last(&mut session, std::slice::from_ref(t))?;
+        step(t)?;
     }
     let (a0, f0) = (alloc_count::snapshot(), minor_page_faults());
     for t in &tokens[WARM_UP..] {
-        engine.forward_last(&mut session, std::slice::from_ref(t))?;
+        step(t)?;
     }
     let (a1, f1) = (alloc_count::snapshot(), minor_page_faults());
     let per = |x: u64| x as f64 / STEPS as f64;
@@ -493,12 +502,16 @@ pub fn to_markdown(report: &BenchReport) -> String {
     if let Some(p) = e.batched_compute_pct {
         s.push_str(&format!(" | batched decode at {p:.0}% of it"));
     }
-    if let (Some(n), Some(b)) = (e.allocations_per_token, e.allocated_bytes_per_token) {
-        s.push_str(&format!(
+    match (e.allocations_per_token, e.allocated_bytes_per_token) {
+        (Some(n), Some(b)) => s.push_str(&format!(
             " | per generated token: {n:.0} heap allocations ({:.1} KiB), {:.1} page faults",
             b / 1024.0,
             e.page_faults_per_token
-        ));
+        )),
+        _ => s.push_str(&format!(
+            " | per generated token: {:.1} page faults (heap allocations are counted in a build with --features count-allocations)",
+            e.page_faults_per_token
+        )),
     }
     s.push('\n');
     s

@@ -33,7 +33,7 @@ pub enum Command {
     /// Measure prompt processing and generation speed, as llama-bench does.
     Bench(BenchArgs),
     /// Serve the model over HTTP with OpenAI- and Ollama-compatible APIs.
-    Serve(crate::server::ServeArgs),
+    Serve(super::serve::ServeArgs),
     /// Compare next-token distributions and greedy continuations with llama.cpp's.
     Fidelity(FidelityArgs),
 }
@@ -173,10 +173,9 @@ pub struct ModelArgs {
     /// Size limit of the persistent prompt cache, in MiB; the least recently used files go first.
     #[arg(long = "prompt-cache-max", value_name = "MiB", default_value_t = DEFAULT_PROMPT_CACHE_MAX_MIB)]
     pub prompt_cache_max: u64,
-    /// on: keep the CPU copy of the weights in 2 MiB pages, for 5-9% faster decoding (measured
-    /// here), at the price of a slower load where fresh 2 MiB pages are slow to get (1-2 s more
-    /// for the 1.5B on a virtual machine here). Default: on for `serve`, which loads once and
-    /// decodes for long, off for one-shot commands.
+    /// on: keep the CPU copy of the weights in 2 MiB pages, for faster decoding, at the price of
+    /// a slower load where fresh 2 MiB pages are slow to get (docs/BENCHMARKS.md has figures).
+    /// Default: on for `serve`, which loads once and decodes for long, off for one-shot commands.
     #[arg(long = "huge-pages", value_name = "on|off", value_parser = parse_on_off)]
     pub huge_pages: Option<bool>,
 }

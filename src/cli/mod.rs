@@ -5,11 +5,13 @@ mod bench;
 mod chat;
 mod fidelity;
 mod run;
+mod serve;
 
 pub use args::{
     default_prompt_cache_dir, expand_llama_flags, BenchArgs, ChatArgs, Cli, Command,
     ContextOverflow, FidelityArgs, ModelArgs, RunArgs, SamplingArgs,
 };
+pub use serve::ServeArgs;
 
 use clap::Parser;
 
@@ -36,7 +38,7 @@ pub fn main() -> i32 {
         Some(Command::Run(args)) => run::run(&args),
         Some(Command::Bench(args)) => bench::bench(&args),
         Some(Command::Chat(args)) => chat::chat(&args),
-        Some(Command::Serve(args)) => crate::server::serve(&args),
+        Some(Command::Serve(args)) => args.server_options().and_then(crate::server::serve),
         Some(Command::Fidelity(args)) => fidelity::fidelity(&args),
         None => run::run(&cli.run),
     });

@@ -62,17 +62,17 @@ pub fn report(engine: &Engine, g: &Generation) -> String {
     } else {
         String::new()
     };
-    let types = if engine.cache_type_k == engine.cache_type_v {
-        engine.cache_type_k.name().to_string()
+    let types = if engine.cache_type_k() == engine.cache_type_v() {
+        engine.cache_type_k().name().to_string()
     } else {
         format!(
             "K {} V {}",
-            engine.cache_type_k.name(),
-            engine.cache_type_v.name()
+            engine.cache_type_k().name(),
+            engine.cache_type_v().name()
         )
     };
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
-    let prefix = match engine.prefix_cache_stats() {
+    let prefix = match engine.prompt_cache().memory_stats() {
         Some((used, _, _)) => format!(" | prefix cache {:.1} MiB", mib(used)),
         None => String::new(),
     };

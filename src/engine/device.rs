@@ -1,3 +1,6 @@
+//! Which device the model loads on, and where it runs as the reports show it.
+
+use super::Engine;
 use anyhow::{bail, Result};
 use candle_core::Device;
 
@@ -78,4 +81,71 @@ pub fn gpu_memory(device: &Device) -> Option<(usize, usize)> {
     }
     let _ = device;
     None
+}
+
+impl Engine {
+    /// The backend, as llama-bench's column names it: "CPU (avx2)", "CUDA", or "CUDA+CPU" when
+    /// only some layers are offloaded.
+    pub fn device_name(&self) -> String {
+        let p = self.placement();
+        match p.gpu() {
+            None => format!("CPU ({})", qwen_run_kernels::simd_name()),
+            Some(gpu) => {
+                let name = match gpu {
+                    Device::Cuda(_) => "CUDA",
+                    _ => "Metal",
+                };
+                let all = p.gpu_layers() == p.layers.len() && !p.output.is_cpu();
+                if all {
+                    name.to_string()
+                } else {
+                    format!("{name}+CPU")
+                }
+            }
+        }
+    }
+
+    /// Whether the weight tensor `name` lives on the GPU. A tied output head reads the embedding
+    /// table from a GPU copy too, but lookups read the host copy: counted as host.
+    pub fn on_gpu(&self, name: &str) -> bool {
+        let p = self.placement();
+        match name.strip_prefix("blk.").and_then(|r| r.split('.').next()) {
+            Some(i) => i.parse::<usize>().is_ok_and(|i| !p.layers[i].is_cpu()),
+            None => name != "token_embd.weight" && !p.output.is_cpu(),
+        }
+    }
+
+    /// Where the model runs on the GPU and the GPU memory it takes, for the run report; None on
+    /// the CPU.
+    pub fn gpu_report(&self) -> Option<String> {
+        let p = self.placement();
+        let gpu = p.gpu()?;
+        let c = self.config();
+        let weights: usize = self
+            .gguf
+            .tensors
+            .iter()
+            .filter(|t| self.on_gpu(&t.name))
+            .map(|t| t.size)
+            .sum();
+        let kv = self.kv_bytes_per_token() / c.n_layers * p.gpu_layers() * self.ctx_size;
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        let mut s = format!(
+            "{}: {}/{} layers{} | weights {:.2} GiB + KV {:.2} GiB on the GPU",
+            gpu_name(gpu),
+            p.gpu_layers(),
+            p.layers.len(),
+            if p.output.is_cpu() { "" } else { " + output" },
+            gib(weights),
+            gib(kv)
+        );
+        if let Some((free, total)) = gpu_memory(gpu) {
+            s.push_str(&format!(
+                " | device memory {:.2} GiB used of {:.2} GiB",
+                gib(total - free),
+                gib(total)
+            ));
+        }
+        Some(s)
+    }
 }

@@ -1,12 +1,17 @@
 //! The attention KV cache: one preallocated buffer per layer for the whole context, written in
 //! place as tokens arrive. Nothing is concatenated per token.
 //!
-//! Keys and values each have their own storage type (llama.cpp's `--cache-type-k/-v`): f32 and
-//! f16 live in Candle tensors; q8_0 (blocks of 32 values as i8 with one f16 scale, 34 bytes per
+//! Keys and values each have their own storage type (llama.cpp's `--cache-type-k/-v`): f32 on
+//! the CPU lives in host memory, read and written in place by the host pass; f32 on a GPU and f16
+//! live in Candle tensors; q8_0 (blocks of 32 values as i8 with one f16 scale, 34 bytes per
 //! 32 values) lives in host memory and is dequantized to f32 when attention reads it.
 //!
 //! A token range can be exported as host bytes ([`KvBlock`]) and imported again, which is what
 //! the prefix cache (in memory and on disk) is built on.
+
+mod session;
+
+pub use session::Session;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -81,7 +86,7 @@ impl CacheType {
 
 /// One of a layer's two buffers (keys or values), `[kv_heads, capacity, head_dim]`.
 enum Store {
-    /// f32 in host memory, read and written in place by the CPU decode pass.
+    /// f32 in host memory, read and written in place by the host pass.
     Host(Vec<f32>),
     Tensor(Tensor),
     /// q8_0 rows, head-major: row `(h, pos)` starts at `(h * capacity + pos) * row_bytes`.
@@ -232,7 +237,7 @@ impl KvCache {
     }
 
     /// A layer's key and value buffers (`[kv_heads, capacity, head_dim]`), when both are f32 in
-    /// host memory: CPU decode steps read them in place.
+    /// host memory: the host pass reads and writes them in place.
     pub fn host_layer(&self, layer: usize) -> Option<(&[f32], &[f32])> {
         match &self.layers[layer] {
             (Store::Host(k), Store::Host(v)) => Some((k, v)),

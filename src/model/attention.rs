@@ -1,8 +1,8 @@
 //! Grouped-query attention of one layer over each sequence's KV cache, in tensor ops, one
-//! sequence at a time (decode steps on the CPU with f32 caches run in
+//! sequence at a time (steps on the CPU with f32 caches run in
 //! [`host_pass`](super::host_pass) instead).
 
-use super::qwen2::{Config, Sequence};
+use super::config::{Config, Sequence};
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 

@@ -1,16 +1,17 @@
-//! Forward passes (prompt chunks and decode steps) of a model that runs wholly on the CPU with
-//! f32 KV caches, over host memory.
+//! A step (prompt chunks, decode steps, batched decode) of a model that runs wholly on the CPU
+//! with f32 KV caches, over host memory.
 //!
-//! The tensor pass ([`Qwen2::forward_batch_in_tensor_ops`]) computes the same thing for
-//! everything else (GPUs, f16 and q8_0 caches). Built from tensor ops, a decode step makes a few thousand small
+//! The [`tensor_pass`](super::tensor_pass) computes the same thing for everything else (GPUs,
+//! f16 and q8_0 caches). Built from tensor ops, a decode step makes thousands of small
 //! allocations (each op's output, shape and strides) and some copies, which cost about as much
 //! as the step's small ops themselves; a prompt chunk's temporaries are large, and the
-//! allocator keeps some of them after it frees them (peak RSS grew ~70 MiB over repeated 512-token
-//! prompts on the 0.5B). Here each pass writes its activations into buffers kept from pass to
+//! allocator keeps some of them after it frees them, so the resident memory grows over repeated
+//! long prompts (docs/BENCHMARKS.md has figures). Here each pass writes its activations into buffers kept from pass to
 //! pass, writes and reads the KV caches in place, and allocates nothing once the buffers have
 //! grown to the pass's size.
 
-use super::qwen2::{Logits, Qwen2, Sequence};
+use super::config::{logit_rows, Sequence};
+use super::qwen2::Qwen2;
 use super::weights::{native_matmul, Linear, MatMulPart};
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, Layout, Storage, StorageRef};
@@ -41,22 +42,11 @@ fn part(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut buf[..n]
 }
 
-/// Whether [`run`] can take this pass: every layer and the output head on the CPU, and f32
-/// caches.
-pub(super) fn fits(model: &Qwen2, seqs: &[Sequence]) -> bool {
-    let p = &model.placement;
-    p.layers.iter().chain([&p.output]).all(|d| d.is_cpu())
-        && seqs
-            .iter()
-            .all(|s| (0..model.cfg.n_layers).all(|l| s.cache.host_layer(l).is_some()))
-}
-
-/// Runs one pass (shapes and room in the caches checked by the caller) and writes the logits
-/// `which` asks for into `logits` (`[rows, vocab]`).
+/// Runs one step (shapes and room in the caches checked by the caller) and writes the logits
+/// the sequences ask for into `logits`, `[rows, vocab]`.
 pub(super) fn run(
     model: &Qwen2,
     seqs: &mut [Sequence],
-    which: Logits,
     scratch: &mut Scratch,
     logits: &mut Vec<f32>,
 ) -> Result<()> {
@@ -168,24 +158,19 @@ pub(super) fn run(
         s.cache.advance(s.tokens.len());
     }
 
-    // The output head, on the rows `which` asks for, normed into `x`.
+    // The output head, on the rows asked for, normed into `x`.
     let norm = model.norm.storage_and_layout();
     let norm = host_f32(&norm)?;
-    let rows = match which {
-        Logits::All => {
-            rms_norm(h, norm, c.rms_eps, x);
-            t
-        }
-        Logits::Last => {
-            let mut end = 0;
-            for (si, s) in seqs.iter().enumerate() {
-                end += s.tokens.len();
-                let last = &h[(end - 1) * d..end * d];
-                rms_norm(last, norm, c.rms_eps, &mut x[si * d..(si + 1) * d]);
-            }
-            seqs.len()
-        }
-    };
+    let mut rows = 0;
+    for r in logit_rows(seqs) {
+        rms_norm(
+            &h[r * d..(r + 1) * d],
+            norm,
+            c.rms_eps,
+            &mut x[rows * d..(rows + 1) * d],
+        );
+        rows += 1;
+    }
     let (head, _) = model
         .output
         .native()

@@ -1,13 +1,20 @@
-//! Model code: Qwen2 built from GGUF weights, device-generic over Candle tensors, with a pass
-//! over host memory for CPU decode steps.
+//! The model: Qwen2 weights from GGUF ([`qwen2`]), the types the engine shares with it
+//! ([`config`]), and the [`ModelRunner`] that runs a step in one of two passes: [`host_pass`]
+//! (the CPU with f32 caches, our kernels over host memory) or [`tensor_pass`] (Candle tensor ops
+//! on any device and cache type).
 
 mod attention;
+mod config;
 mod host_pass;
 mod ops;
 mod qwen2;
+mod runner;
+mod tensor_pass;
 mod weight_arena;
 mod weights;
 
-pub use qwen2::{check_shapes, Config, Logits, Placement, Qwen2, Sequence};
+pub use config::{check_shapes, Config, Logits, Placement, Sequence};
+pub use qwen2::Qwen2;
+pub use runner::{ModelRunner, Pass};
 pub use weight_arena::WeightArena;
 pub use weights::{Embedding, Linear, QMatrix};

@@ -6,11 +6,14 @@
 //! every token up to its end, so a key names a whole prefix. [`PrefixCache`] keeps blocks in
 //! memory under a byte budget with least-recently-used eviction (leaves first, so a cached chain
 //! never loses its head); [`DiskCache`] keeps whole block-aligned prefixes in files that
-//! outlive the process.
+//! outlive the process; [`PromptCache`] is the policy over both that the engine and scheduler
+//! use (`lookup` before a prompt runs, `store` after).
 
 mod disk;
+mod prompt_cache;
 
 pub use disk::{model_identity, DiskCache, DiskLoad, Shape, FORMAT_VERSION, MAGIC};
+pub use prompt_cache::{CacheSource, Found, PromptCache};
 
 use crate::kv_cache::{CacheType, KvBlock};
 use std::collections::HashMap;

@@ -1,18 +1,23 @@
 //! The models one server serves (`-m` given several times, or a directory of GGUF files): which
 //! are loaded, loading on first use, unloading when their keep-alive runs out or to make room
-//! under `--max-loaded` (least recently used first), and `model: "auto"` routing.
+//! under `--max-loaded` (least recently used first), and which one `model: "auto"` picks
+//! ([`routing`](super::routing) has the rule).
 //!
 //! A loaded model is a [`LoadedModel`]: its engine and its scheduler thread. Requests hold it
 //! through a [`ModelLease`]; a model is idle when nothing but the pool holds it, and only idle
 //! models are unloaded, so a request never loses its model half way. Dropping the pool's handle
 //! ends the scheduler thread, which frees the engine.
 
+use super::error::ApiError;
 use super::metrics::Metrics;
+use super::output::{Output, Served};
+use super::protocol::{GenRequest, Job, Place, WorkerEvent};
 use super::response_cache::{CacheKey, ResponseCache};
-use super::scheduler;
-use super::state::{ApiError, GenRequest, Job, Output, Place, WorkerEvent};
+use super::routing::{RouteFacts, RouteRule};
+use super::worker;
 use crate::engine::{Engine, LoadOptions};
 use crate::gguf::GgufFile;
+use crate::scheduler::ChunkPolicy;
 use anyhow::{bail, Context, Result};
 use axum::http::StatusCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -85,6 +90,8 @@ pub struct ServeOptions {
     /// Answers kept by the response cache (0: off).
     pub response_cache: usize,
     pub route: RouteRule,
+    /// Prompt tokens a request may run per step while others decode.
+    pub prefill_chunk: usize,
 }
 
 /// One model the server can serve, loaded or not.
@@ -161,9 +168,13 @@ impl LoadedModel {
             let engine = engine.clone();
             let metrics = shared.metrics.clone();
             let parallel = opts.parallel;
+            let chunks = ChunkPolicy {
+                alone: engine.batch_size,
+                while_decoding: opts.prefill_chunk.min(engine.batch_size),
+            };
             std::thread::Builder::new()
                 .name("qwen-run-generate".into())
-                .spawn(move || scheduler::run(engine, metrics, jobs, parallel))
+                .spawn(move || worker::run(engine, metrics, jobs, parallel, chunks))
                 .expect("cannot start the generation thread");
         }
         LoadedModel {
@@ -241,6 +252,14 @@ impl Drop for ModelLease {
 }
 
 impl ModelLease {
+    fn served(self) -> Served {
+        Served {
+            name: self.name.clone(),
+            route: self.route.clone(),
+            hold: Box::new(self),
+        }
+    }
+
     /// Queues a generation and waits until a slot takes it. The answer comes from the response
     /// cache when it has one; a full queue gets 429, a wait past --queue-timeout 503.
     pub async fn submit(self, req: GenRequest) -> Result<Output, ApiError> {
@@ -259,7 +278,7 @@ impl ModelLease {
                     let _ = tx.send(WorkerEvent::Text(t.clone()));
                 }
                 let _ = tx.send(WorkerEvent::Done(hit.summary.clone()));
-                return Ok(Output::new(rx, self, None, Some(true)));
+                return Ok(Output::new(rx, self.served(), None, Some(true)));
             }
         }
         let Some(place) = Place::take(&self.places, self.capacity) else {
@@ -285,12 +304,12 @@ impl ModelLease {
         }
         let timeout = self.queue_timeout;
         match tokio::time::timeout(timeout, rx.recv()).await {
-            Ok(Some(WorkerEvent::Started)) => Ok(Output::new(rx, self, cache, cache_on)),
+            Ok(Some(WorkerEvent::Started)) => Ok(Output::new(rx, self.served(), cache, cache_on)),
             Ok(Some(first)) => {
                 // An answer without a start (an error at admission): hand it on as it is.
                 let (tx, rx2) = unbounded_channel();
                 let _ = tx.send(first);
-                Ok(Output::new(rx2, self, None, cache_on))
+                Ok(Output::new(rx2, self.served(), None, cache_on))
             }
             Ok(None) => Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -308,78 +327,6 @@ impl ModelLease {
                 ))
             }
         }
-    }
-}
-
-/// What a request looks like to the router.
-#[derive(Default)]
-pub struct RouteFacts {
-    /// Characters of the prompt (all messages, or the prompt text).
-    pub chars: usize,
-    pub tools: bool,
-    /// The last user message (or the prompt), where keywords are looked for.
-    pub text: String,
-}
-
-impl RouteFacts {
-    pub fn chat(messages: &[crate::tokenizer::Message], tools: bool) -> Self {
-        RouteFacts {
-            chars: messages.iter().map(|m| m.content.chars().count()).sum(),
-            tools,
-            text: messages
-                .iter()
-                .rev()
-                .find(|m| m.role == "user")
-                .map_or(String::new(), |m| m.content.clone()),
-        }
-    }
-
-    pub fn prompt(text: &str) -> Self {
-        RouteFacts {
-            chars: text.chars().count(),
-            tools: false,
-            text: text.to_string(),
-        }
-    }
-}
-
-/// The documented rule behind `model: "auto"`, checked in this order: tools go to the large
-/// model (`--route-tools`), a keyword in the last user message goes to the large model, a prompt
-/// longer than `long_prompt_chars` goes to the large model, anything else to the small one.
-#[derive(Clone, Debug)]
-pub struct RouteRule {
-    /// The small and large model's names; None: the smallest and largest file.
-    pub small: Option<String>,
-    pub large: Option<String>,
-    pub long_prompt_chars: usize,
-    pub tools_to_large: bool,
-    pub keywords: Vec<String>,
-}
-
-impl RouteRule {
-    /// The model (large or not) and the reason.
-    fn pick(&self, f: &RouteFacts) -> (bool, String) {
-        if f.tools {
-            return (self.tools_to_large, "tools".into());
-        }
-        let text = f.text.to_lowercase();
-        if let Some(k) = self
-            .keywords
-            .iter()
-            .find(|k| !k.is_empty() && text.contains(&k.to_lowercase()))
-        {
-            return (true, format!("keyword '{k}'"));
-        }
-        if f.chars > self.long_prompt_chars {
-            return (
-                true,
-                format!(
-                    "long prompt ({} > {} characters)",
-                    f.chars, self.long_prompt_chars
-                ),
-            );
-        }
-        (false, "default".into())
     }
 }
 
@@ -715,37 +662,6 @@ mod tests {
             parse_keep_alive(&json!("87600h")),
             d(MAX_KEEP_ALIVE_SECS),
             "ten years is still a duration"
-        );
-    }
-
-    #[test]
-    fn route_rule_order() {
-        let rule = RouteRule {
-            small: None,
-            large: None,
-            long_prompt_chars: 100,
-            tools_to_large: true,
-            keywords: vec!["Prove".into()],
-        };
-        let f = |chars: usize, tools: bool, text: &str| RouteFacts {
-            chars,
-            tools,
-            text: text.into(),
-        };
-        assert_eq!(rule.pick(&f(10, false, "hi")), (false, "default".into()));
-        assert_eq!(rule.pick(&f(10, true, "hi")), (true, "tools".into()));
-        assert_eq!(
-            rule.pick(&f(10, false, "please prove it")),
-            (true, "keyword 'Prove'".into())
-        );
-        assert!(rule.pick(&f(101, false, "hi")).1.starts_with("long prompt"));
-        let small_tools = RouteRule {
-            tools_to_large: false,
-            ..rule
-        };
-        assert_eq!(
-            small_tools.pick(&f(500, true, "x")),
-            (false, "tools".into())
         );
     }
 }

@@ -1,14 +1,17 @@
 //! The Ollama API: `POST /api/chat`, `POST /api/generate` (NDJSON streaming by default),
 //! `GET /api/tags`, `POST /api/show`, `GET /api/version`.
 
-use super::models::{keep_alive_field, KeepAlive, LoadedModel, ModelSpec, RouteFacts};
-use super::state::{
-    served_headers, ApiError, AppState, Finish, GenRequest, OutEvent, Output, Summary,
-};
-use super::{
+use super::api::AppState;
+use super::api::{
     chat_prompt, model_state, normalize_tool_calls, parse_body, rfc3339, rfc3339_now,
     stream_response, Sampling,
 };
+use super::error::ApiError;
+use super::models::{keep_alive_field, KeepAlive, LoadedModel, ModelSpec};
+use super::output::{served_headers, OutEvent, Output};
+use super::protocol::GenRequest;
+use super::routing::RouteFacts;
+use crate::scheduler::{FinishReason, Generation};
 use crate::tokenizer::Message;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -162,14 +165,14 @@ fn no_images(images: &Option<Vec<Value>>) -> Result<(), ApiError> {
     }
 }
 
-fn done_reason(f: Finish) -> &'static str {
+fn done_reason(f: FinishReason) -> &'static str {
     match f {
-        Finish::Length => "length",
+        FinishReason::Length | FinishReason::ContextFull => "length",
         _ => "stop",
     }
 }
 
-fn stats(s: &Summary) -> Value {
+fn stats(s: &Generation) -> Value {
     json!({
         "total_duration": s.total_time.as_nanos() as u64,
         "load_duration": s.queue_time.as_nanos() as u64,

@@ -1,11 +1,16 @@
 //! The OpenAI API: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
 
-use super::models::{keep_alive_field, LoadedModel, RouteFacts};
-use super::state::{
-    served_headers, ApiError, AppState, Finish, GenRequest, OutEvent, Output, Summary,
+use super::api::AppState;
+use super::api::{
+    chat_prompt, normalize_tool_calls, parse_body, stream_response, unix_now, Sampling,
 };
+use super::error::ApiError;
+use super::models::{keep_alive_field, LoadedModel};
+use super::output::{served_headers, OutEvent, Output};
+use super::protocol::GenRequest;
+use super::routing::RouteFacts;
 use super::tool_calls::ToolCall;
-use super::{chat_prompt, normalize_tool_calls, parse_body, stream_response, unix_now, Sampling};
+use crate::scheduler::{FinishReason, Generation};
 use crate::tokenizer::Message;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -206,7 +211,7 @@ fn to_messages(msgs: Vec<InMessage>) -> Result<Vec<Message>, ApiError> {
         .collect()
 }
 
-fn usage(s: &Summary) -> Value {
+fn usage(s: &Generation) -> Value {
     json!({
         "prompt_tokens": s.prompt_tokens,
         "completion_tokens": s.completion_tokens,
@@ -215,10 +220,10 @@ fn usage(s: &Summary) -> Value {
     })
 }
 
-fn finish_str(f: Finish) -> &'static str {
+fn finish_str(f: FinishReason) -> &'static str {
     match f {
         // The client is gone; nobody reads this, but keep to the API's values.
-        Finish::Cancelled => "stop",
+        FinishReason::Cancelled => "stop",
         f => f.as_str(),
     }
 }
@@ -251,7 +256,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Response {
                 "object": "model",
                 "created": state.created,
                 "owned_by": "qwen-run",
-                "status": {"value": super::model_state(m)},
+                "status": {"value": super::api::model_state(m)},
                 "meta": {
                     "n_ctx": ctx,
                     "n_ctx_train": m.spec.context_length,

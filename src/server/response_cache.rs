@@ -4,7 +4,8 @@
 //! scheduler produced it, so a replay goes through the same stop-string and tool-call handling
 //! as a live answer, streaming or not.
 
-use super::state::{GenRequest, Summary};
+use super::protocol::GenRequest;
+use crate::scheduler::Generation;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -33,7 +34,7 @@ impl CacheKey {
 
 pub struct Cached {
     pub texts: Vec<String>,
-    pub summary: Summary,
+    pub summary: Generation,
 }
 
 pub struct ResponseCache {
@@ -64,15 +65,16 @@ impl ResponseCache {
         Some(cached.clone())
     }
 
-    pub fn put(&self, key: CacheKey, texts: Vec<String>, summary: Summary) {
+    pub fn put(&self, key: CacheKey, texts: Vec<String>, summary: Generation) {
         if self.capacity == 0 {
             return;
         }
         // A replay takes no time and processes no prompt: its summary says so.
-        let summary = Summary {
+        let summary = Generation {
             reused_tokens: summary.prompt_tokens,
             queue_time: Duration::ZERO,
             prefill_time: Duration::ZERO,
+            ttft: Duration::ZERO,
             decode_time: Duration::ZERO,
             total_time: Duration::ZERO,
             ..summary
@@ -109,7 +111,7 @@ impl ResponseCache {
 mod tests {
     use super::*;
     use crate::sampler::SamplingParams;
-    use crate::server::state::Finish;
+    use crate::scheduler::FinishReason;
 
     fn req(prompt: Vec<u32>, temperature: f32, seed: u64, deterministic: bool) -> GenRequest {
         GenRequest {
@@ -125,14 +127,18 @@ mod tests {
         }
     }
 
-    fn summary() -> Summary {
-        Summary {
+    fn summary() -> Generation {
+        Generation {
             prompt_tokens: 3,
             reused_tokens: 0,
+            cache_source: crate::prefix_cache::CacheSource::None,
+            kv_bytes: 0,
+            tokens: vec![5, 6],
             completion_tokens: 2,
-            finish: Finish::Stop,
+            finish: FinishReason::Stop,
             queue_time: Duration::from_millis(5),
             prefill_time: Duration::from_millis(5),
+            ttft: Duration::from_millis(5),
             decode_time: Duration::from_millis(5),
             total_time: Duration::from_millis(15),
         }

@@ -6,6 +6,7 @@
 //! models sometimes answer with the bare JSON object and no tags; that is taken as a call too
 //! when it starts the answer and names one of the request's tools.
 
+use crate::scheduler::stop::partial_suffix;
 use serde_json::Value;
 
 pub const OPEN: &str = "<tool_call>";
@@ -263,14 +264,6 @@ pub fn tool_names(tools: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Length of the longest suffix of `s` that is a proper prefix of `tag`.
-pub fn partial_suffix(s: &str, tag: &str) -> usize {
-    (1..tag.len().min(s.len() + 1))
-        .rev()
-        .find(|&n| s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..]))
-        .unwrap_or(0)
-}
-
 fn merge_text(pieces: Vec<Piece>) -> Vec<Piece> {
     let mut out: Vec<Piece> = Vec::with_capacity(pieces.len());
     for p in pieces {
@@ -287,15 +280,6 @@ fn merge_text(pieces: Vec<Piece>) -> Vec<Piece> {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn partial_suffixes() {
-        assert_eq!(partial_suffix("abc <tool", OPEN), 5);
-        assert_eq!(partial_suffix("abc <", OPEN), 1);
-        assert_eq!(partial_suffix("abc", OPEN), 0);
-        assert_eq!(partial_suffix("<tool_call", OPEN), 10);
-        assert_eq!(partial_suffix("é<", OPEN), 1);
-    }
 
     #[test]
     fn arguments_forms() {

@@ -1,136 +1,14 @@
-//! What the handlers share: the server state (its model pool and metrics), error answers, and a
-//! generation's output stream as the handlers read it.
+//! A generation's output as the handlers read it: text, tool calls parsed out when the request
+//! had tools, then the summary; recorded for the response cache on the way.
 
-use super::metrics::Metrics;
-use super::models::{ModelLease, ModelPool};
+use super::error::ApiError;
+use super::protocol::WorkerEvent;
 use super::response_cache::{CacheKey, ResponseCache};
 use super::tool_calls::{Piece, ToolCallParser};
-use crate::sampler::SamplingParams;
+use crate::scheduler::{FinishReason, Generation};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
-
-/// An error answer; each API formats it its own way.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
-    }
-
-    /// The HTTP answer, with `body` in the API's error format; an overloaded server (429, 503)
-    /// also says when to try again.
-    pub fn response(&self, body: serde_json::Value) -> axum::response::Response {
-        use axum::response::IntoResponse;
-        let mut r = (self.status, axum::Json(body)).into_response();
-        if matches!(
-            self.status,
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-        ) {
-            r.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                HeaderValue::from_static("1"),
-            );
-        }
-        r
-    }
-}
-
-pub struct AppState {
-    pub pool: Arc<ModelPool>,
-    pub metrics: Arc<Metrics>,
-    pub created: u64,
-}
-
-pub struct GenRequest {
-    pub prompt: Vec<u32>,
-    pub max_tokens: usize,
-    pub params: SamplingParams,
-    pub stop: Vec<String>,
-    /// Greedy, or sampled with a seed the client chose: the same request gives the same answer,
-    /// so the response cache may keep it.
-    pub deterministic: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Finish {
-    Stop,
-    Length,
-    ToolCalls,
-    Cancelled,
-}
-
-impl Finish {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Finish::Stop => "stop",
-            Finish::Length => "length",
-            Finish::ToolCalls => "tool_calls",
-            Finish::Cancelled => "cancelled",
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct Summary {
-    pub prompt_tokens: usize,
-    pub reused_tokens: usize,
-    pub completion_tokens: usize,
-    pub finish: Finish,
-    pub queue_time: Duration,
-    pub prefill_time: Duration,
-    pub decode_time: Duration,
-    pub total_time: Duration,
-}
-
-pub enum WorkerEvent {
-    /// The request left the queue for a generation slot.
-    Started,
-    Text(String),
-    Done(Summary),
-    Error(String),
-}
-
-pub struct Job {
-    pub req: GenRequest,
-    pub tx: UnboundedSender<WorkerEvent>,
-    pub enqueued: Instant,
-    /// Holds the request's place among the model's slots and queue until the job is dropped.
-    pub place: Place,
-}
-
-/// One of a model's `--parallel` + `--queue-size` places; given back when dropped.
-pub struct Place(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Place {
-    /// Takes a place if fewer than `limit` are taken.
-    pub fn take(taken: &Arc<std::sync::atomic::AtomicUsize>, limit: usize) -> Option<Place> {
-        use std::sync::atomic::Ordering;
-        taken
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Place(taken.clone()))
-    }
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// Response headers that say how a request was served.
 pub const MODEL_HEADER: &str = "x-qwen-run-model";
@@ -151,6 +29,14 @@ pub fn served_headers(
     resp
 }
 
+/// Which model answers and why; holds it loaded (and marked in use) until the answer is complete.
+pub struct Served {
+    pub name: String,
+    /// Why `model: "auto"` chose it.
+    pub route: Option<String>,
+    pub hold: Box<dyn std::any::Any + Send + Sync>,
+}
+
 /// Records a generation's text for the response cache; stored only if the generation ends
 /// normally (not cancelled, not failed).
 struct Recording {
@@ -163,7 +49,7 @@ struct Recording {
 pub enum OutEvent {
     Text(String),
     Call(super::tool_calls::ToolCall),
-    Done(Summary),
+    Done(Generation),
     Error(String),
 }
 
@@ -178,8 +64,7 @@ pub struct Output {
     recording: Option<Recording>,
     /// None: the response cache is off; else whether this answer came from it.
     cache_hit: Option<bool>,
-    /// Keeps the model loaded (and marks it in use) until the answer is complete.
-    lease: ModelLease,
+    served: Served,
 }
 
 impl Output {
@@ -187,7 +72,7 @@ impl Output {
     /// cache is off, else whether this answer came from it.
     pub(super) fn new(
         rx: UnboundedReceiver<WorkerEvent>,
-        lease: ModelLease,
+        served: Served,
         record: Option<(Arc<ResponseCache>, CacheKey)>,
         cache_hit: Option<bool>,
     ) -> Self {
@@ -204,14 +89,14 @@ impl Output {
             ended: false,
             recording,
             cache_hit,
-            lease,
+            served,
         }
     }
 
     /// The headers that say how this request is served.
     pub fn headers(&self) -> Vec<(&'static str, String)> {
-        let mut h = vec![(MODEL_HEADER, self.lease.name.clone())];
-        if let Some(r) = &self.lease.route {
+        let mut h = vec![(MODEL_HEADER, self.served.name.clone())];
+        if let Some(r) = &self.served.route {
             h.push((ROUTE_HEADER, r.clone()));
         }
         if let Some(hit) = self.cache_hit {
@@ -222,7 +107,7 @@ impl Output {
 
     /// The name of the model that answers.
     pub fn model_name(&self) -> String {
-        self.lease.name.clone()
+        self.served.name.clone()
     }
 
     /// Parses tool calls out of the text when the request has tools.
@@ -269,7 +154,7 @@ impl Output {
                 }
                 Some(WorkerEvent::Done(mut s)) => {
                     if let Some(r) = self.recording.take() {
-                        if s.finish != Finish::Cancelled {
+                        if s.finish != FinishReason::Cancelled {
                             r.cache.put(r.key, r.texts, s.clone());
                         }
                     }
@@ -277,8 +162,8 @@ impl Output {
                         let pieces = p.finish();
                         self.queue_pieces(pieces);
                     }
-                    if self.saw_call && s.finish == Finish::Stop {
-                        s.finish = Finish::ToolCalls;
+                    if self.saw_call && s.finish == FinishReason::Stop {
+                        s.finish = FinishReason::ToolCalls;
                     }
                     self.pending.push_back(OutEvent::Done(s));
                     self.ended = true;
@@ -323,5 +208,5 @@ impl Output {
 pub struct Collected {
     pub text: String,
     pub calls: Vec<super::tool_calls::ToolCall>,
-    pub summary: Option<Summary>,
+    pub summary: Option<Generation>,
 }

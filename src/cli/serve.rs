@@ -1,0 +1,139 @@
+//! `qwen-run serve`: the server's flags, turned into the plain options the server takes.
+
+use super::ModelArgs;
+use crate::scheduler::DEFAULT_PREFILL_CHUNK_WHILE_DECODING;
+use crate::server::{parse_keep_alive, RouteRule, ServeOptions, ServerOptions};
+use anyhow::{bail, Result};
+use clap::Args;
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the address is printed on stderr).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Requests that may wait for a free generation slot, per model; more get 429.
+    #[arg(long = "queue-size", visible_alias = "queue", default_value_t = 16)]
+    pub queue_size: usize,
+    /// Seconds a request may wait in the queue for a generation slot; then it gets 503.
+    #[arg(
+        long = "queue-timeout",
+        value_name = "SECONDS",
+        default_value_t = 300.0
+    )]
+    pub queue_timeout: f64,
+    /// Generation slots per model: requests served at the same time, batched into shared forward
+    /// passes (continuous batching). Each busy slot holds a KV cache of --ctx-size tokens.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Prompt tokens a request runs per step while other requests are generating: smaller keeps
+    /// their streams flowing, larger finishes the new prompt sooner (at most --batch-size).
+    #[arg(long = "prefill-chunk", value_name = "N", default_value_t = DEFAULT_PREFILL_CHUNK_WHILE_DECODING)]
+    pub prefill_chunk: usize,
+    /// Cap on generated tokens per request (0: only the context limits it).
+    #[arg(long = "max-tokens", default_value_t = 0)]
+    pub max_tokens: usize,
+    /// Name to serve the model under (default: the file name without .gguf); one model only.
+    #[arg(long)]
+    pub alias: Option<String>,
+    /// How long an idle model stays loaded: seconds, or 30s / 5m / 1h; -1: for good (the
+    /// default, as llama-server; Ollama's default is 5m); 0: unload as soon as it is idle.
+    /// A request's `keep_alive` replaces it for that model.
+    #[arg(
+        long = "keep-alive",
+        value_name = "DURATION",
+        default_value = "-1",
+        allow_hyphen_values = true
+    )]
+    pub keep_alive: String,
+    /// Models loaded at the same time; loading one more unloads the least recently used idle one.
+    #[arg(long = "max-loaded", value_name = "N", default_value_t = 3)]
+    pub max_loaded: usize,
+    /// Answers kept for identical deterministic requests (temperature 0, or the same seed), which
+    /// are then answered without the model (header x-qwen-run-cache: hit); 0: off.
+    #[arg(long = "response-cache", value_name = "N", default_value_t = 0)]
+    pub response_cache: usize,
+    /// `model: "auto"`: the small model (default: the smallest file).
+    #[arg(long = "route-small", value_name = "NAME")]
+    pub route_small: Option<String>,
+    /// `model: "auto"`: the large model (default: the largest file).
+    #[arg(long = "route-large", value_name = "NAME")]
+    pub route_large: Option<String>,
+    /// `model: "auto"`: prompts longer than this many characters go to the large model.
+    #[arg(
+        long = "route-long-prompt",
+        value_name = "CHARS",
+        default_value_t = 4000
+    )]
+    pub route_long_prompt: usize,
+    /// `model: "auto"`: where requests with tools go: large or small.
+    #[arg(long = "route-tools", value_name = "MODEL", default_value = "large", value_parser = ["large", "small"])]
+    pub route_tools: String,
+    /// `model: "auto"`: words that send a request to the large model when its last user message
+    /// contains one (any case), comma-separated, e.g. "prove,debug,step by step".
+    #[arg(long = "route-keywords", value_name = "LIST", value_delimiter = ',')]
+    pub route_keywords: Vec<String>,
+}
+
+impl ServeArgs {
+    /// The server's options: the models resolved (a Hugging Face repo downloaded first).
+    pub fn server_options(&self) -> Result<ServerOptions> {
+        if self.parallel == 0 {
+            bail!("--parallel must be at least 1");
+        }
+        if self.queue_size == 0 {
+            bail!("--queue-size must be at least 1");
+        }
+        if self.prefill_chunk == 0 {
+            bail!("--prefill-chunk must be at least 1");
+        }
+        if self.max_loaded == 0 {
+            bail!("--max-loaded must be at least 1");
+        }
+        // a day at most: longer would overflow the clock before it meant anything
+        if !(self.queue_timeout.is_finite()
+            && self.queue_timeout > 0.0
+            && self.queue_timeout <= 86400.0)
+        {
+            bail!(
+                "--queue-timeout {} must be a positive number of seconds, at most 86400 (a day)",
+                self.queue_timeout
+            );
+        }
+        let keep_alive = parse_keep_alive(&serde_json::Value::String(self.keep_alive.clone()))
+            .map_err(|e| anyhow::anyhow!("--keep-alive: {e}"))?;
+        let serve = ServeOptions {
+            parallel: self.parallel,
+            queue_size: self.queue_size,
+            queue_timeout: std::time::Duration::from_secs_f64(self.queue_timeout),
+            max_tokens: self.max_tokens,
+            max_loaded: self.max_loaded,
+            keep_alive,
+            response_cache: self.response_cache,
+            prefill_chunk: self.prefill_chunk,
+            route: RouteRule {
+                small: self.route_small.clone(),
+                large: self.route_large.clone(),
+                long_prompt_chars: self.route_long_prompt,
+                tools_to_large: self.route_tools == "large",
+                keywords: self
+                    .route_keywords
+                    .iter()
+                    .map(|k| k.trim().to_string())
+                    .filter(|k| !k.is_empty())
+                    .collect(),
+            },
+        };
+        Ok(ServerOptions {
+            models: self.model.load_options_all()?,
+            alias: self.alias.clone(),
+            host: self.host.clone(),
+            port: self.port,
+            serve,
+        })
+    }
+}

@@ -1,0 +1,184 @@
+//! Loading: options, validation, the weights and tokenizer read in parallel, the prompt cache.
+
+use super::device::select_device;
+use super::{DeviceChoice, Engine};
+use crate::gguf::GgufFile;
+use crate::kv_cache::CacheType;
+use crate::model::{check_shapes, Config, ModelRunner, Placement, Qwen2};
+use crate::prefix_cache::{model_identity, DiskCache, PromptCache, Shape};
+use crate::tokenizer::{ChatTemplate, Tokenizer};
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub model: PathBuf,
+    pub device: DeviceChoice,
+    /// Layers on the GPU, counted from the last (llama.cpp's -ngl); None = all, and the output head.
+    pub gpu_layers: Option<usize>,
+    /// Worker threads for the CPU kernels; 0 = physical cores.
+    pub threads: usize,
+    /// Context size in tokens; 0 = min(model context, 4096).
+    pub ctx_size: usize,
+    /// Prompt tokens per forward pass during prefill.
+    pub batch_size: usize,
+    /// Storage type of keys and values, unless `cache_type_k` / `cache_type_v` say otherwise.
+    pub cache_type: CacheType,
+    pub cache_type_k: Option<CacheType>,
+    pub cache_type_v: Option<CacheType>,
+    /// Memory for the in-process prompt-prefix cache, in MiB; 0 turns it off.
+    pub cache_ram_mib: usize,
+    /// Directory of the persistent prompt cache; None turns it off.
+    pub prompt_cache: Option<PathBuf>,
+    /// Size limit of the persistent prompt cache, in MiB.
+    pub prompt_cache_max_mib: u64,
+    /// Tokens per prefix-cache block (prefixes are cached in whole blocks).
+    pub prefix_block: usize,
+    /// Back the CPU copy of the weights with 2 MiB pages where the system offers them: faster
+    /// decoding, a slower load where fresh 2 MiB pages are slow to get.
+    pub huge_pages: bool,
+}
+
+/// Default memory budget of the prompt-prefix cache, MiB.
+pub const DEFAULT_CACHE_RAM_MIB: usize = 1024;
+/// Default size limit of the on-disk prompt cache, MiB.
+pub const DEFAULT_PROMPT_CACHE_MAX_MIB: u64 = 4096;
+/// Default tokens per prefix-cache block.
+pub const DEFAULT_PREFIX_BLOCK: usize = 64;
+
+impl LoadOptions {
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        LoadOptions {
+            model: model.into(),
+            device: DeviceChoice::Cpu,
+            gpu_layers: None,
+            threads: 0,
+            ctx_size: 0,
+            batch_size: 512,
+            cache_type: CacheType::F32,
+            cache_type_k: None,
+            cache_type_v: None,
+            cache_ram_mib: DEFAULT_CACHE_RAM_MIB,
+            prompt_cache: None,
+            prompt_cache_max_mib: DEFAULT_PROMPT_CACHE_MAX_MIB,
+            prefix_block: DEFAULT_PREFIX_BLOCK,
+            huge_pages: false,
+        }
+    }
+}
+
+impl Engine {
+    pub fn load(opts: &LoadOptions) -> Result<Engine> {
+        Self::load_with(opts, None)
+    }
+
+    /// Loads `opts.model`, using `opened` when the caller already opened that file (the server
+    /// opens every model at startup to check it) instead of parsing it again.
+    pub fn load_with(opts: &LoadOptions, opened: Option<Arc<GgufFile>>) -> Result<Engine> {
+        let t0 = Instant::now();
+        let threads = match opts.threads {
+            0 => num_cpus::get_physical().max(1),
+            n => n,
+        };
+        // Candle's own CPU ops size their parallelism from these variables. Its f32 matmul (the
+        // attention) reads RAYON_NUM_THREADS on every call and, when it is unset, parses
+        // /proc/cpuinfo each time, a visible share of a batched decode step. Set only when different, so a
+        // server loading a second model never writes the environment while others read it.
+        let n = threads.to_string();
+        for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+            if std::env::var(var).ok().as_deref() != Some(n.as_str()) {
+                std::env::set_var(var, &n);
+            }
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("qwen-run-worker-{i}"))
+            .build()
+            .context("cannot start the worker threads")?;
+        let device = select_device(opts.device, opts.gpu_layers)?;
+        let gguf = match opened {
+            Some(g) => g,
+            None => Arc::new(GgufFile::open(&opts.model)?),
+        };
+        let cfg = Config::from_gguf(&gguf)?;
+        check_shapes(&gguf, &cfg)?;
+        if opts.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        let ctx_size = match opts.ctx_size {
+            0 => cfg.context_length.min(4096),
+            n if n > cfg.context_length => bail!(
+                "--ctx-size {n} exceeds the model's trained context of {} tokens",
+                cfg.context_length
+            ),
+            n => n,
+        };
+        let placement =
+            Placement::new(cfg.n_layers, &device, opts.gpu_layers.unwrap_or(usize::MAX));
+        // The tokenizer (a quarter of a second for Qwen's 151k-token vocabulary) is built on its
+        // own thread while this one loads the weights.
+        let (text, model) = std::thread::scope(|s| {
+            let text = s.spawn(|| -> Result<_> {
+                Ok((
+                    Tokenizer::from_gguf(&gguf)?,
+                    ChatTemplate::from_gguf(&gguf)?,
+                ))
+            });
+            let model = Qwen2::load(&gguf, placement, ctx_size, opts.huge_pages);
+            let text = text
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("building the tokenizer panicked")));
+            (text, model)
+        });
+        let (tokenizer, template) = text?;
+        let weights = model?;
+        let cache_type_k = opts.cache_type_k.unwrap_or(opts.cache_type);
+        let cache_type_v = opts.cache_type_v.unwrap_or(opts.cache_type);
+        for ty in [cache_type_k, cache_type_v] {
+            if ty == CacheType::Q8_0 && !cfg.head_dim.is_multiple_of(crate::kv_cache::Q8_0_BLOCK) {
+                bail!("a q8_0 KV cache needs a head size that is a multiple of 32; this model's is {}: use f16 or f32", cfg.head_dim);
+            }
+        }
+        if opts.prefix_block == 0 {
+            bail!("the prefix-cache block size must be at least 1 token");
+        }
+        let disk = match &opts.prompt_cache {
+            Some(dir) if opts.prompt_cache_max_mib > 0 => Some(DiskCache::new(
+                dir.clone(),
+                opts.prompt_cache_max_mib << 20,
+                Shape {
+                    model: model_identity(gguf.paths())?,
+                    type_k: cache_type_k,
+                    type_v: cache_type_v,
+                    layers: cfg.n_layers,
+                    kv_heads: cfg.n_kv_heads,
+                    head_dim: cfg.head_dim,
+                    block: opts.prefix_block,
+                },
+            )),
+            _ => None,
+        };
+        let prompt_cache = PromptCache::new(
+            opts.prefix_block,
+            opts.cache_ram_mib << 20,
+            disk,
+            cache_type_k,
+            cache_type_v,
+        );
+        Ok(Engine {
+            gguf,
+            runner: ModelRunner::new(weights, cache_type_k, cache_type_v),
+            tokenizer,
+            template,
+            ctx_size,
+            batch_size: opts.batch_size,
+            threads,
+            load_time: t0.elapsed(),
+            pool,
+            passes: Mutex::new(()),
+            prompt_cache,
+        })
+    }
+}

@@ -1,0 +1,364 @@
+//! The scheduler: the one generation loop. It serves up to N requests at a time, one slot each,
+//! and runs them all in one model step per iteration (continuous batching): a decoding request
+//! adds one token (and its guide's drafts), a prefilling one a chunk of its prompt. Requests join
+//! between steps as slots free up, and leave as soon as they finish. `serve` runs it with
+//! `--parallel` slots on a thread per model; `run`, `chat`, `bench` and `fidelity` with one
+//! ([`Engine::generate`](crate::engine::Engine::generate)).
+
+mod decoder;
+mod request;
+pub mod stop;
+
+pub use request::{Event, FinishReason, Generation, Guide, Held, Output, Request};
+
+use crate::engine::{Engine, Step};
+use crate::kv_cache::Session;
+use crate::model::Logits;
+use crate::prefix_cache::Found;
+use decoder::Decoder;
+use request::SlotSession;
+use smallvec::SmallVec;
+use std::time::{Duration, Instant};
+
+/// Prompt tokens a prefilling request may run in one step while others decode, by default: small
+/// enough that their streams keep flowing, large enough to keep the weights busy.
+pub const DEFAULT_PREFILL_CHUNK_WHILE_DECODING: usize = 64;
+
+/// How prompts are cut into steps.
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkPolicy {
+    /// Prompt tokens per step when nothing decodes (`--batch-size`).
+    pub alone: usize,
+    /// Prompt tokens per step while other requests decode.
+    pub while_decoding: usize,
+}
+
+impl ChunkPolicy {
+    pub fn of(engine: &Engine) -> ChunkPolicy {
+        ChunkPolicy {
+            alone: engine.batch_size,
+            while_decoding: DEFAULT_PREFILL_CHUNK_WHILE_DECODING.min(engine.batch_size),
+        }
+    }
+}
+
+/// One generation slot. Its session (KV cache) outlives requests, so a follow-up request that
+/// starts with the same tokens (a conversation's next turn) reuses them.
+struct Slot<'a> {
+    session: SlotSession<'a>,
+    active: Option<Active<'a>>,
+}
+
+/// A request being served by a slot.
+struct Active<'a> {
+    req: Request<'a>,
+    out: Box<dyn Output + 'a>,
+    found: Found,
+    /// Prompt tokens in the session so far; prefill is done when this reaches the prompt length.
+    fed: usize,
+    decoder: Decoder,
+    /// What the next step runs, once decoding: the last sampled token, then the guide's drafts.
+    run: Vec<u32>,
+    /// The guide's latest drafts.
+    drafts: Vec<u32>,
+    queue_time: Duration,
+    started: Instant,
+    prefill_time: Option<Duration>,
+    ttft: Option<Duration>,
+    decode_start: Option<Instant>,
+    /// Tokens and logits rows in the current step.
+    in_step: Option<(usize, usize)>,
+}
+
+impl Active<'_> {
+    fn prefilling(&self) -> bool {
+        self.fed < self.req.prompt.len()
+    }
+}
+
+pub struct Scheduler<'a> {
+    engine: &'a Engine,
+    slots: Vec<Slot<'a>>,
+    chunks: ChunkPolicy,
+    /// The logits of the last step, kept so that a step allocates none.
+    logits: Vec<f32>,
+}
+
+impl<'a> Scheduler<'a> {
+    /// A scheduler with `slots` slots (at least one), whose sessions are made on first use.
+    pub fn new(engine: &'a Engine, slots: usize) -> Scheduler<'a> {
+        Scheduler {
+            engine,
+            slots: (0..slots.max(1))
+                .map(|_| Slot {
+                    session: SlotSession::Unmade,
+                    active: None,
+                })
+                .collect(),
+            chunks: ChunkPolicy::of(engine),
+            logits: Vec::new(),
+        }
+    }
+
+    /// A scheduler of one slot on the caller's session.
+    pub fn on_session(engine: &'a Engine, session: &'a mut Session) -> Scheduler<'a> {
+        let mut s = Scheduler::new(engine, 1);
+        s.slots[0].session = SlotSession::Ready(Held::Borrowed(session));
+        s
+    }
+
+    pub fn with_chunks(mut self, chunks: ChunkPolicy) -> Self {
+        self.chunks = chunks;
+        self
+    }
+
+    pub fn has_free_slot(&self) -> bool {
+        self.slots.iter().any(|s| s.active.is_none())
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.slots.iter().all(|s| s.active.is_none())
+    }
+
+    /// Puts a request in a free slot, preferring the one whose cache shares the longest prefix
+    /// with it, and readies its session from the prompt cache. A request that cannot start gets
+    /// an error event.
+    pub fn admit(&mut self, req: Request<'a>, mut out: Box<dyn Output + 'a>) {
+        if out.is_closed() {
+            return; // The listener left while waiting.
+        }
+        let engine = self.engine;
+        let prompt = &req.prompt;
+        let Some(slot) = self
+            .slots
+            .iter_mut()
+            .filter(|s| s.active.is_none())
+            .max_by_key(|s| match &s.session {
+                SlotSession::Ready(x) => x.common_prefix(prompt),
+                SlotSession::Unmade => 0,
+            })
+        else {
+            out.send(Event::Error("no free generation slot".into()));
+            return;
+        };
+        let started = Instant::now();
+        let mut setup = || -> anyhow::Result<Found> {
+            engine.check_prompt(prompt)?;
+            if let SlotSession::Unmade = slot.session {
+                slot.session = SlotSession::Ready(Held::Owned(engine.new_session()?));
+            }
+            let SlotSession::Ready(session) = &mut slot.session else {
+                unreachable!("made above")
+            };
+            engine.prompt_cache().lookup(session, prompt)
+        };
+        let found = match setup() {
+            Ok(f) => f,
+            Err(e) => {
+                out.send(Event::Error(format!("{e:#}")));
+                return;
+            }
+        };
+        // The request leaves the queue: from here on its queue time-out no longer applies.
+        out.send(Event::Started);
+        let decoder = Decoder::new(
+            prompt,
+            req.max_tokens,
+            engine.ctx_size - prompt.len(),
+            &req.stop,
+        );
+        slot.active = Some(Active {
+            fed: found.reused,
+            found,
+            decoder,
+            run: Vec::new(),
+            drafts: Vec::new(),
+            queue_time: req.enqueued.elapsed(),
+            started,
+            prefill_time: None,
+            ttft: None,
+            decode_start: None,
+            in_step: None,
+            req,
+            out,
+        });
+    }
+
+    /// One model step over the active slots, then sampling for those past their prompt.
+    pub fn step(&mut self) {
+        let engine = self.engine;
+        let decoding = self
+            .slots
+            .iter()
+            .any(|s| s.active.as_ref().is_some_and(|a| !a.prefilling()));
+        let mut budget = if decoding {
+            self.chunks.while_decoding
+        } else {
+            self.chunks.alone
+        };
+        for slot in self.slots.iter_mut() {
+            let Some(a) = slot.active.as_mut() else {
+                continue;
+            };
+            a.in_step = None;
+            if a.out.is_closed() {
+                a.decoder.cancel();
+                finish(engine, slot);
+                continue;
+            }
+            if a.prefilling() {
+                let n = (a.req.prompt.len() - a.fed).min(budget);
+                budget -= n;
+                if n > 0 {
+                    a.in_step = Some((n, 1));
+                }
+            } else if !a.run.is_empty() {
+                a.run.truncate(1);
+                if let Some(guide) = a.req.guide.as_mut() {
+                    a.drafts.clear();
+                    guide.draft(a.decoder.history(), &mut a.drafts);
+                    a.drafts.truncate(a.decoder.left());
+                    a.run.extend_from_slice(&a.drafts);
+                }
+                a.in_step = Some((a.run.len(), a.run.len()));
+            }
+        }
+        let mut batch: SmallVec<[Step; 8]> = SmallVec::new();
+        for slot in self.slots.iter_mut() {
+            let (Some(a), SlotSession::Ready(session)) = (slot.active.as_ref(), &mut slot.session)
+            else {
+                continue;
+            };
+            let Some((n, rows)) = a.in_step else {
+                continue;
+            };
+            let tokens = if a.prefilling() {
+                &a.req.prompt[a.fed..a.fed + n]
+            } else {
+                &a.run[..]
+            };
+            batch.push(Step {
+                session,
+                tokens,
+                logits: if rows == 1 { Logits::Last } else { Logits::All },
+            });
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine.step(&mut batch, &mut self.logits)
+        }));
+        drop(batch);
+        if let Err(message) = match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(_) => Err("internal error during generation".to_string()),
+        } {
+            for slot in self.slots.iter_mut() {
+                if slot.active.as_ref().is_some_and(|a| a.in_step.is_some()) {
+                    // The caches may be half-written: the next request starts from scratch.
+                    if let SlotSession::Ready(s) = &mut slot.session {
+                        s.truncate(0);
+                    }
+                    let mut a = slot.active.take().expect("in the step");
+                    a.out.send(Event::Error(message.clone()));
+                }
+            }
+            return;
+        }
+        let vocab = engine.config().vocab_size;
+        let mut row = 0;
+        for slot in self.slots.iter_mut() {
+            let Some((n, rows)) = slot.active.as_ref().and_then(|a| a.in_step) else {
+                continue;
+            };
+            let logits = &mut self.logits[row * vocab..(row + rows) * vocab];
+            row += rows;
+            let a = slot.active.as_mut().expect("in the step");
+            if a.prefilling() {
+                a.fed += n;
+                if a.prefilling() {
+                    continue;
+                }
+            }
+            let SlotSession::Ready(session) = &mut slot.session else {
+                continue;
+            };
+            if a.prefill_time.is_none() {
+                a.prefill_time = Some(a.started.elapsed());
+                engine
+                    .prompt_cache()
+                    .store(session, &a.req.prompt, &a.found);
+            }
+            a.decode_start.get_or_insert_with(Instant::now);
+            // Row i holds the logits after run[i]: sample from each in turn while the sampled
+            // token is the draft that follows, keep the first that differs.
+            let drafts = rows - 1;
+            let mut accepted = 0;
+            let mut next = None;
+            for (i, row) in logits.chunks_exact_mut(vocab).enumerate() {
+                next = a.decoder.step(
+                    &engine.tokenizer,
+                    &mut a.req.sampler,
+                    a.req.guide.as_deref_mut(),
+                    row,
+                    &mut *a.out,
+                );
+                a.ttft.get_or_insert_with(|| a.started.elapsed());
+                match next {
+                    Some(t) if i < drafts && t == a.run[i + 1] => accepted += 1,
+                    _ => break,
+                }
+            }
+            if accepted < drafts {
+                let keep = session.tokens().len() - (drafts - accepted);
+                session.truncate(keep);
+            }
+            a.run.clear();
+            a.run.extend(next);
+            if next.is_none() {
+                finish(engine, slot);
+            }
+        }
+    }
+
+    /// Runs steps until every active request has finished.
+    pub fn run_to_completion(&mut self) {
+        while !self.is_idle() {
+            self.step();
+        }
+    }
+}
+
+/// Ends the slot's request: the prompt cache, its summary.
+fn finish(engine: &Engine, slot: &mut Slot) {
+    let (Some(mut a), SlotSession::Ready(session)) = (slot.active.take(), &slot.session) else {
+        return;
+    };
+    let elapsed = a.started.elapsed();
+    if a.prefill_time.is_none() {
+        // Cancelled during its prompt: keep what ran of it.
+        engine
+            .prompt_cache()
+            .store(session, &a.req.prompt, &a.found);
+    }
+    let finish = a.decoder.finish_reason();
+    let tokens = a.decoder.into_generated();
+    let eog = tokens.last().is_some_and(|&t| engine.tokenizer.is_eog(t));
+    let g = Generation {
+        prompt_tokens: a.req.prompt.len(),
+        reused_tokens: a.found.reused,
+        cache_source: a.found.source,
+        kv_bytes: session.cache.used_bytes(),
+        completion_tokens: tokens.len() - usize::from(eog),
+        tokens,
+        finish,
+        queue_time: a.queue_time,
+        prefill_time: a.prefill_time.unwrap_or(elapsed),
+        ttft: a.ttft.unwrap_or(elapsed),
+        decode_time: a.decode_start.map_or(Duration::ZERO, |t| t.elapsed()),
+        total_time: a.queue_time + elapsed,
+    };
+    a.out.send(Event::Done(g));
+}

@@ -1,0 +1,56 @@
+//! What passes between the HTTP handlers and a model's generation thread: a [`Job`] one way,
+//! [`WorkerEvent`]s back. A leaf module: it imports nothing else from the server.
+
+use crate::sampler::SamplingParams;
+use crate::scheduler::Generation;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub params: SamplingParams,
+    pub stop: Vec<String>,
+    /// Greedy, or sampled with a seed the client chose: the same request gives the same answer,
+    /// so the response cache may keep it.
+    pub deterministic: bool,
+}
+
+pub enum WorkerEvent {
+    /// The request left the queue for a generation slot.
+    Started,
+    Text(String),
+    Done(Generation),
+    Error(String),
+}
+
+pub struct Job {
+    pub req: GenRequest,
+    pub tx: UnboundedSender<WorkerEvent>,
+    pub enqueued: Instant,
+    /// Holds the request's place among the model's slots and queue until the job is dropped.
+    pub place: Place,
+}
+
+/// One of a model's `--parallel` + `--queue-size` places; given back when dropped.
+pub struct Place(Arc<AtomicUsize>);
+
+impl Place {
+    /// Takes a place if fewer than `limit` are taken.
+    pub fn take(taken: &Arc<AtomicUsize>, limit: usize) -> Option<Place> {
+        taken
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Place(taken.clone()))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}

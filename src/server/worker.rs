@@ -1,0 +1,114 @@
+//! A loaded model's generation thread: takes jobs from a bounded queue into the
+//! [`Scheduler`]'s `--parallel` slots and sends each request's events back on its channel.
+//! Dropping the receiver (the client left) stops that request.
+
+use super::metrics::Metrics;
+use super::protocol::{Job, Place, WorkerEvent};
+use crate::engine::Engine;
+use crate::sampler::Sampler;
+use crate::scheduler::{ChunkPolicy, Event, Held, Output, Request, Scheduler};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use tokio::sync::mpsc::UnboundedSender;
+
+pub(super) fn run(
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    jobs: Receiver<Job>,
+    parallel: usize,
+    chunks: ChunkPolicy,
+) {
+    let mut scheduler = Scheduler::new(&engine, parallel).with_chunks(chunks);
+    loop {
+        if scheduler.is_idle() {
+            let Ok(job) = jobs.recv() else {
+                return; // The server is shutting down and nothing is running.
+            };
+            admit(&mut scheduler, &metrics, job);
+        }
+        while scheduler.has_free_slot() {
+            let Ok(job) = jobs.try_recv() else {
+                break;
+            };
+            admit(&mut scheduler, &metrics, job);
+        }
+        scheduler.step();
+    }
+}
+
+fn admit(scheduler: &mut Scheduler, metrics: &Arc<Metrics>, job: Job) {
+    metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
+    let out = Box::new(JobOutput {
+        tx: job.tx,
+        metrics: metrics.clone(),
+        busy: false,
+        _place: job.place,
+    });
+    let sampler = match Sampler::new(job.req.params) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = out.tx.send(WorkerEvent::Error(format!("{e:#}")));
+            return;
+        }
+    };
+    let mut req = Request::new(job.req.prompt, job.req.max_tokens, Held::Owned(sampler));
+    req.stop = job.req.stop;
+    req.enqueued = job.enqueued;
+    scheduler.admit(req, out);
+}
+
+/// A request's events, sent to its handler; counts it busy from its start to its end.
+struct JobOutput {
+    tx: UnboundedSender<WorkerEvent>,
+    metrics: Arc<Metrics>,
+    busy: bool,
+    _place: Place,
+}
+
+impl Output for JobOutput {
+    fn send(&mut self, event: Event<'_>) -> bool {
+        let event = match event {
+            Event::Started => {
+                self.busy = true;
+                self.metrics.busy.fetch_add(1, Ordering::SeqCst);
+                WorkerEvent::Started
+            }
+            Event::Text(t) => WorkerEvent::Text(t.to_string()),
+            Event::Done(g) => {
+                self.not_busy();
+                self.metrics.record_generation(
+                    g.prompt_tokens,
+                    g.reused_tokens,
+                    g.completion_tokens,
+                    g.prefill_time,
+                    g.decode_time,
+                );
+                WorkerEvent::Done(g)
+            }
+            Event::Error(e) => {
+                self.not_busy();
+                WorkerEvent::Error(e)
+            }
+        };
+        self.tx.send(event).is_ok()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+impl JobOutput {
+    fn not_busy(&mut self) {
+        if std::mem::take(&mut self.busy) {
+            self.metrics.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for JobOutput {
+    fn drop(&mut self) {
+        self.not_busy();
+    }
+}
