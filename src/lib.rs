@@ -11,6 +11,7 @@ pub mod bench;
 pub mod cli;
 pub mod engine;
 pub mod gguf;
+pub mod grammar;
 pub mod hub;
 pub mod kv_cache;
 pub mod model;

@@ -304,3 +304,50 @@ fn a_forced_kernel_level_is_checked() {
         }
     }
 }
+
+/// `-j` holds the answer to the schema (the real 0.5B on a prose prompt); a schema that is not
+/// JSON, not an object, or not usable is refused before anything runs.
+#[test]
+fn json_schema_flag() {
+    let model = common::real_model("0.5b");
+    let m = model.to_str().unwrap();
+    let schema = r#"{"type":"object","properties":{"answer":{"type":"string"},"confidence":{"type":"integer","minimum":0,"maximum":10}},"required":["answer","confidence"],"additionalProperties":false}"#;
+    let out = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
+        .args([
+            "-m",
+            m,
+            "-p",
+            "Is the sky blue?",
+            "--temp",
+            "0",
+            "-n",
+            "80",
+            "-q",
+            "-j",
+            schema,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(v["answer"].is_string(), "{v}");
+    assert!((0..=10).contains(&v["confidence"].as_i64().unwrap()), "{v}");
+    expect_error(
+        &["-m", m, "-p", "hi", "-j", "{not json"],
+        &["--json-schema is not valid JSON"],
+    );
+    expect_error(
+        &["-m", m, "-p", "hi", "-j", "[1]"],
+        &["must be a JSON schema object"],
+    );
+    expect_error(
+        &["-m", m, "-p", "hi", "-j", r##"{"$ref": "#/nowhere"}"##],
+        &["response format cannot be used"],
+    );
+}

@@ -1428,3 +1428,122 @@ print("ok")
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
+
+/// A JSON schema or `"json"` holds the real 0.5B to valid JSON on a prose prompt, on both APIs
+/// and streaming, and a schema the constrained decoder cannot use is a 400 that says why.
+#[test]
+fn real_model_structured_output() {
+    let s = Server::start(&common::real_model("0.5b"), &["-c", "2048"]);
+    let book = json!({
+        "type": "object",
+        "properties": {
+            "title": {"type": "string"},
+            "year": {"type": "integer", "minimum": 1000, "maximum": 2100},
+            "genre": {"enum": ["fiction", "non-fiction", "poetry"]},
+            "characters": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
+            "author": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "alive": {"type": "boolean"}},
+                "required": ["name", "alive"],
+                "additionalProperties": false
+            }
+        },
+        "required": ["title", "year", "genre", "characters", "author"],
+        "additionalProperties": false
+    });
+    let check_book = |text: &str| {
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let o = v.as_object().unwrap();
+        assert_eq!(o.len(), 5, "{v}");
+        assert!(v["title"].is_string(), "{v}");
+        let year = v["year"].as_i64().unwrap();
+        assert!((1000..=2100).contains(&year), "{v}");
+        assert!(
+            ["fiction", "non-fiction", "poetry"].contains(&v["genre"].as_str().unwrap()),
+            "{v}"
+        );
+        let n = v["characters"].as_array().unwrap().len();
+        assert!((1..=3).contains(&n), "{v}");
+        assert!(
+            v["author"]["name"].is_string() && v["author"]["alive"].is_boolean(),
+            "{v}"
+        );
+    };
+    let messages =
+        json!([{"role": "user", "content": "Describe your favourite book in a sentence."}]);
+    let format = json!({"type": "json_schema", "json_schema": {"name": "book", "schema": book, "strict": true}});
+    let (status, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": messages, "response_format": format, "temperature": 0, "max_tokens": 200}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    check_book(v["choices"][0]["message"]["content"].as_str().unwrap());
+
+    // Sampled, streamed: still valid.
+    let (status, _, lines) = s.post_stream(
+        "/v1/chat/completions",
+        &json!({"messages": messages, "response_format": format, "temperature": 1.0, "seed": 7, "max_tokens": 200, "stream": true}),
+    );
+    assert_eq!(status, 200);
+    let payloads = sse_payloads(&lines);
+    let text: String = payloads[..payloads.len() - 1]
+        .iter()
+        .filter_map(|p| {
+            let c: Value = serde_json::from_str(p).unwrap();
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    check_book(&text);
+
+    // Ollama: a schema, and "json".
+    let (status, v) = s.post(
+        "/api/chat",
+        &json!({"messages": messages, "format": book, "stream": false, "options": {"temperature": 0, "num_predict": 200}}),
+    );
+    assert_eq!(status, 200, "{v}");
+    check_book(v["message"]["content"].as_str().unwrap());
+    let (status, v) = s.post(
+        "/api/generate",
+        &json!({"prompt": "List three colours.", "format": "json", "stream": false, "options": {"temperature": 0, "num_predict": 100}}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let any: Value = serde_json::from_str(v["response"].as_str().unwrap()).unwrap();
+    assert!(any.is_object(), "{any}");
+    let (status, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": messages, "response_format": {"type": "json_object"}, "temperature": 0, "max_tokens": 100}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let any: Value =
+        serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert!(any.is_object(), "{any}");
+
+    // Refused, with the reason.
+    for (format, needle) in [
+        (json!({"type": "xml"}), "'xml' is not supported"),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+            "json_schema.schema",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}),
+            "response format cannot be used",
+        ),
+    ] {
+        let (status, v) = s.post(
+            "/v1/chat/completions",
+            &json!({"messages": messages, "response_format": format, "max_tokens": 5}),
+        );
+        assert_eq!(status, 400, "{v}");
+        assert!(v.to_string().contains(needle), "{v}");
+    }
+    let (status, v) = s.post(
+        "/api/chat",
+        &json!({"messages": messages, "format": 7, "stream": false}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("format 7 is not supported"), "{v}");
+}

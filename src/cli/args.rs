@@ -2,6 +2,7 @@ use crate::engine::{
     DeviceChoice, LoadOptions, DEFAULT_CACHE_RAM_MIB, DEFAULT_PREFIX_BLOCK,
     DEFAULT_PROMPT_CACHE_MAX_MIB,
 };
+use crate::grammar::Format;
 use crate::kv_cache::CacheType;
 use crate::sampler::SamplingParams;
 use anyhow::{bail, Context, Result};
@@ -363,6 +364,38 @@ pub struct RunArgs {
     /// cache serves the repeats; for measuring it).
     #[arg(long = "repeat", default_value_t = 1, value_name = "N")]
     pub repeat: usize,
+    /// Constrain the answer to JSON valid against this JSON schema (`{}`: any JSON object).
+    #[arg(short = 'j', long = "json-schema", value_name = "SCHEMA")]
+    pub json_schema: Option<String>,
+    /// Read the JSON schema from a file.
+    #[arg(
+        long = "json-schema-file",
+        value_name = "FILE",
+        conflicts_with = "json_schema"
+    )]
+    pub json_schema_file: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The answer's format, from --json-schema or --json-schema-file.
+    pub fn format(&self) -> Result<Option<Format>> {
+        let (text, from) = match (&self.json_schema, &self.json_schema_file) {
+            (Some(s), _) => (s.clone(), "--json-schema".to_string()),
+            (None, Some(f)) => (
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read the JSON schema file {}", f.display()))?,
+                f.display().to_string(),
+            ),
+            (None, None) => return Ok(None),
+        };
+        let schema: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{from} is not valid JSON"))?;
+        match schema {
+            serde_json::Value::Object(o) if o.is_empty() => Ok(Some(Format::JsonObject)),
+            s @ serde_json::Value::Object(_) => Ok(Some(Format::JsonSchema(s))),
+            _ => bail!("{from} must be a JSON schema object"),
+        }
+    }
 }
 
 /// What `chat` does when the conversation no longer fits the context.

@@ -1,6 +1,7 @@
 use super::RunArgs;
 use crate::engine::{Engine, Generation};
 use crate::sampler::Sampler;
+use crate::scheduler::{Held, Request};
 use crate::tokenizer::Message;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
@@ -29,20 +30,24 @@ pub fn run(args: &RunArgs) -> Result<()> {
         engine.template.render(&messages, None, true)?
     };
     let tokens = engine.tokenizer.encode(&text)?;
+    let format = args.format()?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for _ in 0..args.repeat.max(1) {
         let mut session = engine.new_session()?;
         let mut write_failed = false;
-        let generation =
-            engine.generate(&mut session, &tokens, max_tokens, &mut sampler, |piece| {
-                // A closed pipe (`| head`) ends generation quietly instead of failing.
-                write_failed = out
-                    .write_all(piece.as_bytes())
-                    .and_then(|_| out.flush())
-                    .is_err();
-                !write_failed
-            })?;
+        let mut request = Request::new(tokens.clone(), max_tokens, Held::Borrowed(&mut sampler));
+        if let Some(f) = &format {
+            request.guide = Some(Box::new(engine.grammars()?.constraint(f)?));
+        }
+        let generation = engine.generate_request(&mut session, request, |piece| {
+            // A closed pipe (`| head`) ends generation quietly instead of failing.
+            write_failed = out
+                .write_all(piece.as_bytes())
+                .and_then(|_| out.flush())
+                .is_err();
+            !write_failed
+        })?;
         if !write_failed {
             let _ = writeln!(out);
         }

@@ -179,6 +179,7 @@ impl Engine {
             pool,
             passes: Mutex::new(()),
             prompt_cache,
+            grammars: Default::default(),
         })
     }
 }

@@ -12,6 +12,7 @@ pub use load::{
 };
 
 use crate::gguf::GgufFile;
+use crate::grammar::Grammars;
 use crate::kv_cache::CacheType;
 use crate::model::{Config, Logits, ModelRunner, Placement, Sequence};
 use crate::prefix_cache::PromptCache;
@@ -41,6 +42,8 @@ pub struct Engine {
     /// Held by the thread that runs a step, outside the pool: see [`Engine::run_pass`].
     passes: Mutex<()>,
     prompt_cache: PromptCache,
+    /// Built on first use: most runs never constrain their output.
+    grammars: std::sync::OnceLock<Result<Grammars, String>>,
 }
 
 /// One session's part of a step: the tokens to append and which of them need logits.
@@ -76,6 +79,14 @@ impl Engine {
 
     pub fn prompt_cache(&self) -> &PromptCache {
         &self.prompt_cache
+    }
+
+    /// The model's vocabulary as the constrained decoder sees it (built on first use).
+    pub fn grammars(&self) -> Result<&Grammars> {
+        self.grammars
+            .get_or_init(|| Grammars::new(&self.tokenizer).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("constrained decoding is unavailable: {e}"))
     }
 
     pub fn new_session(&self) -> Result<Session> {

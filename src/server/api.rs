@@ -4,6 +4,7 @@
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::models::{LoadedModel, ModelPool, ModelStatus};
+use crate::grammar::{Constraint, Format};
 use crate::sampler::SamplingParams;
 use crate::tokenizer::Message;
 use axum::body::{Body, Bytes};
@@ -101,6 +102,23 @@ impl Sampling {
             .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
         Ok(p)
     }
+}
+
+/// Compiles a request's response format for `model`; a schema or grammar it cannot use is a 400
+/// that says why.
+pub fn compile_format(
+    model: &LoadedModel,
+    format: Option<Format>,
+) -> Result<Option<(Format, Constraint)>, ApiError> {
+    let Some(format) = format else {
+        return Ok(None);
+    };
+    let constraint = model
+        .engine
+        .grammars()
+        .and_then(|g| g.constraint(&format))
+        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    Ok(Some((format, constraint)))
 }
 
 /// Renders a chat through the model's template and tokenizes it.

@@ -172,6 +172,12 @@ impl LoadedModel {
                 alone: engine.batch_size,
                 while_decoding: opts.prefill_chunk.min(engine.batch_size),
             };
+            // The constrained decoder's view of the vocabulary takes a fraction of a second to
+            // build: built now, in the background, a structured-output request does not wait.
+            let vocab = engine.clone();
+            let _ = std::thread::Builder::new()
+                .name("qwen-run-grammar".into())
+                .spawn(move || vocab.grammars().map(|_| ()));
             std::thread::Builder::new()
                 .name("qwen-run-generate".into())
                 .spawn(move || worker::run(engine, metrics, jobs, parallel, chunks))

@@ -3,14 +3,15 @@
 
 use super::api::AppState;
 use super::api::{
-    chat_prompt, model_state, normalize_tool_calls, parse_body, rfc3339, rfc3339_now,
-    stream_response, Sampling,
+    chat_prompt, compile_format, model_state, normalize_tool_calls, parse_body, rfc3339,
+    rfc3339_now, stream_response, Sampling,
 };
 use super::error::ApiError;
 use super::models::{keep_alive_field, KeepAlive, LoadedModel, ModelSpec};
 use super::output::{served_headers, OutEvent, Output};
 use super::protocol::GenRequest;
 use super::routing::RouteFacts;
+use crate::grammar::Format;
 use crate::scheduler::{FinishReason, Generation};
 use crate::tokenizer::Message;
 use axum::body::Bytes;
@@ -74,6 +75,8 @@ struct ChatRequest {
     #[serde(default)]
     options: Option<Options>,
     #[serde(default)]
+    format: Option<Value>,
+    #[serde(default)]
     keep_alive: Option<Value>,
 }
 
@@ -94,7 +97,22 @@ struct GenerateRequest {
     #[serde(default)]
     options: Option<Options>,
     #[serde(default)]
+    format: Option<Value>,
+    #[serde(default)]
     keep_alive: Option<Value>,
+}
+
+/// Ollama's `format`: `"json"`, or a JSON schema.
+fn format_field(v: Option<&Value>) -> Result<Option<Format>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s == "json" => Ok(Some(Format::JsonObject)),
+        Some(schema @ Value::Object(_)) => Ok(Some(Format::JsonSchema(schema.clone()))),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "format {other} is not supported; use \"json\" or a JSON schema object"
+        ))),
+    }
 }
 
 /// Ollama's answer to a request with nothing to generate: load the model, or unload it with
@@ -125,6 +143,7 @@ fn gen_request(
     model: &LoadedModel,
     prompt: Vec<u32>,
     options: Option<Options>,
+    format: Option<&Value>,
 ) -> Result<GenRequest, ApiError> {
     let o = options.unwrap_or_default();
     if let Some(n) = o.num_ctx {
@@ -153,6 +172,7 @@ fn gen_request(
         deterministic: sampling.deterministic(&params),
         params,
         stop: o.stop.unwrap_or_default(),
+        format: compile_format(model, format_field(format)?)?,
     })
 }
 
@@ -235,7 +255,7 @@ async fn chat_inner(
         .acquire(req.model.as_deref(), &facts, keep)
         .await?;
     let prompt = chat_prompt(&lease, &messages, tools.as_ref())?;
-    let gen = gen_request(&lease, prompt, req.options)?;
+    let gen = gen_request(&lease, prompt, req.options, req.format.as_ref())?;
     let out = lease.submit(gen).await?.with_tools(tools.as_ref());
     let headers = out.headers();
     let model = out.model_name();
@@ -347,7 +367,7 @@ async fn generate_inner(
             .map_err(|e| ApiError::bad_request(format!("{e:#}")))?
     };
     let prompt = lease.tokenize(&text)?;
-    let gen = gen_request(&lease, prompt, req.options)?;
+    let gen = gen_request(&lease, prompt, req.options, req.format.as_ref())?;
     let out = lease.submit(gen).await?;
     let headers = out.headers();
     let model = out.model_name();

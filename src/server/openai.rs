@@ -2,7 +2,8 @@
 
 use super::api::AppState;
 use super::api::{
-    chat_prompt, normalize_tool_calls, parse_body, stream_response, unix_now, Sampling,
+    chat_prompt, compile_format, normalize_tool_calls, parse_body, stream_response, unix_now,
+    Sampling,
 };
 use super::error::ApiError;
 use super::models::{keep_alive_field, LoadedModel};
@@ -10,6 +11,7 @@ use super::output::{served_headers, OutEvent, Output};
 use super::protocol::GenRequest;
 use super::routing::RouteFacts;
 use super::tool_calls::ToolCall;
+use crate::grammar::Format;
 use crate::scheduler::{FinishReason, Generation};
 use crate::tokenizer::Message;
 use axum::body::Bytes;
@@ -99,6 +101,8 @@ struct Common {
     seed: Option<i64>,
     #[serde(default)]
     n: Option<u32>,
+    #[serde(default)]
+    response_format: Option<Value>,
     /// Not OpenAI's, but Ollama's: how long the model stays loaded after this request.
     #[serde(default)]
     keep_alive: Option<Value>,
@@ -158,12 +162,14 @@ impl Common {
             .max_completion_tokens
             .or(self.max_tokens)
             .or(default_max);
+        let format = response_format(self.response_format.as_ref())?;
         Ok(GenRequest {
             prompt,
             max_tokens: model.budget(asked),
             deterministic: sampling.deterministic(&params),
             params,
             stop,
+            format: compile_format(model, format)?,
         })
     }
 
@@ -171,6 +177,27 @@ impl Common {
         self.stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage)
+    }
+}
+
+/// OpenAI's `response_format`: `text`, `json_object`, or `json_schema` with its `schema`.
+fn response_format(v: Option<&Value>) -> Result<Option<Format>, ApiError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(Format::JsonObject)),
+        "json_schema" => match v.get("json_schema").and_then(|s| s.get("schema")) {
+            Some(schema) if schema.is_object() => Ok(Some(Format::JsonSchema(schema.clone()))),
+            _ => Err(ApiError::bad_request(
+                "response_format json_schema needs json_schema.schema, a JSON schema object",
+            )),
+        },
+        other => Err(ApiError::bad_request(format!(
+            "response_format type '{other}' is not supported; use text, json_object or json_schema"
+        ))),
     }
 }
 

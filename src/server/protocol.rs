@@ -1,6 +1,7 @@
 //! What passes between the HTTP handlers and a model's generation thread: a [`Job`] one way,
 //! [`WorkerEvent`]s back. A leaf module: it imports nothing else from the server.
 
+use crate::grammar::{Constraint, Format};
 use crate::sampler::SamplingParams;
 use crate::scheduler::Generation;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +17,8 @@ pub struct GenRequest {
     /// Greedy, or sampled with a seed the client chose: the same request gives the same answer,
     /// so the response cache may keep it.
     pub deterministic: bool,
+    /// What the answer must parse as, and its compiled constraint.
+    pub format: Option<(Format, Constraint)>,
 }
 
 pub enum WorkerEvent {

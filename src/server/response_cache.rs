@@ -25,8 +25,9 @@ impl CacheKey {
         if p.temperature <= 0.0 {
             p.seed = 0; // Greedy decoding ignores the seed.
         }
+        let format = req.format.as_ref().map(|(f, _)| f.key());
         Some(CacheKey(format!(
-            "{model}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{p:?}",
+            "{model}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{p:?}\u{0}{format:?}",
             req.prompt, req.max_tokens, req.stop
         )))
     }
@@ -123,6 +124,7 @@ mod tests {
                 ..SamplingParams::default()
             },
             stop: vec![],
+            format: None,
             deterministic,
         }
     }

@@ -54,6 +54,10 @@ fn admit(scheduler: &mut Scheduler, metrics: &Arc<Metrics>, job: Job) {
     };
     let mut req = Request::new(job.req.prompt, job.req.max_tokens, Held::Owned(sampler));
     req.stop = job.req.stop;
+    req.guide = job
+        .req
+        .format
+        .map(|(_, c)| Box::new(c) as Box<dyn crate::scheduler::Guide>);
     req.enqueued = job.enqueued;
     scheduler.admit(req, out);
 }
