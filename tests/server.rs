@@ -1547,3 +1547,64 @@ fn real_model_structured_output() {
     assert_eq!(status, 400, "{v}");
     assert!(v.to_string().contains("format 7 is not supported"), "{v}");
 }
+
+/// `tool_choice: "required"` makes the real 0.5B call a tool even on a greeting, a named function
+/// is the one called even when another fits the question better, `parallel_tool_calls: false`
+/// allows one call, and a name that is not among the tools is a 400.
+#[test]
+fn real_model_tool_choice() {
+    let s = Server::start(&common::real_model("0.5b"), &["-c", "2048"]);
+    let mut tools = weather_tools();
+    tools.as_array_mut().unwrap().push(json!({
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Get the current time in a time zone",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"type": "string"}},
+                "required": ["zone"],
+            },
+        },
+    }));
+    let ask = |content: &str, choice: Value, parallel: bool| {
+        s.post(
+            "/v1/chat/completions",
+            &json!({
+                "messages": [{"role": "user", "content": content}],
+                "tools": tools, "tool_choice": choice, "parallel_tool_calls": parallel,
+                "temperature": 0, "max_tokens": 120
+            }),
+        )
+    };
+    let (status, v) = ask("Hello there!", json!("required"), true);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let calls = v["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+    assert!(!calls.is_empty(), "{v}");
+    for c in calls {
+        let name = c["function"]["name"].as_str().unwrap();
+        assert!(["get_weather", "get_time"].contains(&name), "{v}");
+        let _: Value = serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap();
+    }
+    let named = json!({"type": "function", "function": {"name": "get_time"}});
+    let (status, v) = ask("What's the weather like in Paris right now?", named, false);
+    assert_eq!(status, 200, "{v}");
+    let calls = v["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{v}");
+    assert_eq!(calls[0]["function"]["name"], "get_time", "{v}");
+    let args: Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["zone"].is_string(), "{args}");
+    for (choice, needle) in [
+        (
+            json!({"type": "function", "function": {"name": "nope"}}),
+            "'nope'",
+        ),
+        (json!("always"), "not supported"),
+    ] {
+        let (status, v) = ask("Hi", choice, true);
+        assert_eq!(status, 400, "{v}");
+        assert!(v.to_string().contains(needle), "{v}");
+    }
+}

@@ -115,6 +115,8 @@ struct ChatRequest {
     tools: Option<Value>,
     #[serde(default)]
     tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     common: Common,
 }
@@ -139,6 +141,7 @@ impl Common {
         model: &LoadedModel,
         prompt: Vec<u32>,
         default_max: Option<i64>,
+        tool_calls: Option<Format>,
     ) -> Result<GenRequest, ApiError> {
         if self.n.unwrap_or(1) != 1 {
             return Err(ApiError::bad_request("only n = 1 is supported"));
@@ -162,7 +165,14 @@ impl Common {
             .max_completion_tokens
             .or(self.max_tokens)
             .or(default_max);
-        let format = response_format(self.response_format.as_ref())?;
+        let format = match (response_format(self.response_format.as_ref())?, tool_calls) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "response_format and a tool_choice that requires a call cannot be combined: the answer is either JSON or a tool call",
+                ))
+            }
+            (f, calls) => f.or(calls),
+        };
         Ok(GenRequest {
             prompt,
             max_tokens: model.budget(asked),
@@ -178,6 +188,87 @@ impl Common {
             .as_ref()
             .is_some_and(|o| o.include_usage)
     }
+}
+
+/// OpenAI's `tool_choice` beyond `none` and `auto`: `required` (some tool must be called) or a
+/// named function (that one must be), enforced by a grammar over Qwen's own
+/// `<tool_call>{"name": ..., "arguments": ...}</tool_call>` format; with `parallel_tool_calls`
+/// (the default) several calls may follow one another.
+fn tool_choice_format(
+    choice: Option<&Value>,
+    tools: Option<&Value>,
+    parallel: bool,
+) -> Result<Option<Format>, ApiError> {
+    let listed: Vec<&Value> = tools
+        .and_then(Value::as_array)
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    let name_of = |t: &Value| {
+        t.get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let wanted: Vec<&Value> = match choice {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) if s == "auto" || s == "none" => return Ok(None),
+        Some(Value::String(s)) if s == "required" => listed.clone(),
+        Some(v @ Value::Object(_)) => {
+            let Some(name) = v
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+            else {
+                return Err(ApiError::bad_request(
+                    "tool_choice as an object needs function.name",
+                ));
+            };
+            let found: Vec<&Value> = listed
+                .iter()
+                .copied()
+                .filter(|t| name_of(t).as_deref() == Some(name))
+                .collect();
+            if found.is_empty() {
+                return Err(ApiError::bad_request(format!(
+                    "tool_choice names '{name}', which is not among the request's tools"
+                )));
+            }
+            found
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "tool_choice {other} is not supported; use none, auto, required or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
+            )))
+        }
+    };
+    if wanted.is_empty() {
+        return Err(ApiError::bad_request(
+            "tool_choice asks for a tool call, but the request has no tools",
+        ));
+    }
+    let calls: Vec<Value> = wanted
+        .iter()
+        .map(|t| {
+            let name = name_of(t).unwrap_or_default();
+            let params = t
+                .get("function")
+                .and_then(|f| f.get("parameters"))
+                .filter(|p| p.is_object())
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object"}));
+            json!({
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": false
+            })
+        })
+        .collect();
+    let schema = json!({"anyOf": calls});
+    let repeat = if parallel { r#" ("\n" call)*"# } else { "" };
+    Ok(Some(Format::Lark(format!(
+        "start: call{repeat}\ncall: \"<tool_call>\\n\" %json {schema} \"\\n</tool_call>\"\n"
+    ))))
 }
 
 /// OpenAI's `response_format`: `text`, `json_object`, or `json_schema` with its `schema`.
@@ -320,8 +411,13 @@ async fn chat_inner(
         .pool
         .acquire(req.common.model.as_deref(), &facts, keep_alive)
         .await?;
+    let calls = tool_choice_format(
+        req.tool_choice.as_ref(),
+        tools.as_ref(),
+        req.parallel_tool_calls.unwrap_or(true),
+    )?;
     let prompt = chat_prompt(&lease, &messages, tools.as_ref())?;
-    let gen = req.common.request(&lease, prompt, None)?;
+    let gen = req.common.request(&lease, prompt, None, calls)?;
     let out = lease.submit(gen).await?.with_tools(tools.as_ref());
     let headers = out.headers();
     let id = new_id("chatcmpl-");
@@ -483,7 +579,7 @@ async fn completions_inner(
         .await?;
     let prompt = lease.tokenize(&text)?;
     // OpenAI's default for this endpoint is 16 tokens.
-    let gen = req.common.request(&lease, prompt, Some(16))?;
+    let gen = req.common.request(&lease, prompt, Some(16), None)?;
     let out = lease.submit(gen).await?;
     let headers = out.headers();
     let id = new_id("cmpl-");
