@@ -304,19 +304,8 @@ pub(crate) fn int8_product_rate(backend: Backend, seconds: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repack::tests::bytes;
     use crate::scalar::tests::activations;
-
-    fn bytes(n: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                s as u8
-            })
-            .collect()
-    }
 
     fn simd_levels() -> impl Iterator<Item = Backend> {
         Backend::ALL

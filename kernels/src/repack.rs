@@ -276,10 +276,11 @@ pub(crate) fn unpack_rows4_group(ty: QuantType, rb: usize, group: &[u8], out: &m
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    /// Pseudo-random bytes (xorshift), the same for the same seed.
+    pub(crate) fn bytes(n: usize, seed: u64) -> Vec<u8> {
         let mut s = seed | 1;
         (0..n)
             .map(|_| {
