@@ -19,15 +19,6 @@ pub enum Pass {
     Tensor,
 }
 
-impl Pass {
-    pub fn name(self) -> &'static str {
-        match self {
-            Pass::Host => "host",
-            Pass::Tensor => "tensor",
-        }
-    }
-}
-
 pub struct ModelRunner {
     weights: Qwen2,
     cache_type_k: CacheType,
@@ -69,10 +60,6 @@ impl ModelRunner {
 
     pub fn placement(&self) -> &Placement {
         &self.weights.placement
-    }
-
-    pub fn pass(&self) -> Pass {
-        self.pass
     }
 
     pub fn cache_types(&self) -> (CacheType, CacheType) {

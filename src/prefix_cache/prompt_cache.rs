@@ -67,11 +67,6 @@ impl PromptCache {
         }
     }
 
-    /// Tokens per block.
-    pub fn block(&self) -> usize {
-        self.block
-    }
-
     /// The in-process prefix cache, if enabled: (bytes held, budget bytes, blocks held).
     pub fn memory_stats(&self) -> Option<(usize, usize, usize)> {
         self.memory.as_ref().map(|p| {
