@@ -67,7 +67,7 @@ fn decode_steps_allocate_nothing() {
                         .zip(&mut samplers)
                         .zip(&mut histories)
                     {
-                        let next = sampler.sample(row, h);
+                        let next = sampler.sample(row, h, 0);
                         h.push(next);
                     }
                 }

@@ -32,9 +32,10 @@ struct Scripted {
 }
 
 impl Guide for Scripted {
-    fn draft(&mut self, history: &[u32], drafts: &mut Vec<u32>) {
+    fn draft(&mut self, history: &[u32], generated: usize, drafts: &mut Vec<u32>) {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let done = history.len() - self.prompt;
+        let done = generated;
+        assert_eq!(done, history.len() - self.prompt);
         for (i, &t) in self.script.iter().skip(done).take(self.k).enumerate() {
             let bad = self.wrong > 0 && (done + i).is_multiple_of(self.wrong);
             drafts.push(if bad { (t + 1) % 200 } else { t });

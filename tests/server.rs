@@ -9,121 +9,11 @@ use qwen_run_kernels::QuantType;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-struct Server {
-    child: Child,
-    base: String,
-    http: reqwest::blocking::Client,
-}
-
-impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
-            .args(["serve", "-m", model.to_str().unwrap(), "--port", "0"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut seen = String::new();
-        let base = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        break addr.trim().to_string();
-                    }
-                    seen.push_str(&line);
-                    seen.push('\n');
-                }
-                _ => panic!("the server did not start: {seen}"),
-            }
-        };
-        // Keep draining stderr so the server never blocks on it.
-        std::thread::spawn(move || for _ in lines {});
-        let http = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(600))
-            .build()
-            .unwrap();
-        Server { child, base, http }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.http.post(self.url(path)).json(body).send().unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().unwrap();
-        let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-        (status, v)
-    }
-
-    fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
-        let r = self
-            .http
-            .post(self.url(path))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    /// Announces a body of `len` bytes but sends only its start, then reads the answer.
-    fn raw_oversized_post(&self, path: &str, len: usize) -> (u16, String) {
-        use std::io::{Read, Write};
-        let addr = self.base.strip_prefix("http://").unwrap();
-        let mut c = std::net::TcpStream::connect(addr).unwrap();
-        write!(
-            c,
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{{\"messages\": ["
-        )
-        .unwrap();
-        let mut resp = String::new();
-        c.read_to_string(&mut resp).unwrap();
-        let status = resp.split(' ').nth(1).unwrap().parse().unwrap();
-        (status, resp)
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        let r = self.http.get(self.url(path)).send().unwrap();
-        (r.status().as_u16(), r.text().unwrap())
-    }
-
-    /// Posts and returns the response's lines (SSE `data:` payloads, or NDJSON objects).
-    fn post_stream(&self, path: &str, body: &Value) -> (u16, String, Vec<String>) {
-        let r = self.http.post(self.url(path)).json(body).send().unwrap();
-        let status = r.status().as_u16();
-        let ct = r
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap().to_string())
-            .unwrap_or_default();
-        let lines = BufReader::new(r)
-            .lines()
-            .map(|l| l.unwrap())
-            .filter(|l| !l.is_empty())
-            .collect();
-        (status, ct, lines)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::server::Server;
 
 fn tiny_model() -> &'static Path {
     static PATH: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
@@ -1596,6 +1486,80 @@ fn real_model_tool_choice() {
     let args: Value =
         serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
     assert!(args["zone"].is_string(), "{args}");
+    // auto: a greeting stays prose; a call, once begun, follows the tool's schema (an enum
+    // the question does not offer, a required field).
+    let (status, v) = ask("Hello there!", json!("auto"), true);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert!(
+        !v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty(),
+        "{v}"
+    );
+    let strict_tools = json!([{
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": false,
+            },
+        },
+    }]);
+    let (status, v) = s.post(
+        "/v1/chat/completions",
+        &json!({
+            "messages": [{"role": "user", "content": "What's the weather in Paris, in kelvin?"}],
+            "tools": strict_tools, "tool_choice": "auto", "temperature": 0, "max_tokens": 120
+        }),
+    );
+    assert_eq!(status, 200, "{v}");
+    for c in v["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(c["function"]["name"], "get_weather", "{v}");
+        let args: Value =
+            serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(args["city"].is_string(), "{v}");
+        assert!(
+            ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()),
+            "{v}"
+        );
+    }
+    // Nested models as pydantic writes them: "$defs" and "$ref"s into them.
+    let nested = json!([{
+        "type": "function",
+        "function": {
+            "name": "add_contact",
+            "parameters": {
+                "$defs": {"Address": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "address": {"$ref": "#/$defs/Address"}},
+                "required": ["name", "address"],
+            },
+        },
+    }]);
+    let (status, v) = s.post(
+        "/v1/chat/completions",
+        &json!({
+            "messages": [{"role": "user", "content": "Add Ana, who lives in Porto."}],
+            "tools": nested, "tool_choice": {"type": "function", "function": {"name": "add_contact"}},
+            "temperature": 0, "max_tokens": 80
+        }),
+    );
+    assert_eq!(status, 200, "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["address"]["city"].is_string(), "{v}");
     for (choice, needle) in [
         (
             json!({"type": "function", "function": {"name": "nope"}}),
@@ -1606,5 +1570,454 @@ fn real_model_tool_choice() {
         let (status, v) = ask("Hi", choice, true);
         assert_eq!(status, 400, "{v}");
         assert!(v.to_string().contains(needle), "{v}");
+    }
+}
+
+/// Checks one token's logprobs as OpenAI's chat and Ollama write them: <= 0, alternatives sorted
+/// and as many as asked, and under greedy decoding the token is the most likely alternative with
+/// the same logprob.
+fn check_logprob_entry(e: &Value, top: usize, greedy: bool) {
+    let lp = e["logprob"].as_f64().unwrap();
+    assert!(lp <= 0.0, "{e}");
+    let token = e["token"].as_str().unwrap();
+    let bytes: Vec<u8> = e["bytes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&bytes), token, "{e}");
+    let alts = e["top_logprobs"].as_array().unwrap();
+    assert_eq!(alts.len(), top, "{e}");
+    let lps: Vec<f64> = alts
+        .iter()
+        .map(|a| a["logprob"].as_f64().unwrap())
+        .collect();
+    assert!(lps.windows(2).all(|w| w[0] >= w[1]), "{e}");
+    assert!(lps.iter().all(|&l| l <= 0.0), "{e}");
+    for a in alts {
+        if a["bytes"] == e["bytes"] {
+            assert!((a["logprob"].as_f64().unwrap() - lp).abs() < 1e-6, "{e}");
+        }
+    }
+    if greedy && top > 0 {
+        assert_eq!(alts[0]["bytes"], e["bytes"], "{e}");
+        assert!((lps[0] - lp).abs() < 1e-6, "{e}");
+    }
+}
+
+/// Two logprob lists agree: the same tokens and alternatives, logprobs within float noise (a
+/// repeated prompt runs from the prefix cache, through differently batched kernels).
+fn assert_same_logprobs(a: &[Value], b: &[Value]) {
+    assert_eq!(a.len(), b.len(), "{a:?}\n{b:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x["bytes"], y["bytes"], "{x}\n{y}");
+        assert!((x["logprob"].as_f64().unwrap() - y["logprob"].as_f64().unwrap()).abs() < 1e-3);
+        let (xs, ys) = (
+            x["top_logprobs"].as_array().unwrap(),
+            y["top_logprobs"].as_array().unwrap(),
+        );
+        assert_eq!(xs.len(), ys.len(), "{x}\n{y}");
+        for (p, q) in xs.iter().zip(ys) {
+            assert!((p["logprob"].as_f64().unwrap() - q["logprob"].as_f64().unwrap()).abs() < 1e-3);
+        }
+    }
+}
+
+/// logprobs on all four generation endpoints, streaming and not, in each API's shape; the
+/// streamed logprobs are the non-streamed ones; bad values are 400s.
+#[test]
+fn logprobs_on_every_endpoint() {
+    let s = tiny_server();
+    let msgs = json!([{"role": "user", "content": "hello"}]);
+    let body = json!({"messages": msgs, "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 3});
+    let (st, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        content.len(),
+        v["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+        "{v}"
+    );
+    let bytes: Vec<u8> = content
+        .iter()
+        .flat_map(|e| {
+            e["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+        })
+        .collect();
+    assert_eq!(
+        String::from_utf8_lossy(&bytes),
+        v["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    for e in &content {
+        check_logprob_entry(e, 3, true);
+    }
+    // Streaming: each chunk carries its tokens' logprobs; together they are the same.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let (st, _, lines) = s.post_stream("/v1/chat/completions", &sbody);
+    assert_eq!(st, 200);
+    let mut streamed = Vec::new();
+    for p in sse_payloads(&lines) {
+        if p == "[DONE]" {
+            continue;
+        }
+        let c: Value = serde_json::from_str(&p).unwrap();
+        if let Some(a) = c["choices"][0]["logprobs"]["content"].as_array() {
+            streamed.extend(a.iter().cloned());
+        }
+    }
+    assert_same_logprobs(&streamed, &content);
+    // Without logprobs: null.
+    let (_, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": msgs, "max_tokens": 2}),
+    );
+    assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
+
+    // Completions: the legacy shape.
+    let (st, v) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "hello", "max_tokens": 4, "temperature": 0, "logprobs": 2}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 4, "{v}");
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        lp["text_offset"][0],
+        json!(5),
+        "offsets count from the prompt's start: {v}"
+    );
+    for (t, alts) in tokens.iter().zip(lp["top_logprobs"].as_array().unwrap()) {
+        let alts = alts.as_object().unwrap();
+        assert!(
+            alts.len() <= 2 && alts.contains_key(t.as_str().unwrap()),
+            "{v}"
+        );
+    }
+
+    // Ollama: a `logprobs` list on each streamed line and on the whole answer.
+    let obody = json!({"messages": msgs, "stream": false, "logprobs": true, "top_logprobs": 2, "options": {"temperature": 0, "num_predict": 5}});
+    let (st, v) = s.post("/api/chat", &obody);
+    assert_eq!(st, 200, "{v}");
+    let whole = v["logprobs"].as_array().unwrap().clone();
+    assert_eq!(
+        whole.len(),
+        v["eval_count"].as_u64().unwrap() as usize,
+        "{v}"
+    );
+    for e in &whole {
+        check_logprob_entry(e, 2, true);
+    }
+    let mut obody = obody;
+    obody["stream"] = json!(true);
+    let (_, _, lines) = s.post_stream("/api/chat", &obody);
+    let streamed: Vec<Value> = lines
+        .iter()
+        .flat_map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["logprobs"].as_array().cloned().unwrap_or_default()
+        })
+        .collect();
+    assert_same_logprobs(&streamed, &whole);
+    let (st, v) = s.post(
+        "/api/generate",
+        &json!({"prompt": "hello", "stream": false, "logprobs": true, "options": {"temperature": 0, "num_predict": 3}}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["logprobs"].as_array().unwrap().len(), 3, "{v}");
+
+    for (path, bad, what) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "top_logprobs": 2}),
+            "logprobs: true",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "logprobs": "yes"}),
+            "true or false",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "logprobs": true}),
+            "number of alternatives",
+        ),
+        (
+            "/api/chat",
+            json!({"messages": msgs, "top_logprobs": -1}),
+            "top_logprobs",
+        ),
+    ] {
+        let (st, v) = s.post(path, &bad);
+        assert_eq!(st, 400, "{bad}: {v}");
+        assert!(v.to_string().contains(what), "{bad}: {v}");
+    }
+}
+
+/// Sampled at temperature 1 with nothing cut, each token's logprob is the one its distribution
+/// reports for it.
+#[test]
+fn sampled_logprobs_match_the_distribution() {
+    let s = tiny_server();
+    let (st, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 12, "temperature": 1,
+                "top_p": 1, "top_k": 0, "min_p": 0, "seed": 5, "logprobs": true, "top_logprobs": 20}),
+    );
+    assert_eq!(st, 200, "{v}");
+    for e in v["choices"][0]["logprobs"]["content"].as_array().unwrap() {
+        check_logprob_entry(e, 20, false);
+    }
+}
+
+/// presence/frequency penalties and logit_bias reach the sampler (OpenAI and Ollama), and bad
+/// values are 400s that say what is allowed.
+#[test]
+fn penalties_and_logit_bias() {
+    let s = tiny_server();
+    let msgs = json!([{"role": "user", "content": "hello"}]);
+    // Byte tokens come first in the tiny vocabulary: 65 is "A".
+    let (st, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": msgs, "max_tokens": 4, "temperature": 0, "logit_bias": {"65": 100}}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "AAAA", "{v}");
+    // A frequency penalty makes the biased token pay for each repeat, so it stops winning.
+    let (_, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": msgs, "max_tokens": 40, "temperature": 0, "logit_bias": {"65": 30}, "frequency_penalty": 2}),
+    );
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.starts_with('A') && text != "A".repeat(40), "{v}");
+    let (st, v) = s.post(
+        "/api/chat",
+        &json!({"messages": msgs, "stream": false, "options": {"temperature": 0, "num_predict": 4, "presence_penalty": 1.5, "frequency_penalty": 0.5}}),
+    );
+    assert_eq!(st, 200, "{v}");
+    for (bad, what) in [
+        (json!({"presence_penalty": 3}), "between -2 and 2"),
+        (json!({"logit_bias": {"999999": 1}}), "not a token id"),
+        (json!({"logit_bias": {"5": 101}}), "between -100 and 100"),
+        (json!({"logit_bias": [1]}), "must be an object"),
+        (json!({"n": 2}), "n = 1"),
+    ] {
+        let mut body = bad.clone();
+        body["messages"] = msgs.clone();
+        let (st, v) = s.post("/v1/chat/completions", &body);
+        assert_eq!(st, 400, "{bad}: {v}");
+        assert!(v.to_string().contains(what), "{bad}: {v}");
+    }
+}
+
+/// Every request field is read, accepted as documented, or refused by name.
+#[test]
+fn request_fields_are_read_accepted_or_refused() {
+    let s = tiny_server();
+    let msgs = json!([{"role": "user", "content": "hello"}]);
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": msgs, "max_tokens": 2});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        s.post("/v1/chat/completions", &body)
+    };
+    // Harmless bookkeeping and llama-server's "off" values are accepted.
+    let (st, v) = chat(
+        json!({"user": "u", "metadata": {"a": "b"}, "store": false, "service_tier": "auto",
+        "prompt_cache_key": "k", "modalities": ["text"], "cache_prompt": true, "typical_p": 1, "mirostat": 0}),
+    );
+    assert_eq!(st, 200, "{v}");
+    for (extra, what) in [
+        (json!({"frobnicate": true}), "unknown field 'frobnicate'"),
+        (json!({"mirostat": 2}), "'mirostat'"),
+        (json!({"modalities": ["text", "audio"]}), "'modalities'"),
+        (json!({"functions": [{"name": "f"}]}), "'tools'"),
+        (json!({"echo": true}), "'echo'"),
+    ] {
+        let (st, v) = chat(extra.clone());
+        assert_eq!(st, 400, "{extra}: {v}");
+        assert!(v.to_string().contains(what), "{extra}: {v}");
+    }
+    let (st, v) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "hi", "max_tokens": 1, "best_of": 3}),
+    );
+    assert_eq!(st, 400, "{v}");
+    // Ollama: load-time options are accepted per request; unknown options and fields are not.
+    let (st, v) = s.post(
+        "/api/chat",
+        &json!({"messages": msgs, "stream": false, "options": {"num_predict": 1, "num_thread": 4, "num_gpu": 99, "use_mmap": true}}),
+    );
+    assert_eq!(st, 200, "{v}");
+    for (body, what) in [
+        (
+            json!({"messages": msgs, "options": {"bogus": 1}}),
+            "options has an unknown field 'bogus'",
+        ),
+        (json!({"messages": msgs, "think": true}), "'think'"),
+        (json!({"messages": msgs, "whatever": 1}), "'whatever'"),
+    ] {
+        let (st, v) = s.post("/api/chat", &body);
+        assert_eq!(st, 400, "{body}: {v}");
+        assert!(v.to_string().contains(what), "{body}: {v}");
+    }
+    let (st, v) = s.post(
+        "/api/generate",
+        &json!({"prompt": "hi", "template": "{{ .Prompt }}"}),
+    );
+    assert_eq!(st, 400, "{v}");
+    // A model without fill-in-the-middle tokens says so.
+    let (st, v) = s.post("/v1/completions", &json!({"prompt": "a", "suffix": "b"}));
+    assert_eq!(st, 400, "{v}");
+    assert!(v.to_string().contains("fim_prefix"), "{v}");
+}
+
+/// `suffix` fills in the middle with Qwen2.5-Coder's FIM tokens, on OpenAI's completions and
+/// Ollama's generate.
+#[test]
+fn real_model_fill_in_the_middle() {
+    let s = Server::start(&common::real_model("0.5b"), &["-c", "1024"]);
+    let prefix = "def add(a, b):\n    ";
+    let suffix = "\n\nprint(add(1, 2))\n";
+    let (st, v) = s.post(
+        "/v1/completions",
+        &json!({"prompt": prefix, "suffix": suffix, "max_tokens": 16, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let middle = v["choices"][0]["text"].as_str().unwrap();
+    assert!(middle.contains("return a + b"), "{v}");
+    assert!(!middle.contains("<|"), "{v}");
+    let (st, v) = s.post(
+        "/api/generate",
+        &json!({"prompt": prefix, "suffix": suffix, "stream": false, "options": {"temperature": 0, "num_predict": 16}}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        v["response"].as_str().unwrap().contains("return a + b"),
+        "{v}"
+    );
+    // llama-server's /infill, with another file for context.
+    let (st, v) = s.post(
+        "/infill",
+        &json!({"input_prefix": prefix, "input_suffix": suffix, "n_predict": 16, "temperature": 0,
+                "input_extra": [{"filename": "util.py", "text": "# helpers\n"}]}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        v["content"].as_str().unwrap().contains("return a + b"),
+        "{v}"
+    );
+    // A GBNF grammar, on llama-server's /completion and on the OpenAI endpoint (its extension).
+    let yes_no = "root ::= \"yes\" | \"no\"";
+    let (st, v) = s.post(
+        "/completion",
+        &json!({"prompt": "Is the sky blue? Answer: ", "grammar": yes_no, "n_predict": 8}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        ["yes", "no"].contains(&v["content"].as_str().unwrap()),
+        "{v}"
+    );
+    let (st, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Is the sky blue?"}], "grammar": yes_no, "max_tokens": 8}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        ["yes", "no"].contains(&v["choices"][0]["message"]["content"].as_str().unwrap()),
+        "{v}"
+    );
+}
+
+/// llama-server's /completion: text or token-id prompts, its response and streaming shapes,
+/// n_probs, and 400s that name the field.
+#[test]
+fn llama_server_completion() {
+    let s = tiny_server();
+    let (st, v) = s.post(
+        "/completion",
+        &json!({"prompt": "hello", "n_predict": 4, "temperature": 0, "n_probs": 2, "cache_prompt": true, "samplers": "edkypmxt"}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["tokens_predicted"], 4, "{v}");
+    assert_eq!(v["stop"], true);
+    assert_eq!(v["stop_type"], "limit");
+    assert!(
+        v["timings"]["predicted_per_second"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+    let probs = v["completion_probabilities"].as_array().unwrap();
+    assert_eq!(probs.len(), 4, "{v}");
+    for p in probs {
+        check_logprob_entry(p, 2, true);
+    }
+    let text = v["content"].as_str().unwrap().to_string();
+    let streamed = |prompt: Value| {
+        let (st, ct, lines) = s.post_stream(
+            "/completion",
+            &json!({"prompt": prompt, "n_predict": 4, "temperature": 0, "stream": true}),
+        );
+        assert_eq!(st, 200);
+        assert!(ct.starts_with("text/event-stream"), "{ct}");
+        let chunks: Vec<Value> = sse_payloads(&lines)
+            .iter()
+            .map(|p| serde_json::from_str(p).unwrap())
+            .collect();
+        let last = chunks.last().unwrap();
+        assert_eq!(last["stop"], true, "{last}");
+        chunks
+            .iter()
+            .map(|c| c["content"].as_str().unwrap())
+            .collect::<String>()
+    };
+    assert_eq!(streamed(json!("hello")), text);
+    // A prompt of token ids (the tiny vocabulary is bytes first), streamed and not.
+    let ids: Vec<u32> = "hello".bytes().map(u32::from).collect();
+    let (st, v) = s.post(
+        "/completion",
+        &json!({"prompt": ids, "n_predict": 4, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["tokens_evaluated"], 5, "{v}");
+    assert_eq!(streamed(json!(ids)), v["content"].as_str().unwrap());
+    for (body, what) in [
+        (
+            json!({"prompt": [1, 99999999]}),
+            "not in this model's vocabulary",
+        ),
+        (
+            json!({"prompt": "x", "grammar": "root ::= (", "n_predict": 2}),
+            "GBNF",
+        ),
+        (
+            json!({"prompt": "x", "grammar": "root ::= \"a\"", "json_schema": {}}),
+            "cannot be combined",
+        ),
+        (json!({"prompt": "x", "n_probs": 50}), "n_probs"),
+        (
+            json!({"prompt": "x", "post_sampling_probs": true}),
+            "'post_sampling_probs'",
+        ),
+        (json!({"prompt": "x", "mystery": 1}), "'mystery'"),
+    ] {
+        let (st, v) = s.post("/completion", &body);
+        assert_eq!(st, 400, "{body}: {v}");
+        assert!(v.to_string().contains(what), "{body}: {v}");
     }
 }

@@ -79,6 +79,11 @@ pub struct BenchArgs {
     /// Output format: md, csv or json.
     #[arg(short = 'o', long = "output", default_value = "md", value_parser = ["md", "csv", "json"])]
     pub output: String,
+    /// Constrained decoding in the tg tests: each token is picked (greedily) from the logits
+    /// masked by this JSON schema or GBNF grammar, as `run -j` / `--grammar` picks it; when the
+    /// answer is complete the next starts. The rows' test names end in +json, +schema or +gbnf.
+    #[command(flatten)]
+    pub format: FormatArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -312,6 +317,20 @@ pub struct SamplingArgs {
     pub repeat_penalty: f32,
     #[arg(long = "repeat-last-n", default_value_t = 64)]
     pub repeat_last_n: usize,
+    /// Subtracted from the logit of each token already generated (0: off; -2 to 2).
+    #[arg(
+        long = "presence-penalty",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit per time it was generated (0: off; -2 to 2).
+    #[arg(
+        long = "frequency-penalty",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    pub frequency_penalty: f32,
     /// Random seed: the same seed gives the same output.
     #[arg(short = 's', long, default_value_t = 0xC0FFEE)]
     pub seed: u64,
@@ -326,6 +345,9 @@ impl SamplingArgs {
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: Vec::new(),
             seed: self.seed,
         }
     }
@@ -364,27 +386,69 @@ pub struct RunArgs {
     /// cache serves the repeats; for measuring it).
     #[arg(long = "repeat", default_value_t = 1, value_name = "N")]
     pub repeat: usize,
+    #[command(flatten)]
+    pub format: FormatArgs,
+}
+
+impl RunArgs {
+    /// The answer's format, from --json-schema(-file) or --grammar(-file).
+    pub fn format(&self) -> Result<Option<Format>> {
+        self.format.format()
+    }
+}
+
+/// What the answer must match: a JSON schema or a GBNF grammar (llama-cli's flags).
+#[derive(Args, Debug, Clone, Default)]
+pub struct FormatArgs {
     /// Constrain the answer to JSON valid against this JSON schema (`{}`: any JSON object).
-    #[arg(short = 'j', long = "json-schema", value_name = "SCHEMA")]
+    #[arg(
+        short = 'j',
+        long = "json-schema",
+        value_name = "SCHEMA",
+        conflicts_with_all = ["grammar", "grammar_file"]
+    )]
     pub json_schema: Option<String>,
     /// Read the JSON schema from a file.
     #[arg(
         long = "json-schema-file",
         value_name = "FILE",
-        conflicts_with = "json_schema"
+        conflicts_with_all = ["json_schema", "grammar", "grammar_file"]
     )]
     pub json_schema_file: Option<PathBuf>,
+    /// Constrain the answer to this GBNF grammar (llama.cpp's format; `root` is the answer).
+    #[arg(long = "grammar", value_name = "GBNF")]
+    pub grammar: Option<String>,
+    /// Read the GBNF grammar from a file.
+    #[arg(long = "grammar-file", value_name = "FILE", conflicts_with = "grammar")]
+    pub grammar_file: Option<PathBuf>,
 }
 
-impl RunArgs {
-    /// The answer's format, from --json-schema or --json-schema-file.
+impl FormatArgs {
+    /// The format the flags ask for; a schema that is not a JSON object, or a grammar that does
+    /// not parse, is an error naming the flag (and for a grammar the line and column).
     pub fn format(&self) -> Result<Option<Format>> {
+        if let Some(g) = &self.grammar {
+            return gbnf_format(g.clone(), "--grammar");
+        }
+        if let Some(f) = &self.grammar_file {
+            let text = std::fs::read_to_string(f).with_context(|| {
+                format!(
+                    "--grammar-file: cannot read the grammar file {}",
+                    f.display()
+                )
+            })?;
+            return gbnf_format(text, &format!("--grammar-file {}", f.display()));
+        }
         let (text, from) = match (&self.json_schema, &self.json_schema_file) {
             (Some(s), _) => (s.clone(), "--json-schema".to_string()),
             (None, Some(f)) => (
-                std::fs::read_to_string(f)
-                    .with_context(|| format!("cannot read the JSON schema file {}", f.display()))?,
-                f.display().to_string(),
+                std::fs::read_to_string(f).with_context(|| {
+                    format!(
+                        "--json-schema-file: cannot read the JSON schema file {}",
+                        f.display()
+                    )
+                })?,
+                format!("--json-schema-file {}", f.display()),
             ),
             (None, None) => return Ok(None),
         };
@@ -396,6 +460,14 @@ impl RunArgs {
             _ => bail!("{from} must be a JSON schema object"),
         }
     }
+}
+
+/// A GBNF grammar checked here, so that a mistake is reported before the model loads.
+fn gbnf_format(text: String, from: &str) -> Result<Option<Format>> {
+    if let Err(e) = crate::grammar::gbnf::to_lark(&text) {
+        bail!("{from}: the GBNF grammar is not valid: {e}");
+    }
+    Ok(Some(Format::Gbnf(text)))
 }
 
 /// What `chat` does when the conversation no longer fits the context.

@@ -241,7 +241,7 @@ struct Callback<'r, F> {
 impl<F: FnMut(&str) -> bool> Output for Callback<'_, F> {
     fn send(&mut self, event: Event<'_>) -> bool {
         match event {
-            Event::Started => true,
+            Event::Started | Event::Logprob(_) => true,
             Event::Text(t) => (self.on_text)(t),
             Event::Done(g) => {
                 *self.result = Some(Ok(g));

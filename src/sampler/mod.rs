@@ -1,5 +1,6 @@
-//! Picks the next token from logits: greedy, or temperature with top-k / top-p / min-p and a
-//! repeat penalty, seeded so that the same seed gives the same output.
+//! Picks the next token from logits: greedy, or temperature with top-k / top-p / min-p, after the
+//! repeat, presence and frequency penalties and a per-token logit bias; seeded so that the same
+//! seed gives the same output. Also reports the distribution a token was drawn from (logprobs).
 
 use anyhow::{bail, Result};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -18,6 +19,14 @@ pub struct SamplingParams {
     pub repeat_penalty: f32,
     /// How many recent tokens the repeat penalty looks at.
     pub repeat_last_n: usize,
+    /// Subtracted once from the logit of every token already generated (OpenAI's
+    /// `presence_penalty`); 0 disables.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated (OpenAI's
+    /// `frequency_penalty`); 0 disables.
+    pub frequency_penalty: f32,
+    /// Added to the logits of these tokens (OpenAI's `logit_bias`; -100 bans a token).
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
@@ -31,6 +40,9 @@ impl Default for SamplingParams {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0xC0FFEE,
         }
     }
@@ -60,6 +72,19 @@ impl SamplingParams {
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
             bail!("repeat penalty must be > 0, got {}", self.repeat_penalty);
         }
+        for (name, v) in [
+            ("presence penalty", self.presence_penalty),
+            ("frequency penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                bail!("{name} must be between -2 and 2, got {v}");
+            }
+        }
+        for &(id, bias) in &self.logit_bias {
+            if !(-100.0..=100.0).contains(&bias) {
+                bail!("the logit bias of token {id} must be between -100 and 100, got {bias}");
+            }
+        }
         Ok(())
     }
 }
@@ -87,9 +112,28 @@ impl Sampler {
         &self.params
     }
 
-    /// `history`: the tokens so far (prompt and generated), for the repeat penalty.
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    /// `history`: the tokens so far, the prompt's first `prompt_len` of them, for the penalties
+    /// (repeat: prompt and generated, as llama.cpp; presence and frequency: generated, as
+    /// OpenAI). Leaves in `logits` the values it sampled from before temperature: penalized,
+    /// biased.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32], prompt_len: usize) -> u32 {
         let p = &self.params;
+        for &(id, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let seen = &mut self.seen;
+            seen.clear();
+            seen.extend_from_slice(&history[prompt_len.min(history.len())..]);
+            seen.sort_unstable();
+            for run in seen.chunk_by(|a, b| a == b) {
+                if let Some(l) = logits.get_mut(run[0] as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * run.len() as f32;
+                }
+            }
+        }
         if p.repeat_penalty != 1.0 {
             let start = history.len().saturating_sub(p.repeat_last_n);
             let seen = &mut self.seen;
@@ -163,6 +207,30 @@ impl Sampler {
     }
 }
 
+/// The log-probability of `token` and of the `top` most likely tokens (most likely first) under
+/// the softmax of `logits`; `top` is written over, its length is how many are wanted.
+pub fn logprobs(logits: &[f32], token: u32, top: &mut Vec<(u32, f32)>, wanted: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln() + max;
+    top.clear();
+    if wanted > 0 {
+        top.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        let by_logit_desc =
+            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if wanted < top.len() {
+            top.select_nth_unstable_by(wanted - 1, by_logit_desc);
+            top.truncate(wanted);
+        }
+        top.sort_unstable_by(by_logit_desc);
+        for (_, l) in top.iter_mut() {
+            *l -= log_sum;
+        }
+    }
+    logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&l| l - log_sum)
+}
+
 /// Index of the largest logit; ties go to the lowest id (as llama.cpp's greedy sampler does).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -181,7 +249,7 @@ mod tests {
     #[test]
     fn greedy_takes_lowest_id_on_ties() {
         let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
-        assert_eq!(s.sample(&mut [1.0, 3.0, 3.0, 2.0], &[]), 1);
+        assert_eq!(s.sample(&mut [1.0, 3.0, 3.0, 2.0], &[], 0), 1);
     }
 
     #[test]
@@ -194,7 +262,7 @@ mod tests {
             })
             .unwrap();
             (0..20)
-                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .map(|_| s.sample(&mut logits.clone(), &[], 0))
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -209,7 +277,7 @@ mod tests {
         })
         .unwrap();
         for _ in 0..10 {
-            assert_eq!(s.sample(&mut [0.5, 2.0, 1.9, -1.0], &[]), 1);
+            assert_eq!(s.sample(&mut [0.5, 2.0, 1.9, -1.0], &[], 0), 1);
         }
     }
 
@@ -220,7 +288,44 @@ mod tests {
             ..SamplingParams::greedy()
         })
         .unwrap();
-        assert_eq!(s.sample(&mut [1.0, 1.5, 1.0], &[1]), 0);
+        assert_eq!(s.sample(&mut [1.0, 1.5, 1.0], &[1], 0), 0);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_generated_tokens_only() {
+        let params = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(params).unwrap();
+        // Token 0 is in the prompt only: untouched. Token 1 was generated twice: 0.5 + 2 * 0.25.
+        let mut logits = [2.0, 2.0, 1.2];
+        assert_eq!(s.sample(&mut logits, &[0, 1, 1], 1), 0);
+        assert_eq!(logits, [2.0, 1.0, 1.2]);
+    }
+
+    #[test]
+    fn logit_bias_can_ban_and_force() {
+        let mut s = Sampler::new(SamplingParams {
+            logit_bias: vec![(1, -100.0), (2, 5.0)],
+            ..SamplingParams::greedy()
+        })
+        .unwrap();
+        assert_eq!(s.sample(&mut [1.0, 3.0, 0.0], &[], 0), 2);
+    }
+
+    #[test]
+    fn logprobs_are_a_sorted_log_softmax() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY];
+        let mut top = Vec::new();
+        let lp = logprobs(&logits, 2, &mut top, 3);
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!((lp - (2.0 - z.ln())).abs() < 1e-5);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2, 0]);
+        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1) && top[0].1 <= 0.0);
+        assert_eq!(logprobs(&logits, 3, &mut top, 0), f32::NEG_INFINITY);
+        assert!(top.is_empty());
     }
 
     #[test]
@@ -232,6 +337,16 @@ mod tests {
         .is_err());
         assert!(Sampler::new(SamplingParams {
             temperature: -1.0,
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplingParams {
+            presence_penalty: 3.0,
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplingParams {
+            logit_bias: vec![(5, 101.0)],
             ..Default::default()
         })
         .is_err());

@@ -1,7 +1,7 @@
 //! The sampling side of one generation: picks each token from the logits, turns tokens into text,
 //! cuts the text at stop strings, and decides when to stop.
 
-use super::request::{Event, FinishReason, Guide, Output};
+use super::request::{Event, FinishReason, Guide, Output, TokenLogprob, MAX_TOP_LOGPROBS};
 use super::stop::StopMatcher;
 use crate::sampler::Sampler;
 use crate::tokenizer::{TextStream, Tokenizer};
@@ -16,11 +16,19 @@ pub(super) struct Decoder {
     max_tokens: usize,
     finish: FinishReason,
     done: bool,
+    /// Alternatives to report per token, when the request wants logprobs.
+    logprobs: Option<usize>,
 }
 
 impl Decoder {
     /// `room`: the positions left in the context after the prompt.
-    pub(super) fn new(prompt: &[u32], max_tokens: usize, room: usize, stop: &[String]) -> Decoder {
+    pub(super) fn new(
+        prompt: &[u32],
+        max_tokens: usize,
+        room: usize,
+        stop: &[String],
+        logprobs: Option<usize>,
+    ) -> Decoder {
         let budget = max_tokens.min(room);
         let mut history = Vec::with_capacity(prompt.len() + budget);
         history.extend_from_slice(prompt);
@@ -33,6 +41,7 @@ impl Decoder {
             max_tokens,
             finish: FinishReason::Length,
             done: false,
+            logprobs: logprobs.map(|n| n.min(MAX_TOP_LOGPROBS)),
         }
     }
 
@@ -70,11 +79,24 @@ impl Decoder {
         if let Some(g) = guide {
             g.mask(self.generated(), logits);
         }
-        let next = sampler.sample(logits, &self.history);
+        let next = sampler.sample(logits, &self.history, self.prompt_tokens);
         self.history.push(next);
         if tokenizer.is_eog(next) {
             self.finish = FinishReason::Stop;
             return self.stop(out);
+        }
+        if let Some(wanted) = self.logprobs {
+            let mut top = Vec::with_capacity(wanted);
+            let logprob = crate::sampler::logprobs(logits, next, &mut top, wanted);
+            let entry = TokenLogprob {
+                token: next,
+                logprob,
+                top,
+            };
+            if !out.send(Event::Logprob(&entry)) {
+                self.finish = FinishReason::Cancelled;
+                return self.stop(out);
+            }
         }
         let piece = self.stream.push(tokenizer, next);
         if !piece.is_empty() {

@@ -9,7 +9,9 @@ mod decoder;
 mod request;
 pub mod stop;
 
-pub use request::{Event, FinishReason, Generation, Guide, Held, Output, Request};
+pub use request::{
+    Event, FinishReason, Generation, Guide, Held, Output, Request, TokenLogprob, MAX_TOP_LOGPROBS,
+};
 
 use crate::engine::{Engine, Step};
 use crate::kv_cache::Session;
@@ -166,6 +168,7 @@ impl<'a> Scheduler<'a> {
             req.max_tokens,
             engine.ctx_size - prompt.len(),
             &req.stop,
+            req.logprobs,
         );
         slot.active = Some(Active {
             fed: found.reused,
@@ -216,7 +219,8 @@ impl<'a> Scheduler<'a> {
                 a.run.truncate(1);
                 if let Some(guide) = a.req.guide.as_mut() {
                     a.drafts.clear();
-                    guide.draft(a.decoder.history(), &mut a.drafts);
+                    let generated = a.decoder.generated().len();
+                    guide.draft(a.decoder.history(), generated, &mut a.drafts);
                     a.drafts.truncate(a.decoder.left());
                     a.run.extend_from_slice(&a.drafts);
                 }

@@ -43,6 +43,9 @@ pub struct Request<'a> {
     /// Strings that end the generation; the text stops before them.
     pub stop: Vec<String>,
     pub guide: Option<Box<dyn Guide + 'a>>,
+    /// Report each generated token's log-probability and this many most likely alternatives
+    /// (0-20), as [`Event::Logprob`]s.
+    pub logprobs: Option<usize>,
     /// When the request was made: its queue time runs from here to admission.
     pub enqueued: Instant,
 }
@@ -55,6 +58,7 @@ impl<'a> Request<'a> {
             sampler,
             stop: Vec::new(),
             guide: None,
+            logprobs: None,
             enqueued: Instant::now(),
         }
     }
@@ -68,22 +72,39 @@ pub trait Guide: Send {
     /// the tokens not allowed next to negative infinity.
     fn mask(&mut self, _generated: &[u32], _logits: &mut [f32]) {}
 
-    /// Called before each decode step with the prompt and the tokens generated so far, the last
-    /// of which runs next: the tokens likely to follow it, written to `drafts` (empty: none).
-    /// They run in the same step and are kept as far as sampling picks them too.
-    fn draft(&mut self, _history: &[u32], _drafts: &mut Vec<u32>) {}
+    /// Called before each decode step with the prompt and the tokens generated so far (the last
+    /// `generated` of `history`), the last of which runs next: the tokens likely to follow it,
+    /// written to `drafts` (empty: none). They run in the same step and are kept as far as
+    /// sampling picks them too.
+    fn draft(&mut self, _history: &[u32], _generated: usize, _drafts: &mut Vec<u32>) {}
 }
 
 /// What the scheduler tells a request's owner.
 pub enum Event<'e> {
     /// The request left the queue for a generation slot.
     Started,
+    /// A generated token's log-probabilities (when the request asks for them), sent before the
+    /// text that holds the token.
+    Logprob(&'e TokenLogprob),
     /// The next piece of text.
     Text(&'e str),
     /// The generation is over.
     Done(Generation),
     /// The generation failed.
     Error(String),
+}
+
+/// Most alternatives a request may ask to see per token.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A generated token's log-probability and the most likely tokens in its place (most likely
+/// first), under the distribution it was sampled from: after the guide's mask, the penalties and
+/// the logit bias, before temperature and truncation (top-k/p, min-p).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Where a request's events go.

@@ -4,13 +4,16 @@
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::models::{LoadedModel, ModelPool, ModelStatus};
+use super::protocol::Logprob;
 use crate::grammar::{Constraint, Format};
 use crate::sampler::SamplingParams;
+use crate::scheduler::MAX_TOP_LOGPROBS;
 use crate::tokenizer::Message;
 use axum::body::{Body, Bytes};
 use axum::http::{header, StatusCode};
 use axum::response::Response;
 use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
 use std::sync::Arc;
 
 /// Largest request body accepted; bigger ones get 413.
@@ -63,6 +66,10 @@ pub struct Sampling {
     pub min_p: Option<f32>,
     pub repeat_penalty: Option<f32>,
     pub repeat_last_n: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// OpenAI's `logit_bias`: token ids (as strings) to a bias in [-100, 100].
+    pub logit_bias: Option<Value>,
     pub seed: Option<i64>,
 }
 
@@ -73,7 +80,8 @@ impl Sampling {
         p.temperature <= 0.0 || self.seed.is_some_and(|s| s >= 0)
     }
 
-    pub fn params(&self) -> Result<SamplingParams, ApiError> {
+    /// The sampler's settings for a model of `vocab` tokens.
+    pub fn params(&self, vocab: usize) -> Result<SamplingParams, ApiError> {
         let mut p = SamplingParams::default();
         if let Some(t) = self.temperature {
             p.temperature = t;
@@ -93,6 +101,13 @@ impl Sampling {
         if let Some(n) = self.repeat_last_n {
             p.repeat_last_n = n.max(0) as usize;
         }
+        if let Some(v) = self.presence_penalty {
+            p.presence_penalty = v;
+        }
+        if let Some(v) = self.frequency_penalty {
+            p.frequency_penalty = v;
+        }
+        p.logit_bias = logit_bias(self.logit_bias.as_ref(), vocab)?;
         p.seed = match self.seed {
             Some(s) if s >= 0 => s as u64,
             // No seed (or -1): a fresh one per request, as the APIs do.
@@ -104,6 +119,104 @@ impl Sampling {
     }
 }
 
+/// Parses `{"token id": bias}`; an id outside the vocabulary or a bias that is not a number is
+/// a 400.
+fn logit_bias(v: Option<&Value>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    use Value;
+    let bad = || {
+        ApiError::bad_request(
+            "logit_bias must be an object of token ids to biases, e.g. {\"1234\": -100} (or llama-server's [[1234, -100], [42, false]])",
+        )
+    };
+    let pairs: Vec<(String, Value)> = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m.iter().map(|(k, b)| (k.clone(), b.clone())).collect(),
+        // llama-server's form; false bans the token.
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|p| match p.as_array().map(Vec::as_slice) {
+                Some([id, b]) => Ok((
+                    id.to_string(),
+                    if b == &Value::Bool(false) {
+                        serde_json::json!(-100)
+                    } else {
+                        b.clone()
+                    },
+                )),
+                _ => Err(bad()),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad()),
+    };
+    pairs
+        .iter()
+        .map(|(k, b)| {
+            let id = k.parse::<u32>().ok().filter(|&id| (id as usize) < vocab);
+            match (id, b.as_f64()) {
+                (Some(id), Some(b)) => Ok((id, b as f32)),
+                (None, _) => Err(ApiError::bad_request(format!(
+                    "logit_bias key '{k}' is not a token id of this model (0 to {})",
+                    vocab - 1
+                ))),
+                (_, None) => Err(ApiError::bad_request(format!(
+                    "logit_bias of token {k} must be a number, got {b}"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// llama-server's `grammar` (GBNF) and `json_schema` (`{}`: any JSON object); at most one.
+pub fn grammar_fields(
+    grammar: Option<&str>,
+    json_schema: Option<&Value>,
+) -> Result<Option<Format>, ApiError> {
+    use Value;
+    let schema = match json_schema {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) if o.is_empty() => Some(Format::JsonObject),
+        Some(s @ Value::Object(_)) => Some(Format::JsonSchema(s.clone())),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "json_schema must be a JSON schema object, got {other}"
+            )))
+        }
+    };
+    match (grammar.filter(|g| !g.trim().is_empty()), schema) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "grammar and json_schema cannot be combined; send one",
+        )),
+        (Some(g), None) => Ok(Some(Format::Gbnf(g.to_string()))),
+        (None, schema) => Ok(schema),
+    }
+}
+
+/// Checks a requested number of alternatives per token (`top_logprobs`, `n_probs`).
+pub fn top_logprobs(field: &str, n: Option<i64>) -> Result<usize, ApiError> {
+    match n {
+        None => Ok(0),
+        Some(n) if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) => Ok(n as usize),
+        Some(n) => Err(ApiError::bad_request(format!(
+            "{field} must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"
+        ))),
+    }
+}
+
+/// A token's logprob as OpenAI's chat and Ollama write it.
+pub fn logprob_json(lp: &Logprob) -> Value {
+    let top: Vec<Value> = lp
+        .top
+        .iter()
+        .map(|(t, l)| serde_json::json!({"token": t.text, "logprob": l, "bytes": t.bytes}))
+        .collect();
+    serde_json::json!({
+        "token": lp.token.text,
+        "logprob": lp.logprob,
+        "bytes": lp.token.bytes,
+        "top_logprobs": top,
+    })
+}
+
 /// Compiles a request's response format for `model`; a schema or grammar it cannot use is a 400
 /// that says why.
 pub fn compile_format(
@@ -113,10 +226,19 @@ pub fn compile_format(
     let Some(format) = format else {
         return Ok(None);
     };
-    let constraint = model
+    let grammars = model
         .engine
         .grammars()
-        .and_then(|g| g.constraint(&format))
+        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    // A model with no `<tool_call>` token (none of Qwen2.5's lack it) cannot begin a call the
+    // grammar would follow: its answer stays free, and the output parser reads what it wrote.
+    if let Format::Triggered { trigger, .. } = &format {
+        if grammars.token_id(trigger).is_none() {
+            return Ok(None);
+        }
+    }
+    let constraint = grammars
+        .constraint(&format)
         .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
     Ok(Some((format, constraint)))
 }
@@ -125,7 +247,7 @@ pub fn compile_format(
 pub fn chat_prompt(
     state: &LoadedModel,
     messages: &[Message],
-    tools: Option<&serde_json::Value>,
+    tools: Option<&Value>,
 ) -> Result<Vec<u32>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request("'messages' is empty"));
@@ -141,8 +263,8 @@ pub fn chat_prompt(
 /// Normalizes tool calls sent back in an assistant message to what Qwen's template renders:
 /// `{"function": {"name", "arguments": <object>}}`, arguments parsed when they are a JSON string
 /// (OpenAI sends them so).
-pub fn normalize_tool_calls(calls: &serde_json::Value) -> Result<serde_json::Value, ApiError> {
-    use serde_json::Value;
+pub fn normalize_tool_calls(calls: &Value) -> Result<Value, ApiError> {
+    use Value;
     let Some(list) = calls.as_array() else {
         return Err(ApiError::bad_request("'tool_calls' must be an array"));
     };
@@ -215,4 +337,91 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
         rem % 60,
         d.subsec_nanos()
     )
+}
+
+/// The grammar of calls to `tools` (OpenAI-style `{"type": "function", "function": {...}}`
+/// entries): from the start of the answer, or with `lazy` from the moment the model generates
+/// `<tool_call>`.
+pub fn tool_call_format(tools: &[&Value], parallel: bool, lazy: bool) -> Format {
+    let mut defs = serde_json::Map::new();
+    let calls: Vec<Value> = tools
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            let f = t.get("function").unwrap_or(t);
+            let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
+            let mut params = f
+                .get("parameters")
+                .filter(|p| p.is_object())
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object"}));
+            hoist_definitions(&mut params, &format!("tool{k}_"), &mut defs);
+            json!({
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": false
+            })
+        })
+        .collect();
+    let mut schema = json!({"anyOf": calls});
+    if !defs.is_empty() {
+        schema["$defs"] = Value::Object(defs);
+    }
+    let call = format!("\"\\n\" %json {schema} \"\\n</tool_call>\"");
+    if lazy {
+        return Format::Triggered {
+            trigger: "<tool_call>".into(),
+            then: Box::new(Format::Lark(format!("start: {call}\n"))),
+            rearm: parallel,
+        };
+    }
+    let repeat = if parallel { r#" ("\n" call)*"# } else { "" };
+    Format::Lark(format!(
+        "start: call{repeat}\ncall: \"<tool_call>\" {call}\n"
+    ))
+}
+
+/// Moves a tool's `$defs` (or `definitions`, as pydantic and zod write nested models) to the
+/// root of the calls' schema, where its `#/$defs/...` references resolve once the parameters sit
+/// inside the call wrapper; each name gets `prefix` so two tools' definitions cannot collide.
+fn hoist_definitions(params: &mut Value, prefix: &str, defs: &mut serde_json::Map<String, Value>) {
+    let Some(obj) = params.as_object_mut() else {
+        return;
+    };
+    let mut found = Vec::new();
+    for key in ["$defs", "definitions"] {
+        if let Some(Value::Object(d)) = obj.remove(key) {
+            found.extend(d);
+        }
+    }
+    if found.is_empty() {
+        return;
+    }
+    fn rewrite(v: &mut Value, prefix: &str) {
+        match v {
+            Value::Object(o) => {
+                for (k, x) in o.iter_mut() {
+                    match (k.as_str(), x) {
+                        ("$ref", Value::String(r)) => {
+                            for from in ["#/$defs/", "#/definitions/"] {
+                                if let Some(name) = r.strip_prefix(from) {
+                                    *r = format!("#/$defs/{prefix}{name}");
+                                    break;
+                                }
+                            }
+                        }
+                        (_, x) => rewrite(x, prefix),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| rewrite(x, prefix)),
+            _ => {}
+        }
+    }
+    rewrite(params, prefix);
+    for (name, mut def) in found {
+        rewrite(&mut def, prefix);
+        defs.insert(format!("{prefix}{name}"), def);
+    }
 }

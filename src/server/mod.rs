@@ -9,6 +9,8 @@
 
 pub mod api;
 pub mod error;
+pub mod fields;
+pub mod llama_server;
 pub mod metrics;
 pub mod models;
 pub mod ollama;
@@ -123,6 +125,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
+        .route("/completion", post(llama_server::completion))
+        .route("/completions", post(llama_server::completion))
+        .route("/infill", post(llama_server::infill))
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))
         .route("/api/tags", get(ollama::tags))

@@ -206,11 +206,29 @@ impl LoadedModel {
 
     /// Tokenizes a rendered prompt and checks it against the context.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, ApiError> {
-        let tokens = self
-            .engine
-            .tokenizer
-            .encode(text)
-            .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+        self.fits(self.engine.tokenizer.encode(text))
+    }
+
+    /// The fill-in-the-middle prompt for the text between `prefix` and `suffix`, checked
+    /// against the context.
+    pub fn fill_in_middle(&self, prefix: &str, suffix: &str) -> Result<Vec<u32>, ApiError> {
+        self.fits(self.engine.tokenizer.fill_in_middle(prefix, suffix))
+    }
+
+    /// A prompt given as token ids, checked against the vocabulary and the context.
+    pub fn check_tokens(&self, ids: Vec<u32>) -> Result<Vec<u32>, ApiError> {
+        let vocab = self.engine.config().vocab_size;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ApiError::bad_request(format!(
+                "token id {bad} in the prompt is not in this model's vocabulary (0 to {})",
+                vocab - 1
+            )));
+        }
+        self.fits(Ok(ids))
+    }
+
+    fn fits(&self, tokens: anyhow::Result<Vec<u32>>) -> Result<Vec<u32>, ApiError> {
+        let tokens = tokens.map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
         if tokens.is_empty() {
             return Err(ApiError::bad_request("the prompt is empty"));
         }

@@ -3,13 +3,14 @@
 
 use super::api::AppState;
 use super::api::{
-    chat_prompt, compile_format, model_state, normalize_tool_calls, parse_body, rfc3339,
-    rfc3339_now, stream_response, Sampling,
+    chat_prompt, compile_format, logprob_json, model_state, normalize_tool_calls, parse_body,
+    rfc3339, rfc3339_now, stream_response, tool_call_format, top_logprobs, Sampling,
 };
 use super::error::ApiError;
+use super::fields;
 use super::models::{keep_alive_field, KeepAlive, LoadedModel, ModelSpec};
 use super::output::{served_headers, OutEvent, Output};
-use super::protocol::GenRequest;
+use super::protocol::{GenRequest, Logprob};
 use super::routing::RouteFacts;
 use crate::grammar::Format;
 use crate::scheduler::{FinishReason, Generation};
@@ -20,7 +21,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
 pub fn error(e: ApiError) -> Response {
@@ -48,7 +49,13 @@ struct Options {
     #[serde(default)]
     repeat_last_n: Option<i64>,
     #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
     stop: Option<Vec<String>>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
 }
 
 #[derive(Deserialize)]
@@ -78,6 +85,26 @@ struct ChatRequest {
     format: Option<Value>,
     #[serde(default)]
     keep_alive: Option<Value>,
+    #[serde(flatten)]
+    logprobs: LogprobsFields,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+/// Recent Ollama's `logprobs` and `top_logprobs`.
+#[derive(Deserialize, Default)]
+struct LogprobsFields {
+    #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default)]
+    top_logprobs: Option<i64>,
+}
+
+impl LogprobsFields {
+    fn wanted(&self) -> Result<Option<usize>, ApiError> {
+        let top = top_logprobs("top_logprobs", self.top_logprobs)?;
+        Ok((self.logprobs == Some(true) || top > 0).then_some(top))
+    }
 }
 
 #[derive(Deserialize)]
@@ -86,6 +113,9 @@ struct GenerateRequest {
     model: Option<String>,
     #[serde(default)]
     prompt: Option<String>,
+    /// Text after the insertion point: the prompt and this are filled in the middle.
+    #[serde(default)]
+    suffix: Option<String>,
     #[serde(default)]
     system: Option<String>,
     #[serde(default)]
@@ -100,6 +130,10 @@ struct GenerateRequest {
     format: Option<Value>,
     #[serde(default)]
     keep_alive: Option<Value>,
+    #[serde(flatten)]
+    logprobs: LogprobsFields,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
 }
 
 /// Ollama's `format`: `"json"`, or a JSON schema.
@@ -143,9 +177,11 @@ fn gen_request(
     model: &LoadedModel,
     prompt: Vec<u32>,
     options: Option<Options>,
-    format: Option<&Value>,
+    format: Option<Format>,
+    logprobs: Option<usize>,
 ) -> Result<GenRequest, ApiError> {
     let o = options.unwrap_or_default();
+    fields::check(&o.extra, &[fields::OLLAMA_OPTIONS], "options")?;
     if let Some(n) = o.num_ctx {
         if n > model.engine.ctx_size as i64 {
             return Err(ApiError::bad_request(format!(
@@ -162,9 +198,12 @@ fn gen_request(
         min_p: o.min_p,
         repeat_penalty: o.repeat_penalty,
         repeat_last_n: o.repeat_last_n,
+        presence_penalty: o.presence_penalty,
+        frequency_penalty: o.frequency_penalty,
+        logit_bias: None,
         seed: o.seed,
     };
-    let params = sampling.params()?;
+    let params = sampling.params(model.engine.config().vocab_size)?;
     Ok(GenRequest {
         prompt,
         // -1: until the model stops, -2: until the context is full; both are "no limit" here.
@@ -172,7 +211,8 @@ fn gen_request(
         deterministic: sampling.deterministic(&params),
         params,
         stop: o.stop.unwrap_or_default(),
-        format: compile_format(model, format_field(format)?)?,
+        format: compile_format(model, format)?,
+        logprobs,
     })
 }
 
@@ -226,6 +266,8 @@ async fn chat_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(body)?;
+    fields::check(&req.extra, &[fields::OLLAMA], "the request")?;
+    let logprobs = req.logprobs.wanted()?;
     let keep = keep_alive_field(&req.keep_alive)?;
     if req.messages.is_empty() {
         let empty = json!({"message": {"role": "assistant", "content": ""}});
@@ -255,7 +297,16 @@ async fn chat_inner(
         .acquire(req.model.as_deref(), &facts, keep)
         .await?;
     let prompt = chat_prompt(&lease, &messages, tools.as_ref())?;
-    let gen = gen_request(&lease, prompt, req.options, req.format.as_ref())?;
+    // A tool call, once the model begins one, is held to the listed tools (OpenAI's
+    // tool_choice "auto"); a `format` holds the whole answer instead.
+    let calls = match (&tools, format_field(req.format.as_ref())?) {
+        (_, Some(f)) => Some(f),
+        (Some(Value::Array(t)), None) => {
+            Some(tool_call_format(&t.iter().collect::<Vec<_>>(), true, true))
+        }
+        (_, None) => None,
+    };
+    let gen = gen_request(&lease, prompt, req.options, calls, logprobs)?;
     let out = lease.submit(gen).await?.with_tools(tools.as_ref());
     let headers = out.headers();
     let model = out.model_name();
@@ -267,10 +318,11 @@ async fn chat_inner(
             message["content"] = json!(c.text.trim());
             message["tool_calls"] = c.calls.iter().map(call_json).collect();
         }
-        let head = json!({
+        let mut head = json!({
             "model": model, "created_at": rfc3339_now(), "message": message,
             "done_reason": done_reason(s.finish), "done": true,
         });
+        add_logprobs(&mut head, logprobs, &c.logprobs);
         return Ok(served_headers(
             Json(merge(head, stats(&s))).into_response(),
             &headers,
@@ -278,11 +330,12 @@ async fn chat_inner(
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(async move {
-        stream_lines(out, &tx, |e| match e {
+        stream_lines(out, &tx, logprobs, |e| match e {
             OutEvent::Text(t) => json!({
                 "model": model, "created_at": rfc3339_now(),
                 "message": {"role": "assistant", "content": t}, "done": false,
             }),
+            OutEvent::Logprob(_) => Value::Null,
             OutEvent::Call(c) => json!({
                 "model": model, "created_at": rfc3339_now(),
                 "message": {"role": "assistant", "content": "", "tool_calls": [call_json(&c)]},
@@ -306,19 +359,41 @@ async fn chat_inner(
     ))
 }
 
+/// Adds `logprobs` to a response object when the request asked for them.
+fn add_logprobs(v: &mut Value, wanted: Option<usize>, lps: &[Logprob]) {
+    if wanted.is_some() {
+        v["logprobs"] = lps.iter().map(logprob_json).collect();
+    }
+}
+
+/// Sends a generation as NDJSON lines, each with the logprobs of its tokens when `logprobs`.
 async fn stream_lines(
     mut out: Output,
     tx: &tokio::sync::mpsc::Sender<Bytes>,
+    logprobs: Option<usize>,
     format: impl Fn(OutEvent) -> Value,
 ) {
     let mut saw_call = false;
+    let mut pending = Vec::new();
     while let Some(e) = out.next().await {
-        match &e {
-            OutEvent::Text(t) if saw_call && t.trim().is_empty() => continue,
+        match e {
+            OutEvent::Logprob(lp) => {
+                pending.push(lp);
+                continue;
+            }
+            OutEvent::Text(ref t) if saw_call && t.trim().is_empty() => continue,
             OutEvent::Call(_) => saw_call = true,
             _ => {}
         }
-        let line = format!("{}\n", format(e));
+        let mut v = format(e);
+        if v.is_null() {
+            continue;
+        }
+        if v.get("error").is_none() {
+            add_logprobs(&mut v, logprobs, &pending);
+            pending.clear();
+        }
+        let line = format!("{v}\n");
         if tx.send(Bytes::from(line)).await.is_err() {
             return; // Client gone: dropping `out` stops the generation.
         }
@@ -337,6 +412,8 @@ async fn generate_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: GenerateRequest = parse_body(body)?;
+    fields::check(&req.extra, &[fields::OLLAMA], "the request")?;
+    let logprobs = req.logprobs.wanted()?;
     no_images(&req.images)?;
     let keep = keep_alive_field(&req.keep_alive)?;
     let prompt_text = req.prompt.unwrap_or_default();
@@ -352,32 +429,36 @@ async fn generate_inner(
             keep,
         )
         .await?;
-    let text = if req.raw.unwrap_or(false) {
-        prompt_text
+    let prompt = if let Some(suffix) = req.suffix.as_deref().filter(|s| !s.is_empty()) {
+        lease.fill_in_middle(&prompt_text, suffix)?
+    } else if req.raw.unwrap_or(false) {
+        lease.tokenize(&prompt_text)?
     } else {
         let mut messages = Vec::new();
         if let Some(s) = req.system.filter(|s| !s.is_empty()) {
             messages.push(Message::new("system", &s));
         }
         messages.push(Message::new("user", &prompt_text));
-        lease
+        let text = lease
             .engine
             .template
             .render(&messages, None, true)
-            .map_err(|e| ApiError::bad_request(format!("{e:#}")))?
+            .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+        lease.tokenize(&text)?
     };
-    let prompt = lease.tokenize(&text)?;
-    let gen = gen_request(&lease, prompt, req.options, req.format.as_ref())?;
+    let format = format_field(req.format.as_ref())?;
+    let gen = gen_request(&lease, prompt, req.options, format, logprobs)?;
     let out = lease.submit(gen).await?;
     let headers = out.headers();
     let model = out.model_name();
     if !req.stream.unwrap_or(true) {
         let c = out.collect().await?;
         let s = c.summary.expect("checked by collect");
-        let head = json!({
+        let mut head = json!({
             "model": model, "created_at": rfc3339_now(), "response": c.text,
             "done_reason": done_reason(s.finish), "done": true,
         });
+        add_logprobs(&mut head, logprobs, &c.logprobs);
         return Ok(served_headers(
             Json(merge(head, stats(&s))).into_response(),
             &headers,
@@ -385,11 +466,11 @@ async fn generate_inner(
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(async move {
-        stream_lines(out, &tx, |e| match e {
+        stream_lines(out, &tx, logprobs, |e| match e {
             OutEvent::Text(t) => json!({
                 "model": model, "created_at": rfc3339_now(), "response": t, "done": false,
             }),
-            OutEvent::Call(_) => Value::Null,
+            OutEvent::Call(_) | OutEvent::Logprob(_) => Value::Null,
             OutEvent::Done(s) => merge(
                 json!({
                     "model": model, "created_at": rfc3339_now(), "response": "",

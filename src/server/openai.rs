@@ -2,17 +2,18 @@
 
 use super::api::AppState;
 use super::api::{
-    chat_prompt, compile_format, normalize_tool_calls, parse_body, stream_response, unix_now,
-    Sampling,
+    chat_prompt, compile_format, grammar_fields, logprob_json, normalize_tool_calls, parse_body,
+    stream_response, tool_call_format, top_logprobs, unix_now, Sampling,
 };
 use super::error::ApiError;
+use super::fields;
 use super::models::{keep_alive_field, LoadedModel};
 use super::output::{served_headers, OutEvent, Output};
-use super::protocol::GenRequest;
+use super::protocol::{GenRequest, Logprob};
 use super::routing::RouteFacts;
 use super::tool_calls::ToolCall;
 use crate::grammar::Format;
-use crate::scheduler::{FinishReason, Generation};
+use crate::scheduler::{FinishReason, Generation, MAX_TOP_LOGPROBS};
 use crate::tokenizer::Message;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -21,7 +22,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
 pub fn error(e: ApiError) -> Response {
@@ -92,6 +93,19 @@ struct Common {
     #[serde(default)]
     repeat_penalty: Option<f32>,
     #[serde(default)]
+    repeat_last_n: Option<i64>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    logit_bias: Option<Value>,
+    /// Chat: true or false; completions: how many alternatives per token.
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<i64>,
+    #[serde(default)]
     max_tokens: Option<i64>,
     #[serde(default)]
     max_completion_tokens: Option<i64>,
@@ -103,6 +117,11 @@ struct Common {
     n: Option<u32>,
     #[serde(default)]
     response_format: Option<Value>,
+    /// Not OpenAI's, but llama-server's: a GBNF grammar or a JSON schema for the answer.
+    #[serde(default)]
+    grammar: Option<String>,
+    #[serde(default)]
+    json_schema: Option<Value>,
     /// Not OpenAI's, but Ollama's: how long the model stays loaded after this request.
     #[serde(default)]
     keep_alive: Option<Value>,
@@ -119,6 +138,9 @@ struct ChatRequest {
     parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     common: Common,
+    /// Fields none of the above read; see [`fields`].
+    #[serde(flatten)]
+    extra: Map<String, Value>,
 }
 
 #[derive(Deserialize)]
@@ -131,8 +153,13 @@ enum PromptField {
 #[derive(Deserialize)]
 struct CompletionRequest {
     prompt: PromptField,
+    /// Text after the insertion point: the prompt and this are filled in the middle.
+    #[serde(default)]
+    suffix: Option<String>,
     #[serde(flatten)]
     common: Common,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
 }
 
 impl Common {
@@ -142,6 +169,7 @@ impl Common {
         prompt: Vec<u32>,
         default_max: Option<i64>,
         tool_calls: Option<Format>,
+        logprobs: Option<usize>,
     ) -> Result<GenRequest, ApiError> {
         if self.n.unwrap_or(1) != 1 {
             return Err(ApiError::bad_request("only n = 1 is supported"));
@@ -152,10 +180,13 @@ impl Common {
             top_k: self.top_k,
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
-            repeat_last_n: None,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.clone(),
             seed: self.seed,
         };
-        let params = sampling.params()?;
+        let params = sampling.params(model.engine.config().vocab_size)?;
         let stop = match &self.stop {
             None => Vec::new(),
             Some(StopField::One(s)) => vec![s.clone()],
@@ -165,7 +196,20 @@ impl Common {
             .max_completion_tokens
             .or(self.max_tokens)
             .or(default_max);
-        let format = match (response_format(self.response_format.as_ref())?, tool_calls) {
+        let answer_format = match (
+            response_format(self.response_format.as_ref())?,
+            grammar_fields(self.grammar.as_deref(), self.json_schema.as_ref())?,
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "response_format and llama-server's grammar / json_schema cannot be combined; send one",
+                ))
+            }
+            (a, b) => a.or(b),
+        };
+        let format = match (answer_format, tool_calls) {
+            // Under tool_choice auto a response_format holds the whole answer to JSON.
+            (Some(f), Some(Format::Triggered { .. })) => Some(f),
             (Some(_), Some(_)) => {
                 return Err(ApiError::bad_request(
                     "response_format and a tool_choice that requires a call cannot be combined: the answer is either JSON or a tool call",
@@ -180,7 +224,42 @@ impl Common {
             params,
             stop,
             format: compile_format(model, format)?,
+            logprobs,
         })
+    }
+
+    /// Chat's `logprobs` (true or false) and `top_logprobs` (0-20, with logprobs only).
+    fn chat_logprobs(&self) -> Result<Option<usize>, ApiError> {
+        let on = match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "logprobs must be true or false, got {other}"
+                )))
+            }
+        };
+        let top = top_logprobs("top_logprobs", self.top_logprobs)?;
+        match (on, self.top_logprobs) {
+            (true, _) => Ok(Some(top)),
+            (false, Some(n)) if n > 0 => {
+                Err(ApiError::bad_request("top_logprobs needs logprobs: true"))
+            }
+            (false, _) => Ok(None),
+        }
+    }
+
+    /// Completions' `logprobs`: how many alternatives per token (0-20), or none.
+    fn completion_logprobs(&self) -> Result<Option<usize>, ApiError> {
+        match &self.logprobs {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_i64() {
+                Some(n) => top_logprobs("logprobs", Some(n)).map(Some),
+                None => Err(ApiError::bad_request(format!(
+                    "logprobs must be a number of alternatives per token (0-{MAX_TOP_LOGPROBS}) on /v1/completions, got {v}"
+                ))),
+            },
+        }
     }
 
     fn include_usage(&self) -> bool {
@@ -190,10 +269,12 @@ impl Common {
     }
 }
 
-/// OpenAI's `tool_choice` beyond `none` and `auto`: `required` (some tool must be called) or a
-/// named function (that one must be), enforced by a grammar over Qwen's own
-/// `<tool_call>{"name": ..., "arguments": ...}</tool_call>` format; with `parallel_tool_calls`
-/// (the default) several calls may follow one another.
+/// OpenAI's `tool_choice`, enforced by a grammar over Qwen's own
+/// `<tool_call>{"name": ..., "arguments": ...}</tool_call>` format: `required` (some tool must be
+/// called), a named function (that one must be), or `auto` (the default with tools: the answer
+/// may be prose, but a call, once the model begins one, names a listed tool and has arguments
+/// valid against its parameters). With `parallel_tool_calls` (the default) several calls may
+/// follow one another.
 fn tool_choice_format(
     choice: Option<&Value>,
     tools: Option<&Value>,
@@ -209,10 +290,11 @@ fn tool_choice_format(
             .and_then(Value::as_str)
             .map(str::to_string)
     };
-    let wanted: Vec<&Value> = match choice {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(s)) if s == "auto" || s == "none" => return Ok(None),
-        Some(Value::String(s)) if s == "required" => listed.clone(),
+    let (wanted, lazy): (Vec<&Value>, bool) = match choice {
+        Some(Value::String(s)) if s == "none" => return Ok(None),
+        None | Some(Value::Null) => (listed.clone(), true),
+        Some(Value::String(s)) if s == "auto" => (listed.clone(), true),
+        Some(Value::String(s)) if s == "required" => (listed.clone(), false),
         Some(v @ Value::Object(_)) => {
             let Some(name) = v
                 .get("function")
@@ -233,7 +315,7 @@ fn tool_choice_format(
                     "tool_choice names '{name}', which is not among the request's tools"
                 )));
             }
-            found
+            (found, false)
         }
         Some(other) => {
             return Err(ApiError::bad_request(format!(
@@ -242,33 +324,14 @@ fn tool_choice_format(
         }
     };
     if wanted.is_empty() {
-        return Err(ApiError::bad_request(
-            "tool_choice asks for a tool call, but the request has no tools",
-        ));
+        return match lazy {
+            true => Ok(None),
+            false => Err(ApiError::bad_request(
+                "tool_choice asks for a tool call, but the request has no tools",
+            )),
+        };
     }
-    let calls: Vec<Value> = wanted
-        .iter()
-        .map(|t| {
-            let name = name_of(t).unwrap_or_default();
-            let params = t
-                .get("function")
-                .and_then(|f| f.get("parameters"))
-                .filter(|p| p.is_object())
-                .cloned()
-                .unwrap_or_else(|| json!({"type": "object"}));
-            json!({
-                "type": "object",
-                "properties": {"name": {"const": name}, "arguments": params},
-                "required": ["name", "arguments"],
-                "additionalProperties": false
-            })
-        })
-        .collect();
-    let schema = json!({"anyOf": calls});
-    let repeat = if parallel { r#" ("\n" call)*"# } else { "" };
-    Ok(Some(Format::Lark(format!(
-        "start: call{repeat}\ncall: \"<tool_call>\\n\" %json {schema} \"\\n</tool_call>\"\n"
-    ))))
+    Ok(Some(tool_call_format(&wanted, parallel, lazy)))
 }
 
 /// OpenAI's `response_format`: `text`, `json_object`, or `json_schema` with its `schema`.
@@ -398,6 +461,12 @@ async fn chat_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(body)?;
+    fields::check(
+        &req.extra,
+        &[fields::OPENAI, fields::LLAMA_SAMPLERS],
+        "the request",
+    )?;
+    let logprobs = req.common.chat_logprobs()?;
     let keep_alive = keep_alive_field(&req.common.keep_alive)?;
     let tools = match (&req.tools, &req.tool_choice) {
         (_, Some(Value::String(c))) if c == "none" => None,
@@ -417,7 +486,7 @@ async fn chat_inner(
         req.parallel_tool_calls.unwrap_or(true),
     )?;
     let prompt = chat_prompt(&lease, &messages, tools.as_ref())?;
-    let gen = req.common.request(&lease, prompt, None, calls)?;
+    let gen = req.common.request(&lease, prompt, None, calls, logprobs)?;
     let out = lease.submit(gen).await?.with_tools(tools.as_ref());
     let headers = out.headers();
     let id = new_id("chatcmpl-");
@@ -446,7 +515,7 @@ async fn chat_inner(
                 "choices": [{
                     "index": 0,
                     "message": message,
-                    "logprobs": null,
+                    "logprobs": logprobs.map(|_| chat_logprobs(&c.logprobs)),
                     "finish_reason": finish_str(s.finish),
                 }],
                 "usage": usage(&s),
@@ -478,14 +547,27 @@ async fn chat_inner(
         {
             return;
         }
-        stream_events(out, &tx, |e, n_calls| match e {
-            OutEvent::Text(t) => Some(chunk(json!({"content": t}), None)),
-            OutEvent::Call(c) => Some(chunk(
-                json!({"tool_calls": [tool_call_json(&c, Some(n_calls))]}),
-                None,
+        let with_logprobs = |mut c: Value, lps: &[Logprob]| {
+            if logprobs.is_some() {
+                c["choices"][0]["logprobs"] = chat_logprobs(lps);
+            }
+            c
+        };
+        stream_events(out, &tx, |e, n_calls, lps| match e {
+            OutEvent::Text(t) => Some(with_logprobs(chunk(json!({"content": t}), None), lps)),
+            OutEvent::Call(c) => Some(with_logprobs(
+                chunk(
+                    json!({"tool_calls": [tool_call_json(&c, Some(n_calls))]}),
+                    None,
+                ),
+                lps,
             )),
+            OutEvent::Logprob(_) => None,
             OutEvent::Done(s) => {
-                let mut last = vec![chunk(json!({}), Some(finish_str(s.finish)))];
+                let mut last = vec![with_logprobs(
+                    chunk(json!({}), Some(finish_str(s.finish))),
+                    lps,
+                )];
                 if include_usage {
                     let mut u = chunk(json!({}), None);
                     u["choices"] = json!([]);
@@ -508,17 +590,50 @@ fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
+/// Chat's `logprobs` object.
+fn chat_logprobs(lps: &[Logprob]) -> Value {
+    json!({"content": lps.iter().map(logprob_json).collect::<Vec<_>>(), "refusal": null})
+}
+
+/// The completions endpoint's `logprobs` object; `offset`: where the first token's text starts,
+/// in characters of the prompt and completion.
+fn completion_logprobs(lps: &[Logprob], mut offset: usize) -> Value {
+    let mut tokens = Vec::with_capacity(lps.len());
+    let mut token_logprobs = Vec::with_capacity(lps.len());
+    let mut top = Vec::with_capacity(lps.len());
+    let mut offsets = Vec::with_capacity(lps.len());
+    for lp in lps {
+        tokens.push(json!(lp.token.text));
+        token_logprobs.push(json!(lp.logprob));
+        let alternatives: Map<String, Value> = lp
+            .top
+            .iter()
+            .map(|(t, l)| (t.text.clone(), json!(l)))
+            .collect();
+        top.push(Value::Object(alternatives));
+        offsets.push(json!(offset));
+        offset += lp.token.text.chars().count();
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+}
+
 /// Sends the SSE events of a generation, then `[DONE]`. `format` turns an event into one chunk
-/// (or an array of chunks, for the end); errors become an `error` event.
+/// (or an array of chunks, for the end), given the logprobs of the tokens since the last chunk;
+/// errors become an `error` event.
 async fn stream_events(
     mut out: Output,
     tx: &tokio::sync::mpsc::Sender<Bytes>,
-    format: impl Fn(OutEvent, usize) -> Option<Value>,
+    mut format: impl FnMut(OutEvent, usize, &[Logprob]) -> Option<Value>,
 ) {
     let mut n_calls = 0;
     let mut saw_call = false;
+    let mut logprobs = Vec::new();
     while let Some(e) = out.next().await {
         let chunks = match e {
+            OutEvent::Logprob(lp) => {
+                logprobs.push(lp);
+                continue;
+            }
             OutEvent::Error(msg) => {
                 vec![json!({"error": {"message": msg, "type": "server_error", "code": 500}})]
             }
@@ -526,7 +641,8 @@ async fn stream_events(
             OutEvent::Text(t) if saw_call && t.trim().is_empty() => continue,
             e => {
                 let is_call = matches!(e, OutEvent::Call(_));
-                let v = format(e, n_calls);
+                let v = format(e, n_calls, &logprobs);
+                logprobs.clear();
                 if is_call {
                     n_calls += 1;
                     saw_call = true;
@@ -559,6 +675,12 @@ async fn completions_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_body(body)?;
+    fields::check(
+        &req.extra,
+        &[fields::OPENAI, fields::LLAMA_SAMPLERS],
+        "the request",
+    )?;
+    let logprobs = req.common.completion_logprobs()?;
     let keep_alive = keep_alive_field(&req.common.keep_alive)?;
     let text = match req.prompt {
         PromptField::One(s) => s,
@@ -577,9 +699,15 @@ async fn completions_inner(
             keep_alive,
         )
         .await?;
-    let prompt = lease.tokenize(&text)?;
+    let prompt_chars = text.chars().count();
+    let prompt = match req.suffix.as_deref() {
+        None => lease.tokenize(&text)?,
+        Some(suffix) => lease.fill_in_middle(&text, suffix)?,
+    };
     // OpenAI's default for this endpoint is 16 tokens.
-    let gen = req.common.request(&lease, prompt, Some(16), None)?;
+    let gen = req
+        .common
+        .request(&lease, prompt, Some(16), None, logprobs)?;
     let out = lease.submit(gen).await?;
     let headers = out.headers();
     let id = new_id("cmpl-");
@@ -594,7 +722,7 @@ async fn completions_inner(
             "created": created,
             "model": model,
             "system_fingerprint": concat!("qwen-run-", env!("CARGO_PKG_VERSION")),
-            "choices": [{"text": c.text, "index": 0, "logprobs": null, "finish_reason": finish_str(s.finish)}],
+            "choices": [{"text": c.text, "index": 0, "logprobs": logprobs.map(|_| completion_logprobs(&c.logprobs, prompt_chars)), "finish_reason": finish_str(s.finish)}],
             "usage": usage(&s),
         }))
         .into_response(), &headers));
@@ -612,10 +740,21 @@ async fn completions_inner(
                 "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
             })
         };
-        stream_events(out, &tx, |e, _| match e {
-            OutEvent::Text(t) => Some(chunk(&t, None)),
+        let mut offset = prompt_chars;
+        let mut with_logprobs = move |mut c: Value, lps: &[Logprob]| {
+            if logprobs.is_some() {
+                c["choices"][0]["logprobs"] = completion_logprobs(lps, offset);
+                offset += lps
+                    .iter()
+                    .map(|l| l.token.text.chars().count())
+                    .sum::<usize>();
+            }
+            c
+        };
+        stream_events(out, &tx, |e, _, lps| match e {
+            OutEvent::Text(t) => Some(with_logprobs(chunk(&t, None), lps)),
             OutEvent::Done(s) => {
-                let mut last = vec![chunk("", Some(finish_str(s.finish)))];
+                let mut last = vec![with_logprobs(chunk("", Some(finish_str(s.finish))), lps)];
                 if include_usage {
                     let mut u = chunk("", None);
                     u["choices"] = json!([]);

@@ -2,7 +2,7 @@
 //! had tools, then the summary; recorded for the response cache on the way.
 
 use super::error::ApiError;
-use super::protocol::WorkerEvent;
+use super::protocol::{Logprob, WorkerEvent};
 use super::response_cache::{CacheKey, ResponseCache};
 use super::tool_calls::{Piece, ToolCallParser};
 use crate::scheduler::{FinishReason, Generation};
@@ -47,6 +47,8 @@ struct Recording {
 
 /// What a handler reads: text, tool calls, then the summary or an error.
 pub enum OutEvent {
+    /// A token's log-probabilities, before the text that holds it.
+    Logprob(Logprob),
     Text(String),
     Call(super::tool_calls::ToolCall),
     Done(Generation),
@@ -140,6 +142,7 @@ impl Output {
             }
             match self.rx.recv().await {
                 Some(WorkerEvent::Started) => {}
+                Some(WorkerEvent::Logprob(lp)) => return Some(OutEvent::Logprob(lp)),
                 Some(WorkerEvent::Text(t)) => {
                     if let Some(r) = &mut self.recording {
                         r.texts.push(t.clone());
@@ -186,6 +189,7 @@ impl Output {
         let mut c = Collected::default();
         while let Some(e) = self.next().await {
             match e {
+                OutEvent::Logprob(lp) => c.logprobs.push(lp),
                 OutEvent::Text(t) => c.text.push_str(&t),
                 OutEvent::Call(call) => c.calls.push(call),
                 OutEvent::Done(s) => c.summary = Some(s),
@@ -208,5 +212,6 @@ impl Output {
 pub struct Collected {
     pub text: String,
     pub calls: Vec<super::tool_calls::ToolCall>,
+    pub logprobs: Vec<Logprob>,
     pub summary: Option<Generation>,
 }

@@ -19,11 +19,30 @@ pub struct GenRequest {
     pub deterministic: bool,
     /// What the answer must parse as, and its compiled constraint.
     pub format: Option<(Format, Constraint)>,
+    /// Report each token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
+}
+
+/// A token as the APIs show it: its text (bytes that are not UTF-8 on their own replaced) and
+/// its bytes.
+#[derive(Clone, Debug)]
+pub struct ShownToken {
+    pub text: String,
+    pub bytes: Vec<u8>,
+}
+
+/// A generated token's log-probability and the most likely alternatives, most likely first.
+#[derive(Clone, Debug)]
+pub struct Logprob {
+    pub token: ShownToken,
+    pub logprob: f32,
+    pub top: Vec<(ShownToken, f32)>,
 }
 
 pub enum WorkerEvent {
     /// The request left the queue for a generation slot.
     Started,
+    Logprob(Logprob),
     Text(String),
     Done(Generation),
     Error(String),

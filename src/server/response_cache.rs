@@ -16,9 +16,11 @@ use std::time::Duration;
 pub struct CacheKey(String);
 
 impl CacheKey {
-    /// None when the request is not deterministic (sampled with a fresh random seed).
+    /// None when the request is not deterministic (sampled with a fresh random seed) or wants
+    /// logprobs.
     pub fn of(model: &str, req: &GenRequest) -> Option<CacheKey> {
-        if !req.deterministic {
+        // Kept answers hold no logprobs.
+        if !req.deterministic || req.logprobs.is_some() {
             return None;
         }
         let mut p = req.params.clone();
@@ -125,6 +127,7 @@ mod tests {
             },
             stop: vec![],
             format: None,
+            logprobs: None,
             deterministic,
         }
     }

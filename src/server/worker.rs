@@ -3,7 +3,7 @@
 //! Dropping the receiver (the client left) stops that request.
 
 use super::metrics::Metrics;
-use super::protocol::{Job, Place, WorkerEvent};
+use super::protocol::{Job, Logprob, Place, ShownToken, WorkerEvent};
 use crate::engine::Engine;
 use crate::sampler::Sampler;
 use crate::scheduler::{ChunkPolicy, Event, Held, Output, Request, Scheduler};
@@ -25,22 +25,23 @@ pub(super) fn run(
             let Ok(job) = jobs.recv() else {
                 return; // The server is shutting down and nothing is running.
             };
-            admit(&mut scheduler, &metrics, job);
+            admit(&mut scheduler, &engine, &metrics, job);
         }
         while scheduler.has_free_slot() {
             let Ok(job) = jobs.try_recv() else {
                 break;
             };
-            admit(&mut scheduler, &metrics, job);
+            admit(&mut scheduler, &engine, &metrics, job);
         }
         scheduler.step();
     }
 }
 
-fn admit(scheduler: &mut Scheduler, metrics: &Arc<Metrics>, job: Job) {
+fn admit(scheduler: &mut Scheduler, engine: &Arc<Engine>, metrics: &Arc<Metrics>, job: Job) {
     metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
     let out = Box::new(JobOutput {
         tx: job.tx,
+        engine: engine.clone(),
         metrics: metrics.clone(),
         busy: false,
         _place: job.place,
@@ -54,6 +55,7 @@ fn admit(scheduler: &mut Scheduler, metrics: &Arc<Metrics>, job: Job) {
     };
     let mut req = Request::new(job.req.prompt, job.req.max_tokens, Held::Owned(sampler));
     req.stop = job.req.stop;
+    req.logprobs = job.req.logprobs;
     req.guide = job
         .req
         .format
@@ -65,6 +67,8 @@ fn admit(scheduler: &mut Scheduler, metrics: &Arc<Metrics>, job: Job) {
 /// A request's events, sent to its handler; counts it busy from its start to its end.
 struct JobOutput {
     tx: UnboundedSender<WorkerEvent>,
+    /// For the tokens' text in logprobs.
+    engine: Arc<Engine>,
     metrics: Arc<Metrics>,
     busy: bool,
     _place: Place,
@@ -77,6 +81,25 @@ impl Output for JobOutput {
                 self.busy = true;
                 self.metrics.busy.fetch_add(1, Ordering::SeqCst);
                 WorkerEvent::Started
+            }
+            Event::Logprob(lp) => {
+                let show = |id: u32| {
+                    let tok = &self.engine.tokenizer;
+                    let bytes = match tok.token_bytes(id) {
+                        // A control token: shown by its name, as OpenAI shows special tokens.
+                        [] => tok.token_text(id).as_bytes().to_vec(),
+                        b => b.to_vec(),
+                    };
+                    ShownToken {
+                        text: String::from_utf8_lossy(&bytes).into_owned(),
+                        bytes,
+                    }
+                };
+                WorkerEvent::Logprob(Logprob {
+                    token: show(lp.token),
+                    logprob: lp.logprob,
+                    top: lp.top.iter().map(|&(id, l)| (show(id), l)).collect(),
+                })
             }
             Event::Text(t) => WorkerEvent::Text(t.to_string()),
             Event::Done(g) => {

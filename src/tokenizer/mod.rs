@@ -135,7 +135,15 @@ impl Tokenizer {
             .context("the GGUF has no tokenizer.ggml.eos_token_id")?;
         let mut eog = vec![eos];
         eog.extend(id("tokenizer.ggml.eot_token_id"));
-        for name in ["<|endoftext|>", "<|im_end|>", "<|eot_id|>"] {
+        // The fill-in-the-middle separators end a completion too, as llama.cpp treats them.
+        for name in [
+            "<|endoftext|>",
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|fim_pad|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
+        ] {
             if let Some(&i) = vocab_lookup(&tokens, name).as_ref() {
                 eog.push(i);
             }
@@ -172,6 +180,31 @@ impl Tokenizer {
         let mut ids = Vec::with_capacity(enc.len() + 1);
         ids.extend(self.add_bos);
         ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// The prompt that asks a fill-in-the-middle model (Qwen2.5-Coder) for the text between
+    /// `prefix` and `suffix`; an error if the model has no FIM tokens.
+    pub fn fill_in_middle(&self, prefix: &str, suffix: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        ids.extend(self.add_bos);
+        for (marker, text) in [
+            ("<|fim_prefix|>", prefix),
+            ("<|fim_suffix|>", suffix),
+            ("<|fim_middle|>", ""),
+        ] {
+            let id = self.inner.token_to_id(marker).with_context(|| {
+                format!("this model has no {marker} token, so it cannot fill in the middle (Qwen2.5-Coder models can)")
+            })?;
+            ids.push(id);
+            if !text.is_empty() {
+                let enc = self
+                    .inner
+                    .encode_fast(text, false)
+                    .map_err(|e| anyhow::anyhow!("tokenizing the prompt failed: {e}"))?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+        }
         Ok(ids)
     }
 

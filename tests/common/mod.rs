@@ -2,6 +2,8 @@
 //! paths of the real test models fetched by `models/fetch.py`.
 #![allow(dead_code)]
 
+pub mod server;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use qwen_run::gguf::{GgufWriter, Value};
