@@ -96,7 +96,9 @@ fn silu_mul_scalar(gate: &[f32], up: &[f32], out: &mut [f32]) {
 pub(crate) fn exp_shifted(backend: Backend, xs: &mut [f32], max: f32) -> f32 {
     match backend {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 | Backend::Avx512 => unsafe { avx2::exp_shifted(xs, max) },
+        Backend::Avx2 | Backend::Avx512 => unsafe {
+            avx2::exp_shifted::<true>(xs.as_mut_ptr(), xs.len(), max)
+        },
         _ => xs
             .iter_mut()
             .map(|x| {
@@ -104,6 +106,23 @@ pub(crate) fn exp_shifted(backend: Backend, xs: &mut [f32], max: f32) -> f32 {
                 *x
             })
             .sum(),
+    }
+}
+
+/// The sum of `e^(x - max)` over `xs`, `max` being the largest of them (a softmax denominator
+/// over a whole vocabulary, for log-probabilities), leaving `xs` as it is.
+pub fn sum_exp_shifted(xs: &[f32], max: f32) -> f32 {
+    sum_exp_shifted_with(Backend::detect(), xs, max)
+}
+
+pub fn sum_exp_shifted_with(backend: Backend, xs: &[f32], max: f32) -> f32 {
+    match backend {
+        // Without STORE the kernel only reads through the pointer.
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 | Backend::Avx512 => unsafe {
+            avx2::exp_shifted::<false>(xs.as_ptr().cast_mut(), xs.len(), max)
+        },
+        _ => xs.iter().map(|x| (x - max).exp()).sum(),
     }
 }
 
@@ -158,23 +177,30 @@ pub(crate) mod avx2 {
         super::silu_mul_scalar(&gate[n8..], &up[n8..], &mut out[n8..]);
     }
 
+    /// The sum of `e^(x - max)` over the `len` floats at `xs`, written back in place with
+    /// `STORE` (without it `xs` is only read).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn exp_shifted(xs: &mut [f32], max: f32) -> f32 {
-        let n8 = xs.len() / 8 * 8;
+    pub unsafe fn exp_shifted<const STORE: bool>(xs: *mut f32, len: usize, max: f32) -> f32 {
+        let n8 = len / 8 * 8;
         let m = _mm256_set1_ps(max);
         let mut acc = _mm256_setzero_ps();
         for i in (0..n8).step_by(8) {
-            let p = xs.as_mut_ptr().add(i);
+            let p = xs.add(i);
             let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p), m));
-            _mm256_storeu_ps(p, e);
+            if STORE {
+                _mm256_storeu_ps(p, e);
+            }
             acc = _mm256_add_ps(acc, e);
         }
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
         let mut sum: f32 = lanes.iter().sum();
-        for x in &mut xs[n8..] {
-            *x = (*x - max).exp();
-            sum += *x;
+        for i in n8..len {
+            let e = (*xs.add(i) - max).exp();
+            if STORE {
+                *xs.add(i) = e;
+            }
+            sum += e;
         }
         sum
     }
@@ -233,6 +259,13 @@ mod tests {
                 );
             }
             assert!((sum as f64 - want_sum).abs() <= 1e-5 * want_sum);
+            let unchanged = xs.clone();
+            let read_only = sum_exp_shifted_with(backend, &unchanged, max);
+            assert_eq!(
+                unchanged, xs,
+                "{backend:?}: sum_exp_shifted wrote its input"
+            );
+            assert_eq!(read_only, sum, "{backend:?}");
         }
     }
 }

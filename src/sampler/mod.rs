@@ -211,17 +211,21 @@ impl Sampler {
 /// the softmax of `logits`; `top` is written over, its length is how many are wanted.
 pub fn logprobs(logits: &[f32], token: u32, top: &mut Vec<(u32, f32)>, wanted: usize) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln() + max;
+    let log_sum = qwen_run_kernels::elementwise::sum_exp_shifted(logits, max).ln() + max;
+    // One pass keeps the `wanted` largest, sorted by logit, ties to the lower id: only a logit
+    // above the smallest kept one goes in.
     top.clear();
     if wanted > 0 {
-        top.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
-        let by_logit_desc =
-            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if wanted < top.len() {
-            top.select_nth_unstable_by(wanted - 1, by_logit_desc);
-            top.truncate(wanted);
+        for (i, &l) in logits.iter().enumerate() {
+            if top.len() == wanted && !l.total_cmp(&top[wanted - 1].1).is_gt() {
+                continue;
+            }
+            let at = top.partition_point(|x| x.1.total_cmp(&l).is_ge());
+            if top.len() == wanted {
+                top.pop();
+            }
+            top.insert(at, (i as u32, l));
         }
-        top.sort_unstable_by(by_logit_desc);
         for (_, l) in top.iter_mut() {
             *l -= log_sum;
         }
@@ -326,6 +330,26 @@ mod tests {
         assert!(top.windows(2).all(|w| w[0].1 >= w[1].1) && top[0].1 <= 0.0);
         assert_eq!(logprobs(&logits, 3, &mut top, 0), f32::NEG_INFINITY);
         assert!(top.is_empty());
+        // A vocabulary's worth with many ties: the same as sorting everything.
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919) % 613) as f32 * 0.05)
+            .collect();
+        let mut all: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let z = logits.iter().map(|&l| (l as f64).exp()).sum::<f64>().ln() as f32;
+        for wanted in [1, 5, 20] {
+            logprobs(&logits, 0, &mut top, wanted);
+            let ids: Vec<u32> = top.iter().map(|t| t.0).collect();
+            let want: Vec<u32> = all[..wanted].iter().map(|t| t.0).collect();
+            assert_eq!(ids, want);
+            for (t, a) in top.iter().zip(&all) {
+                assert!((t.1 - (a.1 - z)).abs() < 1e-4, "{t:?} {a:?}");
+            }
+        }
     }
 
     #[test]
