@@ -12,9 +12,12 @@ pub use roofline::{
 };
 
 use crate::engine::{Engine, LoadOptions, Session, Step};
+use crate::grammar::{Constraint, Format};
 use crate::model::Logits;
+use crate::scheduler::Guide;
 use anyhow::{bail, Result};
 use serde::Serialize;
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -45,14 +48,29 @@ pub struct BenchRow {
     pub sequences: usize,
     /// Tokens in the context before the test's own (llama-bench's n_depth).
     pub depth: usize,
+    /// The format the tg test's tokens were constrained to (json, schema, lark, gbnf).
+    pub format: Option<String>,
     pub samples_ts: Vec<f64>,
     pub avg_ts: f64,
     pub stddev_ts: f64,
 }
 
+/// What a format costs before its first token, in milliseconds: the model's vocabulary indexed
+/// for llguidance (once per model), the format compiled (once per format text), and a copy of the
+/// compiled parser (each request after the first).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct FormatTimes {
+    pub vocabulary_ms: f64,
+    pub compile_ms: f64,
+    pub cached_ms: f64,
+    /// Microseconds per token spent masking the logits, in the last tg test under the format.
+    pub mask_us_per_token: Option<f64>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchExtras {
     pub load_s: f64,
+    pub format: Option<FormatTimes>,
     pub ttft_ms: f64,
     pub ttft_prompt_tokens: usize,
     pub peak_rss_mib: f64,
@@ -90,6 +108,12 @@ pub struct BenchReport {
 }
 
 pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    run_constrained(opts, None)
+}
+
+/// [`run`], with the tg tests under constrained decoding where `format` is given: each token is
+/// the most likely one the format allows, where llama-bench's tg feeds fixed tokens.
+pub fn run_constrained(opts: &BenchOptions, format: Option<&Format>) -> Result<BenchReport> {
     if opts.repetitions == 0 {
         bail!("-r/--repetitions must be at least 1");
     }
@@ -99,6 +123,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let mut rows = Vec::new();
     let mut load_s = 0.0;
     let mut ttft_ms = 0.0;
+    let mut format_times = None;
     let mut ttft_prompt_tokens = 0;
     let (mut host_bytes, mut gpu_bytes) = (0, 0);
     let mut macs_per_token = 0;
@@ -134,6 +159,23 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             gpu_bandwidth_gbs = Some(measure_device_bandwidth(gpu)?);
         }
         per_token = decode_costs(&engine)?;
+        if let Some(f) = format {
+            let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+            let t = Instant::now();
+            let grammars = engine.grammars()?;
+            let vocabulary_ms = ms(t);
+            let t = Instant::now();
+            grammars.constraint(f)?;
+            let compile_ms = ms(t);
+            let t = Instant::now();
+            grammars.constraint(f)?;
+            format_times = Some(FormatTimes {
+                vocabulary_ms,
+                compile_ms,
+                cached_ms: ms(t),
+                mask_us_per_token: None,
+            });
+        }
         let ttft = time_to_first_token(&engine)?;
         ttft_ms = ttft.0.as_secs_f64() * 1e3;
         ttft_prompt_tokens = ttft.1;
@@ -158,15 +200,21 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             }))
             .flat_map(|test| depths.iter().map(move |&d| (test.clone(), d)));
         for ((name, n, is_prompt, seqs), depth) in tests {
+            let format = format.filter(|_| !is_prompt);
+            let name = match format {
+                Some(f) => format!("{name} +{}", format_label(f)),
+                None => name,
+            };
             let name = match depth {
                 0 => name,
                 d => format!("{name} @ d{d}"),
             };
+            let masked = Cell::new((Duration::ZERO, 0));
             let once = |e: &Engine| {
                 if is_prompt {
                     time_prompt(e, n, depth)
                 } else {
-                    time_generation(e, n, seqs, depth)
+                    time_generation(e, n, seqs, depth, format, &masked)
                 }
             };
             once(&engine)?; // warm-up, as llama-bench does
@@ -174,6 +222,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                 .map(|_| once(&engine).map(|d| (n * seqs) as f64 / d.as_secs_f64()))
                 .collect::<Result<Vec<f64>>>()?;
             let (avg, sd) = mean_sd(&samples);
+            if let (Some(times), (spent, tokens @ 1..)) = (&mut format_times, masked.get()) {
+                times.mask_us_per_token = Some(spent.as_secs_f64() * 1e6 / tokens as f64);
+            }
             rows.push(BenchRow {
                 model: model_label(&engine),
                 size_bytes: engine.gguf.tensors.iter().map(|t| t.size as u64).sum(),
@@ -189,6 +240,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                 n_tokens: n * seqs,
                 sequences: seqs,
                 depth,
+                format: format.map(|f| format_label(f).to_string()),
                 samples_ts: samples,
                 avg_ts: avg,
                 stddev_ts: sd,
@@ -225,6 +277,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         rows,
         extras: BenchExtras {
             load_s,
+            format: format_times,
             ttft_ms,
             ttft_prompt_tokens,
             peak_rss_mib,
@@ -269,16 +322,37 @@ fn time_prompt(engine: &Engine, n: usize, depth: usize) -> Result<Duration> {
     Ok(t0.elapsed())
 }
 
+/// The short name of a format in a test's name.
+fn format_label(f: &Format) -> &'static str {
+    match f {
+        Format::JsonObject => "json",
+        Format::JsonSchema(_) => "schema",
+        Format::Lark(_) => "lark",
+        Format::Gbnf(_) => "gbnf",
+        Format::Triggered { .. } => "triggered",
+    }
+}
+
 /// n single-token steps after `depth` tokens of context (llama-bench's tg test, with its -d);
 /// with several sequences, each step is one batched forward pass over all of them, each on its
 /// own KV cache, as the server's continuous batching runs it.
-fn time_generation(engine: &Engine, n: usize, sequences: usize, depth: usize) -> Result<Duration> {
+fn time_generation(
+    engine: &Engine,
+    n: usize,
+    sequences: usize,
+    depth: usize,
+    format: Option<&Format>,
+    masked: &Cell<(Duration, usize)>,
+) -> Result<Duration> {
     let mut sessions = Vec::with_capacity(sequences);
     let mut tokens = Vec::new();
     for _ in 0..sequences {
         let (session, t) = session_at_depth(engine, depth, n + sequences)?;
         sessions.push(session);
         tokens = t;
+    }
+    if let Some(f) = format {
+        return time_guided_generation(engine, n, sessions, &tokens, f, masked);
     }
     let mut logits = Vec::new();
     let t0 = Instant::now();
@@ -296,6 +370,74 @@ fn time_generation(engine: &Engine, n: usize, sequences: usize, depth: usize) ->
         engine.step(&mut batch, &mut logits)?;
     }
     Ok(t0.elapsed())
+}
+
+/// The tg test under a format: after each step every sequence's logits are masked by its
+/// constraint (the decoder's `Guide::mask`) and the most likely allowed token runs next. A
+/// sequence whose answer is complete (only end-of-generation allowed) feeds that token, as tg
+/// ignores end-of-generation, and starts a new answer with a new constraint (a copy of the
+/// cached parser), so every test decodes its n tokens.
+fn time_guided_generation(
+    engine: &Engine,
+    n: usize,
+    mut sessions: Vec<Session>,
+    tokens: &[u32],
+    format: &Format,
+    masked: &Cell<(Duration, usize)>,
+) -> Result<Duration> {
+    struct Answer {
+        constraint: Constraint,
+        generated: Vec<u32>,
+    }
+    let grammars = engine.grammars()?;
+    let mut logits = Vec::new();
+    let t0 = Instant::now();
+    let mut answers = Vec::with_capacity(sessions.len());
+    for _ in 0..sessions.len() {
+        answers.push(Answer {
+            constraint: grammars.constraint(format)?,
+            generated: Vec::new(),
+        });
+    }
+    let mut next: Vec<u32> = tokens[..sessions.len()].to_vec();
+    for _ in 0..n {
+        let mut batch: Vec<Step> = sessions
+            .iter_mut()
+            .zip(&next)
+            .map(|(session, t)| Step {
+                session,
+                tokens: std::slice::from_ref(t),
+                logits: Logits::Last,
+            })
+            .collect();
+        engine.step(&mut batch, &mut logits)?;
+        drop(batch);
+        let vocab = logits.len() / next.len();
+        for ((row, answer), t) in logits.chunks_mut(vocab).zip(&mut answers).zip(&mut next) {
+            let t0 = Instant::now();
+            answer.constraint.mask(&answer.generated, row);
+            let (spent, tokens) = masked.get();
+            masked.set((spent + t0.elapsed(), tokens + 1));
+            *t = argmax(row);
+            if engine.tokenizer.is_eog(*t) {
+                answer.constraint = grammars.constraint(format)?;
+                answer.generated.clear();
+            } else {
+                answer.generated.push(*t);
+            }
+        }
+    }
+    Ok(t0.elapsed())
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (k, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = k;
+        }
+    }
+    best as u32
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -481,6 +623,15 @@ pub fn to_markdown(report: &BenchReport) -> String {
         e.read_bandwidth_gbs,
         e.decode_bytes_per_token as f64 / (1 << 20) as f64
     ));
+    if let Some(f) = e.format {
+        s.push_str(&format!(
+            " | format: vocabulary indexed in {:.0} ms (once per model), compiled in {:.1} ms (once per format), copied in {:.2} ms",
+            f.vocabulary_ms, f.compile_ms, f.cached_ms
+        ));
+        if let Some(us) = f.mask_us_per_token {
+            s.push_str(&format!(", masks {us:.0} us per token"));
+        }
+    }
     if let Some(bw) = e.gpu_bandwidth_gbs {
         s.push_str(&format!(
             " | GPU memory bandwidth {bw:.0} GB/s (copy) | weights read per token from the GPU {:.1} MiB",
