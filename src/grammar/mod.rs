@@ -12,7 +12,7 @@ use anyhow::{anyhow, Result};
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory, TokenParser};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
@@ -58,9 +58,11 @@ impl Format {
     fn grammar(&self) -> Result<TopLevelGrammar> {
         Ok(match self {
             Format::JsonObject => {
-                TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"}))
+                TopLevelGrammar::from_json_schema(bounded_whitespace(json!({"type": "object"})))
             }
-            Format::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
+            Format::JsonSchema(s) => {
+                TopLevelGrammar::from_json_schema(bounded_whitespace(s.clone()))
+            }
             Format::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
             Format::Gbnf(g) => TopLevelGrammar::from_lark(
                 gbnf::to_lark(g).map_err(|e| anyhow!("the GBNF grammar is not valid: {e}"))?,
@@ -68,6 +70,22 @@ impl Format {
             Format::Triggered { then, .. } => then.grammar()?,
         })
     }
+}
+
+/// Whitespace between JSON tokens: a space, or one or two line breaks and up to 20 spaces or tabs
+/// of indentation (llama.cpp's grammars allow the same). Unbounded whitespace lets a small model
+/// pad with spaces until its token budget runs out, where the schema wants a key it does not
+/// choose to write.
+pub const JSON_WHITESPACE: &str = r"[ ]|\n{1,2}[ \t]{0,20}";
+
+/// `schema` with llguidance's whitespace option set to [`JSON_WHITESPACE`], unless it sets
+/// its own `x-guidance` options.
+pub fn bounded_whitespace(mut schema: Value) -> Value {
+    if let Some(o) = schema.as_object_mut() {
+        o.entry("x-guidance")
+            .or_insert_with(|| json!({"whitespace_pattern": JSON_WHITESPACE}));
+    }
+    schema
 }
 
 /// Compiled parsers kept for reuse, most recently used last.
@@ -267,7 +285,34 @@ impl Guide for Constraint {
             }
         }
     }
+
+    /// The tokens the grammar forces after the last sampled one (a key's name, the punctuation
+    /// around it), run in the same step as it: the mask leaves sampling nothing else but another
+    /// split of the same bytes, so they are nearly always kept, and one step of several tokens
+    /// costs less than as many steps.
+    fn draft(&mut self, history: &[u32], generated: usize, drafts: &mut Vec<u32>) {
+        let generated = &history[history.len() - generated.min(history.len())..];
+        let new = &generated[self.seen.min(generated.len())..];
+        self.seen = generated.len();
+        if self.feed(new).is_err() || self.trigger.as_ref().is_some_and(|t| !t.active) {
+            return;
+        }
+        // llguidance's own forced tokens need a canonical tokenizer; the trie's longest-match
+        // split of the forced bytes is what BPE gives on them nearly always, and a draft the
+        // model would split otherwise is only dropped.
+        let forced = self.matcher.compute_ff_bytes();
+        if forced.is_empty() {
+            return;
+        }
+        if let Ok(env) = self.matcher.tok_env() {
+            let tokens = env.tok_trie().greedy_tokenize(&forced);
+            drafts.extend(tokens.into_iter().take(MAX_FORCED_DRAFTS));
+        }
+    }
 }
+
+/// Most forced tokens run in one step (a long constant's rest runs in the next).
+const MAX_FORCED_DRAFTS: usize = 16;
 
 #[cfg(test)]
 mod tests {
@@ -481,6 +526,48 @@ ws ::= | " " | "\n" [ \t]{0,20}
         };
         let e = g.constraint(&missing).err().unwrap().to_string();
         assert!(e.contains("'<none>' is not one token"), "{e}");
+    }
+
+    #[test]
+    fn forced_tokens_are_drafted() {
+        let g = byte_grammars();
+        let f = Format::Lark("start: \"hello\" /[0-9]/ \"!\"".into());
+        let mut c = g.constraint(&f).unwrap();
+        let bytes = |t: &str| t.bytes().map(u32::from).collect::<Vec<_>>();
+        let mut drafts = Vec::new();
+        // The prompt only: "hello" is forced.
+        c.draft(&[7, 7], 0, &mut drafts);
+        assert_eq!(drafts, bytes("hello"));
+        // "he" sampled (the "e" not yet masked for): "llo" is left.
+        let mut history = vec![7, 7];
+        history.extend(bytes("he"));
+        drafts.clear();
+        c.draft(&history, 2, &mut drafts);
+        assert_eq!(drafts, bytes("llo"));
+        // Before the digit nothing is forced; after it, "!".
+        history.extend(bytes("llo"));
+        drafts.clear();
+        c.draft(&history, 5, &mut drafts);
+        assert!(drafts.is_empty(), "{drafts:?}");
+        history.extend(bytes("4"));
+        c.draft(&history, 6, &mut drafts);
+        assert_eq!(drafts, bytes("!"));
+        // A triggered format drafts nothing before its trigger.
+        let mut words: Vec<Vec<u8>> = (0..255u8).map(|b| vec![b]).collect();
+        words.push(b"\xff<eos>".to_vec());
+        words.push(b"<t>".to_vec());
+        let g = Grammars::from_words(&words, 255).unwrap();
+        let f = Format::Triggered {
+            trigger: "<t>".into(),
+            then: Box::new(Format::Lark("start: \"ab\"".into())),
+            rearm: true,
+        };
+        let mut c = g.constraint(&f).unwrap();
+        drafts.clear();
+        c.draft(&bytes("hi"), 2, &mut drafts);
+        assert!(drafts.is_empty());
+        c.draft(&[104, 105, 256], 3, &mut drafts);
+        assert_eq!(drafts, bytes("ab"));
     }
 
     #[test]

@@ -122,7 +122,6 @@ impl Sampling {
 /// Parses `{"token id": bias}`; an id outside the vocabulary or a bias that is not a number is
 /// a 400.
 fn logit_bias(v: Option<&Value>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
-    use Value;
     let bad = || {
         ApiError::bad_request(
             "logit_bias must be an object of token ids to biases, e.g. {\"1234\": -100} (or llama-server's [[1234, -100], [42, false]])",
@@ -171,7 +170,6 @@ pub fn grammar_fields(
     grammar: Option<&str>,
     json_schema: Option<&Value>,
 ) -> Result<Option<Format>, ApiError> {
-    use Value;
     let schema = match json_schema {
         None | Some(Value::Null) => None,
         Some(Value::Object(o)) if o.is_empty() => Some(Format::JsonObject),
@@ -264,7 +262,6 @@ pub fn chat_prompt(
 /// `{"function": {"name", "arguments": <object>}}`, arguments parsed when they are a JSON string
 /// (OpenAI sends them so).
 pub fn normalize_tool_calls(calls: &Value) -> Result<Value, ApiError> {
-    use Value;
     let Some(list) = calls.as_array() else {
         return Err(ApiError::bad_request("'tool_calls' must be an array"));
     };
@@ -368,6 +365,7 @@ pub fn tool_call_format(tools: &[&Value], parallel: bool, lazy: bool) -> Format 
     if !defs.is_empty() {
         schema["$defs"] = Value::Object(defs);
     }
+    let schema = crate::grammar::bounded_whitespace(schema);
     let call = format!("\"\\n\" %json {schema} \"\\n</tool_call>\"");
     if lazy {
         return Format::Triggered {
