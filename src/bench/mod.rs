@@ -358,15 +358,7 @@ fn time_generation(
     let t0 = Instant::now();
     for i in 0..n {
         // A different token per sequence, as different requests would have.
-        let mut batch: Vec<Step> = sessions
-            .iter_mut()
-            .zip(&tokens[i..])
-            .map(|(session, t)| Step {
-                session,
-                tokens: std::slice::from_ref(t),
-                logits: Logits::Last,
-            })
-            .collect();
+        let mut batch = one_token_each(&mut sessions, &tokens[i..]);
         engine.step(&mut batch, &mut logits)?;
     }
     Ok(t0.elapsed())
@@ -401,15 +393,7 @@ fn time_guided_generation(
     }
     let mut next: Vec<u32> = tokens[..sessions.len()].to_vec();
     for _ in 0..n {
-        let mut batch: Vec<Step> = sessions
-            .iter_mut()
-            .zip(&next)
-            .map(|(session, t)| Step {
-                session,
-                tokens: std::slice::from_ref(t),
-                logits: Logits::Last,
-            })
-            .collect();
+        let mut batch = one_token_each(&mut sessions, &next);
         engine.step(&mut batch, &mut logits)?;
         drop(batch);
         let vocab = logits.len() / next.len();
@@ -418,7 +402,7 @@ fn time_guided_generation(
             answer.constraint.mask(&answer.generated, row);
             let (spent, tokens) = masked.get();
             masked.set((spent + t0.elapsed(), tokens + 1));
-            *t = argmax(row);
+            *t = crate::sampler::argmax(row);
             if engine.tokenizer.is_eog(*t) {
                 answer.constraint = grammars.constraint(format)?;
                 answer.generated.clear();
@@ -430,14 +414,17 @@ fn time_guided_generation(
     Ok(t0.elapsed())
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (k, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = k;
-        }
-    }
-    best as u32
+/// One decode step: `tokens[k]` after sequence k's context.
+fn one_token_each<'a>(sessions: &'a mut [Session], tokens: &'a [u32]) -> Vec<Step<'a>> {
+    sessions
+        .iter_mut()
+        .zip(tokens)
+        .map(|(session, t)| Step {
+            session,
+            tokens: std::slice::from_ref(t),
+            logits: Logits::Last,
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug, Default)]
