@@ -2,8 +2,9 @@
 
 use super::ModelArgs;
 use crate::scheduler::DEFAULT_PREFILL_CHUNK_WHILE_DECODING;
+use crate::server::access::AccessOptions;
 use crate::server::{parse_keep_alive, RouteRule, ServeOptions, ServerOptions};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 #[derive(Args, Debug, Clone)]
@@ -77,6 +78,18 @@ pub struct ServeArgs {
     /// contains one (any case), comma-separated, e.g. "prove,debug,step by step".
     #[arg(long = "route-keywords", value_name = "LIST", value_delimiter = ',')]
     pub route_keywords: Vec<String>,
+    /// An API key requests must send (`Authorization: Bearer KEY`); repeat for several. Every
+    /// endpoint but / and /health then needs one. Also from QWEN_RUN_API_KEY.
+    #[arg(long = "api-key", value_name = "KEY")]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (blank lines and lines starting with # skipped).
+    #[arg(long = "api-key-file", value_name = "FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// An origin whose web pages may call the server (CORS), e.g. http://localhost:3000; `*` in
+    /// it stands for anything, `*` alone allows every page. Repeatable; also OLLAMA_ORIGINS
+    /// (comma-separated). Without one, requests from web pages are refused.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
 }
 
 impl ServeArgs {
@@ -128,12 +141,69 @@ impl ServeArgs {
                     .collect(),
             },
         };
+        let access = self.access_options(
+            std::env::var("QWEN_RUN_API_KEY").ok(),
+            std::env::var("OLLAMA_ORIGINS").ok(),
+        )?;
         Ok(ServerOptions {
             models: self.model.load_options_all()?,
             alias: self.alias.clone(),
             host: self.host.clone(),
             port: self.port,
             serve,
+            access,
+        })
+    }
+
+    /// The keys and origins from the flags, the key file and the environment's values.
+    fn access_options(
+        &self,
+        env_key: Option<String>,
+        env_origins: Option<String>,
+    ) -> Result<AccessOptions> {
+        let mut keys = self.api_keys.clone();
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--api-key-file: cannot read {}", path.display()))?;
+            let before = keys.len();
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+            if keys.len() == before {
+                bail!("--api-key-file {} holds no key", path.display());
+            }
+        }
+        keys.extend(
+            env_key
+                .filter(|k| !k.trim().is_empty())
+                .map(|k| k.trim().to_string()),
+        );
+        for k in &keys {
+            if k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                bail!("an API key must be non-empty and hold no spaces or control characters");
+            }
+        }
+        let mut origins = self.cors_origins.clone();
+        if let Some(env) = env_origins {
+            origins.extend(
+                env.split(',')
+                    .map(str::trim)
+                    .filter(|o| !o.is_empty())
+                    .map(String::from),
+            );
+        }
+        for o in &origins {
+            if o.is_empty() || o.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                bail!("--cors-origin '{o}' is not an origin: use scheme://host[:port], e.g. http://localhost:3000, or *");
+            }
+        }
+        Ok(AccessOptions {
+            api_keys: keys,
+            cors_origins: origins,
+            loopback: true,
         })
     }
 }

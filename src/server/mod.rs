@@ -7,6 +7,7 @@
 //! shared forward passes), [`response_cache`] the cache of deterministic answers, [`openai`] and
 //! [`ollama`] the two APIs, [`tool_calls`] the `<tool_call>` parser, [`metrics`] `GET /metrics`.
 
+pub mod access;
 pub mod api;
 pub mod error;
 pub mod fields;
@@ -23,6 +24,7 @@ pub mod tool_calls;
 mod worker;
 
 use crate::engine::LoadOptions;
+use access::AccessOptions;
 use anyhow::{bail, Context, Result};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
@@ -49,6 +51,8 @@ pub struct ServerOptions {
     pub host: String,
     pub port: u16,
     pub serve: ServeOptions,
+    /// API keys and allowed origins (`loopback` is set from the address actually bound).
+    pub access: AccessOptions,
 }
 
 pub fn serve(options: ServerOptions) -> Result<()> {
@@ -58,6 +62,7 @@ pub fn serve(options: ServerOptions) -> Result<()> {
         host,
         port,
         serve: opts,
+        mut access,
     } = options;
     if models.len() > 1 && alias.is_some() {
         bail!("--alias names one model; with several models each is served under its file name");
@@ -89,6 +94,12 @@ pub fn serve(options: ServerOptions) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
+        access.loopback = local.ip().is_loopback();
+        if !access.loopback && access.api_keys.is_empty() {
+            eprintln!(
+                "[qwen-run] warning: listening on {local}, reachable from other machines, without an API key: anyone who can reach this port can use and load models; add --api-key KEY (or QWEN_RUN_API_KEY)"
+            );
+        }
         let names: Vec<String> = state
             .pool
             .statuses()
@@ -108,7 +119,7 @@ pub fn serve(options: ServerOptions) -> Result<()> {
                 pool.unload_expired();
             }
         });
-        axum::serve(listener, router(state))
+        axum::serve(listener, router(state, Arc::new(access)))
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
             })
@@ -117,7 +128,7 @@ pub fn serve(options: ServerOptions) -> Result<()> {
     })
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: Arc<AppState>, access: Arc<AccessOptions>) -> Router {
     Router::new()
         .route("/", get(|| async { "qwen-run is running" }))
         .route("/health", get(health))
@@ -136,6 +147,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/ps", get(ollama::ps))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(refuse_large_bodies))
+        .layer(axum::middleware::from_fn_with_state(access, access::check))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,

@@ -12,13 +12,26 @@ pub struct Server {
     /// `http://127.0.0.1:PORT`.
     pub base: String,
     pub http: reqwest::blocking::Client,
+    /// What it printed on stderr before it listened (warnings, the load line).
+    pub startup: String,
 }
 
 impl Server {
     pub fn start(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
-            .args(["serve", "-m", model.to_str().unwrap(), "--port", "0"])
+        Self::start_with_env(model, extra, &[])
+    }
+
+    /// Starts it with `env` set (and QWEN_RUN_API_KEY / OLLAMA_ORIGINS cleared unless given).
+    pub fn start_with_env(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-run"));
+        cmd.args(["serve", "-m", model.to_str().unwrap(), "--port", "0"])
             .args(extra)
+            .env_remove("QWEN_RUN_API_KEY")
+            .env_remove("OLLAMA_ORIGINS");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -43,7 +56,12 @@ impl Server {
             .timeout(Duration::from_secs(600))
             .build()
             .unwrap();
-        Server { child, base, http }
+        Server {
+            child,
+            base,
+            http,
+            startup: seen,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,344 @@
+//! What the network cannot do to `qwen-run serve`: drive it from a web page or without the key,
+//! crash it with out-of-range fields, or outgrow its limits. The real binary over real HTTP
+//! with a tiny random model.
+
+mod common;
+
+use common::server::Server;
+use qwen_run_kernels::QuantType;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn tiny_model() -> &'static Path {
+    static PATH: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &PATH
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let p = common::write_tiny_model(dir.path(), QuantType::Q8_0);
+            (dir, p)
+        })
+        .1
+}
+
+fn chat() -> Value {
+    json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, "temperature": 0})
+}
+
+/// Sends `method path` with `headers` and an optional body; the status, headers and body.
+fn send(
+    s: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut r = s.http.request(method.parse().unwrap(), s.url(path));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    if let Some(b) = body {
+        r = r.body(b.to_string());
+    }
+    let resp = r.send().unwrap();
+    let status = resp.status().as_u16();
+    let h = resp.headers().clone();
+    (status, h, resp.text().unwrap())
+}
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+#[test]
+fn a_web_page_cannot_drive_the_server() {
+    let s = Server::start(tiny_model(), &["-t", "1"]);
+    let body = chat().to_string();
+    // The issue's case: a cross-site text/plain POST (no preflight in a browser) was answered 200.
+    let (status, _, text) = send(
+        &s,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("content-type", "text/plain"),
+            ("origin", "http://evil.test"),
+        ],
+        Some(&body),
+    );
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("http://evil.test") && text.contains("--cors-origin"),
+        "{text}"
+    );
+    // Every endpoint, JSON or not, GET or POST.
+    for (method, path) in [
+        ("GET", "/v1/models"),
+        ("POST", "/api/generate"),
+        ("GET", "/api/ps"),
+        ("POST", "/completion"),
+    ] {
+        let (status, _, text) = send(
+            &s,
+            method,
+            path,
+            &[JSON, ("origin", "http://evil.test")],
+            Some("{}"),
+        );
+        assert_eq!(status, 403, "{method} {path}: {text}");
+    }
+    // A preflight from a page of another origin is refused, so the browser sends nothing.
+    let (status, h, _) = send(
+        &s,
+        "OPTIONS",
+        "/v1/chat/completions",
+        &[
+            ("origin", "http://evil.test"),
+            ("access-control-request-method", "POST"),
+        ],
+        None,
+    );
+    assert_eq!(status, 403);
+    assert!(h.get("access-control-allow-origin").is_none());
+    // DNS rebinding: the attacker's name resolves to 127.0.0.1, the browser sends its Host.
+    let (status, _, text) = send(
+        &s,
+        "POST",
+        "/v1/chat/completions",
+        &[JSON, ("host", "evil.test:8080")],
+        Some(&body),
+    );
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("evil.test"), "{text}");
+    // A browser request with a body that is not JSON: 415, even without an Origin.
+    let (status, _, text) = send(
+        &s,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("content-type", "text/plain"),
+            ("sec-fetch-site", "cross-site"),
+        ],
+        Some(&body),
+    );
+    assert_eq!(status, 415, "{text}");
+    // Clients that are not browsers are unaffected, curl's `-d` (a form type) included.
+    for ct in ["application/json", "application/x-www-form-urlencoded"] {
+        let (status, _, text) = send(
+            &s,
+            "POST",
+            "/v1/chat/completions",
+            &[("content-type", ct)],
+            Some(&body),
+        );
+        assert_eq!(status, 200, "{ct}: {text}");
+    }
+    let (status, _, text) = send(
+        &s,
+        "POST",
+        "/v1/chat/completions",
+        &[("content-type", "text/plain")],
+        Some(&body),
+    );
+    assert_eq!(status, 415, "{text}");
+    assert!(text.contains("application/json"), "{text}");
+    assert!(
+        !s.startup.contains("warning"),
+        "no warning on loopback: {}",
+        s.startup
+    );
+}
+
+#[test]
+fn allowed_origins_get_cors_headers() {
+    let s = Server::start_with_env(
+        tiny_model(),
+        &["-t", "1", "--cors-origin", "http://localhost:3000"],
+        &[("OLLAMA_ORIGINS", "chrome-extension://*, http://app.test")],
+    );
+    let body = chat().to_string();
+    for origin in [
+        "http://localhost:3000",
+        "chrome-extension://abcdef",
+        "http://app.test",
+    ] {
+        let (status, h, _) = send(
+            &s,
+            "OPTIONS",
+            "/v1/chat/completions",
+            &[
+                ("origin", origin),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "content-type, authorization",
+                ),
+            ],
+            None,
+        );
+        assert_eq!(status, 204, "{origin}");
+        assert_eq!(h["access-control-allow-origin"], origin);
+        assert!(h["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST"));
+        assert_eq!(
+            h["access-control-allow-headers"],
+            "content-type, authorization"
+        );
+        let (status, h, text) = send(
+            &s,
+            "POST",
+            "/v1/chat/completions",
+            &[JSON, ("origin", origin)],
+            Some(&body),
+        );
+        assert_eq!(status, 200, "{origin}: {text}");
+        assert_eq!(h["access-control-allow-origin"], origin);
+        assert_eq!(h["vary"], "Origin");
+    }
+    // Allowed pages still send JSON.
+    let (status, _, _) = send(
+        &s,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("content-type", "text/plain"),
+            ("origin", "http://localhost:3000"),
+        ],
+        Some(&body),
+    );
+    assert_eq!(status, 415);
+    for other in ["http://localhost:3001", "http://app.test.evil"] {
+        let (status, _, _) = send(&s, "GET", "/v1/models", &[("origin", other)], None);
+        assert_eq!(status, 403, "{other}");
+    }
+    let any = Server::start(tiny_model(), &["-t", "1", "--cors-origin", "*"]);
+    let (status, h, _) = send(
+        &any,
+        "GET",
+        "/v1/models",
+        &[("origin", "http://x.test")],
+        None,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(h["access-control-allow-origin"], "*");
+}
+
+#[test]
+fn api_keys_guard_every_endpoint_but_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys");
+    std::fs::write(&file, "# team keys\nfile-key\n\n").unwrap();
+    let s = Server::start_with_env(
+        tiny_model(),
+        &[
+            "-t",
+            "1",
+            "--api-key",
+            "flag-key",
+            "--api-key-file",
+            file.to_str().unwrap(),
+        ],
+        &[("QWEN_RUN_API_KEY", "env-key")],
+    );
+    let body = chat().to_string();
+    let ollama = json!({"messages": [{"role": "user", "content": "hi"}], "stream": false, "options": {"num_predict": 1}}).to_string();
+    for (method, path, body) in [
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/chat/completions", Some(body.as_str())),
+        ("POST", "/api/chat", Some(ollama.as_str())),
+        ("GET", "/api/tags", None),
+        ("GET", "/api/ps", None),
+        (
+            "POST",
+            "/completion",
+            Some(r#"{"prompt": "hi", "n_predict": 1}"#),
+        ),
+        ("GET", "/metrics", None),
+        ("GET", "/no/such/route", None),
+    ] {
+        let (status, h, text) = send(&s, method, path, &[JSON], body);
+        assert_eq!(status, 401, "{method} {path}: {text}");
+        assert!(text.contains("needs an API key"), "{text}");
+        assert_eq!(h["www-authenticate"], "Bearer");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        if path.starts_with("/api/") {
+            assert!(v["error"].is_string(), "Ollama's error form: {v}");
+        } else {
+            assert_eq!(v["error"]["code"], 401, "OpenAI's error object: {v}");
+        }
+        let (status, _, text) = send(
+            &s,
+            method,
+            path,
+            &[JSON, ("authorization", "Bearer wrong")],
+            body,
+        );
+        assert_eq!(status, 401, "{text}");
+        assert!(text.contains("not valid"), "{text}");
+        if path != "/no/such/route" {
+            for key in ["Bearer flag-key", "Bearer file-key", "bearer env-key"] {
+                let (status, _, text) =
+                    send(&s, method, path, &[JSON, ("authorization", key)], body);
+                assert_eq!(status, 200, "{method} {path} {key}: {text}");
+            }
+        }
+    }
+    let (status, _, _) = send(&s, "GET", "/v1/models", &[("x-api-key", "flag-key")], None);
+    assert_eq!(status, 200);
+    for open in ["/health", "/"] {
+        let (status, _, _) = send(&s, "GET", open, &[], None);
+        assert_eq!(status, 200, "{open}");
+    }
+}
+
+#[test]
+fn listening_beyond_loopback_without_a_key_warns() {
+    let s = Server::start(tiny_model(), &["-t", "1", "--host", "0.0.0.0"]);
+    assert!(
+        s.startup.contains("warning") && s.startup.contains("--api-key"),
+        "{}",
+        s.startup
+    );
+    // Not on loopback, any Host is taken (the key is what guards it there).
+    let (status, _, _) = send(
+        &s,
+        "GET",
+        "/v1/models",
+        &[("host", "server.lan:8080")],
+        None,
+    );
+    assert_eq!(status, 200);
+    let keyed = Server::start(
+        tiny_model(),
+        &["-t", "1", "--host", "0.0.0.0", "--api-key", "k"],
+    );
+    assert!(!keyed.startup.contains("warning"), "{}", keyed.startup);
+}
+
+#[test]
+fn bad_access_flags_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "# nothing\n").unwrap();
+    let missing = dir.path().join("missing");
+    for (args, needle) in [
+        (
+            vec!["--api-key-file", empty.to_str().unwrap()],
+            "holds no key",
+        ),
+        (
+            vec!["--api-key-file", missing.to_str().unwrap()],
+            "cannot read",
+        ),
+        (vec!["--api-key", "two words"], "no spaces"),
+        (vec!["--cors-origin", "http://a b"], "is not an origin"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_qwen-run"))
+            .args(["serve", "-m", tiny_model().to_str().unwrap()])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
