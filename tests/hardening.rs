@@ -342,3 +342,188 @@ fn bad_access_flags_exit_1() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn caps_on_messages_tools_and_stop_strings() {
+    let s = Server::start(tiny_model(), &["-t", "1"]);
+    let many_messages: Vec<Value> = (0..4097)
+        .map(|_| json!({"role": "user", "content": "hi"}))
+        .collect();
+    let tools: Vec<Value> = (0..513)
+        .map(|i| json!({"type": "function", "function": {"name": format!("f{i}"), "parameters": {"type": "object"}}}))
+        .collect();
+    let stops: Vec<String> = (0..65).map(|i| format!("s{i}")).collect();
+    let long_stop = "x".repeat(17 << 10);
+    let mut cases = vec![
+        (
+            "/v1/chat/completions",
+            json!({"messages": many_messages, "max_tokens": 1}),
+            "at most 4096",
+        ),
+        (
+            "/api/chat",
+            json!({"messages": many_messages, "stream": false}),
+            "at most 4096",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "tools": tools, "max_tokens": 1}),
+            "at most 512",
+        ),
+        (
+            "/api/chat",
+            json!({"messages": [{"role": "user", "content": "hi"}], "tools": tools, "stream": false}),
+            "at most 512",
+        ),
+    ];
+    for stop in [json!(stops), json!([long_stop])] {
+        cases.push((
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "stop": stop, "max_tokens": 1}),
+            "at most 64 strings",
+        ));
+        cases.push((
+            "/v1/completions",
+            json!({"prompt": "hi", "stop": stop, "max_tokens": 1}),
+            "at most 64 strings",
+        ));
+        cases.push((
+            "/api/generate",
+            json!({"prompt": "hi", "options": {"stop": stop}, "stream": false}),
+            "at most 64 strings",
+        ));
+        cases.push((
+            "/completion",
+            json!({"prompt": "hi", "stop": stop, "n_predict": 1}),
+            "at most 64 strings",
+        ));
+    }
+    for (path, body, needle) in cases {
+        let (status, v) = s.post(path, &body);
+        assert_eq!(status, 400, "{path}: {v}");
+        assert!(v.to_string().contains(needle), "{path}: {v}");
+    }
+    // At the caps, requests are taken.
+    let (status, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "stop": stops[..64], "max_tokens": 1}),
+    );
+    assert_eq!(status, 200, "{v}");
+}
+
+#[test]
+fn large_prompts_are_prepared_off_the_async_threads() {
+    let s = std::sync::Arc::new(Server::start(tiny_model(), &["-t", "1", "-c", "256"]));
+    // Prompts of 7 MiB take a while to tokenize (then are refused: they exceed the context).
+    let prompt = "hello world ".repeat((7 << 20) / 12);
+    let body = json!({"prompt": prompt, "max_tokens": 1}).to_string();
+    let big = |s: &Server| {
+        let (status, _, text) = send(s, "POST", "/v1/completions", &[JSON], Some(&body));
+        assert_eq!(status, 400, "{}", &text[..text.len().min(300)]);
+        assert!(text.contains("context"), "{}", &text[..text.len().min(300)]);
+    };
+    let t = std::time::Instant::now();
+    big(&s);
+    let alone = t.elapsed();
+    let senders: Vec<_> = (0..4)
+        .map(|_| {
+            let (s, body) = (s.clone(), body.clone());
+            std::thread::spawn(move || send(&s, "POST", "/v1/completions", &[JSON], Some(&body)).0)
+        })
+        .collect();
+    // While they are tokenized, /health answers in a fraction of the time one of them takes
+    // (with tokenization on the async threads it waited for one to finish).
+    std::thread::sleep(alone / 8);
+    let t = std::time::Instant::now();
+    let (status, _, _) = send(&s, "GET", "/health", &[], None);
+    let health = t.elapsed();
+    assert_eq!(status, 200);
+    for t in senders {
+        assert_eq!(t.join().unwrap(), 400);
+    }
+    assert!(
+        health < alone / 3,
+        "/health took {health:?} while large prompts were prepared; one alone takes {alone:?}"
+    );
+}
+
+#[test]
+fn a_load_runs_to_its_end_when_its_client_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let second = common::write_tiny_model(dir.path(), QuantType::Q4_0);
+    let s = Server::start(
+        tiny_model(),
+        &[
+            "-t",
+            "1",
+            "-m",
+            second.to_str().unwrap(),
+            "--max-loaded",
+            "1",
+        ],
+    );
+    let state = |name: &str| -> String {
+        let (_, body) = s.get("/v1/models");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == name)
+            .map(|m| m["status"]["value"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(state("tiny-Q4_0"), "unloaded");
+    // A client that asks for the unloaded model and hangs up at once.
+    {
+        use std::io::Write;
+        let addr = s.base.strip_prefix("http://").unwrap();
+        let body = json!({"model": "tiny-Q4_0", "prompt": "hi", "max_tokens": 1}).to_string();
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            c,
+            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut loaded = false;
+    for _ in 0..200 {
+        if state("tiny-Q4_0") == "loaded" {
+            loaded = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(loaded, "the load the client started was dropped");
+    assert_eq!(state("tiny-Q8_0"), "unloaded", "--max-loaded 1 holds");
+    // Concurrent requests for a model being loaded wait for one load.
+    let loads_before = metric(&s, "qwen_run_model_loads_total");
+    let s = std::sync::Arc::new(s);
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                s.post(
+                    "/v1/completions",
+                    &json!({"model": "tiny-Q8_0", "prompt": "hi", "max_tokens": 1}),
+                )
+                .0
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap(), 200);
+    }
+    assert_eq!(metric(&s, "qwen_run_model_loads_total"), loads_before + 1.0);
+}
+
+fn metric(s: &Server, name: &str) -> f64 {
+    let (_, text) = s.get("/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .parse()
+        .unwrap()
+}

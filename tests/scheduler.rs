@@ -147,3 +147,109 @@ fn stop_strings_end_the_text_before_them() {
     assert_eq!(got, want);
     assert_eq!(g.finish, qwen_run::scheduler::FinishReason::Stop);
 }
+
+/// A request's end: its tokens, or its error.
+type Ending = (Option<Vec<u32>>, Option<String>);
+
+/// A request's events, kept for the test to read.
+#[derive(Clone, Default)]
+struct Recorded(Arc<std::sync::Mutex<Ending>>);
+
+impl qwen_run::scheduler::Output for Recorded {
+    fn send(&mut self, event: qwen_run::scheduler::Event<'_>) -> bool {
+        use qwen_run::scheduler::Event;
+        let mut r = self.0.lock().unwrap();
+        match event {
+            Event::Done(g) => r.0 = Some(g.tokens),
+            Event::Error(e) => r.1 = Some(e),
+            _ => {}
+        }
+        true
+    }
+}
+
+/// A fault in one request's own part of a step: its guide panics after `after` tokens.
+struct PanicsAfter(usize);
+
+impl Guide for PanicsAfter {
+    fn mask(&mut self, generated: &[u32], _logits: &mut [f32]) {
+        if generated.len() == self.0 {
+            panic!("injected fault in the guide");
+        }
+    }
+}
+
+/// A fault in the shared forward pass: after `after` tokens it drafts a token the model does not
+/// have, so the batched pass that holds it fails.
+struct BadDraft(usize);
+
+impl Guide for BadDraft {
+    fn draft(&mut self, _history: &[u32], generated: usize, drafts: &mut Vec<u32>) {
+        if generated == self.0 {
+            drafts.push(1_000_000);
+        }
+    }
+}
+
+#[test]
+fn a_fault_in_one_request_of_a_batch_ends_only_that_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = load(&write_tiny_model(dir.path(), QuantType::Q8_0));
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|p| (0..10).map(|i| (i * 31 + p * 7 + 3) % 250).collect())
+        .collect();
+    let n = 16;
+    let solo: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| generate(&engine, p, n, None))
+        .collect();
+    let guides: Vec<Option<Box<dyn Guide>>> = vec![
+        None,
+        Some(Box::new(PanicsAfter(3))),
+        Some(Box::new(BadDraft(2))),
+        None,
+    ];
+    let mut scheduler = qwen_run::scheduler::Scheduler::new(&engine, 4);
+    let mut records = Vec::new();
+    for (prompt, guide) in prompts.iter().zip(guides) {
+        let sampler = Sampler::new(SamplingParams::greedy()).unwrap();
+        let mut req = Request::new(prompt.clone(), n, Held::Owned(sampler));
+        req.guide = guide;
+        let rec = Recorded::default();
+        records.push(rec.clone());
+        scheduler.admit(req, Box::new(rec));
+    }
+    scheduler.run_to_completion();
+    let got: Vec<_> = records
+        .iter()
+        .map(|r| r.0.lock().unwrap().clone())
+        .collect();
+    for i in [0, 3] {
+        assert_eq!(got[i].1, None, "request {i} failed");
+        assert_eq!(got[i].0.as_ref(), Some(&solo[i]), "request {i}");
+    }
+    let e = got[1]
+        .1
+        .as_deref()
+        .expect("the panicking request got an error");
+    assert!(
+        e.contains("internal error") && e.contains("injected fault"),
+        "{e}"
+    );
+    assert!(got[1].0.is_none());
+    let e = got[2]
+        .1
+        .as_deref()
+        .expect("the request that broke the pass got an error");
+    assert!(e.contains("outside the vocabulary"), "{e}");
+    assert!(got[2].0.is_none());
+    // The slots are usable again: a new request in the same scheduler matches solo.
+    let sampler = Sampler::new(SamplingParams::greedy()).unwrap();
+    let rec = Recorded::default();
+    scheduler.admit(
+        Request::new(prompts[2].clone(), n, Held::Owned(sampler)),
+        Box::new(rec.clone()),
+    );
+    scheduler.run_to_completion();
+    assert_eq!(rec.0.lock().unwrap().0.as_ref(), Some(&solo[2]));
+}

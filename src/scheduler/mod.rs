@@ -144,7 +144,7 @@ impl<'a> Scheduler<'a> {
             return;
         };
         let started = Instant::now();
-        let mut setup = || -> anyhow::Result<Found> {
+        let setup = || -> anyhow::Result<Found> {
             engine.check_prompt(prompt)?;
             if let SlotSession::Unmade = slot.session {
                 slot.session = SlotSession::Ready(Held::Owned(engine.new_session()?));
@@ -154,10 +154,17 @@ impl<'a> Scheduler<'a> {
             };
             engine.prompt_cache().lookup(session, prompt)
         };
-        let found = match setup() {
-            Ok(f) => f,
-            Err(e) => {
+        let found = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(setup)) {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
                 out.send(Event::Error(format!("{e:#}")));
+                return;
+            }
+            Err(p) => {
+                out.send(Event::Error(format!(
+                    "internal error while starting the request: {}",
+                    panic_message(&p)
+                )));
                 return;
             }
         };
@@ -227,8 +234,41 @@ impl<'a> Scheduler<'a> {
                 a.in_step = Some((a.run.len(), a.run.len()));
             }
         }
+        let in_step: SmallVec<[usize; 8]> = (0..self.slots.len())
+            .filter(|&i| {
+                self.slots[i]
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| a.in_step.is_some())
+            })
+            .collect();
+        if in_step.is_empty() {
+            return;
+        }
+        match self.run_batch(&in_step) {
+            Ok(()) => self.take_tokens(&in_step),
+            Err(message) if in_step.len() == 1 => self.fail(in_step[0], message),
+            Err(_) => {
+                // Which request broke the step is not known: each runs alone, so the others go
+                // on and only the one that fails by itself gets the error.
+                for &i in &in_step {
+                    match self.run_batch(&[i]) {
+                        Ok(()) => self.take_tokens(&[i]),
+                        Err(message) => self.fail(i, message),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One forward pass over the given slots' step tokens, their logits into `self.logits`.
+    fn run_batch(&mut self, which: &[usize]) -> Result<(), String> {
+        let engine = self.engine;
         let mut batch: SmallVec<[Step; 8]> = SmallVec::new();
-        for slot in self.slots.iter_mut() {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if !which.contains(&i) {
+                continue;
+            }
             let (Some(a), SlotSession::Ready(session)) = (slot.active.as_ref(), &mut slot.session)
             else {
                 continue;
@@ -236,6 +276,9 @@ impl<'a> Scheduler<'a> {
             let Some((n, rows)) = a.in_step else {
                 continue;
             };
+            // Whatever a failed pass wrote past the session's tokens is overwritten by the next.
+            let held = session.tokens().len();
+            session.truncate(held);
             let tokens = if a.prefilling() {
                 &a.req.prompt[a.fed..a.fed + n]
             } else {
@@ -247,82 +290,54 @@ impl<'a> Scheduler<'a> {
                 logits: if rows == 1 { Logits::Last } else { Logits::All },
             });
         }
-        if batch.is_empty() {
-            return;
-        }
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             engine.step(&mut batch, &mut self.logits)
         }));
-        drop(batch);
-        if let Err(message) = match result {
+        match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("{e:#}")),
-            Err(_) => Err("internal error during generation".to_string()),
-        } {
-            for slot in self.slots.iter_mut() {
-                if slot.active.as_ref().is_some_and(|a| a.in_step.is_some()) {
-                    // The caches may be half-written: the next request starts from scratch.
-                    if let SlotSession::Ready(s) = &mut slot.session {
-                        s.truncate(0);
-                    }
-                    let mut a = slot.active.take().expect("in the step");
-                    a.out.send(Event::Error(message.clone()));
-                }
-            }
-            return;
+            Err(p) => Err(format!(
+                "internal error during generation: {}",
+                panic_message(&p)
+            )),
         }
+    }
+
+    /// Ends slot `i`'s request with an error.
+    fn fail(&mut self, i: usize, message: String) {
+        let slot = &mut self.slots[i];
+        // Its caches may be half-written: the next request in this slot starts from scratch.
+        if let SlotSession::Ready(s) = &mut slot.session {
+            s.truncate(0);
+        }
+        if let Some(mut a) = slot.active.take() {
+            a.out.send(Event::Error(message));
+        }
+    }
+
+    /// After a pass over `which`: moves each request's prompt on, or samples its next tokens
+    /// from its logits rows (in the pass's order). A request whose own part fails (sampling, its
+    /// guide, its output) ends with an error; the others are not touched.
+    fn take_tokens(&mut self, which: &[usize]) {
+        let engine = self.engine;
         let vocab = engine.config().vocab_size;
         let mut row = 0;
-        for slot in self.slots.iter_mut() {
+        for &i in which {
+            let slot = &mut self.slots[i];
             let Some((n, rows)) = slot.active.as_ref().and_then(|a| a.in_step) else {
                 continue;
             };
             let logits = &mut self.logits[row * vocab..(row + rows) * vocab];
             row += rows;
-            let a = slot.active.as_mut().expect("in the step");
-            if a.prefilling() {
-                a.fed += n;
-                if a.prefilling() {
-                    continue;
-                }
-            }
-            let SlotSession::Ready(session) = &mut slot.session else {
-                continue;
-            };
-            if a.prefill_time.is_none() {
-                a.prefill_time = Some(a.started.elapsed());
-                engine
-                    .prompt_cache()
-                    .store(session, &a.req.prompt, &a.found);
-            }
-            a.decode_start.get_or_insert_with(Instant::now);
-            // Row i holds the logits after run[i]: sample from each in turn while the sampled
-            // token is the draft that follows, keep the first that differs.
-            let drafts = rows - 1;
-            let mut accepted = 0;
-            let mut next = None;
-            for (i, row) in logits.chunks_exact_mut(vocab).enumerate() {
-                next = a.decoder.step(
-                    &engine.tokenizer,
-                    &mut a.req.sampler,
-                    a.req.guide.as_deref_mut(),
-                    row,
-                    &mut *a.out,
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                take_slot_tokens(engine, slot, n, rows, logits)
+            }));
+            if let Err(p) = result {
+                let message = format!(
+                    "internal error while choosing the next token: {}",
+                    panic_message(&p)
                 );
-                a.ttft.get_or_insert_with(|| a.started.elapsed());
-                match next {
-                    Some(t) if i < drafts && t == a.run[i + 1] => accepted += 1,
-                    _ => break,
-                }
-            }
-            if accepted < drafts {
-                let keep = session.tokens().len() - (drafts - accepted);
-                session.truncate(keep);
-            }
-            a.run.clear();
-            a.run.extend(next);
-            if next.is_none() {
-                finish(engine, slot);
+                self.fail(i, message);
             }
         }
     }
@@ -333,6 +348,66 @@ impl<'a> Scheduler<'a> {
             self.step();
         }
     }
+}
+
+/// Moves one slot on after a pass (see [`Scheduler::take_tokens`]).
+fn take_slot_tokens(engine: &Engine, slot: &mut Slot, n: usize, rows: usize, logits: &mut [f32]) {
+    let vocab = engine.config().vocab_size;
+    let Some(a) = slot.active.as_mut() else {
+        return;
+    };
+    if a.prefilling() {
+        a.fed += n;
+        if a.prefilling() {
+            return;
+        }
+    }
+    let SlotSession::Ready(session) = &mut slot.session else {
+        return;
+    };
+    if a.prefill_time.is_none() {
+        a.prefill_time = Some(a.started.elapsed());
+        engine
+            .prompt_cache()
+            .store(session, &a.req.prompt, &a.found);
+    }
+    a.decode_start.get_or_insert_with(Instant::now);
+    // Row i holds the logits after run[i]: sample from each in turn while the sampled
+    // token is the draft that follows, keep the first that differs.
+    let drafts = rows - 1;
+    let mut accepted = 0;
+    let mut next = None;
+    for (i, row) in logits.chunks_exact_mut(vocab).enumerate() {
+        next = a.decoder.step(
+            &engine.tokenizer,
+            &mut a.req.sampler,
+            a.req.guide.as_deref_mut(),
+            row,
+            &mut *a.out,
+        );
+        a.ttft.get_or_insert_with(|| a.started.elapsed());
+        match next {
+            Some(t) if i < drafts && t == a.run[i + 1] => accepted += 1,
+            _ => break,
+        }
+    }
+    if accepted < drafts {
+        let keep = session.tokens().len() - (drafts - accepted);
+        session.truncate(keep);
+    }
+    a.run.clear();
+    a.run.extend(next);
+    if next.is_none() {
+        finish(engine, slot);
+    }
+}
+
+/// What a caught panic said.
+pub fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Ends the slot's request: the prompt cache, its summary.

@@ -32,12 +32,13 @@ pub fn too_large() -> ApiError {
     )
 }
 
-/// "loaded" or "unloaded", as the model lists show it.
+/// "loaded", "unloaded", or "failed" (its generation thread stopped; the next request reloads
+/// it), as the model lists show it.
 pub fn model_state(s: &ModelStatus) -> &'static str {
-    if s.loaded.is_some() {
-        "loaded"
-    } else {
-        "unloaded"
+    match &s.loaded {
+        Some(m) if m.failure().is_some() => "failed",
+        Some(_) => "loaded",
+        None => "unloaded",
     }
 }
 
@@ -224,6 +225,10 @@ pub fn compile_format(
     let Some(format) = format else {
         return Ok(None);
     };
+    off_runtime(|| compile(model, format))
+}
+
+fn compile(model: &LoadedModel, format: Format) -> Result<Option<(Format, Constraint)>, ApiError> {
     let grammars = model
         .engine
         .grammars()
@@ -250,12 +255,90 @@ pub fn chat_prompt(
     if messages.is_empty() {
         return Err(ApiError::bad_request("'messages' is empty"));
     }
-    let text = state
-        .engine
-        .template
-        .render(messages, tools, true)
-        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
-    state.tokenize(&text)
+    if messages.len() > MAX_MESSAGES {
+        return Err(ApiError::bad_request(format!(
+            "'messages' has {} entries; at most {MAX_MESSAGES} are taken",
+            messages.len()
+        )));
+    }
+    let n_tools = tools.and_then(Value::as_array).map_or(0, Vec::len);
+    if n_tools > MAX_TOOLS {
+        return Err(ApiError::bad_request(format!(
+            "'tools' has {n_tools} entries; at most {MAX_TOOLS} are taken"
+        )));
+    }
+    off_runtime(|| {
+        let text = state
+            .engine
+            .template
+            .render(messages, tools, true)
+            .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+        state.tokenize(&text)
+    })
+}
+
+/// Caps on what one request may hold (besides the body's size and the context).
+pub const MAX_MESSAGES: usize = 4096;
+pub const MAX_TOOLS: usize = 512;
+pub const MAX_STOPS: usize = 64;
+pub const MAX_STOP_BYTES: usize = 16 << 10;
+
+/// Checks a request's stop strings against [`MAX_STOPS`] and [`MAX_STOP_BYTES`] (each is matched
+/// against the text after every token).
+pub fn check_stops(stop: &[String]) -> Result<(), ApiError> {
+    let bytes: usize = stop.iter().map(String::len).sum();
+    if stop.len() > MAX_STOPS || bytes > MAX_STOP_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "'stop' has {} strings of {bytes} bytes in all; at most {MAX_STOPS} strings of {MAX_STOP_BYTES} bytes are taken",
+            stop.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs CPU-heavy request preparation (template rendering, tokenization, grammar compilation)
+/// where it does not hold up the async runtime (so /health and streams stay responsive under an
+/// 8 MiB prompt or a slow template), and at most one per core at a time, so that many large
+/// requests at once cannot starve generation. Calls nested inside one another run directly.
+pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    thread_local! {
+        static INSIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if INSIDE.with(|c| c.get()) {
+        return f();
+    }
+    static RUNNING: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+    static FREED: std::sync::Condvar = std::sync::Condvar::new();
+    fn running() -> std::sync::MutexGuard<'static, usize> {
+        RUNNING.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    struct Release;
+    impl Drop for Release {
+        fn drop(&mut self) {
+            *running() -= 1;
+            FREED.notify_one();
+            INSIDE.with(|c| c.set(false));
+        }
+    }
+    let limit = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let run = || {
+        let mut n = running();
+        while *n >= limit {
+            n = FREED.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        drop(n);
+        let _release = Release;
+        INSIDE.with(|c| c.set(true));
+        f()
+    };
+    let on_worker = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if on_worker {
+        tokio::task::block_in_place(run)
+    } else {
+        run()
+    }
 }
 
 /// Normalizes tool calls sent back in an assistant message to what Qwen's template renders:

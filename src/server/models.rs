@@ -148,7 +148,14 @@ pub struct LoadedModel {
     pub name: String,
     pub engine: Arc<Engine>,
     metrics: Arc<Metrics>,
-    queue: Sender<Job>,
+    /// None only while it is being dropped.
+    queue: Option<Sender<Job>>,
+    /// Why its generation thread stopped, if it did: the model is then reloaded on its next
+    /// request.
+    failed: Arc<Mutex<Option<String>>>,
+    /// The generation and grammar threads, joined on drop, so that an unloaded model's memory is
+    /// free before another load starts.
+    threads: Vec<std::thread::JoinHandle<()>>,
     /// Requests generating or queued, and how many may be (--parallel + --queue-size).
     places: Arc<AtomicUsize>,
     capacity: usize,
@@ -161,9 +168,16 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    fn start(engine: Engine, name: String, opts: &ServeOptions, shared: &Shared) -> LoadedModel {
+    fn start(
+        engine: Engine,
+        name: String,
+        opts: &ServeOptions,
+        shared: &Shared,
+    ) -> Result<LoadedModel> {
         let engine = Arc::new(engine);
         let (queue, jobs) = channel();
+        let failed = Arc::new(Mutex::new(None));
+        let mut threads = Vec::new();
         {
             let engine = engine.clone();
             let metrics = shared.metrics.clone();
@@ -175,19 +189,37 @@ impl LoadedModel {
             // The constrained decoder's view of the vocabulary takes a fraction of a second to
             // build: built now, in the background, a structured-output request does not wait.
             let vocab = engine.clone();
-            let _ = std::thread::Builder::new()
-                .name("qwen-run-grammar".into())
-                .spawn(move || vocab.grammars().map(|_| ()));
-            std::thread::Builder::new()
+            threads.extend(
+                std::thread::Builder::new()
+                    .name("qwen-run-grammar".into())
+                    .spawn(move || {
+                        let _ = vocab.grammars();
+                    })
+                    .ok(),
+            );
+            let (failed, name) = (failed.clone(), name.clone());
+            let worker = std::thread::Builder::new()
                 .name("qwen-run-generate".into())
-                .spawn(move || worker::run(engine, metrics, jobs, parallel, chunks))
-                .expect("cannot start the generation thread");
+                .spawn(move || {
+                    let run = std::panic::AssertUnwindSafe(|| {
+                        worker::run(engine, metrics, jobs, parallel, chunks)
+                    });
+                    if let Err(p) = std::panic::catch_unwind(run) {
+                        let why = crate::scheduler::panic_message(&p);
+                        eprintln!("[qwen-run] the generation thread of '{name}' failed ({why}); the model is reloaded on its next request");
+                        *lock(&failed) = Some(why);
+                    }
+                })
+                .context("cannot start the generation thread")?;
+            threads.push(worker);
         }
-        LoadedModel {
+        Ok(LoadedModel {
             name,
             engine,
             metrics: shared.metrics.clone(),
-            queue,
+            queue: Some(queue),
+            failed,
+            threads,
             places: Arc::new(AtomicUsize::new(0)),
             capacity: opts.parallel + opts.queue_size,
             cache: shared.cache.clone(),
@@ -195,7 +227,12 @@ impl LoadedModel {
             queue_timeout: opts.queue_timeout,
             last_used: Mutex::new(Instant::now()),
             keep_alive: Mutex::new(opts.keep_alive),
-        }
+        })
+    }
+
+    /// Why its generation thread stopped, if it did.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.failed).clone()
     }
 
     /// When it will be unloaded if no request comes; None: never.
@@ -206,13 +243,13 @@ impl LoadedModel {
 
     /// Tokenizes a rendered prompt and checks it against the context.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, ApiError> {
-        self.fits(self.engine.tokenizer.encode(text))
+        super::api::off_runtime(|| self.fits(self.engine.tokenizer.encode(text)))
     }
 
     /// The fill-in-the-middle prompt for the text between `prefix` and `suffix`, checked
     /// against the context.
     pub fn fill_in_middle(&self, prefix: &str, suffix: &str) -> Result<Vec<u32>, ApiError> {
-        self.fits(self.engine.tokenizer.fill_in_middle(prefix, suffix))
+        super::api::off_runtime(|| self.fits(self.engine.tokenizer.fill_in_middle(prefix, suffix)))
     }
 
     /// A prompt given as token ids, checked against the vocabulary and the context.
@@ -256,6 +293,17 @@ impl LoadedModel {
     }
 }
 
+impl Drop for LoadedModel {
+    fn drop(&mut self) {
+        // Closing the queue ends the generation thread once its running requests are done (an
+        // idle model has none).
+        self.queue = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A request's hold on a loaded model; `route` says why `model: "auto"` chose it.
 pub struct ModelLease {
     model: Arc<LoadedModel>,
@@ -287,6 +335,7 @@ impl ModelLease {
     /// Queues a generation and waits until a slot takes it. The answer comes from the response
     /// cache when it has one; a full queue gets 429, a wait past --queue-timeout 503.
     pub async fn submit(self, req: GenRequest) -> Result<Output, ApiError> {
+        super::api::check_stops(&req.stop)?;
         let cache_on = self.cache.is_some().then_some(false);
         let cache = self
             .cache
@@ -319,7 +368,7 @@ impl ModelLease {
             enqueued: Instant::now(),
             place,
         };
-        if self.queue.send(job).is_err() {
+        if self.queue.as_ref().is_none_or(|q| q.send(job).is_err()) {
             self.metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -511,12 +560,7 @@ impl ModelPool {
             .metrics
             .model_loads
             .fetch_add(1, Ordering::Relaxed);
-        Ok(LoadedModel::start(
-            engine,
-            spec.name.clone(),
-            &self.opts,
-            &self.shared,
-        ))
+        LoadedModel::start(engine, spec.name.clone(), &self.opts, &self.shared)
     }
 
     /// The model for a request, loaded if need be; `keep_alive` (the request's) replaces the
@@ -534,8 +578,8 @@ impl ModelPool {
             (self.index(asked)?, None)
         };
         let model = match self.loaded(i) {
-            Some(m) => m,
-            None => self.load_on_demand(i).await?,
+            Some(m) if m.failure().is_none() => m,
+            _ => self.load_on_demand(i).await?,
         };
         if let Some(k) = keep_alive {
             *lock(&model.keep_alive) = k;
@@ -547,10 +591,31 @@ impl ModelPool {
         lock(&self.entries[i].loaded).clone()
     }
 
+    /// Loads model `i` in a task of its own, which runs to its end even when the request that
+    /// started it goes away; requests that come meanwhile wait for it instead of loading again.
     async fn load_on_demand(self: &Arc<Self>, i: usize) -> Result<Arc<LoadedModel>, ApiError> {
+        let pool = self.clone();
+        tokio::spawn(async move { pool.load_one_at_a_time(i).await })
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("the model load failed: {e}"),
+                )
+            })?
+    }
+
+    async fn load_one_at_a_time(self: &Arc<Self>, i: usize) -> Result<Arc<LoadedModel>, ApiError> {
         let _one_at_a_time = self.loading.lock().await;
-        if let Some(m) = self.loaded(i) {
-            return Ok(m); // Another request loaded it meanwhile.
+        match self.loaded(i) {
+            Some(m) if m.failure().is_none() => return Ok(m), // Loaded meanwhile.
+            Some(_) => {
+                let failed = lock(&self.entries[i].loaded).take();
+                let name = &self.entries[i].spec.name;
+                eprintln!("[qwen-run] reloading '{name}' after its generation thread failed");
+                drop_off_runtime(failed);
+            }
+            None => {}
         }
         self.make_room().await?;
         let pool = self.clone();
@@ -606,7 +671,9 @@ impl ModelPool {
         let mut slot = lock(&self.entries[i].loaded);
         let idle = slot.as_ref().is_some_and(|m| Arc::strong_count(m) == 1);
         if idle {
-            *slot = None;
+            let unloaded = slot.take();
+            drop(slot);
+            drop_off_runtime(unloaded);
             self.shared
                 .metrics
                 .model_unloads
@@ -641,6 +708,15 @@ impl ModelPool {
                 self.unload_if_idle(i, "keep-alive expired");
             }
         }
+    }
+}
+
+/// Drops a model where waiting for its threads does not hold up the async runtime's other tasks.
+fn drop_off_runtime(model: Option<Arc<LoadedModel>>) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::task::block_in_place(move || drop(model));
+    } else {
+        drop(model);
     }
 }
 
