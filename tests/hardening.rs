@@ -527,3 +527,230 @@ fn metric(s: &Server, name: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+#[test]
+fn flags_out_of_range_exit_1_with_the_reason() {
+    let model = tiny_model().to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec![
+                "serve",
+                "-m",
+                model,
+                "--parallel",
+                "100000000000",
+                "-c",
+                "256",
+            ],
+            "the KV caches need",
+        ),
+        (
+            vec!["run", "-m", model, "-p", "hi", "-t", "100000"],
+            "--threads 100000",
+        ),
+        (
+            vec![
+                "run",
+                "-m",
+                model,
+                "-p",
+                "hi",
+                "--cache-ram",
+                "999999999999999",
+            ],
+            "--cache-ram 999999999999999 MiB",
+        ),
+        (
+            vec![
+                "run",
+                "-m",
+                model,
+                "-p",
+                "hi",
+                "--prompt-cache-max",
+                "99999999999999999",
+            ],
+            "--prompt-cache-max",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_qwen-run"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+/// A small seeded generator, so a failing case can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A random JSON value of the shapes requests hold: numbers at the edges of their types,
+/// strings, and nesting.
+fn random_value(r: &mut Rng, depth: usize) -> Value {
+    let numbers = [
+        json!(0),
+        json!(-1),
+        json!(1),
+        json!(i64::MAX),
+        json!(i64::MIN),
+        json!(u64::MAX),
+        json!(1e300),
+        json!(-1e300),
+        json!(0.5),
+        json!(4294967296u64),
+    ];
+    match r.below(if depth > 2 { 5 } else { 7 }) {
+        0 => numbers[r.below(numbers.len())].clone(),
+        1 => Value::Null,
+        2 => json!(r.below(2) == 0),
+        3 => json!(["", "hi", "-1", "5m", "1e20", "\u{0}", "<|im_end|>", "user"][r.below(8)]),
+        4 => json!("x".repeat(r.below(3000))),
+        5 => Value::Array(
+            (0..r.below(4))
+                .map(|_| random_value(r, depth + 1))
+                .collect(),
+        ),
+        _ => {
+            let keys = [
+                "role",
+                "content",
+                "name",
+                "type",
+                "function",
+                "parameters",
+                "arguments",
+                "tool_calls",
+                "stop",
+                "prompt",
+                "messages",
+                "json_schema",
+                "schema",
+            ];
+            Value::Object(
+                (0..r.below(4))
+                    .map(|_| {
+                        (
+                            keys[r.below(keys.len())].to_string(),
+                            random_value(r, depth + 1),
+                        )
+                    })
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// Random request bodies into every endpoint: each answer is a 2xx or a 4xx with an error
+/// message (a 5xx or a dropped connection is a finding), and the server still answers after.
+/// QWEN_RUN_FUZZ_CASES=N runs more (default 300).
+#[test]
+fn random_requests_get_answers_not_crashes() {
+    let cases: usize = std::env::var("QWEN_RUN_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let s = Server::start(tiny_model(), &["-t", "1", "-c", "256", "--max-tokens", "4"]);
+    let endpoints = [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/api/chat",
+        "/api/generate",
+        "/api/show",
+        "/completion",
+        "/infill",
+    ];
+    let fields = [
+        "model",
+        "messages",
+        "prompt",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stream",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "presence_penalty",
+        "frequency_penalty",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "keep_alive",
+        "options",
+        "format",
+        "suffix",
+        "n_predict",
+        "n_probs",
+        "grammar",
+        "json_schema",
+        "input_prefix",
+        "input_suffix",
+        "stream_options",
+        "raw",
+        "template",
+        "system",
+        "think",
+        "images",
+    ];
+    let mut r = Rng(0x9E37_79B9_7F4A_7C15);
+    for case in 0..cases {
+        let path = endpoints[r.below(endpoints.len())];
+        let mut body = serde_json::Map::new();
+        // Mostly valid skeletons, so the fuzz reaches past the first check.
+        if path.contains("chat") {
+            body.insert(
+                "messages".into(),
+                json!([{"role": "user", "content": "hi"}]),
+            );
+        } else {
+            body.insert("prompt".into(), json!("hi"));
+        }
+        body.insert("stream".into(), json!(false));
+        for _ in 0..r.below(4) {
+            let f = fields[r.below(fields.len())];
+            body.insert(f.into(), random_value(&mut r, 0));
+        }
+        let text = Value::Object(body).to_string();
+        let resp = s
+            .http
+            .post(s.url(path))
+            .header("content-type", "application/json")
+            .body(text.clone())
+            .send()
+            .unwrap_or_else(|e| panic!("case {case}: {path} {text}: no answer: {e}"));
+        let status = resp.status().as_u16();
+        let answer = resp.text().unwrap_or_default();
+        assert!(
+            status < 500,
+            "case {case}: {path} {text}: {status} {answer}"
+        );
+        if status >= 400 {
+            assert!(
+                answer.contains("error"),
+                "case {case}: {path} {text}: {answer}"
+            );
+        }
+    }
+    let (status, _) = s.get("/health");
+    assert_eq!(status, 200);
+}

@@ -78,8 +78,15 @@ impl Engine {
     /// opens every model at startup to check it) instead of parsing it again.
     pub fn load_with(opts: &LoadOptions, opened: Option<Arc<GgufFile>>) -> Result<Engine> {
         let t0 = Instant::now();
+        let cpus = num_cpus::get().max(1);
         let threads = match opts.threads {
             0 => num_cpus::get_physical().max(1),
+            // The pool's threads spin through a forward pass: far more of them than the CPU
+            // runs at once do not just slow it down, they stall it.
+            n if n > 2 * cpus => bail!(
+                "--threads {n} is more than twice the {cpus} CPUs this machine has; use at most {} (leave it out for one per physical core)",
+                2 * cpus
+            ),
             n => n,
         };
         // Candle's own CPU ops size their parallelism from these variables. Its f32 matmul (the
@@ -144,10 +151,12 @@ impl Engine {
         if opts.prefix_block == 0 {
             bail!("the prefix-cache block size must be at least 1 token");
         }
+        let cache_ram = mib_to_bytes(opts.cache_ram_mib as u64, "--cache-ram")?;
+        let prompt_cache_max = mib_to_bytes(opts.prompt_cache_max_mib, "--prompt-cache-max")?;
         let disk = match &opts.prompt_cache {
             Some(dir) if opts.prompt_cache_max_mib > 0 => Some(DiskCache::new(
                 dir.clone(),
-                opts.prompt_cache_max_mib << 20,
+                prompt_cache_max,
                 Shape {
                     model: model_identity(gguf.paths())?,
                     type_k: cache_type_k,
@@ -162,12 +171,12 @@ impl Engine {
         };
         let prompt_cache = PromptCache::new(
             opts.prefix_block,
-            opts.cache_ram_mib << 20,
+            cache_ram as usize,
             disk,
             cache_type_k,
             cache_type_v,
         );
-        Ok(Engine {
+        let engine = Engine {
             gguf,
             runner: ModelRunner::new(weights, cache_type_k, cache_type_v),
             tokenizer,
@@ -180,6 +189,53 @@ impl Engine {
             passes: Mutex::new(()),
             prompt_cache,
             grammars: Default::default(),
-        })
+        };
+        engine.check_kv_fits(1)?;
+        Ok(engine)
+    }
+}
+
+/// A size flag in MiB as bytes; one past what 64 bits (or this machine's address space) hold is
+/// refused rather than wrapped around into some other size.
+fn mib_to_bytes(mib: u64, flag: &str) -> Result<u64> {
+    mib.checked_mul(1 << 20)
+        .filter(|&b| usize::try_from(b).is_ok())
+        .with_context(|| format!("{flag} {mib} MiB is more bytes than this machine can address"))
+}
+
+/// Bytes of memory the system can still hand out without swapping (Linux's MemAvailable);
+/// None where that is not known.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+impl Engine {
+    /// Checks that `sessions` full KV caches of this engine (a server's --parallel slots, each
+    /// of --ctx-size tokens) fit in the memory still available, before any is made: the caches
+    /// are made as slots are first used, and a machine that runs out then swaps or kills the
+    /// process in the middle of serving.
+    pub fn check_kv_fits(&self, sessions: usize) -> Result<()> {
+        let Some(available) = available_memory() else {
+            return Ok(());
+        };
+        if self.placement().gpu().is_some() {
+            return Ok(()); // GPU memory is checked by the device when the caches are made.
+        }
+        let per_session = (self.ctx_size as u64).saturating_mul(self.kv_bytes_per_token() as u64);
+        let need = per_session.saturating_mul(sessions as u64);
+        if need > available {
+            let mib = |b: u64| b >> 20;
+            bail!(
+                "the KV caches need {} MiB ({sessions} slot(s) x {} tokens of context x {} bytes per token), but only {} MiB of memory is available; lower --parallel or --ctx-size, or use a smaller KV type (--cache-type f16 or q8_0)",
+                mib(need),
+                self.ctx_size,
+                self.kv_bytes_per_token(),
+                mib(available)
+            );
+        }
+        Ok(())
     }
 }

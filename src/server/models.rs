@@ -544,6 +544,7 @@ impl ModelPool {
     fn load(&self, i: usize) -> Result<LoadedModel> {
         let spec = &self.entries[i].spec;
         let engine = Engine::load_with(&spec.opts, Some(spec.gguf.clone()))?;
+        engine.check_kv_fits(self.opts.parallel)?;
         eprintln!(
             "[qwen-run] loaded '{}' ({}) in {:.2} s | {} | {} threads | ctx {}",
             spec.name,
