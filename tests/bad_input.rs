@@ -351,3 +351,177 @@ fn json_schema_flag() {
         &["response format cannot be used"],
     );
 }
+
+/// The file of the tiny model with `edit` applied to its bytes.
+fn edited_tiny_model(
+    dir: &Path,
+    name: &str,
+    edit: impl FnOnce(&mut Vec<u8>),
+) -> std::path::PathBuf {
+    let mut bytes = std::fs::read(common::write_tiny_model(dir, QuantType::Q8_0)).unwrap();
+    edit(&mut bytes);
+    let p = dir.join(name);
+    std::fs::write(&p, &bytes).unwrap();
+    p
+}
+
+/// Where the data offset of tensor `name` (of two dimensions) is in the header.
+fn offset_field(bytes: &[u8], name: &str) -> usize {
+    let name = name.as_bytes();
+    bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4 + 16 + 4
+}
+
+#[test]
+fn tensor_offset_that_overflows_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = edited_tiny_model(dir.path(), "overflow.gguf", |b| {
+        let at = offset_field(b, "blk.0.attn_q.weight");
+        b[at..at + 8].copy_from_slice(&(u64::MAX - 31).to_le_bytes());
+    });
+    run_model(
+        &p,
+        &[
+            "corrupt",
+            "blk.0.attn_q.weight",
+            "overflows or lies past the end",
+        ],
+    );
+    let p = edited_tiny_model(dir.path(), "past-end.gguf", |b| {
+        let at = offset_field(b, "blk.0.attn_q.weight");
+        b[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    });
+    run_model(
+        &p,
+        &["blk.0.attn_q.weight", "overflows or lies past the end"],
+    );
+}
+
+#[test]
+fn metadata_arrays_that_would_cost_gigabytes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = common::tiny_model_writer(QuantType::Q8_0);
+    // 5 MiB in the file, 160 MiB as values; the bound is on the count, so this stands for the
+    // 1 GiB array that would cost 32 GiB.
+    w.meta("general.blob", Value::Array(vec![Value::U8(7); 5 << 20]));
+    let p = dir.path().join("blob.gguf");
+    w.write(&p).unwrap();
+    run_model(
+        &p,
+        &["general.blob", "elements", "corrupt or not a model file"],
+    );
+}
+
+#[test]
+fn duplicate_metadata_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = common::tiny_model_writer(QuantType::Q8_0);
+    w.meta("qwen2.block_coun7", Value::U32(1));
+    let p = dir.path().join("dup.gguf");
+    w.write(&p).unwrap();
+    let mut bytes = std::fs::read(&p).unwrap();
+    let at = bytes
+        .windows(17)
+        .position(|w| w == b"qwen2.block_coun7")
+        .unwrap();
+    bytes[at + 16] = b't';
+    std::fs::write(&p, &bytes).unwrap();
+    run_model(&p, &["corrupt", "'qwen2.block_count' twice"]);
+}
+
+#[test]
+fn duplicate_tensor_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = edited_tiny_model(dir.path(), "dup-tensor.gguf", |b| {
+        let name = b"blk.1.attn_q.weight";
+        let at = b.windows(name.len()).position(|w| w == name).unwrap();
+        b[at + 4] = b'0';
+    });
+    run_model(&p, &["'blk.0.attn_q.weight' twice", "malformed"]);
+}
+
+#[test]
+fn split_parts_must_belong_to_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = common::tiny_model_writer(QuantType::Q8_0);
+    let paths = w.write_split(dir.path(), "m", 3).unwrap();
+    let first = paths[0].to_str().unwrap();
+    let run = |needles: &[&str]| {
+        expect_error(&["-m", first, "-p", "hi", "-n", "1"], needles);
+    };
+    // Part 3 in part 2's place.
+    let part2 = std::fs::read(&paths[1]).unwrap();
+    std::fs::copy(&paths[2], &paths[1]).unwrap();
+    run(&["m-00002-of-00003.gguf", "split.no is 2 (expected 1)"]);
+    // Part 2 of a model split in two.
+    let other = tempfile::tempdir().unwrap();
+    let two = w.write_split(other.path(), "m", 2).unwrap();
+    std::fs::copy(&two[1], &paths[1]).unwrap();
+    run(&["m-00002-of-00003.gguf", "split.count is 2"]);
+    // Part 2 of another architecture.
+    let mut foreign = qwen_run::gguf::GgufWriter::new();
+    foreign
+        .meta("general.architecture", Value::String("llama".into()))
+        .meta("split.no", Value::U16(1))
+        .meta("split.count", Value::U16(3));
+    foreign.write(&paths[1]).unwrap();
+    run(&["'llama' model", "'qwen2' model", "different models"]);
+    // The right part loads.
+    std::fs::write(&paths[1], part2).unwrap();
+    let (code, stderr) = qwen_run(&["-m", first, "-p", "hi", "-n", "1", "-t", "1"]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn special_token_ids_outside_the_vocabulary_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for key in [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.eot_token_id",
+    ] {
+        let mut w = common::tiny_model_writer(QuantType::Q8_0);
+        w.meta(key, Value::U32(100_000));
+        let p = dir.path().join("ids.gguf");
+        w.write(&p).unwrap();
+        run_model(&p, &[key, "100000", "vocabulary has", "broken"]);
+    }
+}
+
+#[test]
+fn zero_layers_or_context_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for key in ["qwen2.block_count", "qwen2.context_length"] {
+        let mut w = common::tiny_model_writer(QuantType::Q8_0);
+        w.meta(key, Value::U32(0));
+        let p = dir.path().join("zero.gguf");
+        w.write(&p).unwrap();
+        let (code, stderr) = qwen_run(&["-m", p.to_str().unwrap(), "-p", "hi", "-n", "2"]);
+        assert_eq!(code, 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("'{key}'"))
+                && stderr.contains("is 0")
+                && stderr.contains("broken"),
+            "{key}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("rotary") && !stderr.contains("up to 0"),
+            "{key}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn more_tokens_than_embedding_rows_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = common::tiny_model_writer(QuantType::Q8_0);
+    let n = {
+        let mut t = qwen_run::gguf::GgufWriter::new();
+        common::tokenizer_metadata(&mut t)
+    };
+    let extra: Vec<Value> = (0..n + 5).map(|i| Value::String(format!("t{i}"))).collect();
+    w.meta("tokenizer.ggml.tokens", Value::Array(extra));
+    let p = dir.path().join("rows.gguf");
+    w.write(&p).unwrap();
+    run_model(&p, &["tokenizer.ggml.tokens holds", "rows"]);
+}

@@ -48,7 +48,9 @@ impl GgufFile {
         if split_count > 1 {
             let paths = split_paths(path, split_count)?;
             for (i, p) in paths.iter().enumerate().skip(1) {
-                parts.push(Part::open(p, i)?);
+                let part = Part::open(p, i)?;
+                part.check_split_part(&parts[0], i, split_count)?;
+                parts.push(part);
             }
         }
         let mut metadata = BTreeMap::new();
@@ -212,6 +214,7 @@ impl Part {
             data: &map,
             pos: 0,
             path,
+            array_elements: 0,
         };
         let magic = r.bytes(4).map_err(|_| {
             anyhow::anyhow!(
@@ -250,6 +253,12 @@ impl Part {
             let key = r.string()?;
             let ty = r.u32()?;
             let value = r.value(ty, &key)?;
+            if metadata.contains_key(&key) {
+                bail!(
+                    "{} is corrupt: its metadata holds the key '{key}' twice, so which value counts is ambiguous. Use a file written by a current llama.cpp",
+                    path.display()
+                );
+            }
             metadata.insert(key, value);
         }
         let alignment = match metadata.get("general.alignment") {
@@ -314,16 +323,24 @@ impl Part {
             } else {
                 elements / ty.block_size() * ty.block_bytes()
             };
+            // Offsets come from the file: a huge one must not wrap around to a small start.
             let start = (data_start as u64)
                 .checked_add(offset)
-                .filter(|s| s % alignment as u64 == 0);
+                .filter(|&s| s <= map.len() as u64);
             let Some(start) = start else {
+                bail!(
+                    "{} is corrupt: tensor '{name}' has the data offset {offset}, which overflows or lies past the end of the file ({} bytes)",
+                    path.display(),
+                    map.len()
+                );
+            };
+            if start % alignment as u64 != 0 {
                 bail!(
                     "{} is corrupt: tensor '{name}' starts at offset {offset}, not aligned to {alignment} bytes",
                     path.display()
                 );
-            };
-            let end = start + size as u64;
+            }
+            let end = start.saturating_add(size as u64);
             if end > map.len() as u64 {
                 bail!(
                     "{} is truncated: tensor '{name}' needs bytes {start}..{end} but the file has only {} bytes. Download the file again (or re-join its parts)",
@@ -347,6 +364,51 @@ impl Part {
             tensors,
             map,
         })
+    }
+
+    /// A part found by its name must say it is that part of this model: a part left over from
+    /// another download of the same name would otherwise mix two models' tensors.
+    fn check_split_part(&self, first: &Part, i: usize, count: usize) -> Result<()> {
+        let get = |key: &str| self.metadata.get(key).and_then(Value::as_u64);
+        let what = |key: &str| {
+            self.metadata
+                .get(key)
+                .map_or_else(|| "missing".to_string(), |v| v.to_string())
+        };
+        if get("split.no") != Some(i as u64) {
+            bail!(
+                "{} should be part {} of {count} of the split model {} but its split.no is {} (expected {i}); the part is from another model or damaged. Download the parts again",
+                self.path.display(),
+                i + 1,
+                first.path.display(),
+                what("split.no")
+            );
+        }
+        if get("split.count") != Some(count as u64) {
+            bail!(
+                "{} should be part {} of {count} of the split model {} but its split.count is {}; the part is from another model or damaged. Download the parts again",
+                self.path.display(),
+                i + 1,
+                first.path.display(),
+                what("split.count")
+            );
+        }
+        let arch = |p: &Part| {
+            p.metadata
+                .get("general.architecture")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        if let (Some(a), Some(b)) = (arch(first), arch(self)) {
+            if a != b {
+                bail!(
+                    "{} is a '{b}' model but the first part {} is a '{a}' model; the parts are from different models. Download the parts again",
+                    self.path.display(),
+                    first.path.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     fn split_count(&self) -> Result<usize> {
@@ -400,10 +462,14 @@ fn split_paths(first: &Path, count: usize) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
+/// Bound on the elements of all metadata arrays of one file together.
+const MAX_ARRAY_ELEMENTS: u64 = 1 << 22;
+
 struct Cursor<'a> {
     data: &'a [u8],
     pos: usize,
     path: &'a Path,
+    array_elements: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -470,6 +536,17 @@ impl<'a> Cursor<'a> {
                     bail!(
                         "{} is truncated (or its header is corrupt): metadata '{key}' claims {n} elements, more than the rest of the file holds. Download the file again",
                         self.path.display()
+                    );
+                }
+                // Each element becomes a 32-byte `Value` whatever its size in the file, so a
+                // file of a few GiB of u8 arrays would cost tens of GiB to parse. The largest
+                // real vocabularies need well under a million elements (tokens, types, merges).
+                self.array_elements = self.array_elements.saturating_add(n);
+                if self.array_elements > MAX_ARRAY_ELEMENTS {
+                    bail!(
+                        "{} is corrupt or not a model file: metadata '{key}' brings its arrays to {} elements in all, more than the {MAX_ARRAY_ELEMENTS} that any model's vocabulary needs",
+                        self.path.display(),
+                        self.array_elements
                     );
                 }
                 let mut items = Vec::with_capacity(n.min(1 << 20) as usize);

@@ -39,9 +39,21 @@ impl Config {
         if n_heads == 0 || n_kv_heads == 0 || hidden % n_heads != 0 || n_heads % n_kv_heads != 0 {
             bail!("inconsistent attention shape in {}: hidden {hidden}, {n_heads} heads, {n_kv_heads} KV heads", gguf.path.display());
         }
+        // Zero would surface much later as a puzzle about rotary tables or a context of 0.
+        let nonzero = |k: &str, what: &str| -> Result<usize> {
+            match u(k)? {
+                0 => bail!(
+                    "GGUF metadata key 'qwen2.{k}' in {} is 0, but a model has at least one {what}; the file is broken. Use an intact copy of the model",
+                    gguf.path.display()
+                ),
+                n => Ok(n),
+            }
+        };
+        let n_layers = nonzero("block_count", "layer")?;
+        let context_length = nonzero("context_length", "token of context")?;
         let embd = gguf.require_tensor("token_embd.weight")?;
         Ok(Config {
-            n_layers: u("block_count")?,
+            n_layers,
             hidden,
             ffn: u("feed_forward_length")?,
             n_heads,
@@ -55,7 +67,7 @@ impl Config {
                 .get("qwen2.attention.layer_norm_rms_epsilon")
                 .and_then(|v| v.as_f64())
                 .unwrap_or(1e-6) as f32,
-            context_length: u("context_length")?,
+            context_length,
             vocab_size: *embd
                 .dims
                 .get(1)
@@ -163,6 +175,17 @@ pub fn check_shapes(gguf: &GgufFile, cfg: &Config) -> Result<()> {
         Ok(())
     };
     expect("token_embd.weight", &[cfg.hidden, cfg.vocab_size])?;
+    // Every token id must have an embedding row (the rows may be padded beyond the tokens).
+    if let Some(tokens) = gguf.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+        if tokens.len() > cfg.vocab_size {
+            bail!(
+                "{} is broken: tokenizer.ggml.tokens holds {} tokens but token_embd.weight has only {} rows",
+                gguf.path.display(),
+                tokens.len(),
+                cfg.vocab_size
+            );
+        }
+    }
     for i in 0..cfg.n_layers {
         let p = format!("blk.{i}");
         expect(&format!("{p}.attn_q.weight"), &[cfg.hidden, cfg.hidden])?;

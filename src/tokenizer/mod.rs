@@ -130,11 +130,28 @@ impl Tokenizer {
                     .collect(),
             })
             .collect();
-        let id = |key: &str| gguf.get(key).and_then(Value::as_u64).map(|v| v as u32);
-        let eos = id("tokenizer.ggml.eos_token_id")
+        // Special ids index the vocabulary (and the embedding rows): one past its end would be
+        // read far from where it belongs.
+        let id = |key: &str| -> Result<Option<u32>> {
+            let Some(v) = gguf.get(key) else {
+                return Ok(None);
+            };
+            match v.as_u64() {
+                Some(i) if i < tokens.len() as u64 => Ok(Some(i as u32)),
+                _ => bail!(
+                    "GGUF metadata key '{key}' in {} is {v}, but the vocabulary has {} tokens (ids 0 to {}); the file is broken. Use an intact copy of the model",
+                    gguf.path.display(),
+                    tokens.len(),
+                    tokens.len().saturating_sub(1)
+                ),
+            }
+        };
+        let eos = id("tokenizer.ggml.eos_token_id")?
             .context("the GGUF has no tokenizer.ggml.eos_token_id")?;
+        id("tokenizer.ggml.padding_token_id")?;
+        let bos = id("tokenizer.ggml.bos_token_id")?;
         let mut eog = vec![eos];
-        eog.extend(id("tokenizer.ggml.eot_token_id"));
+        eog.extend(id("tokenizer.ggml.eot_token_id")?);
         // The fill-in-the-middle separators end a completion too, as llama.cpp treats them.
         for name in [
             "<|endoftext|>",
@@ -154,7 +171,7 @@ impl Tokenizer {
             .get("tokenizer.ggml.add_bos_token")
             .and_then(Value::as_bool)
         {
-            Some(true) => id("tokenizer.ggml.bos_token_id"),
+            Some(true) => bos,
             _ => None,
         };
         Ok(Tokenizer {
