@@ -1,5 +1,5 @@
 use crate::gguf::{GgufFile, Value};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use minijinja::{Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -26,7 +26,18 @@ impl Message {
 /// ChatML, what Qwen2.5 is trained on; used when a GGUF carries no template.
 const CHATML: &str = "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
 
-/// The model's Jinja chat template (`tokenizer.chat_template`), rendered with minijinja.
+/// Template steps one rendering may take. The template comes from the model file, so a loop of
+/// a billion turns must end in an error, not hold a request thread forever; real templates take
+/// a few hundred steps a message.
+pub const FUEL: u64 = 10_000_000;
+
+/// Rendered bytes allowed beyond four times the messages' and tools' own bytes (templates
+/// repeat the content at most once or twice).
+pub const OUTPUT_SLACK: usize = 32 << 20;
+
+/// The model's Jinja chat template (`tokenizer.chat_template`), rendered with minijinja under a
+/// step budget ([`FUEL`]) and an output cap, so a hostile template errors out instead of
+/// spinning or filling memory.
 pub struct ChatTemplate {
     env: Environment<'static>,
 }
@@ -42,6 +53,7 @@ impl ChatTemplate {
 
     pub fn new(source: &str) -> Result<ChatTemplate> {
         let mut env = Environment::new();
+        env.set_fuel(Some(FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // Python's json.dumps layout (", " and ": ", no HTML escaping): the text the model was
@@ -63,14 +75,64 @@ impl ChatTemplate {
     ) -> Result<String> {
         let tmpl = self.env.get_template("chat").expect("added in new");
         let tools = tools.filter(|t| t.as_array().is_some_and(|a| !a.is_empty()));
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            tools => tools,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => "",
-            eos_token => "<|im_end|>",
-        })
-        .map_err(|e| anyhow::anyhow!("rendering the chat template failed: {e:#}"))
+        let input: usize = messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len() + m.tool_calls.as_ref().map_or(0, json_len))
+            .sum::<usize>()
+            + tools.map_or(0, json_len);
+        let mut out = Capped {
+            buf: Vec::new(),
+            cap: input.saturating_mul(4).saturating_add(OUTPUT_SLACK),
+            over: false,
+        };
+        let rendered = tmpl.render_captured_to(
+            minijinja::context! {
+                messages => messages,
+                tools => tools,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => "",
+                eos_token => "<|im_end|>",
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => String::from_utf8(out.buf)
+                .map_err(|_| anyhow::anyhow!("the chat template rendered invalid UTF-8")),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => bail!(
+                "the model's chat template (tokenizer.chat_template) took more than {FUEL} steps to render this conversation, so it was stopped: the template loops without end or is hostile. Run with --no-chat-template (and format the prompt yourself) or use a model file with a sound template"
+            ),
+            Err(_) if out.over => bail!(
+                "the model's chat template (tokenizer.chat_template) rendered more than {} bytes for this conversation, so it was stopped: the template repeats without end or is hostile. Run with --no-chat-template (and format the prompt yourself) or use a model file with a sound template",
+                out.cap
+            ),
+            Err(e) => bail!("rendering the chat template failed: {e:#}"),
+        }
+    }
+}
+
+fn json_len(v: &serde_json::Value) -> usize {
+    serde_json::to_string(v).map_or(0, |s| s.len())
+}
+
+/// The rendered text, refusing to grow past `cap` bytes.
+struct Capped {
+    buf: Vec<u8>,
+    cap: usize,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.cap {
+            self.over = true;
+            return Err(std::io::Error::other("the rendered template is too large"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
