@@ -202,5 +202,21 @@ pub fn check_shapes(gguf: &GgufFile, cfg: &Config) -> Result<()> {
     if gguf.tensor("output.weight").is_some() {
         expect("output.weight", &[cfg.hidden, cfg.vocab_size])?;
     }
+    // The vectors too: the kernels take their lengths as given.
+    let vector = |name: &str, len: usize| -> Result<()> {
+        match gguf.tensor(name) {
+            Some(_) => expect(name, &[len]),
+            None => Ok(()),
+        }
+    };
+    vector("output_norm.weight", cfg.hidden)?;
+    for i in 0..cfg.n_layers {
+        let p = format!("blk.{i}");
+        vector(&format!("{p}.attn_norm.weight"), cfg.hidden)?;
+        vector(&format!("{p}.ffn_norm.weight"), cfg.hidden)?;
+        vector(&format!("{p}.attn_q.bias"), cfg.hidden)?;
+        vector(&format!("{p}.attn_k.bias"), kv)?;
+        vector(&format!("{p}.attn_v.bias"), kv)?;
+    }
     Ok(())
 }
