@@ -8,10 +8,10 @@ use qwen_run::hub::{select_files, split_part, HubSpec, SelectError};
 use qwen_run_kernels::QuantType;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +26,8 @@ struct MockFile {
     /// What the listing says the sha256 is (the real one unless a test lies).
     listed_sha256: String,
     lfs: bool,
+    /// What the listing says the size is, when a test lies.
+    listed_size: Option<usize>,
 }
 
 impl MockFile {
@@ -36,6 +38,7 @@ impl MockFile {
             data: Arc::new(data),
             listed_sha256: sha,
             lfs: true,
+            listed_size: None,
         }
     }
     fn small(name: &str, data: &[u8]) -> MockFile {
@@ -63,6 +66,8 @@ struct State {
     throttle: Option<Duration>,
     /// "GET /path range=... auth=..." for every request.
     log: Vec<String>,
+    /// Send files without a Content-Length, until the connection closes.
+    no_length: bool,
 }
 
 struct MockHub {
@@ -191,15 +196,16 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             .files
             .iter()
             .map(|f| {
+                let size = f.listed_size.unwrap_or(f.data.len());
                 let mut s = serde_json::json!({
                     "rfilename": f.name,
                     "blobId": &f.listed_sha256[..40],
-                    "size": f.data.len(),
+                    "size": size,
                 });
                 if f.lfs {
                     s["lfs"] = serde_json::json!({
                         "sha256": f.listed_sha256,
-                        "size": f.data.len(),
+                        "size": size,
                         "pointerSize": 134,
                     });
                 }
@@ -283,6 +289,7 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         _ => false,
     };
     let throttle = st.throttle;
+    let no_length = st.no_length;
     drop(st);
     let etag = format!("\"{}\"", hex_sha256(&file.data));
     let mut hdrs = vec![
@@ -302,10 +309,10 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         (200, "OK")
     };
     let body = &file.data[start..end];
-    let mut head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
+    let mut head = format!("HTTP/1.1 {code} {reason}\r\nConnection: close\r\n");
+    if !no_length {
+        head += &format!("Content-Length: {}\r\n", body.len());
+    }
     for (k, v) in &hdrs {
         head += &format!("{k}: {v}\r\n");
     }
@@ -397,6 +404,20 @@ impl Env {
     }
 
     fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.command(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+            "panic: {stderr}"
+        );
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr,
+        )
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-run"));
         for k in [
             "HF_TOKEN",
@@ -419,21 +440,8 @@ impl Env {
         for (k, v) in &self.vars {
             cmd.env(k, v);
         }
-        let out = cmd
-            .args(args)
-            .args(["--no-prompt-cache", "-t", "1"])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
-            "panic: {stderr}"
-        );
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr,
-        )
+        cmd.args(args).args(["--no-prompt-cache", "-t", "1"]);
+        cmd
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -483,6 +491,204 @@ fn closed_port_url() -> String {
     let url = format!("http://{}", l.local_addr().unwrap());
     drop(l);
     url
+}
+
+// ---------------------------------------------------------------------------------------------
+// A hostile or broken Hub: nothing it lists or sends may write outside the cache, more than it
+// listed, or an unverified file without consent.
+
+fn resolve_requests(hub: &MockHub) -> Vec<String> {
+    hub.log()
+        .into_iter()
+        .filter(|l| l.contains("/resolve/"))
+        .collect()
+}
+
+#[test]
+fn listing_names_that_leave_the_cache_are_refused() {
+    for bad in [
+        "../../../x-Q4_K_M.gguf",
+        "/tmp/x-Q4_K_M.gguf",
+        "a\\..\\..\\x-Q4_K_M.gguf",
+        "x\n-Q4_K_M.gguf",
+        "a//x-Q4_K_M.gguf",
+        "./x-Q4_K_M.gguf",
+        "C:x-Q4_K_M.gguf",
+    ] {
+        let mut repo = tiny_repo("test/Evil-GGUF");
+        repo.files
+            .push(MockFile::lfs(bad, tiny_model_bytes(QuantType::Q8_0)));
+        let hub = MockHub::start(vec![repo]);
+        let env = Env::new(&hub.url);
+        env.fails(
+            &["-hf", "test/Evil-GGUF:Q4_K_M", "-p", "hi", "-n", "1"],
+            &[
+                "lists a file of test/Evil-GGUF named",
+                "not a plain relative path",
+                "refusing",
+            ],
+        );
+        assert_eq!(resolve_requests(&hub), Vec::<String>::new(), "{bad:?}");
+        let written: Vec<String> = files_under(env.home.path())
+            .into_iter()
+            .filter(|f| f.contains("x-Q4_K_M"))
+            .collect();
+        assert_eq!(written, Vec::<String>::new(), "{bad:?}");
+    }
+}
+
+#[test]
+fn a_commit_id_that_is_not_a_hash_is_refused() {
+    for bad in [
+        "abc",
+        "../../../../tmp",
+        "0123456789abcdef0123456789abcdef0123456g",
+    ] {
+        let mut repo = tiny_repo("test/Odd-GGUF");
+        repo.commit = bad.into();
+        let hub = MockHub::start(vec![repo]);
+        let env = Env::new(&hub.url);
+        env.fails(
+            &["-hf", "test/Odd-GGUF:Q8_0", "-p", "hi", "-n", "1"],
+            &["test/Odd-GGUF", "not a git commit hash"],
+        );
+        assert_eq!(resolve_requests(&hub), Vec::<String>::new(), "{bad:?}");
+    }
+}
+
+#[test]
+fn a_download_never_writes_more_than_the_listed_size() {
+    let mut repo = tiny_repo("test/Big-GGUF");
+    let listed = repo.files[2].data.len() - 1000;
+    repo.files[2].listed_size = Some(listed);
+    let hub = MockHub::start(vec![repo]);
+    let env = Env::new(&hub.url);
+    let args = ["-hf", "test/Big-GGUF:Q8_0", "-p", "hi", "-n", "1"];
+    let too_big = |env: &Env| {
+        for f in files_under(&env.repo_dir("test/Big-GGUF")) {
+            let len = std::fs::metadata(env.repo_dir("test/Big-GGUF").join(&f))
+                .unwrap()
+                .len();
+            assert!(len as usize <= listed, "{f} holds {len} bytes");
+        }
+    };
+    // The server says how much it sends.
+    env.fails(
+        &args,
+        &[
+            "tiny-q8_0.gguf",
+            &format!("lists it as {listed} bytes"),
+            "stopped",
+        ],
+    );
+    too_big(&env);
+    // It does not, and sends more.
+    hub.state.lock().unwrap().no_length = true;
+    env.fails(
+        &args,
+        &[
+            "sent more of tiny-q8_0.gguf than",
+            &format!("{listed} bytes"),
+            "stopped",
+        ],
+    );
+    too_big(&env);
+}
+
+#[test]
+fn a_file_without_size_and_sha256_needs_hf_no_verify() {
+    let mut repo = tiny_repo("test/Plain-GGUF");
+    // Not an LFS file: the listing has its size but no sha256.
+    repo.files[2].lfs = false;
+    let hub = MockHub::start(vec![repo]);
+    let env = Env::new(&hub.url);
+    env.fails(
+        &["-hf", "test/Plain-GGUF:Q8_0", "-p", "hi", "-n", "1"],
+        &[
+            "tiny-q8_0.gguf",
+            "without a sha256",
+            "could not be verified",
+            "--hf-no-verify",
+        ],
+    );
+    assert_eq!(resolve_requests(&hub), Vec::<String>::new());
+    let stderr = env.ok(&[
+        "-hf",
+        "test/Plain-GGUF:Q8_0",
+        "--hf-no-verify",
+        "-p",
+        "hi",
+        "-n",
+        "1",
+    ]);
+    assert!(stderr.contains("downloading tiny-q8_0.gguf"), "{stderr}");
+    assert!(!stderr.contains("sha256 verified"), "{stderr}");
+}
+
+/// The lock's holder deletes the lock file, then unlocks. A process that was waiting wakes
+/// holding the lock of a file that no longer has a name, while a third has locked a new file
+/// of that name: the waiter must wait for the third, not append to the same `.part`.
+#[test]
+fn a_waiting_download_never_shares_the_part_file() {
+    let repo = tiny_repo("test/Race-GGUF");
+    let sha = repo.files[2].listed_sha256.clone();
+    let hub = MockHub::start(vec![repo]);
+    let env = Env::new(&hub.url);
+    let blobs = env.repo_dir("test/Race-GGUF").join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let lock_path = blobs.join(format!("{sha}.lock"));
+    let first = std::fs::File::create(&lock_path).unwrap();
+    first.lock().unwrap();
+
+    let mut waiter = env
+        .command(&["-hf", "test/Race-GGUF:Q8_0", "-p", "hi", "-n", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let said = Arc::new(Mutex::new(String::new()));
+    let mut pipe = waiter.stderr.take().unwrap();
+    let into = said.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = pipe.read(&mut buf) {
+            into.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let t0 = std::time::Instant::now();
+    while !said.lock().unwrap().contains("waiting for another process") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{}",
+            said.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The first holder lets go as the lock's Drop does; a third process has taken the name.
+    std::fs::remove_file(&lock_path).unwrap();
+    let third = std::fs::File::create(&lock_path).unwrap();
+    third.lock().unwrap();
+    first.unlock().unwrap();
+    drop(first);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        resolve_requests(&hub),
+        Vec::<String>::new(),
+        "the waiter downloads while another process holds the lock"
+    );
+
+    std::fs::remove_file(&lock_path).unwrap();
+    third.unlock().unwrap();
+    drop(third);
+    let status = waiter.wait().unwrap();
+    reader.join().unwrap();
+    let said = said.lock().unwrap().clone();
+    assert!(status.success(), "{said}");
+    assert!(!said.contains("panicked"), "{said}");
+    assert_eq!(resolve_requests(&hub).len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------

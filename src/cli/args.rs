@@ -133,6 +133,10 @@ pub struct ModelArgs {
     /// one by quantization.
     #[arg(long = "hf-file", value_name = "FILE", requires = "hf_repo")]
     pub hf_file: Option<String>,
+    /// Download a --hf-repo file even though the Hub lists no size and sha256 for it, so it
+    /// cannot be verified (without this, such a file is refused).
+    #[arg(long = "hf-no-verify", requires = "hf_repo")]
+    pub hf_no_verify: bool,
     /// Worker threads for the CPU (default: physical cores); `bench` takes a comma list.
     #[arg(short = 't', long, value_delimiter = ',')]
     pub threads: Vec<usize>,
@@ -214,7 +218,7 @@ impl ModelArgs {
         let threads = self.thread_count()?;
         let model = match (&self.model[..], &self.hf_repo) {
             ([model], _) => model.clone(),
-            ([], Some(repo)) => crate::hub::resolve_model(repo, self.hf_file.as_deref())?,
+            ([], Some(repo)) => crate::hub::resolve_model(repo, self.hf_file.as_deref(), self.hf_no_verify)?,
             ([], None) => bail!("no model given: pass --model FILE.gguf or -hf ORG/REPO[:QUANT] (run `python3 models/fetch.py` to get the test model)"),
             (_, _) => bail!("--model is given {} times; only `qwen-run serve` serves several models", self.model.len()),
         };

@@ -44,6 +44,19 @@ impl Download<'_> {
     /// Makes `snapshots/{commit}/{file}` point at a verified blob, downloading it if needed;
     /// returns the snapshot path.
     pub fn fetch(&self, remote: &RemoteFile, url: &str) -> Result<PathBuf> {
+        if (remote.size.is_none() || remote.sha256.is_none()) && !self.env.no_verify {
+            bail!(
+                "the Hub lists {} of {} without a {}, so the download could not be verified; refusing it. If you trust {} and the repo, run again with --hf-no-verify to download it unverified.",
+                remote.name,
+                self.repo_id,
+                match (remote.size, &remote.sha256) {
+                    (None, None) => "size and sha256",
+                    (None, _) => "size",
+                    _ => "sha256",
+                },
+                self.env.endpoint
+            );
+        }
         let blobs = self.repo_dir.join("blobs");
         std::fs::create_dir_all(&blobs)
             .map_err(|e| disk_error(e, &blobs, "create the Hugging Face cache directory"))?;
@@ -302,6 +315,15 @@ impl Download<'_> {
             }
             content_length
         };
+        if let (Some(t), Some(want)) = (total, remote.size) {
+            if t > want {
+                restart(file, part, have, hasher)?;
+                return Err(Attempt::Fatal(anyhow!(
+                    "the server sends {} as {t} bytes but the Hub lists it as {want} bytes; the download was stopped and discarded. Run the command again later, or check HF_ENDPOINT",
+                    remote.name
+                )));
+            }
+        }
         let total = total.or(remote.size);
         if let Some(t) = total {
             bar.set_length(t);
@@ -315,6 +337,15 @@ impl Download<'_> {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Attempt::Retry(anyhow!("{e}"))),
             };
+            // Never more than the listed size on disk, whatever the server's headers said.
+            if remote.size.is_some_and(|want| *have + n as u64 > want) {
+                restart(file, part, have, hasher)?;
+                return Err(Attempt::Fatal(anyhow!(
+                    "the server sent more of {} than the {} bytes the Hub lists; the download was stopped and discarded. Run the command again later, or check HF_ENDPOINT",
+                    remote.name,
+                    remote.size.unwrap_or_default()
+                )));
+            }
             file.write_all(&buf[..n])
                 .map_err(|e| Attempt::Fatal(disk_error(e, part, "write the download")))?;
             hasher.update(&buf[..n]);
@@ -347,6 +378,11 @@ fn restart(
 
 /// An exclusive lock on `blobs/{key}.lock` while one process downloads the blob; the file goes
 /// when the lock does.
+///
+/// The holder deletes the file before it unlocks, so a waiter can wake holding the lock of a
+/// file that no longer has a name while a third process locks a new file of that name: both
+/// would append to one `.part`. A lock therefore counts only once the locked file is still the
+/// one at the path; otherwise it is taken again.
 struct Lock {
     file: File,
     path: PathBuf,
@@ -354,15 +390,45 @@ struct Lock {
 
 impl Lock {
     fn take(path: PathBuf, name: &str) -> Result<Lock> {
-        let file =
-            File::create(&path).map_err(|e| disk_error(e, &path, "create the download lock"))?;
-        if file.try_lock().is_err() {
-            eprintln!("qwen-run: waiting for another process that is downloading {name} ...");
-            file.lock()
-                .with_context(|| format!("cannot lock {}", path.display()))?;
+        let mut said = false;
+        loop {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| disk_error(e, &path, "create the download lock"))?;
+            if file.try_lock().is_err() {
+                if !said {
+                    eprintln!(
+                        "qwen-run: waiting for another process that is downloading {name} ..."
+                    );
+                    said = true;
+                }
+                file.lock()
+                    .with_context(|| format!("cannot lock {}", path.display()))?;
+            }
+            if same_file(&file, &path) {
+                return Ok(Lock { file, path });
+            }
         }
-        Ok(Lock { file, path })
     }
+}
+
+/// Whether `path` still names the open `file`.
+#[cfg(unix)]
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_file: &File, path: &Path) -> bool {
+    // Windows does not delete a file that is open, so the name cannot have moved on.
+    path.exists()
 }
 
 impl Drop for Lock {

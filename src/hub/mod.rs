@@ -96,6 +96,8 @@ pub struct HubEnv {
     pub cache_dir: PathBuf,
     pub token: Option<String>,
     pub offline: bool,
+    /// Accept files the listing gives no size and sha256 for (`--hf-no-verify`).
+    pub no_verify: bool,
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -146,15 +148,20 @@ impl HubEnv {
             cache_dir,
             token,
             offline,
+            no_verify: false,
         })
     }
 }
 
 /// The local path of the model that `-hf spec` (and `--hf-file`) asks for: from the cache when it
-/// is there, otherwise downloaded and verified first.
-pub fn resolve_model(spec: &str, file: Option<&str>) -> Result<PathBuf> {
+/// is there, otherwise downloaded and verified first. `no_verify` accepts a file that the Hub
+/// lists without a size and sha256.
+pub fn resolve_model(spec: &str, file: Option<&str>, no_verify: bool) -> Result<PathBuf> {
     let spec = HubSpec::parse(spec, file)?;
-    let env = HubEnv::from_env()?;
+    let env = HubEnv {
+        no_verify,
+        ..HubEnv::from_env()?
+    };
     resolve(&spec, &env)
 }
 
@@ -264,7 +271,7 @@ pub fn resolve(spec: &HubSpec, env: &HubEnv) -> Result<PathBuf> {
 fn cached_files(repo_dir: &Path, revision: &str) -> Option<(PathBuf, Vec<String>)> {
     let commit = std::fs::read_to_string(repo_dir.join("refs").join(revision)).ok()?;
     let commit = commit.trim();
-    if commit.is_empty() || commit.contains(['/', '\\']) || commit.starts_with('.') {
+    if !is_commit_id(commit) {
         return None;
     }
     let snapshot = repo_dir.join("snapshots").join(commit);
@@ -320,17 +327,18 @@ fn list_repo(env: &HubEnv, repo_id: &str) -> Result<(String, Vec<RemoteFile>)> {
             env.endpoint
         )
     })?;
-    let commit = json
-        .get("sha")
-        .and_then(|s| s.as_str())
-        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric()))
-        .ok_or_else(|| {
-            anyhow!(
-                "the Hub at {} sent no commit id for {repo_id}; is HF_ENDPOINT a Hugging Face Hub?",
-                env.endpoint
-            )
-        })?
-        .to_string();
+    let commit = match json.get("sha").and_then(|s| s.as_str()) {
+        Some(c) if is_commit_id(c) => c.to_string(),
+        Some(c) => bail!(
+            "the Hub at {} sent {:?} as the commit id of {repo_id}, which is not a git commit hash (40 or 64 hex digits); refusing to use the listing. Is HF_ENDPOINT a Hugging Face Hub you trust?",
+            env.endpoint,
+            c.chars().take(80).collect::<String>()
+        ),
+        None => bail!(
+            "the Hub at {} sent no commit id for {repo_id}; is HF_ENDPOINT a Hugging Face Hub?",
+            env.endpoint
+        ),
+    };
     let siblings = json
         .get("siblings")
         .and_then(|s| s.as_array())
@@ -354,8 +362,34 @@ fn list_repo(env: &HubEnv, repo_id: &str) -> Result<(String, Vec<RemoteFile>)> {
                 name,
             })
         })
-        .collect();
+        .collect::<Vec<RemoteFile>>();
+    // The names become paths in the cache: one that climbs out of it must never get that far.
+    if let Some(bad) = files.iter().find(|f| !is_safe_file_name(&f.name)) {
+        bail!(
+            "the Hub at {} lists a file of {repo_id} named {:?}, which is not a plain relative path (it is empty, absolute, or holds '..', a backslash or a control character); refusing the listing. Is HF_ENDPOINT a Hugging Face Hub you trust?",
+            env.endpoint,
+            bad.name.chars().take(200).collect::<String>()
+        );
+    }
     Ok((commit, files))
+}
+
+/// A git commit hash: 40 (SHA-1) or 64 (SHA-256) hex digits.
+pub fn is_commit_id(s: &str) -> bool {
+    matches!(s.len(), 40 | 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A repo file name that is safe to join to a directory: `/`-separated components, none empty,
+/// `.` or `..`, no backslash or colon (a separator and a drive on Windows), no control
+/// characters, not absolute.
+pub fn is_safe_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 1024
+        && !name.contains('\\')
+        && !name.chars().any(char::is_control)
+        && name
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains(':'))
 }
 
 fn network_error(env: &HubEnv, t: &ureq::Transport) -> anyhow::Error {
