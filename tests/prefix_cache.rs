@@ -7,13 +7,15 @@ mod common;
 
 use common::*;
 use qwen_run::engine::{CacheSource, Engine, Generation, LoadOptions};
-use qwen_run::kv_cache::CacheType;
+use qwen_run::kv_cache::{CacheType, KvBlock};
 use qwen_run::model::Logits;
+use qwen_run::prefix_cache::{chain_hashes, model_identity, DiskCache, Shape};
 use qwen_run::sampler::{Sampler, SamplingParams};
 use qwen_run_kernels::QuantType;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 const BLOCK: usize = 16;
 
@@ -256,6 +258,20 @@ fn bad_disk_cache_files_are_rejected_with_a_warning() {
         &model,
         &[],
         "truncated",
+    );
+    assert_eq!(out, want);
+    // Far larger than a block's file (sparse): refused by its size, never read into memory.
+    std::fs::write(&files[0], &good).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&files[0])
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let (out, err) = run(&model, &[]);
+    assert!(
+        err.contains("ignoring prompt cache file") && err.contains("so it was not read"),
+        "{err}"
     );
     assert_eq!(out, want);
     // Another format version.
@@ -502,4 +518,141 @@ fn chat_keeps_the_conversation_and_reuses_its_kv() {
         .filter(|l| l.starts_with("[qwen-run] load"))
         .count();
     assert_eq!(replies, 4, "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the disk cache trusts: its directory, private; only regular files, never through a link.
+
+/// A disk cache of one f32 layer, one KV head of 4, blocks of 2 tokens, holding `tokens`'
+/// two blocks.
+fn two_block_cache(dir: &Path) -> (DiskCache, Vec<u32>, Vec<u64>) {
+    let cache = DiskCache::new(dir.to_path_buf(), 1 << 20, tiny_shape());
+    let tokens = vec![1u32, 2, 3, 4];
+    let hashes = chain_hashes(&tokens, 2, 0);
+    let rows = 2 * CacheType::F32.row_bytes(4);
+    let blocks: Vec<Arc<KvBlock>> = (0..2u8)
+        .map(|v| {
+            Arc::new(KvBlock {
+                tokens: 2,
+                type_k: CacheType::F32,
+                type_v: CacheType::F32,
+                layers: vec![(vec![v; rows], vec![v + 1; rows])],
+            })
+        })
+        .collect();
+    cache.store(&tokens, &hashes, &blocks, &[]).unwrap();
+    assert_eq!(cache.load(&tokens, &hashes, 0).blocks.len(), 2);
+    (cache, tokens, hashes)
+}
+
+#[cfg(unix)]
+#[test]
+fn disk_cache_directory_and_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pc = dir.path().join("cache").join("pc");
+    let (cache, _, hashes) = two_block_cache(&pc);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&pc), 0o700);
+    for h in hashes {
+        assert_eq!(mode(&cache.path_for(h)), 0o600);
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn disk_cache_never_reads_through_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let pc = dir.path().join("pc");
+    let (cache, tokens, hashes) = two_block_cache(&pc);
+    let file = cache.path_for(hashes[0]);
+    let elsewhere = dir.path().join("elsewhere.qkv");
+    std::fs::rename(&file, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &file).unwrap();
+    let found = cache.load(&tokens, &hashes, 0);
+    assert!(found.blocks.is_empty());
+    assert_eq!(found.rejected, [0]);
+}
+
+#[cfg(unix)]
+#[test]
+fn disk_cache_does_not_block_on_a_fifo() {
+    let dir = tempfile::tempdir().unwrap();
+    let pc = dir.path().join("pc");
+    let (cache, tokens, hashes) = two_block_cache(&pc);
+    let file = cache.path_for(hashes[0]);
+    std::fs::remove_file(&file).unwrap();
+    let made = Command::new("mkfifo").arg(&file).status().unwrap();
+    assert!(made.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let found = cache.load(&tokens, &hashes, 0);
+        let _ = tx.send((found.blocks.len(), found.rejected));
+    });
+    let (n, rejected) = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("reading a FIFO in the cache blocks");
+    assert_eq!((n, rejected), (0, vec![0]));
+}
+
+#[test]
+fn stale_temporary_files_are_removed_and_fresh_ones_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let pc = dir.path().join("pc");
+    let (cache, _, _) = two_block_cache(&pc);
+    let used = cache.used_bytes();
+    let stale = pc.join(".0123456789abcdef.qkv.999999-0.tmp");
+    let fresh = pc.join(".fedcba9876543210.qkv.999999-1.tmp");
+    std::fs::write(&stale, vec![0u8; 1000]).unwrap();
+    std::fs::write(&fresh, vec![0u8; 100]).unwrap();
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options()
+        .append(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+    // Opening the cache (a new process) cleans up after a crashed one.
+    let reopened = DiskCache::new(pc.clone(), 1 << 20, tiny_shape());
+    assert!(!stale.exists());
+    assert!(
+        fresh.exists(),
+        "a write of another process may still be going on"
+    );
+    assert_eq!(reopened.used_bytes(), used + 100);
+}
+
+fn tiny_shape() -> Shape {
+    Shape {
+        model: 7,
+        type_k: CacheType::F32,
+        type_v: CacheType::F32,
+        layers: 1,
+        kv_heads: 1,
+        head_dim: 4,
+        block: 2,
+    }
+}
+
+#[test]
+fn model_identity_tells_fine_tunes_of_one_base_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    // Same size, same first and last MiB; another MiB of weights in the middle.
+    let base: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut tuned = base.clone();
+    for b in &mut tuned[(3 << 20)..(4 << 20)] {
+        *b = b.wrapping_add(1);
+    }
+    let (a, b) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
+    std::fs::write(&a, &base).unwrap();
+    std::fs::write(&b, &tuned).unwrap();
+    assert_ne!(
+        model_identity(std::slice::from_ref(&a)).unwrap(),
+        model_identity(&[b]).unwrap()
+    );
+    let c = dir.path().join("c.gguf");
+    std::fs::write(&c, &base).unwrap();
+    assert_eq!(model_identity(&[a]).unwrap(), model_identity(&[c]).unwrap());
 }

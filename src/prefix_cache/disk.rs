@@ -19,7 +19,16 @@
 //! shape), truncated or corrupt is ignored with a warning on stderr and never used. Files are
 //! written to a temporary name and renamed, so a reader never sees half a file; the directory
 //! is kept under a byte budget by deleting the least recently used files (a prefix's later
-//! blocks before its first ones).
+//! blocks before its first ones). Temporary files a crashed process left count in the budget
+//! and go once they are an hour old.
+//!
+//! What it trusts: the directory. A file there that passes the checks above is used as the KV
+//! of its prompt prefix, and a checksum is no signature, so anyone who can write the directory
+//! can change what the model answers to prompts with that prefix. The directory is therefore
+//! created private (0700, files 0600); only regular files are read, never through a symlink,
+//! and only when their size is the one their header implies, so a file there cannot make the
+//! reader block (a FIFO), read elsewhere (a link) or allocate more than a block's size. Point
+//! `--prompt-cache` only at a directory no other user can write.
 
 use super::hash_bytes;
 use crate::kv_cache::{CacheType, KvBlock};
@@ -36,11 +45,15 @@ pub const FORMAT_VERSION: u32 = 1;
 const HEADER: usize = 8 + 4 + 8 + 4 + 6 * 4;
 const EXT: &str = "qkv";
 
-/// A hash that names the model file: its size and its first and last MiB (the GGUF header and
-/// metadata, and the last tensor's data), part by part. Survives moving or renaming the file;
-/// another model, or another quantization of the same one, gets another identity.
+/// A hash that names the model file: its size, its first and last MiB (the GGUF header and
+/// metadata, and the last tensor's data) and 32 stripes of 64 KiB spread evenly between them,
+/// part by part. Survives moving or renaming the file; another model, another quantization of
+/// the same one, or another fine-tune of the same base (same size, header and often the same
+/// last tensor, other weights in the middle) gets another identity.
 pub fn model_identity(paths: &[PathBuf]) -> Result<u64> {
     const SPAN: u64 = 1 << 20;
+    const STRIPES: u64 = 32;
+    const STRIPE: u64 = 64 << 10;
     let mut h = 0x6d6f_6465_6c5f_6964u64;
     for p in paths {
         let mut f = fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
@@ -52,9 +65,56 @@ pub fn model_identity(paths: &[PathBuf]) -> Result<u64> {
         f.seek(SeekFrom::Start(size - buf.len() as u64))?;
         f.read_exact(&mut buf)?;
         h = hash_bytes(h, &buf);
+        let mut stripe = vec![0u8; STRIPE.min(size) as usize];
+        for i in 1..=STRIPES {
+            let at = (size - stripe.len() as u64) / (STRIPES + 1) * i;
+            f.seek(SeekFrom::Start(at))?;
+            f.read_exact(&mut stripe)?;
+            h = hash_bytes(h, &stripe);
+        }
     }
     Ok(h)
 }
+
+/// Opens a cache file for reading only if it is a regular file reached without a symlink; the
+/// open itself never blocks (a FIFO).
+fn open_regular(path: &Path) -> Result<(fs::File, u64)> {
+    let mut options = fs::File::options();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    #[cfg(not(unix))]
+    if fs::symlink_metadata(path)?.file_type().is_symlink() {
+        bail!("it is a symbolic link, which the prompt cache never follows");
+    }
+    let f = options.open(path).map_err(|e| {
+        #[cfg(unix)]
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            return anyhow::anyhow!("it is a symbolic link, which the prompt cache never follows");
+        }
+        anyhow::anyhow!("cannot open it: {e}")
+    })?;
+    let meta = f.metadata().context("cannot read its metadata")?;
+    if !meta.is_file() {
+        bail!("it is not a regular file");
+    }
+    Ok((f, meta.len()))
+}
+
+/// A temporary file of a write (`.{name}.{pid}-{n}.tmp`).
+fn is_temp(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()) == Some("tmp")
+        && path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'))
+}
+
+/// A temporary file this old was left by a process that died while writing it.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What the cache expects of a file: everything but the tokens and the data.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,10 +149,31 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl DiskCache {
     pub fn new(dir: PathBuf, max_bytes: u64, shape: Shape) -> DiskCache {
-        DiskCache {
+        let cache = DiskCache {
             dir,
             max_bytes,
             shape,
+        };
+        cache.remove_stale_temps();
+        cache
+    }
+
+    fn remove_stale_temps(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        let now = SystemTime::now();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let stale = entry
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age > STALE_TEMP);
+            if is_temp(&path) && stale {
+                let _ = fs::remove_file(&path);
+            }
         }
     }
 
@@ -155,9 +236,17 @@ impl DiskCache {
     }
 
     fn read(&self, path: &Path, index: usize, tokens: &[u32]) -> Result<KvBlock> {
-        let bytes = fs::read(path).context("cannot read it")?;
-        if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        let (mut f, len) = open_regular(path)?;
+        // The header first, so a foreign file is named for what it is; the rest only when the
+        // size is the one the header implies, so a huge file is never read into memory.
+        let expect = self.file_size(index);
+        let mut bytes = vec![0u8; HEADER.min(len as usize)];
+        f.read_exact(&mut bytes).context("cannot read it")?;
+        if bytes.len() < 8 || &bytes[..8] != MAGIC {
             bail!("not a qwen-run prompt cache file (bad magic)");
+        }
+        if bytes.len() < HEADER {
+            bail!("it is {len} bytes, expected {expect} (truncated or damaged)");
         }
         let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4"));
         let version = u32_at(8);
@@ -196,13 +285,14 @@ impl DiskCache {
                 tokens.len()
             );
         }
-        let expect = self.file_size(index);
-        if bytes.len() != expect {
+        if len != expect as u64 {
             bail!(
-                "it is {} bytes, expected {expect} (truncated or damaged)",
-                bytes.len()
+                "it is {len} bytes, expected {expect} (truncated or damaged), so it was not read"
             );
         }
+        bytes.resize(expect, 0);
+        f.read_exact(&mut bytes[HEADER..])
+            .context("cannot read it")?;
         let sum = u64::from_le_bytes(bytes[expect - 8..].try_into().expect("8"));
         if hash_bytes(0, &bytes[..expect - 8]) != sum {
             bail!("checksum mismatch (the file is corrupt)");
@@ -253,7 +343,7 @@ impl DiskCache {
         if total > self.max_bytes {
             return Ok(());
         }
-        fs::create_dir_all(&self.dir)
+        create_private_dir(&self.dir)
             .with_context(|| format!("cannot create {}", self.dir.display()))?;
         let mut chain = Vec::with_capacity(n);
         for i in 0..n {
@@ -308,7 +398,11 @@ impl DiskCache {
             TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let write = || -> Result<()> {
-            let mut f = fs::File::create(&tmp)?;
+            let mut options = fs::File::options();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut f = options.open(&tmp)?;
             f.write_all(&buf)?;
             f.sync_all()?;
             fs::rename(&tmp, path)?;
@@ -325,23 +419,35 @@ impl DiskCache {
     /// never one of `keep`.
     fn trim(&self, keep: &[PathBuf]) -> Result<()> {
         let mut files = Vec::new();
+        let now = SystemTime::now();
         for entry in fs::read_dir(&self.dir)? {
             let entry = entry?;
             let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some(EXT) {
+            let temp = is_temp(&path);
+            if !temp && path.extension().and_then(|e| e.to_str()) != Some(EXT) {
                 continue;
             }
             let meta = entry.metadata()?;
-            let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            files.push((mtime, meta.len(), path));
+            let mut mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            // Another process may be writing a fresh one; a stale one goes first.
+            if temp {
+                match now.duration_since(mtime) {
+                    Ok(age) if age > STALE_TEMP => mtime = SystemTime::UNIX_EPOCH,
+                    _ => {
+                        files.push((now, meta.len(), path, true));
+                        continue;
+                    }
+                }
+            }
+            files.push((mtime, meta.len(), path, false));
         }
         let mut total: u64 = files.iter().map(|f| f.1).sum();
         files.sort();
-        for (_, len, path) in files {
+        for (_, len, path, in_use) in files {
             if total <= self.max_bytes {
                 break;
             }
-            if keep.contains(&path) {
+            if in_use || keep.contains(&path) {
                 continue;
             }
             if fs::remove_file(&path).is_ok() {
@@ -356,7 +462,10 @@ impl DiskCache {
         fs::read_dir(&self.dir)
             .map(|rd| {
                 rd.flatten()
-                    .filter(|e| e.path().extension().and_then(|x| x.to_str()) == Some(EXT))
+                    .filter(|e| {
+                        let p = e.path();
+                        is_temp(&p) || p.extension().and_then(|x| x.to_str()) == Some(EXT)
+                    })
                     .filter_map(|e| e.metadata().ok())
                     .map(|m| m.len())
                     .sum()
@@ -368,8 +477,35 @@ impl DiskCache {
 /// Marks files used now, in the given order (the last gets the newest time).
 fn touch<'a>(paths: impl Iterator<Item = &'a PathBuf>) {
     for p in paths {
-        if let Ok(f) = fs::File::options().append(true).open(p) {
-            let _ = f.set_modified(SystemTime::now());
+        let mut options = fs::File::options();
+        options.append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(
+            &mut options,
+            libc::O_NOFOLLOW | libc::O_NONBLOCK,
+        );
+        if let Ok(f) = options.open(p) {
+            if f.metadata().is_ok_and(|m| m.is_file()) {
+                let _ = f.set_modified(SystemTime::now());
+            }
         }
+    }
+}
+
+/// Creates `dir` (and its parents) readable and writable by this user only; the parents get
+/// the usual mode.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)?;
+    }
+    let mut builder = fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    match builder.create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        other => other,
     }
 }
