@@ -481,7 +481,7 @@ fn load_everything(path: &Path, full: bool) {
     opts.threads = 1;
     opts.ctx_size = 32;
     opts.cache_ram_mib = 1;
-    let Ok(engine) = Engine::load_with(&opts, Some(Arc::new(g))) else {
+    let Ok(engine) = Engine::load(&opts) else {
         return;
     };
     REACHED[2].fetch_add(1, Ordering::Relaxed);

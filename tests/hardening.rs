@@ -5,21 +5,9 @@
 mod common;
 
 use common::server::Server;
+use common::shared_tiny_model as tiny_model;
 use qwen_run_kernels::QuantType;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-
-fn tiny_model() -> &'static Path {
-    static PATH: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &PATH
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let p = common::write_tiny_model(dir.path(), QuantType::Q8_0);
-            (dir, p)
-        })
-        .1
-}
 
 fn chat() -> Value {
     json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, "temperature": 0})
@@ -332,15 +320,21 @@ fn bad_access_flags_exit_1() {
         (vec!["--api-key", "two words"], "no spaces"),
         (vec!["--cors-origin", "http://a b"], "is not an origin"),
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_qwen-run"))
-            .args(["serve", "-m", tiny_model().to_str().unwrap()])
-            .args(&args)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-        assert!(err.contains(needle), "{args:?}: {err}");
+        let mut args = args;
+        args.splice(0..0, ["serve", "-m", tiny_model().to_str().unwrap()]);
+        exits_1_naming(&args, needle);
     }
+}
+
+/// Runs qwen-run with `args`: it must exit 1 with `needle` in its message.
+fn exits_1_naming(args: &[&str], needle: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qwen-run"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert!(err.contains(needle), "{args:?}: {err}");
 }
 
 #[test]
@@ -499,7 +493,7 @@ fn a_load_runs_to_its_end_when_its_client_leaves() {
     assert!(loaded, "the load the client started was dropped");
     assert_eq!(state("tiny-Q8_0"), "unloaded", "--max-loaded 1 holds");
     // Concurrent requests for a model being loaded wait for one load.
-    let loads_before = metric(&s, "qwen_run_model_loads_total");
+    let loads_before = s.metric("qwen_run_model_loads_total");
     let s = std::sync::Arc::new(s);
     let clients: Vec<_> = (0..6)
         .map(|_| {
@@ -516,16 +510,7 @@ fn a_load_runs_to_its_end_when_its_client_leaves() {
     for c in clients {
         assert_eq!(c.join().unwrap(), 200);
     }
-    assert_eq!(metric(&s, "qwen_run_model_loads_total"), loads_before + 1.0);
-}
-
-fn metric(s: &Server, name: &str) -> f64 {
-    let (_, text) = s.get("/metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-        .parse()
-        .unwrap()
+    assert_eq!(s.metric("qwen_run_model_loads_total"), loads_before + 1.0);
 }
 
 #[test]
@@ -573,13 +558,7 @@ fn flags_out_of_range_exit_1_with_the_reason() {
             "--prompt-cache-max",
         ),
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_qwen-run"))
-            .args(&args)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-        assert!(err.contains(needle), "{args:?}: {err}");
+        exits_1_naming(&args, needle);
     }
 }
 
@@ -753,4 +732,43 @@ fn random_requests_get_answers_not_crashes() {
     }
     let (status, _) = s.get("/health");
     assert_eq!(status, 200);
+}
+
+#[test]
+fn a_hostile_file_in_a_models_directory_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = common::write_tiny_model(dir.path(), QuantType::Q8_0);
+    // A header that claims 2^62 tensors, and a file that is not a GGUF at all.
+    let mut bad = b"GGUF".to_vec();
+    bad.extend(3u32.to_le_bytes());
+    bad.extend((1u64 << 62).to_le_bytes());
+    bad.extend(0u64.to_le_bytes());
+    std::fs::write(dir.path().join("a-hostile.gguf"), &bad).unwrap();
+    std::fs::write(dir.path().join("b-garbage.gguf"), b"not a model").unwrap();
+    let s = Server::start(dir.path(), &["-t", "1"]);
+    for name in ["a-hostile.gguf", "b-garbage.gguf"] {
+        assert!(
+            s.startup.contains("skipping") && s.startup.contains(name),
+            "{}",
+            s.startup
+        );
+    }
+    let (_, body) = s.get("/v1/models");
+    let models: Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [good.file_stem().unwrap().to_str().unwrap()]);
+    // A file named on its own is the user's choice: it stops the server with the reason.
+    exits_1_naming(
+        &[
+            "serve",
+            "-m",
+            dir.path().join("b-garbage.gguf").to_str().unwrap(),
+        ],
+        "b-garbage.gguf",
+    );
 }

@@ -14,17 +14,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::server::Server;
-
-fn tiny_model() -> &'static Path {
-    static PATH: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &PATH
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let p = common::write_tiny_model(dir.path(), QuantType::Q8_0);
-            (dir, p)
-        })
-        .1
-}
+use common::shared_tiny_model as tiny_model;
 
 fn tiny_server() -> Server {
     Server::start(tiny_model(), &["-t", "1"])
@@ -440,7 +430,7 @@ fn overload(s: &Server, n: usize, refused: u16, why: &str) -> usize {
     let answered = statuses.iter().filter(|(st, _)| *st == 200).count();
     assert!(answered > 0);
     // Nothing accepted was lost or generated twice.
-    assert_eq!(metric(s, "qwen_run_generations_total"), answered as f64);
+    assert_eq!(s.metric("qwen_run_generations_total"), answered as f64);
     no.len()
 }
 
@@ -450,16 +440,6 @@ fn full_queue_gets_429_and_every_request_is_answered_once() {
     // 4 slots (the default) + 1 queue place: at most 7 of 12 are refused (fewer if some answers
     // finish before the last requests arrive).
     assert!(overload(&s, 12, 429, "queue is full") <= 7);
-}
-
-/// A metric's value from /metrics.
-fn metric(s: &Server, name: &str) -> f64 {
-    let (_, text) = s.get("/metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-        .parse()
-        .unwrap()
 }
 
 #[test]
@@ -486,10 +466,7 @@ fn queued_requests_time_out_with_503() {
         &["-t", "1", "--parallel", "1", "--queue-timeout", "0.01"],
     );
     let timed_out = overload(&s, 6, 503, "--queue-timeout");
-    assert_eq!(
-        metric(&s, "qwen_run_queue_timeouts_total"),
-        timed_out as f64
-    );
+    assert_eq!(s.metric("qwen_run_queue_timeouts_total"), timed_out as f64);
 }
 
 /// A second tiny model, smaller than `tiny_model()` (Q4_0 against Q8_0).
@@ -587,8 +564,8 @@ fn several_models_load_on_first_use_with_lru_unload() {
     // No model field: the first model, loaded again.
     let (model, _, _) = complete_with(&s, &json!({"prompt": "hi", "max_tokens": 2}));
     assert_eq!(model, "tiny-Q8_0");
-    assert_eq!(metric(&s, "qwen_run_model_loads_total"), 3.0);
-    assert_eq!(metric(&s, "qwen_run_model_unloads_total"), 2.0);
+    assert_eq!(s.metric("qwen_run_model_loads_total"), 3.0);
+    assert_eq!(s.metric("qwen_run_model_unloads_total"), 2.0);
     // An unknown model: 404, naming the served ones.
     let (status, v) = s.post("/v1/completions", &json!({"model": "nope", "prompt": "hi"}));
     assert_eq!(status, 404);
@@ -775,9 +752,9 @@ fn response_cache_answers_repeated_deterministic_requests() {
     let (h, y) = send(&sampled);
     assert_eq!((m.as_str(), h.as_str()), ("miss", "hit"));
     assert_eq!(text(&x), text(&y));
-    assert_eq!(metric(&s, "qwen_run_response_cache_hits_total"), 3.0);
+    assert_eq!(s.metric("qwen_run_response_cache_hits_total"), 3.0);
     // Only real generations are counted as such.
-    assert_eq!(metric(&s, "qwen_run_generations_total"), 4.0);
+    assert_eq!(s.metric("qwen_run_generations_total"), 4.0);
 }
 
 #[test]

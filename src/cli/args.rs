@@ -5,6 +5,7 @@ use crate::engine::{
 use crate::grammar::Format;
 use crate::kv_cache::CacheType;
 use crate::sampler::SamplingParams;
+use crate::server::ModelSource;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
@@ -231,9 +232,12 @@ impl ModelArgs {
     /// The load options of every model `serve` is given: each -m file, each GGUF file of an -m
     /// directory (the first part of a split model), or the -hf model.
     /// They are a server's, so 2 MiB pages are on unless --huge-pages off.
-    pub fn load_options_all(&self) -> Result<Vec<LoadOptions>> {
+    pub fn load_options_all(&self) -> Result<Vec<ModelSource>> {
         if self.model.len() < 2 && !self.model.iter().any(|m| m.is_dir()) {
-            return Ok(vec![self.one_model_options(true)?]);
+            return Ok(vec![ModelSource {
+                load: self.one_model_options(true)?,
+                from_directory: false,
+            }]);
         }
         let threads = self.thread_count()?;
         let mut files = Vec::new();
@@ -248,14 +252,17 @@ impl ModelArgs {
                     bail!("the model directory {} holds no .gguf file", m.display());
                 }
                 found.sort();
-                files.extend(found);
+                files.extend(found.into_iter().map(|f| (f, true)));
             } else {
-                files.push(m.clone());
+                files.push((m.clone(), false));
             }
         }
         Ok(files
             .into_iter()
-            .map(|f| self.options_for(f, threads, true))
+            .map(|(f, from_directory)| ModelSource {
+                load: self.options_for(f, threads, true),
+                from_directory,
+            })
             .collect())
     }
 

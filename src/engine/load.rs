@@ -71,12 +71,6 @@ impl LoadOptions {
 
 impl Engine {
     pub fn load(opts: &LoadOptions) -> Result<Engine> {
-        Self::load_with(opts, None)
-    }
-
-    /// Loads `opts.model`, using `opened` when the caller already opened that file (the server
-    /// opens every model at startup to check it) instead of parsing it again.
-    pub fn load_with(opts: &LoadOptions, opened: Option<Arc<GgufFile>>) -> Result<Engine> {
         let t0 = Instant::now();
         let cpus = num_cpus::get().max(1);
         let threads = match opts.threads {
@@ -105,10 +99,7 @@ impl Engine {
             .build()
             .context("cannot start the worker threads")?;
         let device = select_device(opts.device, opts.gpu_layers)?;
-        let gguf = match opened {
-            Some(g) => g,
-            None => Arc::new(GgufFile::open(&opts.model)?),
-        };
+        let gguf = Arc::new(GgufFile::open(&opts.model)?);
         let cfg = Config::from_gguf(&gguf)?;
         check_shapes(&gguf, &cfg)?;
         if opts.batch_size == 0 {

@@ -23,7 +23,6 @@ pub mod routing;
 pub mod tool_calls;
 mod worker;
 
-use crate::engine::LoadOptions;
 use access::AccessOptions;
 use anyhow::{bail, Context, Result};
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -32,6 +31,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+pub use models::ModelSource;
 use models::{ModelPool, ModelSpec};
 
 use api::{model_state, too_large, unix_now, AppState};
@@ -45,7 +45,7 @@ use std::sync::Arc;
 /// What `serve` needs: the models (the first is the default one), the address, and the
 /// scheduling, keep-alive, routing and response-cache options.
 pub struct ServerOptions {
-    pub models: Vec<LoadOptions>,
+    pub models: Vec<ModelSource>,
     /// Name to serve a single model under (default: the file name without .gguf).
     pub alias: Option<String>,
     pub host: String,
@@ -67,10 +67,20 @@ pub fn serve(options: ServerOptions) -> Result<()> {
     if models.len() > 1 && alias.is_some() {
         bail!("--alias names one model; with several models each is served under its file name");
     }
-    let specs = models
-        .into_iter()
-        .map(|o| ModelSpec::open(o, alias.clone()))
-        .collect::<Result<Vec<_>>>()?;
+    let mut specs = Vec::new();
+    for source in models {
+        let path = source.load.model.clone();
+        match ModelSpec::open(source.load, alias.clone()) {
+            Ok(spec) => specs.push(spec),
+            Err(e) if source.from_directory => {
+                eprintln!("[qwen-run] skipping {}: {e:#}", path.display())
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if specs.is_empty() {
+        bail!("none of the model files given can be served (see the messages above)");
+    }
     let metrics = Arc::new(metrics::Metrics::default());
     let pool = Arc::new(ModelPool::new(specs, opts, metrics.clone())?);
     // The default model is loaded at once, so its errors show at startup and its first request

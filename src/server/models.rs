@@ -100,17 +100,27 @@ pub struct ModelSpec {
     /// Other names accepted for it (the file stem, the GGUF's general.name).
     pub aliases: Vec<String>,
     pub opts: LoadOptions,
-    /// The opened file (memory-mapped, not read): what the model lists show without loading it,
-    /// and what the engine loads from.
-    pub gguf: Arc<GgufFile>,
     /// The context length the model was trained for.
     pub context_length: usize,
+    /// What the model lists show without loading it; the file's metadata itself is not kept
+    /// while the model is unloaded (a directory of models would hold every vocabulary).
+    pub file_size: u64,
+    /// `general.file_type`, llama.cpp's number for the quantization mix.
+    pub file_type: Option<u64>,
+    pub parameters: usize,
+}
+
+/// A model file `serve` is given: named by -m, or found in an -m directory (a bad file there is
+/// skipped with a message, so one planted file cannot stop the server).
+pub struct ModelSource {
+    pub load: LoadOptions,
+    pub from_directory: bool,
 }
 
 impl ModelSpec {
     /// Opens and checks the file, so that a bad one is reported at startup, not on first use.
     pub fn open(opts: LoadOptions, name: Option<String>) -> Result<ModelSpec> {
-        let gguf = Arc::new(GgufFile::open(&opts.model)?);
+        let gguf = GgufFile::open(&opts.model)?;
         let config = crate::model::Config::from_gguf(&gguf)
             .with_context(|| format!("{} is not a usable model", opts.model.display()))?;
         let stem = opts
@@ -129,9 +139,23 @@ impl ModelSpec {
             name: name.unwrap_or(stem),
             aliases,
             opts,
-            gguf,
             context_length: config.context_length,
+            file_size: gguf.file_size(),
+            file_type: gguf
+                .get("general.file_type")
+                .and_then(crate::gguf::Value::as_u64),
+            parameters: gguf.tensors.iter().map(|t| t.elements()).sum(),
         })
+    }
+
+    /// The file's chat template, read again from the file (for /api/show).
+    pub fn chat_template(&self) -> Result<String> {
+        let gguf = GgufFile::open(&self.opts.model)?;
+        Ok(gguf
+            .get("tokenizer.chat_template")
+            .and_then(crate::gguf::Value::as_str)
+            .unwrap_or("")
+            .to_string())
     }
 
     /// Whether a request's `model` names this one: its name or an alias, in any case, with or
@@ -450,7 +474,7 @@ impl ModelPool {
             }
         }
         let by_size = |pick_max: bool| {
-            let sizes = specs.iter().map(|s| s.gguf.file_size()).enumerate();
+            let sizes = specs.iter().map(|s| s.file_size).enumerate();
             if pick_max {
                 sizes.max_by_key(|&(_, s)| s).map_or(0, |(i, _)| i)
             } else {
@@ -543,7 +567,7 @@ impl ModelPool {
 
     fn load(&self, i: usize) -> Result<LoadedModel> {
         let spec = &self.entries[i].spec;
-        let engine = Engine::load_with(&spec.opts, Some(spec.gguf.clone()))?;
+        let engine = Engine::load(&spec.opts)?;
         engine.check_kv_fits(self.opts.parallel)?;
         eprintln!(
             "[qwen-run] loaded '{}' ({}) in {:.2} s | {} | {} threads | ctx {}",

@@ -489,10 +489,7 @@ async fn generate_inner(
 }
 
 fn details(spec: &ModelSpec) -> Value {
-    let g = &spec.gguf;
-    let file_type = g
-        .get("general.file_type")
-        .and_then(crate::gguf::Value::as_u64);
+    let file_type = spec.file_type;
     json!({
         "parent_model": "",
         "format": "gguf",
@@ -500,7 +497,7 @@ fn details(spec: &ModelSpec) -> Value {
         "families": ["qwen2"],
         "parameter_size": format!(
             "{:.2}B",
-            g.tensors.iter().map(|t| t.elements()).sum::<usize>() as f64 / 1e9
+            spec.parameters as f64 / 1e9
         ),
         "quantization_level": file_type.map_or(String::new(), |t| format!("file type {t}")),
     })
@@ -522,7 +519,7 @@ pub async fn tags(State(state): State<Arc<AppState>>) -> Response {
                 "name": m.spec.name,
                 "model": m.spec.name,
                 "modified_at": modified_at(m.spec),
-                "size": m.spec.gguf.file_size(),
+                "size": m.spec.file_size,
                 "digest": "",
                 "details": details(m.spec),
                 "state": model_state(m),
@@ -542,7 +539,7 @@ pub async fn ps(State(state): State<Arc<AppState>>) -> Response {
         .iter()
         .filter_map(|m| {
             let loaded = m.loaded.as_ref()?;
-            let size = m.spec.gguf.file_size();
+            let size = m.spec.file_size;
             let on_gpu = loaded.engine.placement().gpu().is_some();
             // Ollama writes a far-off date for a model kept for good.
             let expires = match loaded.expires() {
@@ -586,12 +583,15 @@ pub async fn show(
         Ok(s) => s,
         Err(e) => return error(e),
     };
-    let template = spec
-        .gguf
-        .get("tokenizer.chat_template")
-        .and_then(crate::gguf::Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    let template = match super::api::off_runtime(|| spec.chat_template()) {
+        Ok(t) => t,
+        Err(e) => {
+            return error(ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the model file of '{}': {e:#}", spec.name),
+            ))
+        }
+    };
     Json(json!({
         "modelfile": "",
         "parameters": "",

@@ -441,7 +441,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Response {
                 "meta": {
                     "n_ctx": ctx,
                     "n_ctx_train": m.spec.context_length,
-                    "size": m.spec.gguf.file_size(),
+                    "size": m.spec.file_size,
                 },
             })
         })

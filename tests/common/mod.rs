@@ -184,6 +184,18 @@ pub fn tiny_model_writer(ty: QuantType) -> GgufWriter {
     w
 }
 
+/// One Q8_0 tiny model per test binary, written on first use.
+pub fn shared_tiny_model() -> &'static Path {
+    static PATH: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    &PATH
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let p = write_tiny_model(dir.path(), QuantType::Q8_0);
+            (dir, p)
+        })
+        .1
+}
+
 pub fn write_tiny_model(dir: &Path, ty: QuantType) -> PathBuf {
     let path = dir.join(format!("tiny-{}.gguf", ty.name()));
     tiny_model_writer(ty).write(&path).unwrap();

@@ -108,6 +108,16 @@ impl Server {
         (status, resp)
     }
 
+    /// A metric's value from /metrics.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    }
+
     pub fn get(&self, path: &str) -> (u16, String) {
         let r = self.http.get(self.url(path)).send().unwrap();
         (r.status().as_u16(), r.text().unwrap())
