@@ -370,6 +370,8 @@ fn disk_cache_respects_its_budget() {
     for i in 0..5 {
         let p = tokens(&engine, &system_text(200, 20 + i));
         generate(&engine, &p);
+        // written by the cache's own thread
+        engine.prompt_cache().flush();
         let total: u64 = cache_files(&cache)
             .iter()
             .map(|f| f.metadata().unwrap().len())

@@ -47,7 +47,78 @@ pub struct PromptCache {
     block: usize,
     seed: u64,
     memory: Option<Mutex<PrefixCache>>,
-    disk: Option<DiskCache>,
+    disk: Option<Arc<DiskCache>>,
+    writer: Option<DiskWriter>,
+}
+
+/// Writes prompt prefixes to the disk cache on a thread of its own, so that the scheduler's
+/// thread (and every request it runs) never waits for the file system. Dropping it finishes
+/// the writes already queued, so a one-shot command leaves its prefix on disk.
+struct DiskWriter {
+    jobs: Option<std::sync::mpsc::SyncSender<WriteJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum WriteJob {
+    Store {
+        tokens: Vec<u32>,
+        hashes: Vec<u64>,
+        blocks: Vec<Arc<KvBlock>>,
+        rejected: Vec<usize>,
+    },
+    /// Answered once every write queued before it is done.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// Prefixes that may wait to be written; when the disk is slower than this, later ones are
+/// not stored (the cache is only an optimization).
+const QUEUED_WRITES: usize = 8;
+
+impl DiskWriter {
+    fn start(disk: Arc<DiskCache>) -> Option<DiskWriter> {
+        let (jobs, queue) = std::sync::mpsc::sync_channel(QUEUED_WRITES);
+        let thread = std::thread::Builder::new()
+            .name("qwen-run-prompt-cache".into())
+            .spawn(move || {
+                for job in queue {
+                    match job {
+                        WriteJob::Store {
+                            tokens,
+                            hashes,
+                            blocks,
+                            rejected,
+                        } => {
+                            if let Err(e) = disk.store(&tokens, &hashes, &blocks, &rejected) {
+                                eprintln!("warning: the prompt cache was not saved: {e:#}");
+                            }
+                        }
+                        WriteJob::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })
+            .ok()?;
+        Some(DiskWriter {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, job: WriteJob) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.try_send(job);
+        }
+    }
+}
+
+impl Drop for DiskWriter {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl PromptCache {
@@ -59,11 +130,25 @@ impl PromptCache {
         type_k: CacheType,
         type_v: CacheType,
     ) -> PromptCache {
+        let disk = disk.map(Arc::new);
         PromptCache {
             block,
             seed: chain_seed(type_k, type_v, block),
             memory: (memory_bytes > 0).then(|| Mutex::new(PrefixCache::new(block, memory_bytes))),
+            writer: disk.clone().and_then(DiskWriter::start),
             disk,
+        }
+    }
+
+    /// Waits until the prefixes stored so far are on disk.
+    pub fn flush(&self) {
+        if let Some(w) = &self.writer {
+            let (done, wait) = std::sync::mpsc::channel();
+            if let Some(jobs) = &w.jobs {
+                if jobs.send(WriteJob::Flush(done)).is_ok() {
+                    let _ = wait.recv();
+                }
+            }
         }
     }
 
@@ -77,7 +162,7 @@ impl PromptCache {
 
     /// The persistent prompt cache, if enabled.
     pub fn disk(&self) -> Option<&DiskCache> {
-        self.disk.as_ref()
+        self.disk.as_deref()
     }
 
     /// Empties the in-process prefix cache.
@@ -223,8 +308,13 @@ impl PromptCache {
                     None => return,
                 }
             }
-            if let Err(e) = disk.store(prompt, &hashes[..n], &blocks[..n], rejected) {
-                eprintln!("warning: the prompt cache was not saved: {e:#}");
+            if let Some(w) = &self.writer {
+                w.send(WriteJob::Store {
+                    tokens: prompt[..(n * self.block).min(prompt.len())].to_vec(),
+                    hashes: hashes[..n].to_vec(),
+                    blocks: blocks[..n].to_vec(),
+                    rejected: rejected.to_vec(),
+                });
             }
         }
     }
