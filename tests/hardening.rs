@@ -457,15 +457,8 @@ fn a_load_runs_to_its_end_when_its_client_leaves() {
         ],
     );
     let state = |name: &str| -> String {
-        let (_, body) = s.get("/v1/models");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        v["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["id"] == name)
-            .map(|m| m["status"]["value"].as_str().unwrap().to_string())
-            .unwrap()
+        let states = s.model_states();
+        states.into_iter().find(|(id, _)| id == name).unwrap().1
     };
     assert_eq!(state("tiny-Q4_0"), "unloaded");
     // A client that asks for the unloaded model and hangs up at once.

@@ -481,23 +481,6 @@ fn small_tiny_model() -> &'static Path {
         .1
 }
 
-/// Each model's state in /v1/models.
-fn model_states(s: &Server) -> Vec<(String, String)> {
-    let (_, body) = s.get("/v1/models");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            (
-                m["id"].as_str().unwrap().to_string(),
-                m["status"]["value"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 fn ps_names(s: &Server) -> Vec<String> {
     let (_, body) = s.get("/api/ps");
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -544,7 +527,7 @@ fn several_models_load_on_first_use_with_lru_unload() {
     let unloaded = |name: &str| (name.to_string(), "unloaded".to_string());
     // The first -m is loaded at startup, the other on first use.
     assert_eq!(
-        model_states(&s),
+        s.model_states(),
         vec![loaded("tiny-Q8_0"), unloaded("tiny-Q4_0")]
     );
     let (_, tags) = s.get("/api/tags");
@@ -557,7 +540,7 @@ fn several_models_load_on_first_use_with_lru_unload() {
     assert_eq!(v["model"], "tiny-Q4_0");
     // --max-loaded 1: loading it unloaded the other one.
     assert_eq!(
-        model_states(&s),
+        s.model_states(),
         vec![unloaded("tiny-Q8_0"), loaded("tiny-Q4_0")]
     );
     assert_eq!(ps_names(&s), vec!["tiny-Q4_0".to_string()]);
@@ -580,7 +563,7 @@ fn a_models_directory_is_served() {
     common::write_tiny_model(dir.path(), QuantType::Q4_0);
     std::fs::write(dir.path().join("notes.txt"), "not a model").unwrap();
     let s = Server::start(dir.path(), &["-t", "1"]);
-    let names: Vec<String> = model_states(&s).into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = s.model_states().into_iter().map(|(n, _)| n).collect();
     assert_eq!(
         names,
         vec!["tiny-Q4_0".to_string(), "tiny-Q8_0".to_string()]

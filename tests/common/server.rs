@@ -108,6 +108,23 @@ impl Server {
         (status, resp)
     }
 
+    /// Each model's name and state in /v1/models.
+    pub fn model_states(&self) -> Vec<(String, String)> {
+        let (_, body) = self.get("/v1/models");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["id"].as_str().unwrap().to_string(),
+                    m["status"]["value"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
     /// A metric's value from /metrics.
     pub fn metric(&self, name: &str) -> f64 {
         let (_, text) = self.get("/metrics");
