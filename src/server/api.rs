@@ -320,7 +320,9 @@ pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
             INSIDE.with(|c| c.set(false));
         }
     }
-    let limit = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Asked once: on Linux it reads the cgroup's CPU quota from files.
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let limit = *LIMIT.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let run = || {
         let mut n = running();
         while *n >= limit {
