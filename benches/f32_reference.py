@@ -27,7 +27,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402  (the helpers that fetch models and build the tools)
 
-LEVELS = ["avx512", "avx2", "scalar"]
+LEVELS = ["avx512", "avxvnni", "avx2", "scalar"]
 
 
 def numpy():

@@ -289,7 +289,7 @@ fn a_forced_kernel_level_is_checked() {
     assert_eq!(code, 1);
     assert!(
         err.contains("QWEN_RUN_KERNELS=avx3 is not a kernel level")
-            && err.contains("scalar, avx2, avx512"),
+            && err.contains("scalar, avx2, avxvnni, avx512"),
         "{err}"
     );
     // a level this CPU has gets as far as the model file

@@ -252,7 +252,7 @@ impl Task<'_> {
         }
         match backend {
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx2 | Backend::Avx512 => self.run_avx2(q, y),
+            level if level.is_simd() => self.run_avx2(q, y),
             _ => self.run_portable(Backend::Scalar, q, y),
         }
     }

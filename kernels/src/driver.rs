@@ -213,6 +213,8 @@ unsafe fn chunk_rows(backend: Backend, plan: &RowsPlan<'_>, rows: Range<usize>) 
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 => crate::x86::chunk_rows::<crate::x86::Avx2>(plan, rows.clone()),
         #[cfg(target_arch = "x86_64")]
+        Backend::AvxVnni => crate::x86::chunk_rows::<crate::x86::AvxVnni>(plan, rows.clone()),
+        #[cfg(target_arch = "x86_64")]
         Backend::Avx512 => crate::x86::chunk_rows::<crate::x86::Avx512Vnni>(plan, rows.clone()),
         _ => false,
     };
@@ -226,7 +228,7 @@ fn quantize_q8(backend: Backend, x: &[f32], out: &mut [BlockQ8]) {
     match backend {
         // SAFETY: the backend was checked against the CPU's features
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 | Backend::Avx512 => unsafe { crate::x86::quantize_q8(x, out) },
+        level if level.is_simd() => unsafe { crate::x86::quantize_q8(x, out) },
         _ => scalar::quantize_q8(x, out),
     }
 }
@@ -236,7 +238,7 @@ fn quantize_q8k(backend: Backend, x: &[f32], out: &mut [BlockQ8K]) {
     match backend {
         // SAFETY: the backend was checked against the CPU's features
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 | Backend::Avx512 => unsafe { crate::x86::quantize_q8k(x, out) },
+        level if level.is_simd() => unsafe { crate::x86::quantize_q8k(x, out) },
         _ => scalar::quantize_q8k(x, out),
     }
 }
@@ -286,12 +288,16 @@ fn pack_rows4(backend: Backend, ty: QuantType, rb: usize, src: &[u8], dst: &mut 
 /// 8-bit multiply-adds per second of all threads of the current rayon pool with `backend`'s
 /// product instructions (`None` for the scalar kernels); see [`crate::int8_product_rate`].
 pub(crate) fn int8_product_rate(backend: Backend, seconds: f64) -> Option<f64> {
-    // SAFETY (both levels): the backend was checked against the CPU's features
+    // SAFETY (every level): the backend was checked against the CPU's features
     let rates = match backend {
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 => {
             rayon::broadcast(|_| unsafe { crate::x86::product_rate::<crate::x86::Avx2>(seconds) })
         }
+        #[cfg(target_arch = "x86_64")]
+        Backend::AvxVnni => rayon::broadcast(|_| unsafe {
+            crate::x86::product_rate::<crate::x86::AvxVnni>(seconds)
+        }),
         #[cfg(target_arch = "x86_64")]
         Backend::Avx512 => rayon::broadcast(|_| unsafe {
             crate::x86::product_rate::<crate::x86::Avx512Vnni>(seconds)

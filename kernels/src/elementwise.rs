@@ -21,7 +21,7 @@ pub fn silu_mul_with(backend: Backend, gate: &[f32], up: &[f32], out: &mut [f32]
     );
     let run = |g: &[f32], u: &[f32], o: &mut [f32]| match backend {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 | Backend::Avx512 => unsafe { avx2::silu_mul(g, u, o) },
+        level if level.is_simd() => unsafe { avx2::silu_mul(g, u, o) },
         _ => silu_mul_scalar(g, u, o),
     };
     if out.len() < MIN_PARALLEL || rayon::current_num_threads() < 2 {
@@ -96,7 +96,7 @@ fn silu_mul_scalar(gate: &[f32], up: &[f32], out: &mut [f32]) {
 pub(crate) fn exp_shifted(backend: Backend, xs: &mut [f32], max: f32) -> f32 {
     match backend {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 | Backend::Avx512 => unsafe {
+        level if level.is_simd() => unsafe {
             avx2::exp_shifted::<true>(xs.as_mut_ptr(), xs.len(), max)
         },
         _ => xs
@@ -119,7 +119,7 @@ pub fn sum_exp_shifted_with(backend: Backend, xs: &[f32], max: f32) -> f32 {
     match backend {
         // Without STORE the kernel only reads through the pointer.
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 | Backend::Avx512 => unsafe {
+        level if level.is_simd() => unsafe {
             avx2::exp_shifted::<false>(xs.as_ptr().cast_mut(), xs.len(), max)
         },
         _ => xs.iter().map(|x| (x - max).exp()).sum(),

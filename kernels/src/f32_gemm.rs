@@ -34,7 +34,7 @@ pub(crate) fn gemm(
     match backend {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the shapes were checked against the slices above.
-        Backend::Avx2 | Backend::Avx512 => unsafe {
+        level if level.is_simd() => unsafe {
             avx2::gemm((m, n, k), (a, lda), (b, ldb), (c, ldc), accumulate)
         },
         _ => {

@@ -47,25 +47,35 @@ pub enum Backend {
     Scalar,
     /// AVX2 + FMA + F16C (x86_64 only; requires those features at run time).
     Avx2,
+    /// The AVX2 kernels with AVX-VNNI integer products (the VEX-encoded 256-bit `vpdpbusd`,
+    /// `vpdpwssd` of Intel's Alder Lake and later and AMD's Zen 5): requires AVX-VNNI besides
+    /// AVX2 + FMA + F16C. Same results as [`Backend::Avx2`], bit for bit.
+    AvxVnni,
     /// The AVX2 kernels with AVX-512 VNNI integer products (`vpdpbusd`, `vpdpwssd`):
     /// requires AVX-512 F, BW, VL and VNNI besides AVX2 + FMA + F16C. Same results as
     /// [`Backend::Avx2`], bit for bit.
     Avx512,
 }
 
-/// The environment variable that forces a [`Backend`] (`scalar`, `avx2`, `avx512`), for tests
+/// The environment variable that forces a [`Backend`] (`scalar`, `avx2`, `avxvnni`, `avx512`), for tests
 /// and A/B runs.
 pub const KERNELS_ENV: &str = "QWEN_RUN_KERNELS";
 
 impl Backend {
     /// Every backend, slowest first.
-    pub const ALL: [Backend; 3] = [Backend::Scalar, Backend::Avx2, Backend::Avx512];
+    pub const ALL: [Backend; 4] = [
+        Backend::Scalar,
+        Backend::Avx2,
+        Backend::AvxVnni,
+        Backend::Avx512,
+    ];
 
     /// The name [`KERNELS_ENV`] takes.
     pub fn env_name(self) -> &'static str {
         match self {
             Backend::Scalar => "scalar",
             Backend::Avx2 => "avx2",
+            Backend::AvxVnni => "avxvnni",
             Backend::Avx512 => "avx512",
         }
     }
@@ -126,6 +136,7 @@ impl Backend {
         match self {
             Backend::Scalar => "nothing",
             Backend::Avx2 => "avx2, fma, f16c",
+            Backend::AvxVnni => "avx2, fma, f16c, avx_vnni",
             Backend::Avx512 => "avx2, fma, f16c, avx512f, avx512bw, avx512vl, avx512_vnni",
         }
     }
@@ -142,6 +153,7 @@ impl Backend {
             match self {
                 Backend::Scalar => true,
                 Backend::Avx2 => avx2(),
+                Backend::AvxVnni => avx2() && is_x86_feature_detected!("avxvnni"),
                 Backend::Avx512 => {
                     avx2()
                         && is_x86_feature_detected!("avx512f")
@@ -167,6 +179,7 @@ impl Backend {
         match self {
             Backend::Scalar => "scalar",
             Backend::Avx2 => "AVX2+FMA",
+            Backend::AvxVnni => "AVX-VNNI",
             Backend::Avx512 => "AVX-512 VNNI",
         }
     }
@@ -182,8 +195,8 @@ pub fn best_packing(ty: QuantType, rows: usize) -> Packing {
     }
 }
 
-/// Which kernels [`matmul`] uses, as reports name them: "AVX-512 VNNI", "AVX2+FMA" or
-/// "scalar" (detected at run time, or forced by [`KERNELS_ENV`]).
+/// Which kernels [`matmul`] uses, as reports name them: "AVX-512 VNNI", "AVX-VNNI",
+/// "AVX2+FMA" or "scalar" (detected at run time, or forced by [`KERNELS_ENV`]).
 pub fn simd_name() -> &'static str {
     Backend::detect().name()
 }

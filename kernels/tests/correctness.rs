@@ -282,7 +282,7 @@ fn matmul_in_custom_pools() {
     }
 }
 
-/// The SIMD levels this CPU runs (AVX2, AVX-512 VNNI).
+/// The SIMD levels this CPU runs (AVX2, AVX-VNNI, AVX-512 VNNI).
 fn simd_levels() -> Vec<Backend> {
     Backend::ALL
         .into_iter()
@@ -539,7 +539,9 @@ fn rows4_weights_match_the_gguf_blocks() {
     {
         // below this many tokens the GGUF kernels use other (decode) arithmetic
         let batch_min = if ty.block_size() == 256 { 4 } else { 2 };
-        for (rows, cols) in [(4, 256), (8, 768), (44, 512)] {
+        // 9216 columns: the K-quants' 40 tokens span two chunks of tokens (an odd tile
+        // start in each)
+        for (rows, cols) in [(4, 256), (8, 768), (44, 512), (8, 9216)] {
             let (bytes, _) = make_weights(ty, rows, cols, 300 + i as u64);
             let packed = repack_rows4(ty, rows, cols, &bytes).expect("rows4 form");
             let mut rng = StdRng::seed_from_u64(310 + i as u64);

@@ -2,8 +2,10 @@
 //! every kernel is written once and compiled once per level.
 //!
 //! AVX2 multiplies u8 x i8 pairs into i16 (`maddubs`), widens pairs of those into i32 with
-//! `madd`, then adds; AVX-512 VNNI does the three in one `vpdpbusd` (u8 x i8) or `vpdpwssd`
-//! (i16 x i16), here on 256-bit registers (AVX512VL), so the kernels keep their layouts.
+//! `madd`, then adds; VNNI does the three in one `vpdpbusd` (u8 x i8) or `vpdpwssd`
+//! (i16 x i16). AVX-512 VNNI runs them here on 256-bit registers (AVX512VL), so the kernels
+//! keep their layouts; AVX-VNNI (Intel since Alder Lake, AMD since Zen 5) is the same two
+//! instructions in VEX encoding, for CPUs with no AVX-512.
 //! Both produce the same integers (the kernels keep every i16 partial sum in range), so the
 //! levels give bit-identical results.
 //!
@@ -19,6 +21,10 @@ use std::arch::x86_64::*;
 
 /// One x86 feature level's integer dot products (see the module docs).
 pub(crate) trait Isa {
+    /// Whether the level's K-quant rows4 batch kernels put two tokens in each 512-bit register
+    /// (pairs.rs).
+    const PAIRS: bool = false;
+
     /// i32 lanes: each lane's four u8 x i8 products of `u[k]` and `s[k]`, summed over k.
     /// Exact when every adjacent pair of products fits in i16.
     unsafe fn dot4(u: &[__m256i; 4], s: &[__m256i; 4]) -> __m256i;
@@ -91,6 +97,9 @@ macro_rules! entry_points {
 /// AVX2 + FMA + F16C.
 pub(crate) struct Avx2;
 
+/// AVX-VNNI (VEX-encoded `vpdpbusd`, `vpdpwssd`), plus AVX2 + FMA + F16C.
+pub(crate) struct AvxVnni;
+
 /// AVX-512 F/BW/VL with VNNI (on 256-bit registers), plus AVX2 + FMA + F16C.
 pub(crate) struct Avx512Vnni;
 
@@ -131,47 +140,78 @@ impl Isa for Avx2 {
     entry_points!("avx2,fma,f16c");
 }
 
-impl Isa for Avx512Vnni {
-    #[inline(always)]
-    unsafe fn dot4(u: &[__m256i; 4], s: &[__m256i; 4]) -> __m256i {
-        (0..4).fold(_mm256_setzero_si256(), |h, k| Self::dot_acc(h, u[k], s[k]))
-    }
+/// The [`Isa`] of a level whose products are `vpdpbusd` (`$dpbusd`) and `vpdpwssd`
+/// (`$dpwssd`), compiled with `$features`.
+macro_rules! vnni_isa {
+    ($level:ty, $dpbusd:ident, $dpwssd:ident, $features:literal, $pairs:literal) => {
+        impl Isa for $level {
+            const PAIRS: bool = $pairs;
 
-    #[inline(always)]
-    unsafe fn dot4_narrow(u: &[__m256i; 4], s: &[__m256i; 4]) -> __m256i {
-        Self::dot4(u, s)
-    }
+            #[inline(always)]
+            unsafe fn dot4(u: &[__m256i; 4], s: &[__m256i; 4]) -> __m256i {
+                (0..4).fold(_mm256_setzero_si256(), |h, k| Self::dot_acc(h, u[k], s[k]))
+            }
 
-    #[inline(always)]
-    unsafe fn dot_acc(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, u, s)
-    }
+            #[inline(always)]
+            unsafe fn dot4_narrow(u: &[__m256i; 4], s: &[__m256i; 4]) -> __m256i {
+                Self::dot4(u, s)
+            }
 
-    #[inline(always)]
-    unsafe fn madd_acc(acc: __m256i, p: __m256i, s: __m256i) -> __m256i {
-        _mm256_dpwssd_epi32(acc, p, s)
-    }
+            #[inline(always)]
+            unsafe fn dot_acc(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+                $dpbusd(acc, u, s)
+            }
 
-    #[inline(always)]
-    unsafe fn dot4_scaled(acc: __m256i, u: &[__m256i; 4], a: &[__m256i; 4], s: __m256i) -> __m256i {
-        // the i32 sum fits in i16: its low half is the sum and its high half the sign, so
-        // the scale goes in the low half alone
-        let s_low = _mm256_and_si256(s, _mm256_set1_epi32(0xffff));
-        _mm256_dpwssd_epi32(acc, Self::dot4(u, a), s_low)
-    }
+            #[inline(always)]
+            unsafe fn madd_acc(acc: __m256i, p: __m256i, s: __m256i) -> __m256i {
+                $dpwssd(acc, p, s)
+            }
 
-    entry_points!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
+            #[inline(always)]
+            unsafe fn dot4_scaled(
+                acc: __m256i,
+                u: &[__m256i; 4],
+                a: &[__m256i; 4],
+                s: __m256i,
+            ) -> __m256i {
+                // the i32 sum fits in i16: its low half is the sum and its high half the sign,
+                // so the scale goes in the low half alone
+                let s_low = _mm256_and_si256(s, _mm256_set1_epi32(0xffff));
+                $dpwssd(acc, Self::dot4(u, a), s_low)
+            }
+
+            entry_points!($features);
+        }
+    };
 }
+
+vnni_isa!(
+    AvxVnni,
+    _mm256_dpbusd_avx_epi32,
+    _mm256_dpwssd_avx_epi32,
+    "avx2,fma,f16c,avxvnni",
+    false
+);
+vnni_isa!(
+    Avx512Vnni,
+    _mm256_dpbusd_epi32,
+    _mm256_dpwssd_epi32,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    true
+);
 
 /// Independent accumulator chains of [`product_rate`]: enough to hide the products' latency.
 const CHAINS: usize = 12;
 
-/// `iters` rounds of [`CHAINS`] u8 x i8 products of 32 bytes each, as the level computes them
-/// (AVX2: `maddubs`, `madd`, add; AVX-512 VNNI: `vpdpbusd`), on values in registers; each chain
-/// feeds its own result back in, so nothing can be hoisted. Returns a value that depends on
+/// `iters` rounds of [`CHAINS`] u8 x i8 products of [`product_bytes`] bytes each, as the level
+/// computes them (AVX2: `maddubs`, `madd`, add; VNNI: `vpdpbusd`), on values in registers; each
+/// chain feeds its own result back in, so nothing can be hoisted. Returns a value that depends on
 /// every product (so the loop is not removed).
 #[inline(always)]
 unsafe fn product_chains<I: Isa>(iters: usize) -> i32 {
+    if I::PAIRS {
+        return super::pairs::product_chains::<CHAINS>(iters);
+    }
     let s = _mm256_set1_epi8(1);
     let mut acc = [_mm256_setzero_si256(); CHAINS];
     for (i, a) in acc.iter_mut().enumerate() {
@@ -190,6 +230,16 @@ unsafe fn product_chains<I: Isa>(iters: usize) -> i32 {
     out.iter().fold(0, |x, v| x.wrapping_add(*v))
 }
 
+/// Bytes of one product instruction of the level's batch kernels: 64 where they use 512-bit
+/// registers ([`Isa::PAIRS`]).
+fn product_bytes<I: Isa>() -> usize {
+    if I::PAIRS {
+        64
+    } else {
+        32
+    }
+}
+
 /// The 8-bit multiply-adds one thread computes per second with level `I`'s product
 /// instructions and nothing else: the compute ceiling of the quantized kernels (prefill, batched
 /// decode).
@@ -203,7 +253,7 @@ pub(crate) unsafe fn product_rate<I: Isa>(seconds: f64) -> f64 {
         std::hint::black_box(I::product_chains(iters));
         let dt = t0.elapsed().as_secs_f64();
         if dt >= seconds || iters >= 1 << 34 {
-            return (iters * CHAINS * 32) as f64 / dt;
+            return (iters * CHAINS * product_bytes::<I>()) as f64 / dt;
         }
         iters *= 2;
     }

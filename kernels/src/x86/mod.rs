@@ -1,4 +1,4 @@
-//! x86 kernels: AVX2 + FMA + F16C, and the same kernels with AVX-512 VNNI integer products.
+//! x86 kernels: AVX2 + FMA + F16C, and the same kernels with VNNI integer products (AVX-VNNI, AVX-512 VNNI).
 //!
 //! * `isa.rs`: what differs between the two levels (the [`Isa`] trait), and each level's entry
 //!   points, the kernels compiled with its target features.
@@ -19,12 +19,13 @@ use std::ops::Range;
 mod act;
 mod decode;
 mod isa;
+mod pairs;
 mod panel;
 mod repack;
 mod simd;
 
 pub(crate) use act::{quantize_q8, quantize_q8k};
-pub(crate) use isa::{product_rate, Avx2, Avx512Vnni, Isa};
+pub(crate) use isa::{product_rate, Avx2, Avx512Vnni, AvxVnni, Isa};
 pub(crate) use repack::pack_rows4;
 
 const K_Q4_0: u8 = 0;

@@ -23,6 +23,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::isa::Isa;
+use super::pairs::{tile_k_rows4_pairs, Interleaved};
 use super::simd::{f16_ld, ld128, ld256, prefetch, scale_min_bytes_k4, unpack32u_vals};
 use super::{
     q32_block_bytes, q32_signed, Operands, K_Q4_0, K_Q4_0R4, K_Q4_1, K_Q5K, K_Q5_0, K_Q5_0R4,
@@ -652,7 +653,7 @@ unsafe fn micro_k<I: Isa, const BITS: u32, const T: usize>(
 /// [r0 r0 r1 r1 r2 r2 r3 r3]. Shared by the panel and rows4 kernels, so that both give the same
 /// bits.
 #[inline(always)]
-unsafe fn k_sub_block<I: Isa, const BITS: u32>(
+pub(super) unsafe fn k_sub_block<I: Isa, const BITS: u32>(
     w: &[__m256i; 4],
     s: &[__m256i; 2],
     aq: *const u8,
@@ -685,7 +686,7 @@ unsafe fn k_sub_block<I: Isa, const BITS: u32>(
 /// by dmin, Q6_K subtract 32 times it, its -32 offset, in integers), scaled by d and the token's
 /// d, added to `acc`. Shared by the panel and rows4 kernels.
 #[inline(always)]
-unsafe fn k_block_token<I: Isa, const SIX: bool>(
+pub(super) unsafe fn k_block_token<I: Isa, const SIX: bool>(
     acc: __m256,
     isum: __m256i,
     m: &[__m256i; 4],
@@ -759,7 +760,7 @@ unsafe fn micro_k_block<I: Isa, const BITS: u32, const T: usize>(
 /// the group-block's scale bytes `sc[0]` ([`k_rows4_scales`]).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_rows4_sub_block(
+pub(super) unsafe fn q4k_rows4_sub_block(
     p: *const u8,
     j: usize,
     sc: &[__m256i; 2],
@@ -842,7 +843,7 @@ unsafe fn spread_i8(v: __m256i, c: &[i8; 16]) -> __m256i {
 /// 8 (r % 2) in the 128-bit half of rows 2 (r / 2), 2 (r / 2) + 1.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_rows4_scales<const SIX: bool>(p: *const u8) -> [__m256i; 2] {
+pub(super) unsafe fn k_rows4_scales<const SIX: bool>(p: *const u8) -> [__m256i; 2] {
     if SIX {
         [ld256(p.add(Q6K_SCALES)), ld256(p.add(Q6K_SCALES + 32))]
     } else {
@@ -855,7 +856,7 @@ unsafe fn k_rows4_scales<const SIX: bool>(p: *const u8) -> [__m256i; 2] {
 /// ([`k_rows4_scales`]).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_rows4_sub_block(
+pub(super) unsafe fn q6k_rows4_sub_block(
     p: *const u8,
     j: usize,
     sc: &[__m256i; 2],
@@ -885,7 +886,7 @@ unsafe fn q6k_rows4_sub_block(
 /// [m m m' m'] per row; Q6_K's group scales 4q..4q + 4 per row.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_rows4_mins_d<const SIX: bool>(
+pub(super) unsafe fn k_rows4_mins_d<const SIX: bool>(
     p: *const u8,
     sc: &[__m256i; 2],
 ) -> ([__m256i; 4], __m256, __m256) {
@@ -980,6 +981,7 @@ pub(super) unsafe fn gemm_k_rows4<I: Isa, const SIX: bool>(o: Operands<BlockQ8K>
     let mut tc = 0;
     while tc < ntok {
         let te = (tc + tch).min(ntok);
+        let pairs = (I::PAIRS && te - tc >= 2).then(|| Interleaved::new(a, nb, tc, te));
         let mut r = 0;
         while r < nrows {
             let (wr, yr) = (w.add(r * rb), y.add(r));
@@ -989,7 +991,13 @@ pub(super) unsafe fn gemm_k_rows4<I: Isa, const SIX: bool>(o: Operands<BlockQ8K>
                 PR * rb
             };
             token_tiles!(tc, te, PR, yr, ystride, |t, T| {
-                let o = tile_k_rows4::<I, SIX, T>(wr, a.add(t * nb), nb, nb, pf);
+                let at = a.add(t * nb);
+                let o = match &pairs {
+                    Some(p) if T >= 2 => {
+                        tile_k_rows4_pairs::<I, SIX, T>(wr, at, nb, nb, p.tile(t - tc, nb), pf)
+                    }
+                    _ => tile_k_rows4::<I, SIX, T>(wr, at, nb, nb, pf),
+                };
                 pf = 0;
                 o
             });
