@@ -525,3 +525,140 @@ fn more_tokens_than_embedding_rows_is_refused() {
     w.write(&p).unwrap();
     run_model(&p, &["tokenizer.ggml.tokens holds", "rows"]);
 }
+
+#[test]
+fn chat_template_flags_are_checked_before_the_model_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = common::write_tiny_model(dir.path(), QuantType::Q8_0);
+    let m = p.to_str().unwrap();
+    let run = |extra: &[&str], needles: &[&str]| {
+        for cmd in [
+            &["run", "-p", "hi", "-n", "1", "-c", "256"][..],
+            &["template"],
+            &["serve", "--port", "0"],
+        ] {
+            let mut args: Vec<&str> = cmd.to_vec();
+            args.extend(["-m", m]);
+            args.extend(extra);
+            expect_error(&args, needles);
+        }
+    };
+    // An unknown name lists the names; a bare word is never taken as a template.
+    run(
+        &["--chat-template", "qwen25"],
+        &[
+            "--chat-template 'qwen25' is not a built-in template",
+            "chatml, qwen2.5",
+            "--chat-template-file",
+        ],
+    );
+    // Both flags: one is refused.
+    let good = dir.path().join("good.jinja");
+    std::fs::write(&good, "{{ messages[0].content }}").unwrap();
+    run(
+        &[
+            "--chat-template",
+            "chatml",
+            "--chat-template-file",
+            good.to_str().unwrap(),
+        ],
+        &["--chat-template", "cannot be used with"],
+    );
+    // A file that is missing, too large, not UTF-8 or not Jinja names the file and the problem.
+    let missing = dir.path().join("missing.jinja");
+    run(
+        &["--chat-template-file", missing.to_str().unwrap()],
+        &["--chat-template-file", "missing.jinja", "cannot read it"],
+    );
+    let big = dir.path().join("big.jinja");
+    std::fs::write(&big, "x".repeat((1 << 20) + 1)).unwrap();
+    run(
+        &["--chat-template-file", big.to_str().unwrap()],
+        &["big.jinja", "larger than 1024 KiB"],
+    );
+    let binary = dir.path().join("binary.jinja");
+    std::fs::write(&binary, [0xffu8, 0xfe, 0x00]).unwrap();
+    run(
+        &["--chat-template-file", binary.to_str().unwrap()],
+        &["binary.jinja", "not UTF-8"],
+    );
+    let broken = dir.path().join("broken.jinja");
+    std::fs::write(&broken, "{% for m in messages %}\n{{ m.content }}").unwrap();
+    run(
+        &["--chat-template-file", broken.to_str().unwrap()],
+        &[
+            "the chat template file",
+            "broken.jinja",
+            "does not parse",
+            "syntax error",
+            "line 2",
+        ],
+    );
+    // Inline Jinja text is parsed too.
+    run(
+        &["--chat-template", "{{ messages"],
+        &["the --chat-template text does not parse", "syntax error"],
+    );
+    // The raw prompt has no template to choose.
+    expect_error(
+        &[
+            "-m",
+            m,
+            "-p",
+            "hi",
+            "--no-chat-template",
+            "--chat-template",
+            "chatml",
+        ],
+        &["--no-chat-template", "cannot be used with"],
+    );
+    // fidelity feeds token ids, renders no chat: the flag is not taken, not ignored.
+    expect_error(
+        &["fidelity", "-m", m, "--chat-template", "chatml"],
+        &["unexpected argument '--chat-template'"],
+    );
+}
+
+#[test]
+fn a_chat_template_that_fails_to_render_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = common::write_tiny_model(dir.path(), QuantType::Q8_0);
+    let m = p.to_str().unwrap();
+    let t = dir.path().join("undefined.jinja");
+    std::fs::write(
+        &t,
+        "{% for m in messages %}\n{{ m.content.words.first }}{% endfor %}",
+    )
+    .unwrap();
+    let file = t.to_str().unwrap();
+    for args in [
+        &[
+            "-m",
+            m,
+            "-p",
+            "hi",
+            "-n",
+            "1",
+            "-c",
+            "256",
+            "--chat-template-file",
+            file,
+        ][..],
+        &["template", "-m", m, "--chat-template-file", file],
+    ] {
+        expect_error(
+            args,
+            &[
+                "rendering the conversation with the chat template file",
+                "undefined.jinja",
+                "undefined value",
+                "line 2",
+            ],
+        );
+    }
+    std::fs::write(&t, "{{ raise_exception('only one user turn, please') }}").unwrap();
+    expect_error(
+        &["template", "-m", m, "--chat-template-file", file],
+        &["undefined.jinja (--chat-template-file) refuses this conversation: only one user turn, please"],
+    );
+}

@@ -6,6 +6,7 @@ use crate::grammar::Format;
 use crate::kv_cache::CacheType;
 use crate::sampler::SamplingParams;
 use crate::server::ModelSource;
+use crate::tokenizer::TemplateOverride;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
@@ -38,6 +39,77 @@ pub enum Command {
     Serve(super::serve::ServeArgs),
     /// Compare next-token distributions and greedy continuations with llama.cpp's.
     Fidelity(FidelityArgs),
+    /// Print a conversation as the chat template renders it (the exact prompt text the model
+    /// reads), without loading the weights.
+    Template(TemplateCmdArgs),
+}
+
+/// The chat template to use instead of the model file's (`tokenizer.chat_template`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TemplateArgs {
+    /// Use this chat template instead of the model's: a built-in name (chatml, qwen2.5), or the
+    /// Jinja text itself (a value holding `{{` or `{%`). Any other value is refused.
+    #[arg(
+        long = "chat-template",
+        value_name = "NAME|JINJA",
+        conflicts_with = "chat_template_file"
+    )]
+    pub chat_template: Option<String>,
+    /// Use the Jinja chat template in FILE instead of the model's (at most 1 MiB; checked before
+    /// the model loads).
+    #[arg(long = "chat-template-file", value_name = "FILE")]
+    pub chat_template_file: Option<PathBuf>,
+}
+
+impl TemplateArgs {
+    /// The template the flags name, read and parsed; None: the model's own.
+    pub fn template_override(&self) -> Result<Option<TemplateOverride>> {
+        match (&self.chat_template, &self.chat_template_file) {
+            (Some(_), Some(_)) => {
+                bail!("--chat-template and --chat-template-file both choose the chat template; pass one")
+            }
+            (Some(name), None) => TemplateOverride::named(name).map(Some),
+            (None, Some(file)) => TemplateOverride::from_file(file).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TemplateCmdArgs {
+    /// The GGUF model file whose tokenizer and chat template are used (its weights are not read).
+    #[arg(short = 'm', long = "model", value_name = "FILE")]
+    pub model: Option<PathBuf>,
+    /// Hugging Face model repo to take the model from, as for `run` (downloaded if not cached).
+    #[arg(
+        long = "hf-repo",
+        visible_alias = "hf",
+        value_name = "REPO[:QUANT]",
+        conflicts_with = "model"
+    )]
+    pub hf_repo: Option<String>,
+    /// The GGUF file of --hf-repo to use.
+    #[arg(long = "hf-file", value_name = "FILE", requires = "hf_repo")]
+    pub hf_file: Option<String>,
+    /// Download a --hf-repo file the Hub lists no size and sha256 for.
+    #[arg(long = "hf-no-verify", requires = "hf_repo")]
+    pub hf_no_verify: bool,
+    /// The conversation: a JSON array of OpenAI-style messages ({"role", "content",
+    /// "tool_calls"}), or an object with "messages" and "tools", as a chat completion request
+    /// holds them; `-` reads stdin. Default: a short example conversation.
+    #[arg(long, value_name = "FILE|-")]
+    pub messages: Option<PathBuf>,
+    /// A JSON array of tools (OpenAI's function definitions) for the template to list.
+    #[arg(long, value_name = "FILE")]
+    pub tools: Option<PathBuf>,
+    /// Leave out the prompt that opens the assistant's reply (add_generation_prompt = false).
+    #[arg(long = "no-generation-prompt")]
+    pub no_generation_prompt: bool,
+    /// Print the token ids (a JSON array) instead of the text.
+    #[arg(long)]
+    pub tokens: bool,
+    #[command(flatten)]
+    pub template: TemplateArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -85,6 +157,8 @@ pub struct BenchArgs {
     /// answer is complete the next starts. The rows' test names end in +json, +schema or +gbnf.
     #[command(flatten)]
     pub format: FormatArgs,
+    #[command(flatten)]
+    pub template: TemplateArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -217,15 +291,12 @@ impl ModelArgs {
     /// `long_lived`: the default of --huge-pages.
     fn one_model_options(&self, long_lived: bool) -> Result<LoadOptions> {
         let threads = self.thread_count()?;
-        let model = match (&self.model[..], &self.hf_repo) {
-            ([model], _) => model.clone(),
-            ([], Some(repo)) => crate::hub::resolve_model(repo, self.hf_file.as_deref(), self.hf_no_verify)?,
-            ([], None) => bail!("no model given: pass --model FILE.gguf or -hf ORG/REPO[:QUANT] (run `python3 models/fetch.py` to get the test model)"),
-            (_, _) => bail!("--model is given {} times; only `qwen-run serve` serves several models", self.model.len()),
-        };
-        if model.is_dir() {
-            bail!("--model {} is a directory; only `qwen-run serve` takes a directory of models, other commands take one GGUF file", model.display());
-        }
+        let model = model_file(
+            &self.model,
+            self.hf_repo.as_deref(),
+            self.hf_file.as_deref(),
+            self.hf_no_verify,
+        )?;
         Ok(self.options_for(model, threads, long_lived))
     }
 
@@ -296,8 +367,29 @@ impl ModelArgs {
             prompt_cache_max_mib: self.prompt_cache_max,
             prefix_block: DEFAULT_PREFIX_BLOCK,
             huge_pages: self.huge_pages.unwrap_or(long_lived),
+            chat_template: None,
         }
     }
+}
+
+/// The one model file of a command that takes one: -m FILE, or the -hf repo's file (downloaded
+/// if it is not in the cache).
+pub fn model_file(
+    model: &[PathBuf],
+    hf_repo: Option<&str>,
+    hf_file: Option<&str>,
+    hf_no_verify: bool,
+) -> Result<PathBuf> {
+    let model = match (model, hf_repo) {
+        ([model], _) => model.clone(),
+        ([], Some(repo)) => crate::hub::resolve_model(repo, hf_file, hf_no_verify)?,
+        ([], None) => bail!("no model given: pass --model FILE.gguf or -hf ORG/REPO[:QUANT] (run `python3 models/fetch.py` to get the test model)"),
+        (_, _) => bail!("--model is given {} times; only `qwen-run serve` serves several models", model.len()),
+    };
+    if model.is_dir() {
+        bail!("--model {} is a directory; only `qwen-run serve` takes a directory of models, other commands take one GGUF file", model.display());
+    }
+    Ok(model)
 }
 
 /// A GGUF file that is a whole model or the first part of a split one.
@@ -385,8 +477,10 @@ pub struct RunArgs {
     #[arg(long = "system", visible_alias = "sys")]
     pub system: Option<String>,
     /// Feed the prompt to the model as is, without the chat template.
-    #[arg(long = "no-chat-template")]
+    #[arg(long = "no-chat-template", conflicts_with_all = ["chat_template", "chat_template_file"])]
     pub no_chat_template: bool,
+    #[command(flatten)]
+    pub template: TemplateArgs,
     /// Tokens to generate at most (-1: until the model stops or the context is full).
     #[arg(short = 'n', long = "n-predict", default_value_t = -1, allow_negative_numbers = true)]
     pub n_predict: i64,
@@ -512,6 +606,8 @@ pub struct ChatArgs {
     /// No timing report on stderr after each reply.
     #[arg(short = 'q', long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub template: TemplateArgs,
 }
 
 /// Rewrites llama.cpp's multi-letter short flags, which clap cannot have: `-hf` and `-hfr` become

@@ -11,6 +11,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let mut model = args.model.clone();
     model.threads.truncate(1);
     let mut load = model.load_options()?;
+    // The time-to-first-token test renders a chat prompt.
+    load.chat_template = args.template.template_override()?;
     // Every repetition must do the full work: no prompt-prefix caching.
     load.cache_ram_mib = 0;
     load.prompt_cache = None;

@@ -26,7 +26,9 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
         n => n as usize,
     };
     let mut sampler = Sampler::new(args.sampling.params())?;
-    let engine = Engine::load(&args.model.load_options()?)?;
+    let mut load = args.model.load_options()?;
+    load.chat_template = args.template.template_override()?;
+    let engine = Engine::load(&load)?;
     let mut session = engine.new_session()?;
     // Room to keep free for the reply when dropping old turns.
     let reserve = max_tokens.min(engine.ctx_size / 4).max(1);

@@ -6,10 +6,11 @@ mod chat;
 mod fidelity;
 mod run;
 mod serve;
+mod template;
 
 pub use args::{
     default_prompt_cache_dir, expand_llama_flags, BenchArgs, ChatArgs, Cli, Command,
-    ContextOverflow, FidelityArgs, ModelArgs, RunArgs, SamplingArgs,
+    ContextOverflow, FidelityArgs, ModelArgs, RunArgs, SamplingArgs, TemplateArgs, TemplateCmdArgs,
 };
 pub use serve::ServeArgs;
 
@@ -40,6 +41,7 @@ pub fn main() -> i32 {
         Some(Command::Chat(args)) => chat::chat(&args),
         Some(Command::Serve(args)) => args.server_options().and_then(crate::server::serve),
         Some(Command::Fidelity(args)) => fidelity::fidelity(&args),
+        Some(Command::Template(args)) => template::template(&args),
         None => run::run(&cli.run),
     });
     match result {

@@ -18,7 +18,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         n => n as usize,
     };
     let mut sampler = Sampler::new(args.sampling.params())?;
-    let engine = Engine::load(&args.model.load_options()?)?;
+    let mut load = args.model.load_options()?;
+    load.chat_template = args.template.template_override()?;
+    let engine = Engine::load(&load)?;
     let text = if args.no_chat_template {
         prompt
     } else {

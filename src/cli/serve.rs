@@ -1,6 +1,6 @@
 //! `qwen-run serve`: the server's flags, turned into the plain options the server takes.
 
-use super::ModelArgs;
+use super::{ModelArgs, TemplateArgs};
 use crate::scheduler::DEFAULT_PREFILL_CHUNK_WHILE_DECODING;
 use crate::server::access::AccessOptions;
 use crate::server::{parse_keep_alive, RouteRule, ServeOptions, ServerOptions};
@@ -90,6 +90,9 @@ pub struct ServeArgs {
     /// (comma-separated). Without one, requests from web pages are refused.
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origins: Vec<String>,
+    // With several models, the chat template flags apply to every one of them.
+    #[command(flatten)]
+    pub template: TemplateArgs,
 }
 
 impl ServeArgs {
@@ -145,8 +148,13 @@ impl ServeArgs {
             std::env::var("QWEN_RUN_API_KEY").ok(),
             std::env::var("OLLAMA_ORIGINS").ok(),
         )?;
+        let template = self.template.template_override()?;
+        let mut models = self.model.load_options_all()?;
+        for m in &mut models {
+            m.load.chat_template = template.clone();
+        }
         Ok(ServerOptions {
-            models: self.model.load_options_all()?,
+            models,
             alias: self.alias.clone(),
             host: self.host.clone(),
             port: self.port,

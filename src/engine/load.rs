@@ -6,7 +6,7 @@ use crate::gguf::GgufFile;
 use crate::kv_cache::CacheType;
 use crate::model::{check_shapes, Config, ModelRunner, Placement, Qwen2};
 use crate::prefix_cache::{model_identity, DiskCache, PromptCache, Shape};
-use crate::tokenizer::{ChatTemplate, Tokenizer};
+use crate::tokenizer::{ChatTemplate, TemplateOverride, Tokenizer};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -39,6 +39,8 @@ pub struct LoadOptions {
     /// Back the CPU copy of the weights with 2 MiB pages where the system offers them: faster
     /// decoding, a slower load where fresh 2 MiB pages are slow to get.
     pub huge_pages: bool,
+    /// The chat template to use instead of the GGUF's (`--chat-template`, `--chat-template-file`).
+    pub chat_template: Option<TemplateOverride>,
 }
 
 /// Default memory budget of the prompt-prefix cache, MiB.
@@ -65,6 +67,7 @@ impl LoadOptions {
             prompt_cache_max_mib: DEFAULT_PROMPT_CACHE_MAX_MIB,
             prefix_block: DEFAULT_PREFIX_BLOCK,
             huge_pages: false,
+            chat_template: None,
         }
     }
 }
@@ -121,7 +124,7 @@ impl Engine {
             let text = s.spawn(|| -> Result<_> {
                 Ok((
                     Tokenizer::from_gguf(&gguf)?,
-                    ChatTemplate::from_gguf(&gguf)?,
+                    ChatTemplate::for_model(&gguf, opts.chat_template.as_ref())?,
                 ))
             });
             let model = Qwen2::load(&gguf, placement, ctx_size, opts.huge_pages);

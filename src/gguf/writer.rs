@@ -43,6 +43,12 @@ impl GgufWriter {
         self
     }
 
+    /// Leaves the key out of the file.
+    pub fn remove_meta(&mut self, key: &str) -> &mut Self {
+        self.metadata.retain(|(k, _)| k != key);
+        self
+    }
+
     /// `dims` in ggml order (innermost first); `data` is the raw block bytes.
     pub fn tensor(
         &mut self,

@@ -272,9 +272,19 @@ pub fn chat_prompt(
             .engine
             .template
             .render(messages, tools, true)
-            .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+            .map_err(template_error)?;
         state.tokenize(&text)
     })
+}
+
+/// A conversation the chat template failed to render: 400 when the template refused it
+/// (`raise_exception`), 500 when the template itself failed (the client cannot fix that).
+pub fn template_error(e: anyhow::Error) -> ApiError {
+    let status = match e.downcast_ref::<crate::tokenizer::RenderError>() {
+        Some(r) if !r.refused => axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        _ => axum::http::StatusCode::BAD_REQUEST,
+    };
+    ApiError::new(status, format!("{e:#}"))
 }
 
 /// Caps on what one request may hold (besides the body's size and the context).

@@ -148,8 +148,12 @@ impl ModelSpec {
         })
     }
 
-    /// The file's chat template, read again from the file (for /api/show).
+    /// The chat template the model renders with (for /api/show): the command line's, or the
+    /// file's, read again from the file.
     pub fn chat_template(&self) -> Result<String> {
+        if let Some(t) = &self.opts.chat_template {
+            return Ok(t.source.to_string());
+        }
         let gguf = GgufFile::open(&self.opts.model)?;
         Ok(gguf
             .get("tokenizer.chat_template")

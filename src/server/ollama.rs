@@ -443,7 +443,7 @@ async fn generate_inner(
             .engine
             .template
             .render(&messages, None, true)
-            .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+            .map_err(super::api::template_error)?;
         lease.tokenize(&text)?
     };
     let format = format_field(req.format.as_ref())?;

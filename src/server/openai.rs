@@ -355,6 +355,15 @@ fn response_format(v: Option<&Value>) -> Result<Option<Format>, ApiError> {
     }
 }
 
+/// A JSON array of messages in a chat completion request's form, as the chat template sees them
+/// (for `qwen-run template`, which shows the prompt such a request gets).
+pub fn messages_from_json(messages: Value) -> Result<Vec<Message>, String> {
+    let msgs: Vec<InMessage> = serde_json::from_value(messages).map_err(|e| {
+        format!("the messages are not an array of {{\"role\", \"content\", \"tool_calls\"}} objects: {e}")
+    })?;
+    to_messages(msgs).map_err(|e| e.message)
+}
+
 fn to_messages(msgs: Vec<InMessage>) -> Result<Vec<Message>, ApiError> {
     msgs.into_iter()
         .map(|m| {

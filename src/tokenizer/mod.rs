@@ -3,7 +3,10 @@
 mod chat_template;
 mod stream;
 
-pub use chat_template::{ChatTemplate, Message};
+pub use chat_template::{
+    builtin_names, ChatTemplate, Message, RenderError, TemplateOverride, BUILTIN_TEMPLATES,
+    MAX_TEMPLATE_FILE,
+};
 pub use stream::TextStream;
 
 use crate::gguf::{GgufFile, Value};
