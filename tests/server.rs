@@ -252,15 +252,12 @@ fn health_and_metrics() {
     );
     s.post("/v1/chat/completions", &chat_body(false));
     s.post("/v1/chat/completions", &chat_body(false));
-    s.post(
-        "/v1/chat/completions",
-        &json!({"model": "nope", "messages": []}),
-    );
+    s.post("/api/chat", &json!({"model": "nope", "messages": []}));
     let (status, m) = s.get("/metrics");
     assert_eq!(status, 200);
     for needle in [
         "qwen_run_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"} 2",
-        "qwen_run_requests_total{endpoint=\"/v1/chat/completions\",status=\"404\"} 1",
+        "qwen_run_requests_total{endpoint=\"/api/chat\",status=\"404\"} 1",
         "qwen_run_generations_total 2",
         "# TYPE qwen_run_time_to_first_token_seconds histogram",
         "qwen_run_time_to_first_token_seconds_count 2",
@@ -315,13 +312,6 @@ fn errors() {
             400,
             &["invalid JSON", "EOF while parsing"],
         );
-        expect_error(
-            &s,
-            path,
-            j(json!({"model": "llama3", "messages": [{"role": "user", "content": "hi"}]})),
-            404,
-            &["model 'llama3' not found", "tiny-Q8_0"],
-        );
         let long = "hello world ".repeat(200);
         expect_error(
             &s,
@@ -363,12 +353,13 @@ fn errors() {
         400,
         &["image_url"],
     );
+    // Ollama's endpoints name the model they need: an unknown one is 404 even with one model.
     expect_error(
         &s,
-        "/v1/completions",
-        j(json!({"model": "gpt-4", "prompt": "hi"})),
+        "/api/chat",
+        j(json!({"model": "llama3", "messages": [{"role": "user", "content": "hi"}]})),
         404,
-        &["not found"],
+        &["model 'llama3' not found", "tiny-Q8_0"],
     );
     expect_error(
         &s,
@@ -549,11 +540,53 @@ fn several_models_load_on_first_use_with_lru_unload() {
     assert_eq!(model, "tiny-Q8_0");
     assert_eq!(s.metric("qwen_run_model_loads_total"), 3.0);
     assert_eq!(s.metric("qwen_run_model_unloads_total"), 2.0);
-    // An unknown model: 404, naming the served ones.
+    // An unknown model: 404, naming the served ones (with several models a name must be theirs).
     let (status, v) = s.post("/v1/completions", &json!({"model": "nope", "prompt": "hi"}));
     assert_eq!(status, 404);
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("'tiny-Q8_0', 'tiny-Q4_0'"), "{msg}");
+    let mut chat = chat_body(false);
+    chat["model"] = json!("gpt-4o-mini");
+    let (status, v) = s.post("/v1/chat/completions", &chat);
+    assert_eq!(status, 404, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("model 'gpt-4o-mini' not found") && msg.contains("'tiny-Q8_0', 'tiny-Q4_0'"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn one_model_answers_any_model_name_on_the_openai_endpoints() {
+    let s = tiny_server();
+    let mut chat = chat_body(false);
+    chat["model"] = json!("gpt-4o-mini");
+    let (status, v) = s.post("/v1/chat/completions", &chat);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["model"], "tiny-Q8_0");
+    chat["stream"] = json!(true);
+    let (status, _, lines) = s.post_stream("/v1/chat/completions", &chat);
+    assert_eq!(status, 200);
+    let first: Value = serde_json::from_str(&sse_payloads(&lines)[0]).unwrap();
+    assert_eq!(first["model"], "tiny-Q8_0");
+    let (status, v) = s.post(
+        "/v1/completions",
+        &json!({"model": "text-davinci-003", "prompt": "hi", "max_tokens": 2}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["model"], "tiny-Q8_0");
+    let (status, v) = s.post(
+        "/completion",
+        &json!({"model": "anything", "prompt": "hi", "n_predict": 2}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["model"], "tiny-Q8_0");
+    // Ollama's endpoints keep their rule: the name must be the model's.
+    let (status, _) = s.post(
+        "/api/generate",
+        &json!({"model": "gpt-4o-mini", "prompt": "hi", "stream": false}),
+    );
+    assert_eq!(status, 404);
 }
 
 #[test]

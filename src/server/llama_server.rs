@@ -166,7 +166,11 @@ async fn completion_inner(
     };
     let lease = state
         .pool
-        .acquire(req.common.model.as_deref(), &facts, None)
+        .acquire(
+            state.pool.any_name_if_one(req.common.model.as_deref()),
+            &facts,
+            None,
+        )
         .await?;
     let prompt = match req.prompt {
         PromptField::Text(t) => lease.tokenize(&t)?,
@@ -191,7 +195,7 @@ async fn infill_inner(
     let lease = state
         .pool
         .acquire(
-            req.common.model.as_deref(),
+            state.pool.any_name_if_one(req.common.model.as_deref()),
             &RouteFacts::prompt(&req.input_prefix),
             None,
         )

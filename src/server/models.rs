@@ -535,6 +535,14 @@ impl ModelPool {
             .collect()
     }
 
+    /// The name the OpenAI and llama-server endpoints look up: with one model served, whatever
+    /// the request names is that model (as llama-server answers any `model`; clients often send
+    /// a fixed one such as "gpt-4o-mini"), and the response names the real one. With several,
+    /// the name as given, so that an unknown one is a 404 listing them.
+    pub fn any_name_if_one<'a>(&self, asked: Option<&'a str>) -> Option<&'a str> {
+        asked.filter(|_| self.entries.len() > 1)
+    }
+
     /// The model a request names: empty for the default, a name or alias, or "auto".
     pub fn find(&self, asked: Option<&str>) -> Result<&ModelSpec, ApiError> {
         self.index(asked).map(|i| &self.entries[i].spec)

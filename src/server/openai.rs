@@ -487,7 +487,11 @@ async fn chat_inner(
     let facts = RouteFacts::chat(&messages, tools.is_some());
     let lease = state
         .pool
-        .acquire(req.common.model.as_deref(), &facts, keep_alive)
+        .acquire(
+            state.pool.any_name_if_one(req.common.model.as_deref()),
+            &facts,
+            keep_alive,
+        )
         .await?;
     let calls = tool_choice_format(
         req.tool_choice.as_ref(),
@@ -703,7 +707,7 @@ async fn completions_inner(
     let lease = state
         .pool
         .acquire(
-            req.common.model.as_deref(),
+            state.pool.any_name_if_one(req.common.model.as_deref()),
             &RouteFacts::prompt(&text),
             keep_alive,
         )
