@@ -662,3 +662,222 @@ fn a_chat_template_that_fails_to_render_is_named() {
         &["undefined.jinja (--chat-template-file) refuses this conversation: only one user turn, please"],
     );
 }
+
+/// The binary with `stdin` as its input: (exit code, stdout, stderr).
+fn qwen_run_with_input(args: &[&str], stdin: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+/// A greedy run of the tiny model with `extra` flags: (stdout, stderr).
+fn tiny_run(extra: &[&str]) -> (String, String) {
+    let m = common::shared_tiny_model().to_str().unwrap();
+    let mut args = vec![
+        "-m",
+        m,
+        "-n",
+        "12",
+        "--temp",
+        "0",
+        "-c",
+        "256",
+        "-t",
+        "2",
+        "--no-prompt-cache",
+    ];
+    args.extend(extra);
+    let (code, out, err) = qwen_run_with_input(&args, "");
+    assert_eq!(code, 0, "{args:?}: {err}");
+    (out, err)
+}
+
+#[test]
+fn llama_cpp_spellings_that_clap_would_misparse() {
+    // -fa on was -f a plus a command `on`; -sys x the seed "ys"; -ctk q8_0 the context "tk".
+    let (out, err) = tiny_run(&["-p", "hello", "-fa", "on"]);
+    assert!(err.contains("time to first token"), "{err}");
+    assert_eq!(out, tiny_run(&["-p", "hello", "-fa=off"]).0);
+    let (sys, _) = tiny_run(&["-p", "hello", "-sys", "be brief"]);
+    assert_eq!(sys, tiny_run(&["-p", "hello", "--system", "be brief"]).0);
+    assert_ne!(sys, tiny_run(&["-p", "hello"]).0);
+    let (_, err) = tiny_run(&["-p", "hello", "-ctk", "q8_0", "-ctv", "f16"]);
+    assert!(err.contains("KV K q8_0 V f16"), "{err}");
+    // Accepted with no effect (README says why), and the prompt flags that do something.
+    let (_, err) = tiny_run(&[
+        "-p",
+        "hello",
+        "--mlock",
+        "--no-mmap",
+        "--prio",
+        "-1",
+        "-co",
+        "-no-cnv",
+        "-e",
+        "-tb",
+        "2",
+        "-ub",
+        "16",
+        "-v",
+    ]);
+    assert!(err.contains("2 threads"), "{err}");
+}
+
+#[test]
+fn llama_cpp_spellings_refused_with_a_reason() {
+    let m = "x.gguf";
+    // A single-dash word that is no flag is named, never taken as a letter and its value.
+    expect_error(
+        &["-m", m, "-p", "hi", "-fit", "on"],
+        &["unknown flag '-fit'", "-f it"],
+    );
+    expect_error(
+        &["-m", m, "-p", "hi", "-sm", "row"],
+        &["unknown flag '-sm'"],
+    );
+    expect_error(
+        &["-m", m, "-pHello"],
+        &["unknown flag '-pHello'", "-p Hello"],
+    );
+    expect_error(&["serve", "-m", m, "-kvu"], &["unknown flag '-kvu'"]);
+    expect_error(
+        &["-m", m, "-p", "hi", "-ctk", "q4_0"],
+        &["'q4_0' is one of llama.cpp's", "f32, f16 or q8_0"],
+    );
+    expect_error(
+        &["-m", m, "-p", "hi", "-fa", "maybe"],
+        &["invalid value 'maybe'", "-attn"],
+    );
+    expect_error(
+        &["-m", m, "-p", "hi", "-tb", "3"],
+        &["-tb", "one thread pool", "-t 3"],
+    );
+    expect_error(
+        &["-m", m, "-p", "hi", "-t", "2", "-tb", "3"],
+        &["must equal -t"],
+    );
+    expect_error(&["-m", m, "-p", "hi", "-ub", "0"], &["at least 1"]);
+    expect_error(&["-m", m, "-p", "hi", "--prio", "4"], &["--prio"]);
+    expect_error(&["-m", m, "-p", "hi", "-q", "-v"], &["cannot be used with"]);
+    expect_error(
+        &["-m", m, "-cnv", "-p", "hi", "--grammar", "root ::= \"a\""],
+        &["-cnv/-i runs the interactive chat", "--grammar"],
+    );
+    let tiny = common::shared_tiny_model().to_str().unwrap();
+    expect_error(
+        &["-m", tiny, "-p", "hi", "--in-prefix", "x"],
+        &["--in-prefix", "chat"],
+    );
+}
+
+#[test]
+fn escapes_reverse_prompts_and_the_log_file() {
+    // -e is on by default: "\n" in -p is a newline, as llama-cli reads it; --no-escape keeps it.
+    let (escaped, _) = tiny_run(&["-p", "a\\nb"]);
+    assert_eq!(escaped, tiny_run(&["-p", "a\nb"]).0);
+    assert_eq!(
+        tiny_run(&["-p", "a\\nb", "--no-escape"]).0,
+        tiny_run(&["-p", "a\\\\nb"]).0
+    );
+    // -r ends the reply before the reverse prompt.
+    let (full, _) = tiny_run(&["-p", "hello"]);
+    let full = full.trim_end_matches('\n');
+    let cut = full.char_indices().nth(3).map_or(full.len(), |(i, _)| i);
+    let stop: String = full[cut..].chars().take(2).collect();
+    assert!(!stop.is_empty(), "{full:?}");
+    let (out, err) = tiny_run(&["-p", "hello", "-r", &stop]);
+    let before = &full[..full.find(&stop).unwrap()];
+    assert_eq!(
+        out.trim_end_matches('\n'),
+        before.trim_end_matches('\n'),
+        "stop {stop:?} in {full:?}"
+    );
+    assert!(err.contains("finish: stop"), "{err}");
+    // --log-file: what goes to stderr also goes to the file.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("qwen-run.log");
+    let (_, err) = tiny_run(&["-p", "hello", "--log-file", log.to_str().unwrap()]);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("time to first token"), "{logged}");
+    assert_eq!(logged, err);
+}
+
+#[test]
+fn chat_reports_on_request_and_at_the_end() {
+    let m = common::shared_tiny_model().to_str().unwrap();
+    let base = [
+        "-m",
+        m,
+        "-n",
+        "4",
+        "--temp",
+        "0",
+        "-c",
+        "256",
+        "-t",
+        "2",
+        "--no-prompt-cache",
+    ];
+    let reports = |err: &str| {
+        err.lines()
+            .filter(|l| l.starts_with("[qwen-run] load"))
+            .count()
+    };
+    // No report after each reply: one for /stats, one at the end.
+    let args: Vec<&str> = ["chat"].iter().chain(&base).copied().collect();
+    let (code, _, err) = qwen_run_with_input(&args, "hello\nagain\n/stats\nmore\n");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(reports(&err), 2, "{err}");
+    assert!(
+        err.contains("[qwen-run] chat: 2 replies") && err.contains("[qwen-run] chat: 3 replies"),
+        "{err}"
+    );
+    // -v: after every reply, and at the end; -q: only on /stats.
+    let verbose: Vec<&str> = args.iter().copied().chain(["-v"]).collect();
+    let (_, _, err) = qwen_run_with_input(&verbose, "hello\nagain\n");
+    assert_eq!(reports(&err), 3, "{err}");
+    let quiet: Vec<&str> = args.iter().copied().chain(["-q"]).collect();
+    let (_, _, err) = qwen_run_with_input(&quiet, "hello\n/stats\n");
+    assert_eq!(reports(&err), 1, "{err}");
+    // -cnv (and -i) run the chat, -p its first message: as if it were typed.
+    let cnv: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["-cnv", "-p", "hello"])
+        .collect();
+    let (code, out, err) = qwen_run_with_input(&cnv, "again\n");
+    assert_eq!(code, 0, "{err}");
+    let (_, typed, _) = qwen_run_with_input(&args, "hello\nagain\n");
+    assert_eq!(out, typed);
+    let i: Vec<&str> = base.iter().copied().chain(["-i"]).collect();
+    assert_eq!(qwen_run_with_input(&i, "hello\nagain\n").1, typed);
+    // --in-prefix/--in-suffix wrap what is typed.
+    let wrapped: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--in-prefix", "he", "--in-suffix", "lo"])
+        .collect();
+    assert_eq!(
+        qwen_run_with_input(&wrapped, "l\n").1,
+        qwen_run_with_input(&args, "hello\n").1
+    );
+}

@@ -1081,7 +1081,8 @@ fn spec_parsing_and_flags() {
     assert_eq!(
         expand_llama_flags(args(&[
             "qwen-run", "-hf", "a/b:Q8_0", "-hff", "f.gguf", "-hfr=c/d", "-ngl", "20", "--", "-hf"
-        ])),
+        ]))
+        .unwrap(),
         args(&[
             "qwen-run",
             "--hf-repo",

@@ -468,6 +468,8 @@ fn chat_keeps_the_conversation_and_reuses_its_kv() {
         "-t",
         "2",
         "--no-prompt-cache",
+        // the timing report after every reply
+        "-v",
     ];
     let (code, out, err) = qwen_run(
         &base,
@@ -478,7 +480,8 @@ fn chat_keeps_the_conversation_and_reuses_its_kv() {
         .lines()
         .filter(|l| l.starts_with("[qwen-run] load"))
         .collect();
-    assert_eq!(reports.len(), 4, "{err}");
+    // one per reply (-v), and the last reply's again at the end
+    assert_eq!(reports.len(), 5, "{err}");
     // The second turn extends the first: most of its prompt is the session's.
     assert!(reports[1].contains("from session"), "{}", reports[1]);
     assert!(err.contains("system message set") && err.contains("conversation cleared"));
@@ -520,7 +523,7 @@ fn chat_keeps_the_conversation_and_reuses_its_kv() {
         .lines()
         .filter(|l| l.starts_with("[qwen-run] load"))
         .count();
-    assert_eq!(replies, 4, "{out}");
+    assert_eq!(replies, 5, "{out}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -27,6 +27,21 @@ pub struct Cli {
     pub run: RunArgs,
 }
 
+impl Cli {
+    /// The model flags of the command given; `template`, which reads no weights, has none.
+    pub fn model_args(&self) -> Option<&ModelArgs> {
+        match &self.command {
+            Some(Command::Run(a)) => Some(&a.model),
+            Some(Command::Chat(a)) => Some(&a.model),
+            Some(Command::Bench(a)) => Some(&a.model),
+            Some(Command::Serve(a)) => Some(&a.model),
+            Some(Command::Fidelity(a)) => Some(&a.model),
+            Some(Command::Template(_)) => None,
+            None => Some(&self.run.model),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Generate a completion for one prompt (the default command).
@@ -263,6 +278,40 @@ pub struct ModelArgs {
     /// Default: on for `serve`, which loads once and decodes for long, off for one-shot commands.
     #[arg(long = "huge-pages", value_name = "on|off", value_parser = parse_on_off)]
     pub huge_pages: Option<bool>,
+    /// llama.cpp's -ub: prompt tokens per forward pass; with --batch-size, the smaller of the two
+    /// is used (a llama.cpp physical batch is never larger than its logical one).
+    #[arg(long = "ubatch-size", value_name = "N", value_parser = parse_positive)]
+    pub ubatch_size: Option<usize>,
+    /// llama.cpp's -tb: threads for prompt processing. One thread pool runs prompt processing
+    /// and generation here, so it must equal --threads.
+    #[arg(long = "threads-batch", value_name = "N")]
+    pub threads_batch: Option<usize>,
+    /// llama.cpp's -fa: accepted with no effect. There is one attention path here, the same for
+    /// every setting, and q8_0 values need no flash attention.
+    #[arg(long = "flash-attn", value_name = "on|off|auto", value_parser = ["on", "off", "auto", "1", "0"])]
+    pub flash_attn: Option<String>,
+    /// Accepted with no effect: the weights are copied into the process's memory and are not
+    /// locked there (use a machine without swap, or enough RAM, to keep them resident).
+    #[arg(long = "mlock")]
+    pub mlock: bool,
+    /// Accepted with no effect: the file is only mapped while its weights are copied into the
+    /// process's memory, so there is nothing left to turn off.
+    #[arg(long = "no-mmap")]
+    pub no_mmap: bool,
+    /// llama.cpp's priority level (-1 low, 0 normal, 1 medium, 2 high, 3 realtime): accepted with
+    /// no effect, the threads run at the process's priority (set it with nice or chrt).
+    #[arg(long = "prio", value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..=3))]
+    pub prio: Option<i32>,
+    /// Also write everything qwen-run prints on stderr (reports, notices, errors) to FILE.
+    #[arg(long = "log-file", value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("expected a number of at least 1, got '{s}'")),
+    }
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -339,11 +388,30 @@ impl ModelArgs {
 
     /// The one thread count of every command but `bench`.
     fn thread_count(&self) -> Result<usize> {
-        match self.threads[..] {
-            [] => Ok(0),
-            [t] => Ok(t),
+        let threads = match self.threads[..] {
+            [] => 0,
+            [t] => t,
             _ => bail!("--threads takes one number here; only `qwen-run bench` takes a list"),
+        };
+        self.check_threads_batch()?;
+        Ok(threads)
+    }
+
+    /// -tb is accepted only where it asks for what the one thread pool does anyway.
+    pub fn check_threads_batch(&self) -> Result<()> {
+        match (self.threads_batch, &self.threads[..]) {
+            (None, _) => Ok(()),
+            (Some(tb), list) if !list.is_empty() && list.iter().all(|&t| t == tb) => Ok(()),
+            (Some(tb), _) => bail!(
+                "-tb/--threads-batch {tb}: qwen-run runs prompt processing and generation on one thread pool, so -tb must equal -t; pass -t {tb} (or leave -tb out)"
+            ),
         }
+    }
+
+    /// Prompt tokens per forward pass: --batch-size, or -ub when that is smaller.
+    fn pass_size(&self) -> usize {
+        self.ubatch_size
+            .map_or(self.batch_size, |ub| ub.min(self.batch_size))
     }
 
     /// `long_lived`: the default of --huge-pages.
@@ -354,7 +422,7 @@ impl ModelArgs {
             gpu_layers: self.gpu_layers,
             threads,
             ctx_size: self.ctx_size,
-            batch_size: self.batch_size,
+            batch_size: self.pass_size(),
             cache_type: self.cache_type,
             cache_type_k: self.cache_type_k,
             cache_type_v: self.cache_type_v,
@@ -473,8 +541,8 @@ pub struct RunArgs {
         conflicts_with = "prompt"
     )]
     pub prompt_file: Option<PathBuf>,
-    /// System message for the chat template.
-    #[arg(long = "system", visible_alias = "sys")]
+    /// System message for the chat template (llama.cpp's -sys).
+    #[arg(long = "system", visible_aliases = ["sys", "system-prompt"])]
     pub system: Option<String>,
     /// Feed the prompt to the model as is, without the chat template.
     #[arg(long = "no-chat-template", conflicts_with_all = ["chat_template", "chat_template_file"])]
@@ -493,12 +561,146 @@ pub struct RunArgs {
     pub repeat: usize,
     #[command(flatten)]
     pub format: FormatArgs,
+    /// Run the interactive chat instead (llama-cli's -cnv and -i): as `qwen-run chat`, with -p or
+    /// -f as the first message.
+    #[arg(short = 'i', long = "conversation", visible_alias = "interactive")]
+    pub conversation: bool,
+    /// llama-cli's -no-cnv: accepted with no effect, `run` answers one prompt and ends anyway.
+    #[arg(long = "no-conversation", conflicts_with = "conversation")]
+    pub no_conversation: bool,
+    #[command(flatten)]
+    pub text: TextArgs,
+}
+
+/// llama-cli's text and output flags, shared by `run` and `chat`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TextArgs {
+    /// Stop the reply at this text (llama-cli's reverse prompt); repeatable. In `chat` the
+    /// next message is then read.
+    #[arg(short = 'r', long = "reverse-prompt", value_name = "TEXT")]
+    pub reverse_prompt: Vec<String>,
+    /// Text put before each message typed in `chat` (llama-cli's --in-prefix).
+    #[arg(long = "in-prefix", value_name = "TEXT")]
+    pub in_prefix: Option<String>,
+    /// Text put after each message typed in `chat` (llama-cli's --in-suffix).
+    #[arg(long = "in-suffix", value_name = "TEXT")]
+    pub in_suffix: Option<String>,
+    /// Turn \n, \r, \t, \', \", \\ and \xHH in -p, --system, -r, --in-prefix and
+    /// --in-suffix into the characters they stand for (on by default, as in llama-cli).
+    #[arg(short = 'e', long = "escape", overrides_with = "no_escape")]
+    pub escape: bool,
+    /// Take -p, --system, -r, --in-prefix and --in-suffix as written.
+    #[arg(long = "no-escape")]
+    pub no_escape: bool,
+    /// Accepted with no effect: the reply is the only text on stdout, so there is nothing to
+    /// tell apart by colour.
+    #[arg(long = "color", visible_alias = "colour", value_name = "on|off|auto", num_args = 0..=1, default_missing_value = "on", value_parser = ["on", "off", "auto"])]
+    pub color: Option<String>,
+    /// The timing report after every reply of `chat` (which otherwise prints it on /stats and at
+    /// the end); `run` prints it anyway.
+    #[arg(short = 'v', long = "verbose", conflicts_with = "quiet")]
+    pub verbose: bool,
+}
+
+impl TextArgs {
+    /// `text` with its escapes turned into characters, unless --no-escape.
+    pub fn unescape(&self, text: &str) -> String {
+        if self.no_escape {
+            text.to_string()
+        } else {
+            process_escapes(text)
+        }
+    }
+
+    /// The reverse prompts as stop strings.
+    pub fn stops(&self) -> Vec<String> {
+        self.reverse_prompt
+            .iter()
+            .map(|r| self.unescape(r))
+            .collect()
+    }
+}
+
+/// llama.cpp's escapes: \n \r \t \' \" \\ and \xHH; any other backslash stays as written.
+pub fn process_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.peek().copied() {
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('t') => out.push('\t'),
+            Some(q @ ('\'' | '"' | '\\')) => out.push(q),
+            Some('x') => {
+                let hex: String = chars.clone().skip(1).take(2).collect();
+                match u8::from_str_radix(&hex, 16) {
+                    Ok(b) if hex.len() == 2 && b.is_ascii() => {
+                        chars.nth(2);
+                        out.push(b as char);
+                        continue;
+                    }
+                    _ => {
+                        out.push('\\');
+                        continue;
+                    }
+                }
+            }
+            _ => {
+                out.push('\\');
+                continue;
+            }
+        }
+        chars.next();
+    }
+    out
 }
 
 impl RunArgs {
     /// The answer's format, from --json-schema(-file) or --grammar(-file).
     pub fn format(&self) -> Result<Option<Format>> {
         self.format.format()
+    }
+
+    /// The chat that -cnv/-i asks for: -p, or the file of -f, is its first message.
+    pub fn to_chat(&self) -> Result<ChatArgs> {
+        let f = &self.format;
+        let refused = [
+            (self.no_chat_template, "--no-chat-template"),
+            (self.repeat != 1, "--repeat"),
+            (f.json_schema.is_some(), "--json-schema"),
+            (f.json_schema_file.is_some(), "--json-schema-file"),
+            (f.grammar.is_some(), "--grammar"),
+            (f.grammar_file.is_some(), "--grammar-file"),
+        ];
+        if let Some((_, flag)) = refused.iter().find(|(given, _)| *given) {
+            bail!("-cnv/-i runs the interactive chat, which does not take {flag}; leave -cnv out to answer one prompt with it");
+        }
+        let prompt = match (&self.prompt, &self.prompt_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(file)) => Some(
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("cannot read the prompt file {}", file.display()))?,
+            ),
+            (None, None) => None,
+        };
+        Ok(ChatArgs {
+            model: self.model.clone(),
+            sampling: self.sampling.clone(),
+            system: self.system.clone(),
+            system_file: None,
+            n_predict: self.n_predict,
+            context_overflow: ContextOverflow::Error,
+            prompt,
+            // a file is taken as written, as `run -f` takes it
+            prompt_escaped: self.prompt.is_some(),
+            quiet: self.quiet,
+            template: self.template.clone(),
+            text: self.text.clone(),
+        })
     }
 }
 
@@ -590,11 +792,16 @@ pub struct ChatArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// System message for the conversation (change it with /system TEXT).
-    #[arg(long = "system", visible_alias = "sys")]
+    /// System message for the conversation (change it with /system TEXT; llama.cpp's -sys).
+    #[arg(long = "system", visible_aliases = ["sys", "system-prompt"])]
     pub system: Option<String>,
     /// Read the system message from a file.
-    #[arg(long = "system-file", value_name = "FILE", conflicts_with = "system")]
+    #[arg(
+        long = "system-file",
+        visible_alias = "system-prompt-file",
+        value_name = "FILE",
+        conflicts_with = "system"
+    )]
     pub system_file: Option<PathBuf>,
     /// Tokens to generate at most per reply (-1: until the model stops or the context is full).
     #[arg(short = 'n', long = "n-predict", default_value_t = -1, allow_negative_numbers = true)]
@@ -603,27 +810,57 @@ pub struct ChatArgs {
     /// prompt and drops the oldest turns).
     #[arg(long = "context-overflow", value_enum, default_value_t = ContextOverflow::Error)]
     pub context_overflow: ContextOverflow,
-    /// No timing report on stderr after each reply.
+    /// The first message, sent before any is read (llama-cli's -p in conversation mode).
+    #[arg(short = 'p', long = "prompt")]
+    pub prompt: Option<String>,
+    /// Whether --prompt's escapes are processed (not for a prompt read from a file).
+    #[arg(skip = true)]
+    pub prompt_escaped: bool,
+    /// No timing report at the end.
     #[arg(short = 'q', long)]
     pub quiet: bool,
     #[command(flatten)]
     pub template: TemplateArgs,
+    #[command(flatten)]
+    pub text: TextArgs,
 }
 
-/// Rewrites llama.cpp's multi-letter short flags, which clap cannot have: `-hf` and `-hfr` become
-/// `--hf-repo`, `-hff` `--hf-file`, `-ngl` `--gpu-layers`, `-np` `--parallel` (also in their `-hf=VALUE` forms).
+/// llama.cpp's multi-letter single-dash flags and the long flags they stand for here.
+const LLAMA_FLAGS: &[(&str, &str)] = &[
+    ("-hf", "--hf-repo"),
+    ("-hfr", "--hf-repo"),
+    ("-hff", "--hf-file"),
+    ("-ngl", "--gpu-layers"),
+    ("-np", "--parallel"),
+    ("-sys", "--system"),
+    ("-sysf", "--system-file"),
+    ("-ctk", "--cache-type-k"),
+    ("-ctv", "--cache-type-v"),
+    ("-fa", "--flash-attn"),
+    ("-ub", "--ubatch-size"),
+    ("-tb", "--threads-batch"),
+    ("-cnv", "--conversation"),
+    ("-no-cnv", "--no-conversation"),
+    ("-co", "--color"),
+];
+
+/// Rewrites llama.cpp's multi-letter single-dash flags (`-hf`, `-ngl`, `-sys`, `-ctk`, `-fa`...,
+/// also in their `-fa=VALUE` forms), which clap cannot have, into their long flags. Any other
+/// single-dash word is refused unless clap reads it as intended: a cluster of switches (`-qv`), or
+/// one flag with its value attached (`-c256`); a letter flag followed only by letters (`-fit`,
+/// `-sm`) is refused, since clap would take the letters as the value (`-f it`).
 /// Arguments after `--` are left alone.
-pub fn expand_llama_flags(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+pub fn expand_llama_flags(args: impl IntoIterator<Item = OsString>) -> Result<Vec<OsString>> {
+    let (switches, valued) = short_flags();
     let mut out = Vec::new();
     let mut rest = false;
-    for arg in args {
-        if rest {
-            out.push(arg);
-            continue;
-        }
-        let Some(s) = arg.to_str() else {
-            out.push(arg);
-            continue;
+    for (n, arg) in args.into_iter().enumerate() {
+        let s = match arg.to_str() {
+            Some(s) if !rest && n > 0 => s,
+            _ => {
+                out.push(arg);
+                continue;
+            }
         };
         if s == "--" {
             rest = true;
@@ -634,20 +871,66 @@ pub fn expand_llama_flags(args: impl IntoIterator<Item = OsString>) -> Vec<OsStr
             Some((f, v)) => (f, Some(v)),
             None => (s, None),
         };
-        let long = match flag {
-            "-hf" | "-hfr" => "--hf-repo",
-            "-hff" => "--hf-file",
-            "-ngl" => "--gpu-layers",
-            "-np" => "--parallel",
-            _ => {
-                out.push(arg);
-                continue;
-            }
-        };
-        out.push(match value {
-            Some(v) => format!("{long}={v}").into(),
-            None => long.into(),
-        });
+        if let Some((_, long)) = LLAMA_FLAGS.iter().find(|(short, _)| *short == flag) {
+            out.push(match value {
+                Some(v) => format!("{long}={v}").into(),
+                None => (*long).into(),
+            });
+            continue;
+        }
+        if let Some(word) = flag
+            .strip_prefix('-')
+            .filter(|w| w.chars().count() > 1 && w.starts_with(|c: char| c.is_ascii_alphabetic()))
+        {
+            check_cluster(flag, word, &switches, &valued)?;
+        }
+        out.push(arg);
     }
-    out
+    Ok(out)
+}
+
+/// The short flags of every command: those that take no value, and those that take one.
+fn short_flags() -> (Vec<char>, Vec<char>) {
+    use clap::CommandFactory;
+    let (mut switches, mut valued) = (Vec::new(), Vec::new());
+    let root = Cli::command();
+    let mut commands = vec![&root];
+    commands.extend(root.get_subcommands());
+    for c in commands {
+        for a in c.get_arguments() {
+            if let Some(short) = a.get_short() {
+                let list = if a.get_action().takes_values() {
+                    &mut valued
+                } else {
+                    &mut switches
+                };
+                list.push(short);
+            }
+        }
+    }
+    switches.extend(['h', 'V']);
+    (switches, valued)
+}
+
+/// `word` (the flag without its dash and any `=VALUE`) is switches, then at most one flag
+/// with a value, whose attached value is not letters alone.
+fn check_cluster(flag: &str, word: &str, switches: &[char], valued: &[char]) -> Result<()> {
+    for (i, c) in word.char_indices() {
+        if switches.contains(&c) && !valued.contains(&c) {
+            continue;
+        }
+        let attached = &word[i + c.len_utf8()..];
+        if valued.contains(&c)
+            && (attached.is_empty() || !attached.chars().all(|a| a.is_ascii_alphabetic()))
+        {
+            return Ok(());
+        }
+        let hint = if valued.contains(&c) {
+            format!("; to give -{c} the value '{attached}', write -{c} {attached}")
+        } else {
+            String::new()
+        };
+        bail!("unknown flag '{flag}': it is not one of qwen-run's flags nor one of the llama.cpp spellings it takes (README.md, \"llama.cpp spellings\"){hint}");
+    }
+    Ok(())
 }

@@ -3,18 +3,66 @@
 //! One session lives across turns, so each turn only prefills what is new: the rendered
 //! conversation extends the tokens the session already holds (the previous prompt and the reply,
 //! whose `<|im_end|>` the template renders after it).
+//!
+//! Timings are kept for the end, as llama-cli keeps them: the report comes on /stats, after
+//! every reply with -v, and when the chat ends (not with -q).
 
 use super::run::report;
 use super::{ChatArgs, ContextOverflow};
-use crate::engine::{Engine, FinishReason};
+use crate::engine::{Engine, FinishReason, Generation};
 use crate::sampler::Sampler;
+use crate::scheduler::{Held, Request};
 use crate::tokenizer::Message;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
+
+/// The replies of a chat so far, for its report.
+#[derive(Default)]
+struct Totals {
+    replies: usize,
+    prompt_tokens: usize,
+    reused_tokens: usize,
+    generated: usize,
+    prefill: Duration,
+    decode: Duration,
+    last: Option<Generation>,
+}
+
+impl Totals {
+    fn add(&mut self, g: Generation) {
+        self.replies += 1;
+        self.prompt_tokens += g.prompt_tokens;
+        self.reused_tokens += g.reused_tokens;
+        self.generated += g.tokens.len();
+        self.prefill += g.prefill_time;
+        self.decode += g.decode_time;
+        self.last = Some(g);
+    }
+
+    /// The last reply's report and the chat's totals.
+    fn report(&self, engine: &Engine) -> String {
+        let Some(last) = &self.last else {
+            return "[qwen-run] no reply yet".to_string();
+        };
+        let processed = self.prompt_tokens - self.reused_tokens;
+        format!(
+            "{}\n[qwen-run] chat: {} replies | prompt {} tokens, {} processed ({:.1} tok/s), {} reused | generated {} tokens ({:.1} tok/s)",
+            report(engine, last),
+            self.replies,
+            self.prompt_tokens,
+            processed,
+            processed as f64 / self.prefill.as_secs_f64().max(1e-9),
+            self.reused_tokens,
+            self.generated,
+            self.generated.saturating_sub(self.replies) as f64 / self.decode.as_secs_f64().max(1e-9),
+        )
+    }
+}
 
 pub fn chat(args: &ChatArgs) -> Result<()> {
     let mut system = match (&args.system, &args.system_file) {
-        (Some(s), _) => Some(s.clone()),
+        (Some(s), _) => Some(args.text.unescape(s)),
         (None, Some(f)) => Some(
             std::fs::read_to_string(f)
                 .with_context(|| format!("cannot read the system file {}", f.display()))?,
@@ -36,48 +84,79 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     if interactive {
-        eprintln!("qwen-run chat: type a message; /reset clears the conversation, /system TEXT sets the system message, /exit quits.");
+        eprintln!("qwen-run chat: type a message; /reset clears the conversation, /system TEXT sets the system message, /stats shows timings, /exit quits.");
     }
     let stdout = std::io::stdout();
     let mut input = stdin.lock();
+    let stops = args.text.stops();
+    let mut totals = Totals::default();
+    // -p: the first message, sent as it is (never a command, no --in-prefix/--in-suffix)
+    let mut first = args.prompt.as_ref().map(|p| {
+        if args.prompt_escaped {
+            args.text.unescape(p)
+        } else {
+            p.clone()
+        }
+    });
     loop {
-        if interactive {
-            eprint!("> ");
-            let _ = std::io::stderr().flush();
-        }
-        let mut line = String::new();
-        if input.read_line(&mut line)? == 0 {
-            break;
-        }
-        let line = line.trim_end_matches(['\n', '\r']);
-        let command = line.trim();
-        if command.is_empty() {
-            continue;
-        }
-        if command == "/exit" || command == "/quit" {
-            break;
-        }
-        if command == "/reset" {
-            history.clear();
-            eprintln!("[qwen-run] conversation cleared");
-            continue;
-        }
-        if command == "/system" || command.starts_with("/system ") {
-            let text = command["/system".len()..].trim();
-            system = (!text.is_empty()).then(|| text.to_string());
-            history.clear();
-            eprintln!("[qwen-run] system message set; conversation cleared");
-            continue;
-        }
-        if command.starts_with('/') && !command.starts_with("//") {
-            eprintln!("[qwen-run] unknown command {command}: use /reset, /system TEXT or /exit (start a message with // to send a slash)");
-            continue;
-        }
-        let text = line
-            .strip_prefix('/')
-            .filter(|_| command.starts_with("//"))
-            .unwrap_or(line);
-        history.push(Message::new("user", text));
+        let text = if let Some(p) = first.take() {
+            p
+        } else {
+            if interactive {
+                eprint!("> ");
+                let _ = std::io::stderr().flush();
+            }
+            let mut line = String::new();
+            if input.read_line(&mut line)? == 0 {
+                break;
+            }
+            let line = line.trim_end_matches(['\n', '\r']);
+            let command = line.trim();
+            if command.is_empty() {
+                continue;
+            }
+            if command == "/exit" || command == "/quit" {
+                break;
+            }
+            if command == "/stats" {
+                eprintln!("{}", totals.report(&engine));
+                continue;
+            }
+            if command == "/reset" {
+                history.clear();
+                eprintln!("[qwen-run] conversation cleared");
+                continue;
+            }
+            if command == "/system" || command.starts_with("/system ") {
+                let text = command["/system".len()..].trim();
+                system = (!text.is_empty()).then(|| text.to_string());
+                history.clear();
+                eprintln!("[qwen-run] system message set; conversation cleared");
+                continue;
+            }
+            if command.starts_with('/') && !command.starts_with("//") {
+                eprintln!("[qwen-run] unknown command {command}: use /reset, /system TEXT, /stats or /exit (start a message with // to send a slash)");
+                continue;
+            }
+            let typed = line
+                .strip_prefix('/')
+                .filter(|_| command.starts_with("//"))
+                .unwrap_or(line);
+            format!(
+                "{}{typed}{}",
+                args.text
+                    .in_prefix
+                    .as_deref()
+                    .map(|t| args.text.unescape(t))
+                    .unwrap_or_default(),
+                args.text
+                    .in_suffix
+                    .as_deref()
+                    .map(|t| args.text.unescape(t))
+                    .unwrap_or_default(),
+            )
+        };
+        history.push(Message::new("user", &text));
         let tokens = match fit(
             &engine,
             system.as_deref(),
@@ -95,7 +174,9 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
         let mut reply = String::new();
         let mut out = stdout.lock();
         let mut write_failed = false;
-        let result = engine.generate(&mut session, &tokens, max_tokens, &mut sampler, |piece| {
+        let mut request = Request::new(tokens, max_tokens, Held::Borrowed(&mut sampler));
+        request.stop = stops.clone();
+        let result = engine.generate_request(&mut session, request, |piece| {
             reply.push_str(piece);
             write_failed = out
                 .write_all(piece.as_bytes())
@@ -111,18 +192,22 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
         match result {
             Ok(g) => {
                 history.push(Message::new("assistant", &reply));
-                if !args.quiet {
+                if args.text.verbose {
                     eprintln!("{}", report(&engine, &g));
                 }
                 if g.finish == FinishReason::ContextFull {
                     eprintln!("[qwen-run] the context is full: /reset, raise --ctx-size, or use --context-overflow drop-oldest");
                 }
+                totals.add(g);
             }
             Err(e) => {
                 eprintln!("error: {e:#}");
                 history.pop();
             }
         }
+    }
+    if !args.quiet && totals.replies > 0 {
+        eprintln!("{}", totals.report(&engine));
     }
     Ok(())
 }

@@ -7,8 +7,11 @@ use anyhow::{bail, Context, Result};
 use std::io::Write;
 
 pub fn run(args: &RunArgs) -> Result<()> {
+    if args.text.in_prefix.is_some() || args.text.in_suffix.is_some() {
+        bail!("--in-prefix/--in-suffix wrap the messages typed in a chat: use them with `qwen-run chat` or -cnv");
+    }
     let prompt = match (&args.prompt, &args.prompt_file) {
-        (Some(p), _) => p.clone(),
+        (Some(p), _) => args.text.unescape(p),
         (None, Some(f)) => std::fs::read_to_string(f)
             .with_context(|| format!("cannot read the prompt file {}", f.display()))?,
         (None, None) => bail!("no prompt given: pass --prompt TEXT or --file FILE"),
@@ -26,7 +29,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     } else {
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
-            messages.push(Message::new("system", s));
+            messages.push(Message::new("system", &args.text.unescape(s)));
         }
         messages.push(Message::new("user", &prompt));
         engine.template.render(&messages, None, true)?
@@ -39,6 +42,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let mut session = engine.new_session()?;
         let mut write_failed = false;
         let mut request = Request::new(tokens.clone(), max_tokens, Held::Borrowed(&mut sampler));
+        request.stop = args.text.stops();
         if let Some(f) = &format {
             request.guide = Some(Box::new(engine.grammars()?.constraint(f)?));
         }

@@ -35,6 +35,9 @@ impl CacheType {
             "f32" => CacheType::F32,
             "f16" => CacheType::F16,
             "q8_0" => CacheType::Q8_0,
+            other @ ("bf16" | "q4_0" | "q4_1" | "iq4_nl" | "q5_0" | "q5_1") => bail!(
+                "KV cache type '{other}' is one of llama.cpp's that qwen-run does not store: use f32, f16 or q8_0"
+            ),
             other => bail!("unknown KV cache type '{other}': expected f32, f16 or q8_0"),
         })
     }
