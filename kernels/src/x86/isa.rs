@@ -60,9 +60,13 @@ pub(crate) trait Isa {
     unsafe fn product_chains(iters: usize) -> i32;
 }
 
-/// The [`Isa`] entry points of one level, compiled with its target features `$features`.
+/// The [`Isa`] entry points of one level, compiled with its target features `$features`; the
+/// K-quant kernels with the products of `$kquants` (the level's own by default).
 macro_rules! entry_points {
     ($features:literal) => {
+        entry_points!($features, Self);
+    };
+    ($features:literal, $kquants:ty) => {
         #[target_feature(enable = $features)]
         unsafe fn gemm_steps_q32<const K: u8>(o: Operands<BlockQ8>) {
             panel::gemm_steps_q32::<Self, K>(o)
@@ -73,11 +77,11 @@ macro_rules! entry_points {
         }
         #[target_feature(enable = $features)]
         unsafe fn gemm_k_rows4<const SIX: bool>(o: Operands<BlockQ8K>) {
-            panel::gemm_k_rows4::<Self, SIX>(o)
+            panel::gemm_k_rows4::<$kquants, SIX>(o)
         }
         #[target_feature(enable = $features)]
         unsafe fn gemm_panel_k<const K: u8>(o: Operands<BlockQ8K>) {
-            panel::gemm_panel_k::<Self, K>(o)
+            panel::gemm_panel_k::<$kquants, K>(o)
         }
         #[target_feature(enable = $features)]
         unsafe fn gemm_small<const K: u8>(o: Operands<u8>) {
@@ -97,7 +101,9 @@ macro_rules! entry_points {
 /// AVX2 + FMA + F16C.
 pub(crate) struct Avx2;
 
-/// AVX-VNNI (VEX-encoded `vpdpbusd`, `vpdpwssd`), plus AVX2 + FMA + F16C.
+/// AVX-VNNI (VEX-encoded `vpdpbusd`, `vpdpwssd`), plus AVX2 + FMA + F16C. Its K-quant kernels
+/// keep AVX2's products: with the VNNI ones they prefilled the 1.5B test model 12-15% slower than
+/// the AVX2 level on a Zen 5 (docs/BENCHMARKS.md), where the 32-element formats gained.
 pub(crate) struct AvxVnni;
 
 /// AVX-512 F/BW/VL with VNNI (on 256-bit registers), plus AVX2 + FMA + F16C.
@@ -143,7 +149,7 @@ impl Isa for Avx2 {
 /// The [`Isa`] of a level whose products are `vpdpbusd` (`$dpbusd`) and `vpdpwssd`
 /// (`$dpwssd`), compiled with `$features`.
 macro_rules! vnni_isa {
-    ($level:ty, $dpbusd:ident, $dpwssd:ident, $features:literal, $pairs:literal) => {
+    ($level:ty, $dpbusd:ident, $dpwssd:ident, $features:literal, $pairs:literal, $kquants:ty) => {
         impl Isa for $level {
             const PAIRS: bool = $pairs;
 
@@ -180,7 +186,7 @@ macro_rules! vnni_isa {
                 $dpwssd(acc, Self::dot4(u, a), s_low)
             }
 
-            entry_points!($features);
+            entry_points!($features, $kquants);
         }
     };
 }
@@ -190,14 +196,16 @@ vnni_isa!(
     _mm256_dpbusd_avx_epi32,
     _mm256_dpwssd_avx_epi32,
     "avx2,fma,f16c,avxvnni",
-    false
+    false,
+    Avx2
 );
 vnni_isa!(
     Avx512Vnni,
     _mm256_dpbusd_epi32,
     _mm256_dpwssd_epi32,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    true
+    true,
+    Self
 );
 
 /// Independent accumulator chains of [`product_rate`]: enough to hide the products' latency.
