@@ -663,32 +663,6 @@ fn a_chat_template_that_fails_to_render_is_named() {
     );
 }
 
-/// The binary with `stdin` as its input: (exit code, stdout, stderr).
-fn qwen_run_with_input(args: &[&str], stdin: &str) -> (i32, String, String) {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr,
-    )
-}
-
 /// A greedy run of the tiny model with `extra` flags: (stdout, stderr).
 fn tiny_run(extra: &[&str]) -> (String, String) {
     let m = common::shared_tiny_model().to_str().unwrap();
@@ -706,7 +680,7 @@ fn tiny_run(extra: &[&str]) -> (String, String) {
         "--no-prompt-cache",
     ];
     args.extend(extra);
-    let (code, out, err) = qwen_run_with_input(&args, "");
+    let (code, out, err) = common::qwen_run_with_input(&args, "");
     assert_eq!(code, 0, "{args:?}: {err}");
     (out, err)
 }
@@ -844,7 +818,7 @@ fn chat_reports_on_request_and_at_the_end() {
     };
     // No report after each reply: one for /stats, one at the end.
     let args: Vec<&str> = ["chat"].iter().chain(&base).copied().collect();
-    let (code, _, err) = qwen_run_with_input(&args, "hello\nagain\n/stats\nmore\n");
+    let (code, _, err) = common::qwen_run_with_input(&args, "hello\nagain\n/stats\nmore\n");
     assert_eq!(code, 0, "{err}");
     assert_eq!(reports(&err), 2, "{err}");
     assert!(
@@ -853,10 +827,10 @@ fn chat_reports_on_request_and_at_the_end() {
     );
     // -v: after every reply, and at the end; -q: only on /stats.
     let verbose: Vec<&str> = args.iter().copied().chain(["-v"]).collect();
-    let (_, _, err) = qwen_run_with_input(&verbose, "hello\nagain\n");
+    let (_, _, err) = common::qwen_run_with_input(&verbose, "hello\nagain\n");
     assert_eq!(reports(&err), 3, "{err}");
     let quiet: Vec<&str> = args.iter().copied().chain(["-q"]).collect();
-    let (_, _, err) = qwen_run_with_input(&quiet, "hello\n/stats\n");
+    let (_, _, err) = common::qwen_run_with_input(&quiet, "hello\n/stats\n");
     assert_eq!(reports(&err), 1, "{err}");
     // -cnv (and -i) run the chat, -p its first message: as if it were typed.
     let cnv: Vec<&str> = base
@@ -864,12 +838,12 @@ fn chat_reports_on_request_and_at_the_end() {
         .copied()
         .chain(["-cnv", "-p", "hello"])
         .collect();
-    let (code, out, err) = qwen_run_with_input(&cnv, "again\n");
+    let (code, out, err) = common::qwen_run_with_input(&cnv, "again\n");
     assert_eq!(code, 0, "{err}");
-    let (_, typed, _) = qwen_run_with_input(&args, "hello\nagain\n");
+    let (_, typed, _) = common::qwen_run_with_input(&args, "hello\nagain\n");
     assert_eq!(out, typed);
     let i: Vec<&str> = base.iter().copied().chain(["-i"]).collect();
-    assert_eq!(qwen_run_with_input(&i, "hello\nagain\n").1, typed);
+    assert_eq!(common::qwen_run_with_input(&i, "hello\nagain\n").1, typed);
     // --in-prefix/--in-suffix wrap what is typed.
     let wrapped: Vec<&str> = args
         .iter()
@@ -877,7 +851,7 @@ fn chat_reports_on_request_and_at_the_end() {
         .chain(["--in-prefix", "he", "--in-suffix", "lo"])
         .collect();
     assert_eq!(
-        qwen_run_with_input(&wrapped, "l\n").1,
-        qwen_run_with_input(&args, "hello\n").1
+        common::qwen_run_with_input(&wrapped, "l\n").1,
+        common::qwen_run_with_input(&args, "hello\n").1
     );
 }

@@ -7,39 +7,12 @@ mod common;
 use qwen_run::gguf::Value;
 use qwen_run_kernels::QuantType;
 use serde_json::json;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use common::server::Server;
 
-/// Runs qwen-run with `stdin`; its exit code, stdout and stderr.
-fn qwen_run_with(args: &[&str], stdin: &str) -> (i32, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8(out.stdout).unwrap(),
-        stderr,
-    )
-}
-
 fn qwen_run(args: &[&str]) -> (i32, String, String) {
-    qwen_run_with(args, "")
+    common::qwen_run_with_input(args, "")
 }
 
 /// The tiny model with `template` as its tokenizer.chat_template (None: without one).
@@ -264,7 +237,7 @@ fn template_reads_messages_and_tools() {
     let m = common::shared_tiny_model().to_str().unwrap();
     let t = "{{ messages | length }} {{ messages[-1].role }}:{{ messages[-1].content }} tools={{ tools | length if tools else 0 }} gen={{ add_generation_prompt }}";
     // An array on stdin; OpenAI's content parts and the developer role are taken as the server takes them.
-    let (code, out, err) = qwen_run_with(
+    let (code, out, err) = common::qwen_run_with_input(
         &[
             "template",
             "-m",
@@ -357,7 +330,7 @@ fn template_reads_messages_and_tools() {
     ] {
         let mut a = vec!["template", "-m", m];
         a.extend(args);
-        let (code, _, err) = qwen_run_with(&a, stdin);
+        let (code, _, err) = common::qwen_run_with_input(&a, stdin);
         assert_eq!(code, 1, "{a:?}: {err}");
         assert!(err.contains(needle), "{needle:?} in {err}");
     }

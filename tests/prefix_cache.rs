@@ -12,9 +12,8 @@ use qwen_run::model::Logits;
 use qwen_run::prefix_cache::{chain_hashes, model_identity, DiskCache, Shape};
 use qwen_run::sampler::{Sampler, SamplingParams};
 use qwen_run_kernels::QuantType;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 const BLOCK: usize = 16;
@@ -145,31 +144,6 @@ fn disk_cache_output_is_token_identical_in_a_new_engine() {
     assert_eq!(g.tokens, generate(&reference, &p1).tokens);
 }
 
-/// Runs the binary; returns (exit code, stdout, stderr).
-fn qwen_run(args: &[&str], stdin: &str) -> (i32, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-run"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr,
-    )
-}
-
 fn cache_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| rd.flatten().map(|e| e.path()).collect())
@@ -217,7 +191,7 @@ fn bad_disk_cache_files_are_rejected_with_a_warning() {
             cache.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let (code, out, err) = qwen_run(&args, "");
+        let (code, out, err) = qwen_run_with_input(&args, "");
         assert_eq!(code, 0, "{err}");
         (out, err)
     };
@@ -306,7 +280,7 @@ fn bad_disk_cache_files_are_rejected_with_a_warning() {
     assert_eq!(out, f16_want);
     // --no-prompt-cache neither reads nor writes.
     let before = cache_files(&cache);
-    let (code, out, err) = qwen_run(
+    let (code, out, err) = qwen_run_with_input(
         &[
             "-m",
             model.to_str().unwrap(),
@@ -471,7 +445,7 @@ fn chat_keeps_the_conversation_and_reuses_its_kv() {
         // the timing report after every reply
         "-v",
     ];
-    let (code, out, err) = qwen_run(
+    let (code, out, err) = qwen_run_with_input(
         &base,
         "hello world\nand again\n/system be brief\nhello world\n/reset\nhello world\n/bogus\n/exit\nnot read\n",
     );
@@ -489,14 +463,14 @@ fn chat_keeps_the_conversation_and_reuses_its_kv() {
     // Replies match fresh chats of one message: the first, and (the system message stays
     // across /reset) the last two, whatever the session held before (replies of random weights
     // may hold newlines, so compare whole outputs rather than lines).
-    let (_, first, _) = qwen_run(&base, "hello world\n");
+    let (_, first, _) = qwen_run_with_input(&base, "hello world\n");
     assert!(out.starts_with(&first), "{first:?} in {out:?}");
     let with_system: Vec<&str> = base
         .iter()
         .copied()
         .chain(["--system", "be brief"])
         .collect();
-    let (_, brief, _) = qwen_run(&with_system, "hello world\n");
+    let (_, brief, _) = qwen_run_with_input(&with_system, "hello world\n");
     assert!(
         out.ends_with(&format!("{brief}{brief}")),
         "{brief:?} in {out:?}"
@@ -507,7 +481,7 @@ fn chat_keeps_the_conversation_and_reuses_its_kv() {
     let input = format!("{long}\n{long}\n{long}\n{long}\n");
     let small = ["-c", "96"];
     let args: Vec<&str> = base.iter().chain(&small).copied().collect();
-    let (code, _, err) = qwen_run(&args, &input);
+    let (code, _, err) = qwen_run_with_input(&args, &input);
     assert_eq!(code, 0);
     assert!(err.contains("context holds 96"), "{err}");
     let args: Vec<&str> = args
@@ -515,7 +489,7 @@ fn chat_keeps_the_conversation_and_reuses_its_kv() {
         .copied()
         .chain(["--context-overflow", "drop-oldest"])
         .collect();
-    let (code, out, err) = qwen_run(&args, &input);
+    let (code, out, err) = qwen_run_with_input(&args, &input);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("dropped the oldest turn"), "{err}");
     assert!(!err.contains("error"), "{err}");
