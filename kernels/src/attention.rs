@@ -152,6 +152,11 @@ pub fn cached_attention_with(
 /// threads share it), a decode step's is one per (sequence, KV head).
 const QUERY_BLOCK: usize = 32;
 
+/// Up to this many new tokens of a sequence in a step (a decode step with its drafts), each
+/// token's attention gives the same bits as a step of that token alone: speculative decoding
+/// checks drafts in such steps, and must sample what plain decoding would.
+pub const EXACT_STEP_TOKENS: usize = 24;
+
 /// Task `t` of a step: the sequences' query blocks, each sequence's from its last (which sees
 /// the most keys, so the longest tasks are claimed first) to its first, times the KV heads.
 fn task_at<'a>(dims: AttnDims, seqs: &[CachedSeq<'a>], scale: f32, mut t: usize) -> Task<'a> {
@@ -245,8 +250,24 @@ impl Task<'_> {
             head_dim,
         } = self.dims;
         if head_dim.is_multiple_of(crate::f32_gemm::COLS) {
-            return match self.queries.len() * (n_heads / kv_heads) {
+            let group = n_heads / kv_heads;
+            return match self.queries.len() * group {
                 rows if rows <= crate::f32_gemm::COLS => self.run_narrow(backend, q, y),
+                _ if self.queries.len() <= EXACT_STEP_TOKENS && group <= crate::f32_gemm::COLS => {
+                    // In pieces of whole tokens that fit the narrow kernel, each token's result
+                    // is what a step of that token alone gives.
+                    let per = crate::f32_gemm::COLS / group;
+                    let mut start = self.queries.start;
+                    while start < self.queries.end {
+                        let end = (start + per).min(self.queries.end);
+                        let piece = Task {
+                            queries: start..end,
+                            ..*self
+                        };
+                        piece.run_narrow(backend, q, y);
+                        start = end;
+                    }
+                }
                 _ => self.run_tiled(backend, q, y),
             };
         }
