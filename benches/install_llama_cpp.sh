@@ -10,6 +10,7 @@
 #
 # Installs into ${QWEN_RUN_TOOLS:-~/.cache/qwen-run/tools}/llama.cpp-b11434/{bin,include}:
 #   bin/llama-bench, llama-completion, llama-simple, llama-perplexity, llama-tokenize, llama-quantize,
+#   llama-lookup,
 #   libllama.so, libggml*.so (RPATH $ORIGIN), include/llama.h, ggml*.h, BUILD_INFO.
 # Idempotent: if it is already installed (same version, flags and CPU flags) it does nothing.
 # Prints only the path of llama-bench on stdout; progress goes to stderr.
@@ -17,7 +18,7 @@
 # Usage: bash benches/install_llama_cpp.sh [--force]
 # Env:   QWEN_RUN_TOOLS (install root), LLAMA_CPP_JOBS (default 2),
 #        LLAMA_CPP_TARGETS (default "llama-bench llama-completion llama-simple llama-perplexity
-#        llama-tokenize llama-quantize"), LLAMA_CPP_KEEP_BUILD=1 (keep the build tree, for adding targets later).
+#        llama-tokenize llama-quantize llama-lookup"), LLAMA_CPP_KEEP_BUILD=1 (keep the build tree, for adding targets later).
 # Needs: python3 + pip, a C/C++ compiler (gcc/g++), make; cmake is fetched from PyPI if missing.
 set -euo pipefail
 
@@ -30,7 +31,7 @@ CMAKE_PIN="cmake==3.31.10"
 TOOLS="${QWEN_RUN_TOOLS:-${HOME}/.cache/qwen-run/tools}"
 PREFIX="${TOOLS}/llama.cpp-b${VERSION}"
 JOBS="${LLAMA_CPP_JOBS:-2}"
-TARGETS="${LLAMA_CPP_TARGETS:-llama-bench llama-completion llama-simple llama-perplexity llama-tokenize llama-quantize}"
+TARGETS="${LLAMA_CPP_TARGETS:-llama-bench llama-completion llama-simple llama-perplexity llama-tokenize llama-quantize llama-lookup}"
 PYTHON="${PYTHON:-python3}"
 CMAKE_FLAGS=(
   -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON

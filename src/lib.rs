@@ -3,7 +3,7 @@
 //! The parts, from the file up: [`gguf`] reads model files, [`model`] runs Qwen2 steps over
 //! quantized weights (CPU kernels in the `qwen-run-kernels` crate), [`kv_cache`] holds attention
 //! state, [`prefix_cache`] reuses prompt prefixes, [`tokenizer`] turns text into tokens and chats
-//! into prompts, [`sampler`] picks tokens, [`engine`] is a loaded model on its threads,
+//! into prompts, [`sampler`] picks tokens, [`speculative`] proposes tokens ahead, [`engine`] is a loaded model on its threads,
 //! [`scheduler`] is the one generation loop, and [`server`] and [`cli`] are layers on top.
 //! docs/ARCHITECTURE.md has the call graph.
 
@@ -19,4 +19,5 @@ pub mod prefix_cache;
 pub mod sampler;
 pub mod scheduler;
 pub mod server;
+pub mod speculative;
 pub mod tokenizer;

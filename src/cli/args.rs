@@ -6,6 +6,7 @@ use crate::grammar::Format;
 use crate::kv_cache::CacheType;
 use crate::sampler::SamplingParams;
 use crate::server::ModelSource;
+use crate::speculative::{SpecConfig, SpecType};
 use crate::tokenizer::TemplateOverride;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -305,6 +306,100 @@ pub struct ModelArgs {
     /// Also write everything qwen-run prints on stderr (reports, notices, errors) to FILE.
     #[arg(long = "log-file", value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub spec: SpecArgs,
+}
+
+/// Speculative decoding, with llama.cpp's flag names.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SpecArgs {
+    /// How to draft tokens ahead of the model, checked in the same step as the token before
+    /// them (output unchanged): ngram-simple (the default) looks the text's last words up in the
+    /// prompt and the answer so far and drafts what followed them; none turns it off.
+    #[arg(long = "spec-type", value_name = "TYPE")]
+    pub spec_type: Option<String>,
+    /// The longest n-gram ngram-simple looks up (it tries shorter ones down to 2).
+    #[arg(long = "spec-ngram-simple-size-n", value_name = "N")]
+    pub ngram_size: Option<usize>,
+    /// The most tokens ngram-simple drafts at once (the same setting as --spec-draft-n-max).
+    #[arg(long = "spec-ngram-simple-size-m", value_name = "N")]
+    pub ngram_draft: Option<usize>,
+    /// Accepted with no effect, as in llama.cpp b11434, whose ngram-simple does not read it.
+    #[arg(long = "spec-ngram-simple-min-hits", value_name = "N")]
+    pub ngram_min_hits: Option<usize>,
+    /// The most tokens drafted at once.
+    #[arg(long = "spec-draft-n-max", visible_aliases = ["draft-max", "draft", "draft-n"], value_name = "N")]
+    pub draft_max: Option<usize>,
+    /// Drafts of fewer tokens than this are not tried.
+    #[arg(long = "spec-draft-n-min", visible_aliases = ["draft-min", "draft-n-min"], value_name = "N")]
+    pub draft_min: Option<usize>,
+    /// Accepted with no effect: it applies to draft models, which are not supported yet.
+    #[arg(
+        long = "spec-draft-p-min",
+        visible_alias = "draft-p-min",
+        value_name = "P"
+    )]
+    pub draft_p_min: Option<f32>,
+    /// on (default): each draft is as long as pays on this machine, from the measured share of
+    /// drafted tokens kept and the measured cost of longer steps, and none while none pays;
+    /// off: every draft found is tried whole, up to --spec-draft-n-max.
+    #[arg(long = "spec-adaptive", value_name = "on|off", value_parser = parse_on_off)]
+    pub adaptive: Option<bool>,
+    /// Draft models are not supported yet: refused (--spec-type ngram-simple needs none).
+    #[arg(
+        long = "model-draft",
+        visible_alias = "spec-draft-model",
+        value_name = "FILE"
+    )]
+    pub model_draft: Option<PathBuf>,
+    /// Draft models are not supported yet: refused.
+    #[arg(
+        long = "hf-repo-draft",
+        visible_alias = "spec-draft-hf",
+        value_name = "REPO"
+    )]
+    pub hf_repo_draft: Option<String>,
+}
+
+impl SpecArgs {
+    /// The speculation these flags ask for.
+    pub fn config(&self) -> Result<SpecConfig> {
+        if self.model_draft.is_some() || self.hf_repo_draft.is_some() {
+            bail!("draft models (-md/--model-draft, -hfd) are not supported yet; --spec-type ngram-simple (the default) drafts from the prompt without one");
+        }
+        let mut c = SpecConfig::default();
+        if let Some(types) = &self.spec_type {
+            let mut kinds = types.split(',').map(|t| SpecType::parse(t.trim()));
+            c.kind = kinds
+                .next()
+                .unwrap_or(Ok(SpecType::None))
+                .map_err(anyhow::Error::msg)?;
+            if let Some(other) = kinds.next() {
+                other.map_err(anyhow::Error::msg)?;
+                bail!(
+                    "--spec-type {types}: one type at a time is supported (none or ngram-simple)"
+                );
+            }
+        }
+        if let Some(n) = self.ngram_size {
+            c.ngram_size = n;
+        }
+        match (self.ngram_draft, self.draft_max) {
+            (Some(m), Some(n)) if m != n => bail!(
+                "--spec-ngram-simple-size-m {m} and --spec-draft-n-max {n} set the same limit here; give one"
+            ),
+            (Some(n), _) | (_, Some(n)) => c.n_max = n,
+            (None, None) => {}
+        }
+        if let Some(n) = self.draft_min {
+            c.n_min = n;
+        }
+        if let Some(on) = self.adaptive {
+            c.adaptive = on;
+        }
+        c.check()?;
+        Ok(c)
+    }
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {
@@ -346,7 +441,7 @@ impl ModelArgs {
             self.hf_file.as_deref(),
             self.hf_no_verify,
         )?;
-        Ok(self.options_for(model, threads, long_lived))
+        self.options_for(model, threads, long_lived)
     }
 
     /// The load options of every model `serve` is given: each -m file, each GGUF file of an -m
@@ -377,13 +472,15 @@ impl ModelArgs {
                 files.push((m.clone(), false));
             }
         }
-        Ok(files
+        files
             .into_iter()
-            .map(|(f, from_directory)| ModelSource {
-                load: self.options_for(f, threads, true),
-                from_directory,
+            .map(|(f, from_directory)| {
+                Ok(ModelSource {
+                    load: self.options_for(f, threads, true)?,
+                    from_directory,
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// The one thread count of every command but `bench`.
@@ -415,8 +512,8 @@ impl ModelArgs {
     }
 
     /// `long_lived`: the default of --huge-pages.
-    fn options_for(&self, model: PathBuf, threads: usize, long_lived: bool) -> LoadOptions {
-        LoadOptions {
+    fn options_for(&self, model: PathBuf, threads: usize, long_lived: bool) -> Result<LoadOptions> {
+        Ok(LoadOptions {
             model,
             device: self.device,
             gpu_layers: self.gpu_layers,
@@ -436,7 +533,8 @@ impl ModelArgs {
             prefix_block: DEFAULT_PREFIX_BLOCK,
             huge_pages: self.huge_pages.unwrap_or(long_lived),
             chat_template: None,
-        }
+            spec: self.spec.config()?,
+        })
     }
 }
 
@@ -842,6 +940,9 @@ const LLAMA_FLAGS: &[(&str, &str)] = &[
     ("-cnv", "--conversation"),
     ("-no-cnv", "--no-conversation"),
     ("-co", "--color"),
+    ("-md", "--model-draft"),
+    ("-hfd", "--hf-repo-draft"),
+    ("-hfrd", "--hf-repo-draft"),
 ];
 
 /// Rewrites llama.cpp's multi-letter single-dash flags (`-hf`, `-ngl`, `-sys`, `-ctk`, `-fa`...,

@@ -87,12 +87,23 @@ pub fn report(engine: &Engine, g: &Generation) -> String {
         Some((used, _, _)) => format!(" | prefix cache {:.1} MiB", mib(used)),
         None => String::new(),
     };
+    let spec = if g.spec.drafted > 0 {
+        format!(
+            " | drafted {} kept {} ({:.0}%), {:.2} tokens/pass",
+            g.spec.drafted,
+            g.spec.accepted,
+            100.0 * g.spec.acceptance(),
+            g.tokens_per_pass()
+        )
+    } else {
+        String::new()
+    };
     let gpu = match engine.gpu_report() {
         Some(r) => format!("\n[qwen-run] GPU {r}"),
         None => String::new(),
     };
     format!(
-        "\n[qwen-run] load {:.2} s | prompt {} tokens{cached} | time to first token {:.0} ms | prefill {:.1} tok/s | generated {} tokens | decode {:.1} tok/s | finish: {} | {} | {} threads | ctx {} | KV {types} {:.1} MiB used of {:.0} MiB{prefix}{gpu}",
+        "\n[qwen-run] load {:.2} s | prompt {} tokens{cached} | time to first token {:.0} ms | prefill {:.1} tok/s | generated {} tokens | decode {:.1} tok/s{spec} | finish: {} | {} | {} threads | ctx {} | KV {types} {:.1} MiB used of {:.0} MiB{prefix}{gpu}",
         engine.load_time.as_secs_f64(),
         g.prompt_tokens,
         g.ttft.as_secs_f64() * 1e3,

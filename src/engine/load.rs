@@ -6,6 +6,7 @@ use crate::gguf::GgufFile;
 use crate::kv_cache::CacheType;
 use crate::model::{check_shapes, Config, ModelRunner, Placement, Qwen2};
 use crate::prefix_cache::{model_identity, DiskCache, PromptCache, Shape};
+use crate::speculative::SpecConfig;
 use crate::tokenizer::{ChatTemplate, TemplateOverride, Tokenizer};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ pub struct LoadOptions {
     pub huge_pages: bool,
     /// The chat template to use instead of the GGUF's (`--chat-template`, `--chat-template-file`).
     pub chat_template: Option<TemplateOverride>,
+    /// How generations speculate by default (`--spec-type` and its settings).
+    pub spec: SpecConfig,
 }
 
 /// Default memory budget of the prompt-prefix cache, MiB.
@@ -68,6 +71,7 @@ impl LoadOptions {
             prefix_block: DEFAULT_PREFIX_BLOCK,
             huge_pages: false,
             chat_template: None,
+            spec: SpecConfig::default(),
         }
     }
 }
@@ -183,6 +187,8 @@ impl Engine {
             passes: Mutex::new(()),
             prompt_cache,
             grammars: Default::default(),
+            spec: opts.spec,
+            step_costs: Default::default(),
         };
         engine.check_kv_fits(1)?;
         Ok(engine)

@@ -18,6 +18,7 @@ use crate::model::{Config, Logits, ModelRunner, Placement, Sequence};
 use crate::prefix_cache::PromptCache;
 use crate::sampler::Sampler;
 use crate::scheduler::{Event, Held, Output, Request, Scheduler};
+use crate::speculative::{SpecConfig, StepCosts};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use anyhow::{bail, Result};
 use smallvec::SmallVec;
@@ -44,6 +45,10 @@ pub struct Engine {
     prompt_cache: PromptCache,
     /// Built on first use: most runs never constrain their output.
     grammars: std::sync::OnceLock<Result<Grammars, String>>,
+    /// How generations speculate unless their request says otherwise.
+    pub spec: SpecConfig,
+    /// Step times by tokens per step, for sizing drafts.
+    step_costs: StepCosts,
 }
 
 /// One session's part of a step: the tokens to append and which of them need logits.
@@ -79,6 +84,11 @@ impl Engine {
 
     pub fn prompt_cache(&self) -> &PromptCache {
         &self.prompt_cache
+    }
+
+    /// How long this engine's steps take, by tokens per step.
+    pub fn step_costs(&self) -> &StepCosts {
+        &self.step_costs
     }
 
     /// The model's vocabulary as the constrained decoder sees it (built on first use).
@@ -137,7 +147,10 @@ impl Engine {
                 logits: s.logits,
             })
             .collect();
+        let started = std::time::Instant::now();
         self.run_pass(|| self.runner.step(&mut seqs, logits))?;
+        let tokens = seqs.iter().map(|s| s.tokens.len()).sum();
+        self.step_costs.record(tokens, started.elapsed());
         drop(seqs);
         for s in batch.iter_mut() {
             s.session.extend(s.tokens);

@@ -15,8 +15,9 @@ pub use request::{
 
 use crate::engine::{Engine, Step};
 use crate::kv_cache::Session;
-use crate::model::Logits;
+use crate::model::{Logits, EXACT_STEP_TOKENS};
 use crate::prefix_cache::Found;
+use crate::speculative::{CostTable, Drafter, Planned, SpecStats};
 use decoder::Decoder;
 use request::SlotSession;
 use smallvec::SmallVec;
@@ -61,8 +62,13 @@ struct Active<'a> {
     decoder: Decoder,
     /// What the next step runs, once decoding: the last sampled token, then the guide's drafts.
     run: Vec<u32>,
-    /// The guide's latest drafts.
+    /// The latest drafts, the guide's or the drafter's.
     drafts: Vec<u32>,
+    /// Proposes drafts when the guide has none (speculative decoding).
+    drafter: Option<Drafter>,
+    /// Whether the drafts in this step are the drafter's (it learns from how many are kept).
+    drafter_drafted: bool,
+    spec: SpecStats,
     queue_time: Duration,
     started: Instant,
     prefill_time: Option<Duration>,
@@ -84,6 +90,8 @@ pub struct Scheduler<'a> {
     chunks: ChunkPolicy,
     /// The logits of the last step, kept so that a step allocates none.
     logits: Vec<f32>,
+    /// The engine's step costs, copied for the drafters before each step.
+    costs: CostTable,
 }
 
 impl<'a> Scheduler<'a> {
@@ -99,6 +107,7 @@ impl<'a> Scheduler<'a> {
                 .collect(),
             chunks: ChunkPolicy::of(engine),
             logits: Vec::new(),
+            costs: CostTable::default(),
         }
     }
 
@@ -170,6 +179,7 @@ impl<'a> Scheduler<'a> {
         };
         // The request leaves the queue: from here on its queue time-out no longer applies.
         out.send(Event::Started);
+        let drafter = Drafter::new(req.spec.unwrap_or(engine.spec));
         let decoder = Decoder::new(
             prompt,
             req.max_tokens,
@@ -183,6 +193,9 @@ impl<'a> Scheduler<'a> {
             decoder,
             run: Vec::new(),
             drafts: Vec::new(),
+            drafter,
+            drafter_drafted: false,
+            spec: SpecStats::default(),
             queue_time: req.enqueued.elapsed(),
             started,
             prefill_time: None,
@@ -206,6 +219,15 @@ impl<'a> Scheduler<'a> {
         } else {
             self.chunks.alone
         };
+        let drafting = self.slots.iter().any(|s| {
+            s.active
+                .as_ref()
+                .is_some_and(|a| a.drafter.is_some() && !a.prefilling())
+        });
+        if drafting {
+            engine.step_costs().snapshot(&mut self.costs);
+        }
+        let mut planned = Planned::default();
         for slot in self.slots.iter_mut() {
             let Some(a) = slot.active.as_mut() else {
                 continue;
@@ -221,17 +243,31 @@ impl<'a> Scheduler<'a> {
                 budget -= n;
                 if n > 0 {
                     a.in_step = Some((n, 1));
+                    planned.tokens += n;
+                    planned.expected += n as f64;
                 }
             } else if !a.run.is_empty() {
                 a.run.truncate(1);
+                a.drafts.clear();
+                a.drafter_drafted = false;
+                let room = a.decoder.left().min(EXACT_STEP_TOKENS - 1);
                 if let Some(guide) = a.req.guide.as_mut() {
-                    a.drafts.clear();
                     let generated = a.decoder.generated().len();
                     guide.draft(a.decoder.history(), generated, &mut a.drafts);
-                    a.drafts.truncate(a.decoder.left());
-                    a.run.extend_from_slice(&a.drafts);
+                    a.drafts.truncate(room);
                 }
+                let mut expected = 1.0 + a.drafts.len() as f64;
+                if a.drafts.is_empty() {
+                    if let Some(d) = a.drafter.as_mut() {
+                        let history = a.decoder.history();
+                        expected = d.propose(history, room, &self.costs, planned, &mut a.drafts);
+                        a.drafter_drafted = !a.drafts.is_empty();
+                    }
+                }
+                a.run.extend_from_slice(&a.drafts);
                 a.in_step = Some((a.run.len(), a.run.len()));
+                planned.tokens += a.run.len();
+                planned.expected += expected;
             }
         }
         let in_step: SmallVec<[usize; 8]> = (0..self.slots.len())
@@ -356,6 +392,7 @@ fn take_slot_tokens(engine: &Engine, slot: &mut Slot, n: usize, rows: usize, log
     let Some(a) = slot.active.as_mut() else {
         return;
     };
+    let decode_step = !a.prefilling();
     if a.prefilling() {
         a.fed += n;
         if a.prefilling() {
@@ -394,6 +431,14 @@ fn take_slot_tokens(engine: &Engine, slot: &mut Slot, n: usize, rows: usize, log
     if accepted < drafts {
         let keep = session.tokens().len() - (drafts - accepted);
         session.truncate(keep);
+    }
+    a.spec.passes += usize::from(decode_step);
+    a.spec.drafted += drafts;
+    a.spec.accepted += accepted;
+    if a.drafter_drafted {
+        if let Some(d) = a.drafter.as_mut() {
+            d.record(drafts, accepted);
+        }
     }
     a.run.clear();
     a.run.extend(next);
@@ -438,6 +483,7 @@ fn finish(engine: &Engine, slot: &mut Slot) {
         ttft: a.ttft.unwrap_or(elapsed),
         decode_time: a.decode_start.map_or(Duration::ZERO, |t| t.elapsed()),
         total_time: a.queue_time + elapsed,
+        spec: a.spec,
     };
     a.out.send(Event::Done(g));
 }

@@ -4,6 +4,7 @@
 use crate::kv_cache::Session;
 use crate::prefix_cache::CacheSource;
 use crate::sampler::Sampler;
+use crate::speculative::{SpecConfig, SpecStats};
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,8 @@ pub struct Request<'a> {
     pub logprobs: Option<usize>,
     /// When the request was made: its queue time runs from here to admission.
     pub enqueued: Instant,
+    /// How it speculates; None: as the engine was loaded to.
+    pub spec: Option<SpecConfig>,
 }
 
 impl<'a> Request<'a> {
@@ -60,6 +63,7 @@ impl<'a> Request<'a> {
             guide: None,
             logprobs: None,
             enqueued: Instant::now(),
+            spec: None,
         }
     }
 }
@@ -170,6 +174,8 @@ pub struct Generation {
     pub decode_time: Duration,
     /// From the request to the end.
     pub total_time: Duration,
+    /// Drafted and kept tokens, and decode steps.
+    pub spec: SpecStats,
 }
 
 impl Generation {
@@ -180,6 +186,11 @@ impl Generation {
     /// Decode speed over the tokens that needed a forward pass (the first comes from prefill).
     pub fn decode_tok_s(&self) -> f64 {
         self.tokens.len().saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+
+    /// Tokens generated per decode step (above 1 where drafts were kept).
+    pub fn tokens_per_pass(&self) -> f64 {
+        self.tokens.len().saturating_sub(1) as f64 / self.spec.passes.max(1) as f64
     }
 }
 

@@ -234,7 +234,7 @@ fn timings(s: &Generation) -> Value {
     let predicted_ms = s.decode_time.as_secs_f64() * 1e3;
     let per = |ms: f64, n: usize| if n > 0 { ms / n as f64 } else { 0.0 };
     let rate = |ms: f64, n: usize| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
-    json!({
+    let mut timings = json!({
         "cache_n": s.reused_tokens,
         "prompt_n": prompt_n,
         "prompt_ms": prompt_ms,
@@ -244,7 +244,12 @@ fn timings(s: &Generation) -> Value {
         "predicted_ms": predicted_ms,
         "predicted_per_token_ms": per(predicted_ms, predicted_n),
         "predicted_per_second": rate(predicted_ms, predicted_n),
-    })
+    });
+    if s.spec.drafted > 0 {
+        timings["draft_n"] = json!(s.spec.drafted);
+        timings["draft_n_accepted"] = json!(s.spec.accepted);
+    }
+    timings
 }
 
 /// llama-server's `completion_probabilities` entries.

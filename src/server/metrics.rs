@@ -1,5 +1,6 @@
 //! Server metrics in the Prometheus text format (`GET /metrics`).
 
+use crate::speculative::SpecStats;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -63,6 +64,8 @@ pub struct Metrics {
     pub queue_timeouts: AtomicU64,
     pub model_loads: AtomicU64,
     pub model_unloads: AtomicU64,
+    draft_tokens: AtomicU64,
+    draft_accepted: AtomicU64,
     ttft: Mutex<Histogram>,
     per_token: Mutex<Histogram>,
 }
@@ -81,6 +84,8 @@ impl Default for Metrics {
             queue_timeouts: AtomicU64::new(0),
             model_loads: AtomicU64::new(0),
             model_unloads: AtomicU64::new(0),
+            draft_tokens: AtomicU64::new(0),
+            draft_accepted: AtomicU64::new(0),
             ttft: Mutex::new(Histogram::new(TTFT_BUCKETS)),
             per_token: Mutex::new(Histogram::new(TOKEN_BUCKETS)),
         }
@@ -122,6 +127,14 @@ impl Metrics {
                 .unwrap_or_else(|e| e.into_inner())
                 .observe_n(decode.as_secs_f64() / n as f64, n);
         }
+    }
+
+    /// What speculative decoding did in one finished generation.
+    pub fn record_speculation(&self, spec: SpecStats) {
+        self.draft_tokens
+            .fetch_add(spec.drafted as u64, Ordering::Relaxed);
+        self.draft_accepted
+            .fetch_add(spec.accepted as u64, Ordering::Relaxed);
     }
 
     pub fn render(&self) -> String {
@@ -175,6 +188,16 @@ impl Metrics {
                 "qwen_run_model_loads_total",
                 "Models loaded.",
                 self.model_loads.load(Ordering::Relaxed),
+            ),
+            (
+                "qwen_run_draft_tokens_total",
+                "Tokens drafted by speculative decoding and run.",
+                self.draft_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "qwen_run_draft_tokens_accepted_total",
+                "Drafted tokens kept (the model sampled them too).",
+                self.draft_accepted.load(Ordering::Relaxed),
             ),
             (
                 "qwen_run_model_unloads_total",

@@ -407,6 +407,10 @@ fn usage(s: &Generation) -> Value {
         "completion_tokens": s.completion_tokens,
         "total_tokens": s.prompt_tokens + s.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": s.reused_tokens},
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": s.spec.accepted,
+            "rejected_prediction_tokens": s.spec.drafted - s.spec.accepted,
+        },
     })
 }
 

@@ -80,6 +80,7 @@ impl ResponseCache {
             ttft: Duration::ZERO,
             decode_time: Duration::ZERO,
             total_time: Duration::ZERO,
+            spec: Default::default(),
             ..summary
         };
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,6 +147,7 @@ mod tests {
             ttft: Duration::from_millis(5),
             decode_time: Duration::from_millis(5),
             total_time: Duration::from_millis(15),
+            spec: Default::default(),
         }
     }
 

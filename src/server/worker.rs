@@ -111,6 +111,7 @@ impl Output for JobOutput {
                     g.prefill_time,
                     g.decode_time,
                 );
+                self.metrics.record_speculation(g.spec);
                 WorkerEvent::Done(g)
             }
             Event::Error(e) => {
