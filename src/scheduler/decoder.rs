@@ -58,6 +58,11 @@ impl Decoder {
         self.budget.saturating_sub(self.generated().len() + 1)
     }
 
+    /// Tokens that may still be generated, the next one included.
+    pub(super) fn remaining(&self) -> usize {
+        self.budget.saturating_sub(self.generated().len())
+    }
+
     pub(super) fn finish_reason(&self) -> FinishReason {
         self.finish
     }

@@ -386,6 +386,47 @@ impl<'a> Scheduler<'a> {
     }
 }
 
+/// What one slot is doing, as the server's `GET /slots` shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotState {
+    /// Serving a request.
+    pub busy: bool,
+    /// The request's prompt tokens, and how many of them have run (reused ones included).
+    pub prompt_tokens: usize,
+    pub prompt_done: usize,
+    /// Tokens generated so far, and how many more it may generate.
+    pub generated: usize,
+    pub remaining: usize,
+    /// Positions its KV cache holds; kept after a request, for the next one's prefix.
+    pub cached: usize,
+}
+
+impl Scheduler<'_> {
+    /// Each slot's state, in slot order.
+    pub fn slot_states(&self) -> impl Iterator<Item = SlotState> + '_ {
+        self.slots.iter().map(|slot| {
+            let cached = match &slot.session {
+                SlotSession::Ready(s) => s.tokens().len(),
+                SlotSession::Unmade => 0,
+            };
+            match &slot.active {
+                None => SlotState {
+                    cached,
+                    ..SlotState::default()
+                },
+                Some(a) => SlotState {
+                    busy: true,
+                    prompt_tokens: a.req.prompt.len(),
+                    prompt_done: a.fed.min(a.req.prompt.len()),
+                    generated: a.decoder.generated().len(),
+                    remaining: a.decoder.remaining(),
+                    cached,
+                },
+            }
+        })
+    }
+}
+
 /// Moves one slot on after a pass (see [`Scheduler::take_tokens`]).
 fn take_slot_tokens(engine: &Engine, slot: &mut Slot, n: usize, rows: usize, logits: &mut [f32]) {
     let vocab = engine.config().vocab_size;

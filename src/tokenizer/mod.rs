@@ -34,7 +34,12 @@ pub struct Tokenizer {
     token_text: Vec<String>,
     eog: Vec<u32>,
     pub eos: u32,
+    /// The model's beginning-of-text token, added to prompts only when `add_bos` says so.
+    pub bos: Option<u32>,
     pub add_bos: Option<u32>,
+    /// A copy of `inner` that reads control tokens written in the text as plain text (llama-server's
+    /// `parse_special: false`); made on first use, since few requests ask for it.
+    plain: std::sync::OnceLock<tokenizers::Tokenizer>,
 }
 
 impl Tokenizer {
@@ -183,7 +188,9 @@ impl Tokenizer {
             token_text: tokens.iter().map(|t| t.to_string()).collect(),
             eog,
             eos,
+            bos,
             add_bos,
+            plain: std::sync::OnceLock::new(),
         })
     }
 
@@ -193,12 +200,34 @@ impl Tokenizer {
 
     /// Tokenizes text; special tokens written in the text (`<|im_start|>`) become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
+        self.encode_with(text, true, true)
+    }
+
+    /// Tokenizes text as llama-server's `/tokenize` does: `add_special` puts the model's BOS
+    /// first where the model asks for one; without `parse_special`, control tokens written in the
+    /// text are tokenized as the characters they are made of.
+    pub fn encode_with(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>> {
+        let inner = if parse_special {
+            &self.inner
+        } else {
+            self.plain.get_or_init(|| {
+                let mut t = self.inner.clone();
+                t.set_encode_special_tokens(true);
+                t
+            })
+        };
+        let enc = inner
             .encode_fast(text, false)
             .map_err(|e| anyhow::anyhow!("tokenizing the prompt failed: {e}"))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
-        ids.extend(self.add_bos);
+        if add_special {
+            ids.extend(self.add_bos);
+        }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
     }
@@ -241,6 +270,15 @@ impl Tokenizer {
         self.token_bytes
             .get(id as usize)
             .map_or(&[], |b| b.as_slice())
+    }
+
+    /// A token as llama.cpp prints it with special tokens shown: its bytes, or a control
+    /// token's name.
+    pub fn piece(&self, id: u32) -> &[u8] {
+        match self.token_bytes(id) {
+            [] => self.token_text(id).as_bytes(),
+            b => b,
+        }
     }
 
     pub fn token_text(&self, id: u32) -> &str {
