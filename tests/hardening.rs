@@ -644,6 +644,9 @@ fn random_requests_get_answers_not_crashes() {
         "/api/show",
         "/completion",
         "/infill",
+        "/tokenize",
+        "/detokenize",
+        "/apply-template",
     ];
     let fields = [
         "model",

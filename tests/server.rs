@@ -2012,3 +2012,192 @@ fn llama_server_completion() {
         assert!(v.to_string().contains(what), "{body}: {v}");
     }
 }
+
+/// llama-server's tools around generation, on the real 0.5B model: /tokenize and /detokenize
+/// (round trip of non-ASCII text, pieces, special tokens), /apply-template (the prompt the chat
+/// endpoint runs), /props, /slots, /health and its `llamacpp:*` metrics.
+#[test]
+fn llama_server_tokenize_template_props_slots() {
+    let s = Server::start(
+        &common::real_model("0.5b"),
+        &["-c", "1024", "--parallel", "2"],
+    );
+    let text = "Grüße, 世界! 🦀 naïve café <|im_start|>";
+    let (st, v) = s.post("/tokenize", &json!({"content": text}));
+    assert_eq!(st, 200, "{v}");
+    let ids: Vec<u64> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!(*ids.last().unwrap(), 151644, "a control token is read: {v}");
+    let (st, v) = s.post("/detokenize", &json!({"tokens": ids}));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["content"], text);
+    // With pieces: the same ids, and their bytes (a string, or the byte list where a character
+    // is cut between tokens) add up to the text.
+    let (st, v) = s.post("/tokenize", &json!({"content": text, "with_pieces": true}));
+    assert_eq!(st, 200, "{v}");
+    let mut bytes = Vec::new();
+    let mut cut = false;
+    for (t, id) in v["tokens"].as_array().unwrap().iter().zip(&ids) {
+        assert_eq!(t["id"].as_u64(), Some(*id), "{v}");
+        match &t["piece"] {
+            Value::String(p) => bytes.extend_from_slice(p.as_bytes()),
+            Value::Array(b) => {
+                cut = true;
+                bytes.extend(b.iter().map(|x| x.as_u64().unwrap() as u8));
+            }
+            other => panic!("piece {other}"),
+        }
+    }
+    assert_eq!(String::from_utf8(bytes).unwrap(), text);
+    assert!(cut, "the crab's bytes are split between tokens: {v}");
+    // parse_special false: the control token's name is plain text; add_special adds no BOS to
+    // Qwen (its GGUF does not ask for one).
+    let (st, v) = s.post(
+        "/tokenize",
+        &json!({"content": "<|im_start|>", "parse_special": false, "add_special": true}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let plain = v["tokens"].as_array().unwrap();
+    assert!(plain.len() > 1 && !plain.contains(&json!(151644)), "{v}");
+    let (_, v) = s.post("/detokenize", &json!({"tokens": plain}));
+    assert_eq!(v["content"], "<|im_start|>");
+    for (path, body, needles) in [
+        (
+            "/detokenize",
+            json!({"tokens": [1, 151936]}),
+            vec!["151936", "151936 tokens"],
+        ),
+        ("/detokenize", json!({"tokens": [-1]}), vec!["-1"]),
+        (
+            "/tokenize",
+            json!({"content": "x", "mystery": 1}),
+            vec!["'mystery'"],
+        ),
+        ("/tokenize", json!({}), vec!["content"]),
+    ] {
+        let (st, v) = s.post(path, &body);
+        assert_eq!(st, 400, "{body}: {v}");
+        for n in needles {
+            assert!(
+                v["error"]["message"].as_str().unwrap().contains(n),
+                "{n}: {v}"
+            );
+        }
+    }
+
+    // /apply-template: the prompt /v1/chat/completions runs, tools included.
+    let chat = json!({
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Wie spät ist es?"}],
+        "tools": weather_tools(),
+        "max_tokens": 1,
+        "temperature": 0,
+    });
+    let (st, v) = s.post("/apply-template", &chat);
+    assert_eq!(st, 200, "{v}");
+    let prompt = v["prompt"].as_str().unwrap().to_string();
+    assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
+    assert!(
+        prompt.contains("Wie spät ist es?") && prompt.contains("get_weather"),
+        "{prompt}"
+    );
+    let (_, v) = s.post("/tokenize", &json!({"content": prompt}));
+    let n_prompt = v["tokens"].as_array().unwrap().len();
+    let (st, v) = s.post("/v1/chat/completions", &chat);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], n_prompt, "{v}");
+    let (st, v) = s.post("/apply-template", &json!({"messages": []}));
+    assert_eq!(st, 400, "{v}");
+
+    // /props, in llama-server's shape.
+    let (st, body) = s.get("/props");
+    assert_eq!(st, 200, "{body}");
+    let p: Value = serde_json::from_str(&body).unwrap();
+    let d = &p["default_generation_settings"];
+    assert_eq!(d["n_ctx"], 1024, "{p}");
+    assert_eq!(d["params"]["top_k"], 40, "{p}");
+    assert!((d["params"]["temperature"].as_f64().unwrap() - 0.8).abs() < 1e-6);
+    assert_eq!(p["total_slots"], 2, "{p}");
+    assert!(p["model_path"].as_str().unwrap().ends_with(".gguf"), "{p}");
+    assert!(p["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
+    assert_eq!(p["eos_token"], "<|im_end|>", "{p}");
+    assert_eq!(p["bos_token"], "<|endoftext|>", "{p}");
+    assert_eq!(p["modalities"]["vision"], false, "{p}");
+    assert!(p["build_info"].as_str().unwrap().starts_with("qwen-run"));
+    let (st, v) = s.post("/props", &json!({}));
+    assert_eq!(st, 501, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("--props"),
+        "{v}"
+    );
+
+    // /slots: one per --parallel, idle now; saving a slot is refused by name.
+    let (st, body) = s.get("/slots");
+    assert_eq!(st, 200, "{body}");
+    let slots: Value = serde_json::from_str(&body).unwrap();
+    let slots = slots.as_array().unwrap();
+    assert_eq!(slots.len(), 2, "{body}");
+    for (i, slot) in slots.iter().enumerate() {
+        assert_eq!(slot["id"], i);
+        assert_eq!(slot["n_ctx"], 1024);
+        assert_eq!(slot["is_processing"], false);
+    }
+    assert!(
+        slots
+            .iter()
+            .any(|s| s["n_cached"].as_u64().unwrap() >= n_prompt as u64),
+        "the chat's prompt stays in a slot's cache: {body}"
+    );
+    let (st, _) = s.get("/slots?fail_on_no_slot=1");
+    assert_eq!(st, 200);
+    let (st, body) = s.get("/slots?action=save");
+    assert_eq!(st, 400, "{body}");
+    let (st, v) = s.post("/slots/0?action=save", &json!({"filename": "a.bin"}));
+    assert_eq!(st, 501, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not supported"));
+
+    let (st, body) = s.get("/health");
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["status"],
+        "ok"
+    );
+    let (_, m) = s.get("/metrics");
+    for name in [
+        "llamacpp:prompt_tokens_total",
+        "llamacpp:prompt_seconds_total",
+        "llamacpp:tokens_predicted_total",
+        "llamacpp:tokens_predicted_seconds_total",
+        "llamacpp:requests_processing",
+        "llamacpp:requests_deferred",
+        "llamacpp:n_decode_total",
+        "llamacpp:n_busy_slots_per_decode",
+        "llamacpp:n_tokens_max",
+    ] {
+        assert!(
+            m.contains(&format!("# TYPE {name} ")),
+            "{name} not in:\n{m}"
+        );
+    }
+    // Prompt tokens run: those the prompt cache (memory or disk) did not hold.
+    assert_eq!(s.metric("qwen_run_prompt_tokens_total"), n_prompt as f64);
+    let run = s.metric("llamacpp:prompt_tokens_total");
+    assert_eq!(
+        run,
+        n_prompt as f64 - s.metric("qwen_run_prompt_tokens_reused_total")
+    );
+    assert!(run >= 1.0);
+    assert_eq!(s.metric("llamacpp:tokens_predicted_total"), 1.0);
+    assert!(s.metric("llamacpp:n_decode_total") >= 1.0);
+    assert_eq!(s.metric("llamacpp:requests_processing"), 0.0);
+    assert!(m.contains("qwen_run_requests_total{endpoint=\"/tokenize\",status=\"200\"}"));
+}

@@ -32,10 +32,11 @@ pub fn too_large() -> ApiError {
     )
 }
 
-/// "loaded", "unloaded", or "failed" (its generation thread stopped; the next request reloads
-/// it), as the model lists show it.
+/// "loaded", "loading", "unloaded", or "failed" (its generation thread stopped; the next request
+/// reloads it), as the model lists show it.
 pub fn model_state(s: &ModelStatus) -> &'static str {
     match &s.loaded {
+        _ if s.loading => "loading",
         Some(m) if m.failure().is_some() => "failed",
         Some(_) => "loaded",
         None => "unloaded",
@@ -252,6 +253,16 @@ pub fn chat_prompt(
     messages: &[Message],
     tools: Option<&Value>,
 ) -> Result<Vec<u32>, ApiError> {
+    off_runtime(|| state.tokenize(&chat_text(state, messages, tools)?))
+}
+
+/// Renders a chat through the model's template (with the assistant's turn opened), as the chat
+/// endpoints prompt the model and llama-server's `/apply-template` shows it.
+pub fn chat_text(
+    state: &LoadedModel,
+    messages: &[Message],
+    tools: Option<&Value>,
+) -> Result<String, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request("'messages' is empty"));
     }
@@ -268,12 +279,11 @@ pub fn chat_prompt(
         )));
     }
     off_runtime(|| {
-        let text = state
+        state
             .engine
             .template
             .render(messages, tools, true)
-            .map_err(template_error)?;
-        state.tokenize(&text)
+            .map_err(template_error)
     })
 }
 

@@ -1,6 +1,8 @@
-//! llama-server's own generation endpoints: `POST /completion` (a prompt as text or token ids,
-//! with its GBNF `grammar`, `json_schema` and `n_probs`) and `POST /infill` (fill in the middle),
-//! streaming as llama-server does: SSE `data:` objects, the last with `"stop": true`.
+//! llama-server's own endpoints: `POST /completion` (a prompt as text or token ids, with its GBNF
+//! `grammar`, `json_schema` and `n_probs`) and `POST /infill` (fill in the middle), streaming as
+//! llama-server does: SSE `data:` objects, the last with `"stop": true`; and its tools around
+//! them: `/tokenize`, `/detokenize`, `GET /props`, `GET /slots` (`/apply-template` is in
+//! [`openai`](super::openai), since it takes a chat completion's body).
 
 use super::api::{
     compile_format, grammar_fields, parse_body, stream_response, top_logprobs, AppState, Sampling,
@@ -14,18 +16,22 @@ use super::routing::RouteFacts;
 use crate::scheduler::{FinishReason, Generation};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 pub fn error(e: ApiError) -> Response {
-    let kind = if e.status.is_server_error() {
-        "server_error"
-    } else {
-        "invalid_request_error"
+    let kind = match e.status {
+        StatusCode::NOT_FOUND => "not_found_error",
+        StatusCode::NOT_IMPLEMENTED => "not_supported_error",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable_error",
+        s if s.is_server_error() => "server_error",
+        _ => "invalid_request_error",
     };
     e.response(json!({"error": {"code": e.status.as_u16(), "message": e.message, "type": kind}}))
 }
@@ -345,5 +351,309 @@ async fn respond(
     Ok(served_headers(
         stream_response("text/event-stream", rx),
         &headers,
+    ))
+}
+
+#[derive(Deserialize)]
+struct TokenizeRequest {
+    content: String,
+    /// Put the model's BOS first (where the model asks for one).
+    #[serde(default)]
+    add_special: bool,
+    /// Read control tokens written in the text (`<|im_start|>`) as those tokens.
+    #[serde(default = "yes")]
+    parse_special: bool,
+    #[serde(default)]
+    with_pieces: bool,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A token's text for `with_pieces`: a string when its bytes are UTF-8 on their own, else the
+/// bytes, as llama-server writes it.
+fn piece_json(bytes: &[u8]) -> Value {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => json!(s),
+        Err(_) => json!(bytes),
+    }
+}
+
+/// `POST /tokenize`: `{"tokens": [ids]}`, or with `with_pieces` `[{"id", "piece"}]`.
+pub async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    tokenize_inner(state, body).await.unwrap_or_else(error)
+}
+
+async fn tokenize_inner(
+    state: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: TokenizeRequest = parse_body(body)?;
+    fields::check(&req.extra, &[], "the request")?;
+    let lease = state
+        .pool
+        .acquire(
+            state.pool.any_name_if_one(req.model.as_deref()),
+            &RouteFacts::prompt(&req.content),
+            None,
+        )
+        .await?;
+    let tok = &lease.engine.tokenizer;
+    let tokens = super::api::off_runtime(|| -> Result<Value, ApiError> {
+        let ids = tok
+            .encode_with(&req.content, req.add_special, req.parse_special)
+            .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+        Ok(if req.with_pieces {
+            ids.iter()
+                .map(|&id| json!({"id": id, "piece": piece_json(tok.piece(id))}))
+                .collect()
+        } else {
+            json!(ids)
+        })
+    })?;
+    Ok(Json(json!({"tokens": tokens})).into_response())
+}
+
+#[derive(Deserialize)]
+struct DetokenizeRequest {
+    #[serde(default)]
+    tokens: Vec<i64>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+/// `POST /detokenize`: `{"content": text}`, control tokens written by name (as llama-server
+/// does); an id outside the vocabulary is a 400 that names it.
+pub async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    detokenize_inner(state, body).await.unwrap_or_else(error)
+}
+
+async fn detokenize_inner(
+    state: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: DetokenizeRequest = parse_body(body)?;
+    fields::check(&req.extra, &[], "the request")?;
+    let lease = state
+        .pool
+        .acquire(
+            state.pool.any_name_if_one(req.model.as_deref()),
+            &RouteFacts::default(),
+            None,
+        )
+        .await?;
+    let tok = &lease.engine.tokenizer;
+    let vocab = tok.vocab_size();
+    if let Some(bad) = req
+        .tokens
+        .iter()
+        .find(|&&t| !(0..vocab as i64).contains(&t))
+    {
+        return Err(ApiError::bad_request(format!(
+            "token id {bad} is not in this model's vocabulary of {vocab} tokens (0 to {})",
+            vocab - 1
+        )));
+    }
+    let bytes: Vec<u8> = req
+        .tokens
+        .iter()
+        .flat_map(|&t| tok.piece(t as u32).iter().copied())
+        .collect();
+    Ok(Json(json!({"content": String::from_utf8_lossy(&bytes)})).into_response())
+}
+
+/// The query of the reporting endpoints: `?model=` where several models are served.
+fn query_model(query: &HashMap<String, String>, also: &[&str]) -> Result<Option<String>, ApiError> {
+    if let Some(k) = query
+        .keys()
+        .find(|k| *k != "model" && !also.contains(&k.as_str()))
+    {
+        let mut known = vec!["model"];
+        known.extend(also);
+        return Err(ApiError::bad_request(format!(
+            "unknown query parameter '{k}'; this endpoint takes {}",
+            known.join(", ")
+        )));
+    }
+    Ok(query.get("model").cloned())
+}
+
+/// `GET /props`: the model's defaults and facts, in llama-server's shape. The model is loaded if
+/// it is not (its tokenizer and template are needed), without counting as a use when it is.
+pub async fn props(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    props_inner(state, query).await.unwrap_or_else(error)
+}
+
+async fn props_inner(
+    state: Arc<AppState>,
+    query: HashMap<String, String>,
+) -> Result<Response, ApiError> {
+    let asked = query_model(&query, &[])?;
+    let (spec, loaded) = state.pool.peek(asked.as_deref())?;
+    let lease;
+    let held;
+    let model: &LoadedModel = match loaded {
+        Some(m) => {
+            held = m;
+            &held
+        }
+        None => {
+            lease = state
+                .pool
+                .acquire(
+                    state.pool.any_name_if_one(asked.as_deref()),
+                    &RouteFacts::default(),
+                    None,
+                )
+                .await?;
+            &lease
+        }
+    };
+    let engine = &model.engine;
+    let tok = &engine.tokenizer;
+    let text = |id: Option<u32>| id.map_or(String::new(), |i| tok.token_text(i).to_string());
+    let d = crate::sampler::SamplingParams::default();
+    let n_predict = match model.budget(None) {
+        usize::MAX => -1,
+        n => n as i64,
+    };
+    let slots = model.slots.lock().unwrap_or_else(|e| e.into_inner()).len();
+    Ok(Json(json!({
+        "default_generation_settings": {
+            "id": 0,
+            "id_task": -1,
+            "n_ctx": engine.ctx_size,
+            "is_processing": false,
+            "params": {
+                "n_predict": n_predict,
+                "max_tokens": n_predict,
+                // llama-server's number for "a new random seed per request".
+                "seed": u32::MAX,
+                "temperature": d.temperature,
+                "dynatemp_range": 0.0,
+                "top_k": d.top_k,
+                "top_p": d.top_p,
+                "min_p": d.min_p,
+                "top_n_sigma": -1.0,
+                "xtc_probability": 0.0,
+                "typical_p": 1.0,
+                "repeat_last_n": d.repeat_last_n,
+                "repeat_penalty": d.repeat_penalty,
+                "presence_penalty": d.presence_penalty,
+                "frequency_penalty": d.frequency_penalty,
+                "dry_multiplier": 0.0,
+                "mirostat": 0,
+                "stop": [],
+                "n_keep": 0,
+                "ignore_eos": false,
+                "stream": false,
+                "n_probs": 0,
+                "grammar": "",
+                "samplers": ["penalties", "top_k", "top_p", "min_p", "temperature"],
+                "post_sampling_probs": false,
+                "lora": [],
+            },
+            "prompt": "",
+        },
+        "total_slots": slots,
+        "model_alias": spec.name,
+        "model_path": spec.opts.model.display().to_string(),
+        "chat_template": engine.template.source(),
+        "bos_token": text(tok.bos),
+        "eos_token": text(Some(tok.eos)),
+        "modalities": {"vision": false, "audio": false},
+        "build_info": concat!("qwen-run ", env!("CARGO_PKG_VERSION")),
+        "is_sleeping": false,
+    }))
+    .into_response())
+}
+
+/// `POST /props`: refused; llama-server takes it only when started with `--props`, and there is
+/// nothing it could change here.
+pub async fn change_props() -> Response {
+    error(ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "POST /props is not supported: qwen-run's settings are fixed by its command line (llama-server's --props flag is not implemented); GET /props reads them",
+    ))
+}
+
+/// `GET /slots`: each generation slot of the model (`--parallel` of them) as its thread last
+/// showed it; `?fail_on_no_slot=1` answers 503 when none is free. A model that is not loaded is
+/// not loaded for this: its slots are shown idle.
+pub async fn slots(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    slots_inner(state, query).unwrap_or_else(error)
+}
+
+fn slots_inner(state: Arc<AppState>, query: HashMap<String, String>) -> Result<Response, ApiError> {
+    let asked = query_model(&query, &["fail_on_no_slot"])?;
+    let fail_on_no_slot = match query.get("fail_on_no_slot").map(String::as_str) {
+        None | Some("0") | Some("false") => false,
+        Some("1") | Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "fail_on_no_slot must be 0 or 1, got '{other}'"
+            )))
+        }
+    };
+    let (_, loaded) = state.pool.peek(asked.as_deref())?;
+    let (states, n_ctx) = match &loaded {
+        Some(m) => (
+            m.slots.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            Some(m.engine.ctx_size),
+        ),
+        None => (vec![Default::default(); state.pool.parallel().max(1)], None),
+    };
+    if fail_on_no_slot && states.iter().all(|s| s.busy) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no slot available",
+        ));
+    }
+    let list: Vec<Value> = states
+        .iter()
+        .enumerate()
+        .map(|(id, s)| {
+            json!({
+                "id": id,
+                "n_ctx": n_ctx,
+                "is_processing": s.busy,
+                "n_prompt_tokens": s.prompt_tokens,
+                "n_prompt_tokens_processed": s.prompt_done,
+                "n_cached": s.cached,
+                "next_token": {
+                    "has_next_token": s.busy,
+                    "n_remain": s.remaining,
+                    "n_decoded": s.generated,
+                },
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(list)).into_response())
+}
+
+/// `POST /slots/{id}?action=save|restore|erase`: not supported.
+pub async fn slot_action(Path(_id): Path<String>) -> Response {
+    error(ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "saving, restoring and erasing a slot's cache (POST /slots/{id}?action=..., --slot-save-path) is not supported; GET /slots reads the slots, and qwen-run keeps prompt prefixes itself (--cache-ram, --prompt-cache DIR)",
     ))
 }

@@ -68,6 +68,7 @@ pub struct Metrics {
     draft_accepted: AtomicU64,
     ttft: Mutex<Histogram>,
     per_token: Mutex<Histogram>,
+    pub llamacpp: LlamaCppMetrics,
 }
 
 impl Default for Metrics {
@@ -88,6 +89,7 @@ impl Default for Metrics {
             draft_accepted: AtomicU64::new(0),
             ttft: Mutex::new(Histogram::new(TTFT_BUCKETS)),
             per_token: Mutex::new(Histogram::new(TOKEN_BUCKETS)),
+            llamacpp: LlamaCppMetrics::default(),
         }
     }
 }
@@ -108,6 +110,8 @@ impl Metrics {
         decode: Duration,
     ) {
         self.generations.fetch_add(1, Ordering::Relaxed);
+        self.llamacpp
+            .record_generation(prompt.saturating_sub(reused), generated, ttft, decode);
         self.prompt_tokens
             .fetch_add(prompt as u64, Ordering::Relaxed);
         self.reused_tokens
@@ -249,6 +253,138 @@ impl Metrics {
                 "qwen_run_time_per_output_token_seconds",
                 "Time per generated token after the first.",
             );
+        self.llamacpp.render(
+            &mut out,
+            self.busy.load(Ordering::Relaxed),
+            self.queue_depth.load(Ordering::Relaxed),
+        );
         out
+    }
+}
+
+/// llama-server's metrics (`llamacpp:*`), for dashboards made for it, counted from the same
+/// generations and model steps as ours. Rates are averages over the server's life (llama-server's
+/// cover the time since the last scrape).
+#[derive(Default)]
+pub struct LlamaCppMetrics {
+    /// Prompt tokens run (those reused from a cache are not).
+    prompt_tokens: AtomicU64,
+    prompt_micros: AtomicU64,
+    predicted_tokens: AtomicU64,
+    predicted_micros: AtomicU64,
+    /// Model steps, and the busy slots summed over them.
+    steps: AtomicU64,
+    busy_in_steps: AtomicU64,
+    /// The most positions one slot's context has held.
+    context_max: AtomicU64,
+}
+
+impl LlamaCppMetrics {
+    fn record_generation(&self, run: usize, generated: usize, prefill: Duration, decode: Duration) {
+        self.prompt_tokens.fetch_add(run as u64, Ordering::Relaxed);
+        self.prompt_micros
+            .fetch_add(prefill.as_micros() as u64, Ordering::Relaxed);
+        self.predicted_tokens
+            .fetch_add(generated as u64, Ordering::Relaxed);
+        self.predicted_micros
+            .fetch_add(decode.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// One model step over `busy` slots.
+    pub fn record_step(&self, busy: usize) {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.busy_in_steps.fetch_add(busy as u64, Ordering::Relaxed);
+    }
+
+    /// A slot's context now holds `positions`.
+    pub fn record_context(&self, positions: usize) {
+        self.context_max
+            .fetch_max(positions as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, processing: usize, deferred: usize) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let prompt_s = get(&self.prompt_micros) as f64 / 1e6;
+        let predicted_s = get(&self.predicted_micros) as f64 / 1e6;
+        let rate = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        let steps = get(&self.steps);
+        let metrics: [(&str, &str, &str, f64); 11] = [
+            (
+                "prompt_tokens_total",
+                "counter",
+                "Number of prompt tokens processed.",
+                get(&self.prompt_tokens) as f64,
+            ),
+            (
+                "prompt_seconds_total",
+                "counter",
+                "Prompt process time in seconds.",
+                prompt_s,
+            ),
+            (
+                "prompt_tokens_seconds",
+                "gauge",
+                "Average prompt throughput in tokens/s.",
+                rate(get(&self.prompt_tokens), prompt_s),
+            ),
+            (
+                "tokens_predicted_total",
+                "counter",
+                "Number of generation tokens processed.",
+                get(&self.predicted_tokens) as f64,
+            ),
+            (
+                "tokens_predicted_seconds_total",
+                "counter",
+                "Predict process time in seconds.",
+                predicted_s,
+            ),
+            (
+                "predicted_tokens_seconds",
+                "gauge",
+                "Average generation throughput in tokens/s.",
+                rate(get(&self.predicted_tokens), predicted_s),
+            ),
+            (
+                "requests_processing",
+                "gauge",
+                "Number of requests processing.",
+                processing as f64,
+            ),
+            (
+                "requests_deferred",
+                "gauge",
+                "Number of requests deferred.",
+                deferred as f64,
+            ),
+            (
+                "n_tokens_max",
+                "counter",
+                "High watermark of the context size observed.",
+                get(&self.context_max) as f64,
+            ),
+            (
+                "n_decode_total",
+                "counter",
+                "Total number of model steps.",
+                steps as f64,
+            ),
+            (
+                "n_busy_slots_per_decode",
+                "gauge",
+                "Average number of busy slots per model step.",
+                if steps > 0 {
+                    get(&self.busy_in_steps) as f64 / steps as f64
+                } else {
+                    0.0
+                },
+            ),
+        ];
+        for (name, kind, help, v) in metrics {
+            let _ = writeln!(
+                out,
+                "# HELP llamacpp:{name} {help}\n# TYPE llamacpp:{name} {kind}\nllamacpp:{name} {v}"
+            );
+        }
     }
 }

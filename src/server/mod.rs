@@ -149,6 +149,15 @@ pub fn router(state: Arc<AppState>, access: Arc<AccessOptions>) -> Router {
         .route("/completion", post(llama_server::completion))
         .route("/completions", post(llama_server::completion))
         .route("/infill", post(llama_server::infill))
+        .route("/tokenize", post(llama_server::tokenize))
+        .route("/detokenize", post(llama_server::detokenize))
+        .route("/apply-template", post(openai::apply_template))
+        .route(
+            "/props",
+            get(llama_server::props).post(llama_server::change_props),
+        )
+        .route("/slots", get(llama_server::slots))
+        .route("/slots/{id}", post(llama_server::slot_action))
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))
         .route("/api/tags", get(ollama::tags))
@@ -173,6 +182,14 @@ const ENDPOINTS: &[&str] = &[
     "/v1/models",
     "/v1/chat/completions",
     "/v1/completions",
+    "/completion",
+    "/completions",
+    "/infill",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+    "/props",
+    "/slots",
     "/api/chat",
     "/api/generate",
     "/api/tags",
@@ -216,10 +233,22 @@ async fn refuse_large_bodies(req: Request, next: Next) -> Response {
     }
 }
 
+/// `GET /health`: 200 while a model can answer or be loaded on demand; 503 in llama-server's
+/// form while no model is loaded and one is loading. `serve` loads the default model before it
+/// listens, so that is only seen when the default model is loaded again (after keep-alive
+/// unloaded it, or its thread failed) and no other model is loaded.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let models: Vec<serde_json::Value> = state
-        .pool
-        .statuses()
+    let statuses = state.pool.statuses();
+    let answering = statuses
+        .iter()
+        .any(|s| s.loaded.as_ref().is_some_and(|m| m.failure().is_none()));
+    if !answering && statuses.iter().any(|s| s.loading) {
+        return llama_server::error(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Loading model",
+        ));
+    }
+    let models: Vec<serde_json::Value> = statuses
         .iter()
         .map(|s| serde_json::json!({"name": s.spec.name, "state": model_state(s)}))
         .collect();

@@ -17,7 +17,7 @@ use super::routing::{RouteFacts, RouteRule};
 use super::worker;
 use crate::engine::{Engine, LoadOptions};
 use crate::gguf::GgufFile;
-use crate::scheduler::ChunkPolicy;
+use crate::scheduler::{ChunkPolicy, SlotState};
 use anyhow::{bail, Context, Result};
 use axum::http::StatusCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -190,6 +190,8 @@ pub struct LoadedModel {
     cache: Option<Arc<ResponseCache>>,
     max_tokens: usize,
     queue_timeout: Duration,
+    /// What each generation slot is doing, as its thread last published it (`GET /slots`).
+    pub slots: Arc<Mutex<Vec<SlotState>>>,
     /// When the last request let go of the model.
     last_used: Mutex<Instant>,
     keep_alive: Mutex<KeepAlive>,
@@ -205,8 +207,10 @@ impl LoadedModel {
         let engine = Arc::new(engine);
         let (queue, jobs) = channel();
         let failed = Arc::new(Mutex::new(None));
+        let slots = Arc::new(Mutex::new(vec![SlotState::default(); opts.parallel.max(1)]));
         let mut threads = Vec::new();
         {
+            let board = slots.clone();
             let engine = engine.clone();
             let metrics = shared.metrics.clone();
             let parallel = opts.parallel;
@@ -230,7 +234,7 @@ impl LoadedModel {
                 .name("qwen-run-generate".into())
                 .spawn(move || {
                     let run = std::panic::AssertUnwindSafe(|| {
-                        worker::run(engine, metrics, jobs, parallel, chunks)
+                        worker::run(engine, metrics, jobs, parallel, chunks, board)
                     });
                     if let Err(p) = std::panic::catch_unwind(run) {
                         let why = crate::scheduler::panic_message(&p);
@@ -253,6 +257,7 @@ impl LoadedModel {
             cache: shared.cache.clone(),
             max_tokens: opts.max_tokens,
             queue_timeout: opts.queue_timeout,
+            slots,
             last_used: Mutex::new(Instant::now()),
             keep_alive: Mutex::new(opts.keep_alive),
         })
@@ -446,6 +451,8 @@ struct Entry {
 pub struct ModelStatus<'a> {
     pub spec: &'a ModelSpec,
     pub loaded: Option<Arc<LoadedModel>>,
+    /// Being loaded now (first load, reload, or load on demand).
+    pub loading: bool,
 }
 
 pub struct ModelPool {
@@ -457,6 +464,8 @@ pub struct ModelPool {
     large: usize,
     /// One load at a time, so that two loads never both take the last free place.
     loading: tokio::sync::Mutex<()>,
+    /// The index of the model being loaded, while one is.
+    loading_now: Mutex<Option<usize>>,
 }
 
 impl ModelPool {
@@ -517,7 +526,13 @@ impl ModelPool {
             small,
             large,
             loading: tokio::sync::Mutex::new(()),
+            loading_now: Mutex::new(None),
         })
+    }
+
+    /// Generation slots per loaded model (`--parallel`).
+    pub fn parallel(&self) -> usize {
+        self.opts.parallel
     }
 
     /// The model a request without a `model` field gets: the first one given.
@@ -526,13 +541,27 @@ impl ModelPool {
     }
 
     pub fn statuses(&self) -> Vec<ModelStatus<'_>> {
+        let loading = *lock(&self.loading_now);
         self.entries
             .iter()
-            .map(|e| ModelStatus {
+            .enumerate()
+            .map(|(i, e)| ModelStatus {
                 spec: &e.spec,
                 loaded: lock(&e.loaded).clone(),
+                loading: loading == Some(i),
             })
             .collect()
+    }
+
+    /// The model a request names, if it is loaded and working, without loading it or counting
+    /// the look as a use (keep-alive runs on): for the endpoints that only report.
+    pub fn peek(
+        &self,
+        asked: Option<&str>,
+    ) -> Result<(&ModelSpec, Option<Arc<LoadedModel>>), ApiError> {
+        let i = self.index(self.any_name_if_one(asked))?;
+        let loaded = self.loaded(i).filter(|m| m.failure().is_none());
+        Ok((&self.entries[i].spec, loaded))
     }
 
     /// The name the OpenAI and llama-server endpoints look up: with one model served, whatever
@@ -578,6 +607,14 @@ impl ModelPool {
     }
 
     fn load(&self, i: usize) -> Result<LoadedModel> {
+        struct Loading<'a>(&'a Mutex<Option<usize>>);
+        impl Drop for Loading<'_> {
+            fn drop(&mut self) {
+                *lock(self.0) = None;
+            }
+        }
+        *lock(&self.loading_now) = Some(i);
+        let _loading = Loading(&self.loading_now);
         let spec = &self.entries[i].spec;
         let engine = Engine::load(&spec.opts)?;
         engine.check_kv_fits(self.opts.parallel)?;

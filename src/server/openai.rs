@@ -1,4 +1,5 @@
-//! The OpenAI API: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
+//! The OpenAI API: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`; and
+//! llama-server's `POST /apply-template`, which takes a chat completion's body.
 
 use super::api::AppState;
 use super::api::{
@@ -160,6 +161,20 @@ struct CompletionRequest {
     common: Common,
     #[serde(flatten)]
     extra: Map<String, Value>,
+}
+
+impl ChatRequest {
+    /// What the chat template renders: the messages, and the tools unless `tool_choice` is
+    /// "none". Takes the messages out of the request.
+    fn conversation(&mut self) -> Result<(Vec<Message>, Option<Value>), ApiError> {
+        let tools = match (&self.tools, &self.tool_choice) {
+            (_, Some(Value::String(c))) if c == "none" => None,
+            (Some(t), _) if t.as_array().is_some_and(|a| !a.is_empty()) => Some(t.clone()),
+            (Some(Value::Array(_)) | Some(Value::Null) | None, _) => None,
+            (Some(_), _) => return Err(ApiError::bad_request("'tools' must be an array")),
+        };
+        Ok((to_messages(std::mem::take(&mut self.messages))?, tools))
+    }
 }
 
 impl Common {
@@ -473,7 +488,7 @@ async fn chat_inner(
     state: Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse_body(body)?;
+    let mut req: ChatRequest = parse_body(body)?;
     fields::check(
         &req.extra,
         &[fields::OPENAI, fields::LLAMA_SAMPLERS],
@@ -481,13 +496,7 @@ async fn chat_inner(
     )?;
     let logprobs = req.common.chat_logprobs()?;
     let keep_alive = keep_alive_field(&req.common.keep_alive)?;
-    let tools = match (&req.tools, &req.tool_choice) {
-        (_, Some(Value::String(c))) if c == "none" => None,
-        (Some(t), _) if t.as_array().is_some_and(|a| !a.is_empty()) => Some(t.clone()),
-        (Some(Value::Array(_)) | Some(Value::Null) | None, _) => None,
-        (Some(_), _) => return Err(ApiError::bad_request("'tools' must be an array")),
-    };
-    let messages = to_messages(req.messages)?;
+    let (messages, tools) = req.conversation()?;
     let facts = RouteFacts::chat(&messages, tools.is_some());
     let lease = state
         .pool
@@ -788,4 +797,40 @@ async fn completions_inner(
         stream_response("text/event-stream", rx),
         &headers,
     ))
+}
+
+/// llama-server's `POST /apply-template`: a chat completion request's body, answered with the
+/// prompt the chat endpoints would give the model (`{"prompt": ...}`), without generating. Its
+/// sampling fields are read as the chat endpoint reads them and change nothing here.
+pub async fn apply_template(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    apply_template_inner(state, body)
+        .await
+        .unwrap_or_else(error)
+}
+
+async fn apply_template_inner(
+    state: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let mut req: ChatRequest = parse_body(body)?;
+    fields::check(
+        &req.extra,
+        &[fields::OPENAI, fields::LLAMA_SAMPLERS],
+        "the request",
+    )?;
+    let (messages, tools) = req.conversation()?;
+    let facts = RouteFacts::chat(&messages, tools.is_some());
+    let lease = state
+        .pool
+        .acquire(
+            state.pool.any_name_if_one(req.common.model.as_deref()),
+            &facts,
+            None,
+        )
+        .await?;
+    let prompt = super::api::chat_text(&lease, &messages, tools.as_ref())?;
+    Ok(Json(json!({"prompt": prompt})).into_response())
 }

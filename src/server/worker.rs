@@ -6,10 +6,10 @@ use super::metrics::Metrics;
 use super::protocol::{Job, Logprob, Place, ShownToken, WorkerEvent};
 use crate::engine::Engine;
 use crate::sampler::Sampler;
-use crate::scheduler::{ChunkPolicy, Event, Held, Output, Request, Scheduler};
+use crate::scheduler::{ChunkPolicy, Event, Held, Output, Request, Scheduler, SlotState};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::UnboundedSender;
 
 pub(super) fn run(
@@ -18,6 +18,7 @@ pub(super) fn run(
     jobs: Receiver<Job>,
     parallel: usize,
     chunks: ChunkPolicy,
+    slots: Arc<Mutex<Vec<SlotState>>>,
 ) {
     let mut scheduler = Scheduler::new(&engine, parallel).with_chunks(chunks);
     loop {
@@ -33,8 +34,22 @@ pub(super) fn run(
             };
             admit(&mut scheduler, &engine, &metrics, job);
         }
+        let busy = publish(&scheduler, &slots, &metrics);
         scheduler.step();
+        metrics.llamacpp.record_step(busy);
+        publish(&scheduler, &slots, &metrics);
     }
+}
+
+/// Shows what each slot is doing to `GET /slots` (and the context's high-water mark to
+/// /metrics); returns how many slots are busy.
+fn publish(scheduler: &Scheduler, slots: &Mutex<Vec<SlotState>>, metrics: &Metrics) -> usize {
+    let mut board = slots.lock().unwrap_or_else(|e| e.into_inner());
+    board.clear();
+    board.extend(scheduler.slot_states());
+    let most = board.iter().map(|s| s.cached).max().unwrap_or(0);
+    metrics.llamacpp.record_context(most);
+    board.iter().filter(|s| s.busy).count()
 }
 
 fn admit(scheduler: &mut Scheduler, engine: &Arc<Engine>, metrics: &Arc<Metrics>, job: Job) {
@@ -84,12 +99,8 @@ impl Output for JobOutput {
             }
             Event::Logprob(lp) => {
                 let show = |id: u32| {
-                    let tok = &self.engine.tokenizer;
-                    let bytes = match tok.token_bytes(id) {
-                        // A control token: shown by its name, as OpenAI shows special tokens.
-                        [] => tok.token_text(id).as_bytes().to_vec(),
-                        b => b.to_vec(),
-                    };
+                    // A control token is shown by its name, as OpenAI shows special tokens.
+                    let bytes = self.engine.tokenizer.piece(id).to_vec();
                     ShownToken {
                         text: String::from_utf8_lossy(&bytes).into_owned(),
                         bytes,
