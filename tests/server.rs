@@ -2201,3 +2201,43 @@ fn llama_server_tokenize_template_props_slots() {
     assert_eq!(s.metric("llamacpp:requests_processing"), 0.0);
     assert!(m.contains("qwen_run_requests_total{endpoint=\"/tokenize\",status=\"200\"}"));
 }
+
+/// /health answers llama-server's 503 while no model is loaded and one is loading (here: the
+/// switch to another model under --max-loaded 1), and 200 again once it is loaded.
+#[test]
+fn health_is_503_while_no_model_is_loaded_and_one_loads() {
+    let real = common::real_model("0.5b");
+    let s = Server::start(
+        tiny_model(),
+        &["-t", "1", "-m", real.to_str().unwrap(), "--max-loaded", "1"],
+    );
+    let name = real.file_stem().unwrap().to_str().unwrap().to_string();
+    let s = std::sync::Arc::new(s);
+    let client = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            s.post(
+                "/completion",
+                &json!({"model": name, "prompt": "hi", "n_predict": 1}),
+            )
+        })
+    };
+    let mut seen = None;
+    while !client.is_finished() {
+        let (st, body) = s.get("/health");
+        if st == 503 {
+            seen = Some(body);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (st, v) = client.join().unwrap();
+    assert_eq!(st, 200, "{v}");
+    let body: Value = serde_json::from_str(&seen.expect("a 503 during the load")).unwrap();
+    assert_eq!(
+        body,
+        json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
+    );
+    let (st, body) = s.get("/health");
+    assert_eq!(st, 200, "{body}");
+}

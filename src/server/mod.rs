@@ -235,8 +235,8 @@ async fn refuse_large_bodies(req: Request, next: Next) -> Response {
 
 /// `GET /health`: 200 while a model can answer or be loaded on demand; 503 in llama-server's
 /// form while no model is loaded and one is loading. `serve` loads the default model before it
-/// listens, so that is only seen when the default model is loaded again (after keep-alive
-/// unloaded it, or its thread failed) and no other model is loaded.
+/// listens, so that is only seen while it is loaded again (after keep-alive unloaded it, or its
+/// thread failed) or another replaces it under `--max-loaded`, with no other model loaded.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     let statuses = state.pool.statuses();
     let answering = statuses
