@@ -2156,6 +2156,37 @@ fn llama_server_tokenize_template_props_slots() {
     );
     let (st, _) = s.get("/slots?fail_on_no_slot=1");
     assert_eq!(st, 200);
+    // While a request generates, its slot says so.
+    let busy = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            s.post(
+                "/completion",
+                &json!({"prompt": "def fib(n):", "n_predict": 48, "temperature": 0}),
+            )
+        });
+        let mut busy = None;
+        while busy.is_none() && !client.is_finished() {
+            let (_, body) = s.get("/slots");
+            let slots: Value = serde_json::from_str(&body).unwrap();
+            busy = slots
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| {
+                    s["is_processing"] == true && s["next_token"]["n_decoded"].as_u64() > Some(0)
+                })
+                .cloned();
+        }
+        let (st, v) = client.join().unwrap();
+        assert_eq!(st, 200, "{v}");
+        busy
+    });
+    let busy = busy.expect("a busy slot while the request generated");
+    assert_eq!(busy["n_prompt_tokens"], 4, "{busy}");
+    assert!(
+        busy["next_token"]["n_remain"].as_u64().unwrap() > 0,
+        "{busy}"
+    );
     let (st, body) = s.get("/slots?action=save");
     assert_eq!(st, 400, "{body}");
     let (st, v) = s.post("/slots/0?action=save", &json!({"filename": "a.bin"}));
@@ -2189,14 +2220,20 @@ fn llama_server_tokenize_template_props_slots() {
         );
     }
     // Prompt tokens run: those the prompt cache (memory or disk) did not hold.
-    assert_eq!(s.metric("qwen_run_prompt_tokens_total"), n_prompt as f64);
+    assert_eq!(
+        s.metric("qwen_run_prompt_tokens_total"),
+        n_prompt as f64 + 4.0
+    );
     let run = s.metric("llamacpp:prompt_tokens_total");
     assert_eq!(
         run,
-        n_prompt as f64 - s.metric("qwen_run_prompt_tokens_reused_total")
+        n_prompt as f64 + 4.0 - s.metric("qwen_run_prompt_tokens_reused_total")
     );
-    assert!(run >= 1.0);
-    assert_eq!(s.metric("llamacpp:tokens_predicted_total"), 1.0);
+    assert!(run >= 2.0);
+    assert_eq!(
+        s.metric("llamacpp:tokens_predicted_total"),
+        s.metric("qwen_run_generated_tokens_total")
+    );
     assert!(s.metric("llamacpp:n_decode_total") >= 1.0);
     assert_eq!(s.metric("llamacpp:requests_processing"), 0.0);
     assert!(m.contains("qwen_run_requests_total{endpoint=\"/tokenize\",status=\"200\"}"));
