@@ -105,7 +105,7 @@ def main(argv):
                                                "--spec-type", "ngram-simple"] + args.qwen_args.split(),
     }
     if lookup:
-        engines["llama-lookup"] = lambda c: [lookup] + common + ["-f", c["prompt_file"], "-c", "4096",
+        engines["llama-lookup"] = lambda c: [lookup] + common + ["-f", c["prompt_file"], "-c", "4096", "-b", "4096",
                                                                  "--spec-draft-n-max", str(args.draft_max)]
     results = {c["name"]: {e: [] for e in engines} for c in cases}
     texts = {}

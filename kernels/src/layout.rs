@@ -335,3 +335,8 @@ pub(crate) struct RowsPlan<'a> {
     /// `[n_tokens, rows]` outputs.
     pub y: YPtr,
 }
+
+/// From this many tokens on, the K-quants (Q4_K, Q5_K, Q6_K) use the panel
+/// kernels (panel.rs); fewer: the direct R x T tiles (decode.rs: `tile_q45k`,
+/// `tile_q6k`), whose results for a token do not depend on the other tokens.
+pub(crate) const K_PANEL_MIN_TOKENS: usize = 4;

@@ -195,6 +195,32 @@ pub fn best_packing(ty: QuantType, rows: usize) -> Packing {
     }
 }
 
+/// Tokens per call up to which [`matmul_many`] gives each token of a `ty` matrix in `packing`
+/// the bits a call with that token alone gives (`usize::MAX`: any number): the rows4 kernels
+/// and the scalar reference do the same operations for every token count; the K-quants in the
+/// GGUF layout switch from direct tiles to panels at 4 tokens, the 32-element types from the
+/// decode kernel at 2; the float and Q8_K tiles are not checked for it, so no more than 1 is
+/// promised. Speculative decoding checks drafts only in steps within it.
+pub fn batch_invariant_tokens(ty: QuantType, packing: Packing) -> usize {
+    if !Backend::detect().is_simd() || packing == Packing::Rows4 {
+        return usize::MAX;
+    }
+    match ty {
+        QuantType::Q4K | QuantType::Q5K | QuantType::Q6K => layout::K_PANEL_MIN_TOKENS - 1,
+        QuantType::Q4_0
+        | QuantType::Q4_1
+        | QuantType::Q5_0
+        | QuantType::Q5_1
+        | QuantType::Q8_0
+        | QuantType::Q8K
+        | QuantType::F32
+        | QuantType::F16
+        | QuantType::BF16 => 1,
+        // No SIMD kernel: the scalar reference runs it.
+        _ => usize::MAX,
+    }
+}
+
 /// Which kernels [`matmul`] uses, as reports name them: "AVX-512 VNNI", "AVX-VNNI",
 /// "AVX2+FMA" or "scalar" (detected at run time, or forced by [`KERNELS_ENV`]).
 pub fn simd_name() -> &'static str {

@@ -578,3 +578,65 @@ fn rows4_weights_match_the_gguf_blocks() {
         }
     }
 }
+
+/// What `batch_invariant_tokens` promises holds: up to that many tokens, every token of a call
+/// gets the bits a call with that token alone gets, for every type and layout.
+#[test]
+fn batch_invariant_tokens_holds() {
+    use qwen_run_kernels::{
+        batch_invariant_tokens, has_rows4, matmul_many, repack_rows4, MatMulJob, Packing,
+    };
+    let (rows, cols) = (12, 512);
+    for (i, ty) in [
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::Q8_0,
+        QuantType::Q2K,
+        QuantType::Q3K,
+        QuantType::Q4K,
+        QuantType::Q5K,
+        QuantType::Q6K,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (bytes, _) = make_weights(ty, rows, cols, 500 + i as u64);
+        let mut layouts = vec![(Packing::Gguf, bytes.clone())];
+        if has_rows4(ty) {
+            layouts.push((
+                Packing::Rows4,
+                repack_rows4(ty, rows, cols, &bytes).unwrap(),
+            ));
+        }
+        let mut rng = StdRng::seed_from_u64(510 + i as u64);
+        let x = random_values(&mut rng, 24 * cols);
+        for (packing, w) in &layouts {
+            let run = |x: &[f32], n: usize| {
+                let mut y = vec![f32::NAN; n * rows];
+                let mut jobs = [MatMulJob {
+                    ty,
+                    packing: *packing,
+                    w,
+                    rows,
+                    y: &mut y,
+                }];
+                matmul_many(cols, x, n, &mut jobs);
+                y
+            };
+            let limit = batch_invariant_tokens(ty, *packing).min(24);
+            for n in 2..=limit {
+                let batch = run(&x[..n * cols], n);
+                for t in 0..n {
+                    let alone = run(&x[t * cols..(t + 1) * cols], 1);
+                    assert_eq!(
+                        bits(&batch[t * rows..(t + 1) * rows]),
+                        bits(&alone),
+                        "{ty} {packing:?}: token {t} of {n}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -19,7 +19,7 @@ pub use runner::{ModelRunner, Pass};
 pub use weight_arena::WeightArena;
 pub use weights::{Embedding, Linear, QMatrix};
 
-/// A step with up to this many new tokens of a sequence gives each of them, on the host pass,
-/// the logits a step of that token alone gives: the scheduler's drafts stay within it, so that
-/// checking them never changes what is sampled.
+/// A host-pass step with up to this many new tokens of a sequence gives each of them the
+/// attention a step of that token alone gives; [`ModelRunner::exact_step_tokens`] adds the
+/// limits of the model's weight types.
 pub const EXACT_STEP_TOKENS: usize = qwen_run_kernels::attention::EXACT_STEP_TOKENS;

@@ -43,6 +43,14 @@ pub struct Qwen2 {
 }
 
 impl Qwen2 {
+    /// Every matrix of the layers and the output head.
+    pub(super) fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .chain([&self.output])
+    }
+
     /// `placement` comes from [`Placement::new`] with this file's layer count.
     /// `huge_pages`: back the CPU copies of the weights with 2 MiB pages ([`WeightArena`]).
     pub fn load(

@@ -5,6 +5,7 @@ use super::config::{check_room, Config, Placement, Sequence};
 use super::host_pass::{self, Scratch};
 use super::qwen2::Qwen2;
 use super::tensor_pass;
+use super::{Linear, EXACT_STEP_TOKENS};
 use crate::kv_cache::{CacheType, KvCache};
 use anyhow::Result;
 use std::sync::Mutex;
@@ -26,6 +27,7 @@ pub struct ModelRunner {
     pass: Pass,
     /// The host pass's activations, kept from step to step.
     scratch: Mutex<Scratch>,
+    exact_step_tokens: usize,
 }
 
 impl ModelRunner {
@@ -37,12 +39,20 @@ impl ModelRunner {
         } else {
             Pass::Tensor
         };
+        let exact_step_tokens = match pass {
+            Pass::Host => weights
+                .linears()
+                .map(Linear::batch_invariant_tokens)
+                .fold(EXACT_STEP_TOKENS, usize::min),
+            Pass::Tensor => 1,
+        };
         ModelRunner {
             weights,
             cache_type_k,
             cache_type_v,
             pass,
             scratch: Mutex::default(),
+            exact_step_tokens,
         }
     }
 
@@ -51,7 +61,16 @@ impl ModelRunner {
     #[cfg(feature = "test-hooks")]
     pub fn into_tensor_ops(mut self) -> ModelRunner {
         self.pass = Pass::Tensor;
+        self.exact_step_tokens = 1;
         self
+    }
+
+    /// New tokens per sequence up to which a step gives each token the logits a step of that
+    /// token alone gives ([`EXACT_STEP_TOKENS`], less where a weight type's kernels are not
+    /// batch-invariant that far; 1 for the tensor pass, where it is not checked). Drafts are
+    /// checked only in steps within it, so that they never change what is sampled.
+    pub fn exact_step_tokens(&self) -> usize {
+        self.exact_step_tokens
     }
 
     pub fn config(&self) -> &Config {

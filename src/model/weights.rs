@@ -147,6 +147,19 @@ pub enum Linear {
 }
 
 impl Linear {
+    /// Tokens per step up to which this matrix gives each token the bits a one-token step
+    /// gives (see [`qwen_run_kernels::batch_invariant_tokens`]); 1 on other devices, where that
+    /// is not checked.
+    pub fn batch_invariant_tokens(&self) -> usize {
+        match self {
+            Linear::Native { w, .. } => {
+                let (packing, _) = w.kernel_weights();
+                qwen_run_kernels::batch_invariant_tokens(w.ty(), packing)
+            }
+            Linear::Candle { .. } => 1,
+        }
+    }
+
     pub fn load(
         file: &Arc<GgufFile>,
         name: &str,

@@ -15,7 +15,7 @@ pub use request::{
 
 use crate::engine::{Engine, Step};
 use crate::kv_cache::Session;
-use crate::model::{Logits, EXACT_STEP_TOKENS};
+use crate::model::Logits;
 use crate::prefix_cache::Found;
 use crate::speculative::{CostTable, Drafter, Planned, SpecStats};
 use decoder::Decoder;
@@ -228,6 +228,7 @@ impl<'a> Scheduler<'a> {
             engine.step_costs().snapshot(&mut self.costs);
         }
         let mut planned = Planned::default();
+        let exact_step_tokens = engine.runner.exact_step_tokens();
         for slot in self.slots.iter_mut() {
             let Some(a) = slot.active.as_mut() else {
                 continue;
@@ -250,16 +251,16 @@ impl<'a> Scheduler<'a> {
                 a.run.truncate(1);
                 a.drafts.clear();
                 a.drafter_drafted = false;
-                let room = a.decoder.left().min(EXACT_STEP_TOKENS - 1);
                 if let Some(guide) = a.req.guide.as_mut() {
                     let generated = a.decoder.generated().len();
                     guide.draft(a.decoder.history(), generated, &mut a.drafts);
-                    a.drafts.truncate(room);
+                    a.drafts.truncate(a.decoder.left());
                 }
                 let mut expected = 1.0 + a.drafts.len() as f64;
                 if a.drafts.is_empty() {
                     if let Some(d) = a.drafter.as_mut() {
                         let history = a.decoder.history();
+                        let room = a.decoder.left().min(exact_step_tokens - 1);
                         expected = d.propose(history, room, &self.costs, planned, &mut a.drafts);
                         a.drafter_drafted = !a.drafts.is_empty();
                     }

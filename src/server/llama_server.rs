@@ -14,6 +14,7 @@ use super::output::{served_headers, OutEvent};
 use super::protocol::{GenRequest, Logprob};
 use super::routing::RouteFacts;
 use crate::scheduler::{FinishReason, Generation};
+use crate::speculative::{SpecConfig, SpecType};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
@@ -80,6 +81,14 @@ struct Common {
     /// Alternatives to report per token (llama-server's `completion_probabilities`).
     #[serde(default)]
     n_probs: Option<i64>,
+    /// Most drafted tokens per step (0: no speculation for this request).
+    #[serde(default, rename = "speculative.n_max")]
+    spec_n_max: Option<usize>,
+    #[serde(default, rename = "speculative.n_min")]
+    spec_n_min: Option<usize>,
+    /// Read for draft models, which are not supported: no effect.
+    #[serde(default, rename = "speculative.p_min")]
+    _spec_p_min: Option<f32>,
     #[serde(default)]
     model: Option<String>,
     #[serde(flatten)]
@@ -150,7 +159,28 @@ impl Common {
             stop: self.stop.clone().unwrap_or_default(),
             format: compile_format(model, format)?,
             logprobs,
+            spec: self.spec(model)?,
         })
+    }
+}
+
+impl Common {
+    /// The model's speculation with the request's `speculative.n_max` / `n_min`, if it sets them.
+    fn spec(&self, model: &LoadedModel) -> Result<Option<SpecConfig>, ApiError> {
+        if self.spec_n_max.is_none() && self.spec_n_min.is_none() {
+            return Ok(None);
+        }
+        let mut spec = model.engine.spec;
+        if let Some(n) = self.spec_n_max {
+            spec.n_max = n;
+        }
+        if let Some(n) = self.spec_n_min {
+            spec.n_min = n;
+        }
+        spec.check().map_err(|e| {
+            ApiError::bad_request(format!("speculative.n_max / speculative.n_min: {e:#}"))
+        })?;
+        Ok(Some(spec))
     }
 }
 
@@ -540,6 +570,7 @@ async fn props_inner(
             "id_task": -1,
             "n_ctx": engine.ctx_size,
             "is_processing": false,
+            "speculative": engine.spec.kind != SpecType::None,
             "params": {
                 "n_predict": n_predict,
                 "max_tokens": n_predict,
@@ -568,6 +599,9 @@ async fn props_inner(
                 "samplers": ["penalties", "top_k", "top_p", "min_p", "temperature"],
                 "post_sampling_probs": false,
                 "lora": [],
+                "speculative.type": engine.spec.kind.name(),
+                "speculative.n_max": engine.spec.n_max,
+                "speculative.n_min": engine.spec.n_min,
             },
             "prompt": "",
         },

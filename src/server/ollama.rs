@@ -213,6 +213,7 @@ fn gen_request(
         stop: o.stop.unwrap_or_default(),
         format: compile_format(model, format)?,
         logprobs,
+        spec: None,
     })
 }
 

@@ -240,6 +240,7 @@ impl Common {
             stop,
             format: compile_format(model, format)?,
             logprobs,
+            spec: None,
         })
     }
 

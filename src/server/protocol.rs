@@ -4,6 +4,7 @@
 use crate::grammar::{Constraint, Format};
 use crate::sampler::SamplingParams;
 use crate::scheduler::Generation;
+use crate::speculative::SpecConfig;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,6 +22,8 @@ pub struct GenRequest {
     pub format: Option<(Format, Constraint)>,
     /// Report each token's log-probability and this many alternatives.
     pub logprobs: Option<usize>,
+    /// How it speculates, when the request says (llama-server's `speculative.*`).
+    pub spec: Option<SpecConfig>,
 }
 
 /// A token as the APIs show it: its text (bytes that are not UTF-8 on their own replaced) and

@@ -130,6 +130,7 @@ mod tests {
             format: None,
             logprobs: None,
             deterministic,
+            spec: None,
         }
     }
 

@@ -69,6 +69,7 @@ fn admit(scheduler: &mut Scheduler, engine: &Arc<Engine>, metrics: &Arc<Metrics>
         }
     };
     let mut req = Request::new(job.req.prompt, job.req.max_tokens, Held::Owned(sampler));
+    req.spec = job.req.spec;
     req.stop = job.req.stop;
     req.logprobs = job.req.logprobs;
     req.guide = job

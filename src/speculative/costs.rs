@@ -56,9 +56,10 @@ pub struct CostTable {
 }
 
 impl CostTable {
-    /// The time of a step of `tokens` tokens: measured, or on the line through the nearest
-    /// measured sizes (the two on each side, or the two largest below it); None when fewer than
-    /// two sizes around it were timed.
+    /// The time of a step of `tokens` tokens: measured, or on the line through the two nearest
+    /// measured sizes below it; None when fewer than two smaller sizes were timed. Larger
+    /// sizes (prompt chunks) are not drawn on: their cost per token is another regime, and the
+    /// first steps of a process, slowed by its cold start, would weigh on every estimate.
     pub fn seconds(&self, tokens: usize) -> Option<f64> {
         let s = &self.seconds;
         if tokens == 0 || tokens >= s.len() {
@@ -68,13 +69,10 @@ impl CostTable {
             return Some(s[tokens]);
         }
         let timed = |i: &usize| s[*i] > 0.0;
-        let below = (1..tokens).rev().find(timed)?;
-        let (a, b) = match (tokens + 1..s.len()).find(timed) {
-            Some(above) => (below, above),
-            None => ((1..below).rev().find(timed)?, below),
-        };
+        let b = (1..tokens).rev().find(timed)?;
+        let a = (1..b).rev().find(timed)?;
         let slope = ((s[b] - s[a]) / (b - a) as f64).max(0.0);
-        Some(s[a] + slope * (tokens - a) as f64)
+        Some(s[b] + slope * (tokens - b) as f64)
     }
 }
 
@@ -94,15 +92,16 @@ mod tests {
 
     #[test]
     fn measured_sizes_and_the_line_between_them() {
-        let t = table(&[(1, 0.010), (9, 0.018), (600, 5.0)]);
+        let t = table(&[(1, 0.010), (2, 0.011), (9, 0.030), (600, 5.0)]);
         assert_eq!(t.seconds(1), Some(0.010));
+        // Between 2 and 9: the line through 1 and 2, not through 9.
         assert!((t.seconds(5).unwrap() - 0.014).abs() < 1e-12);
-        // Past the largest timed size (600 is not kept): the line through the two largest.
-        assert!((t.seconds(13).unwrap() - 0.022).abs() < 1e-12);
+        // Past 9 (600 is not kept): the line through 2 and 9.
+        assert!((t.seconds(16).unwrap() - 0.049).abs() < 1e-12);
         assert_eq!(t.seconds(0), None);
         assert_eq!(t.seconds(TIMED_SIZES + 1), None);
-        // One size timed, or none below: unknown.
-        assert_eq!(table(&[(1, 0.01)]).seconds(2), None);
+        // Fewer than two smaller sizes timed: unknown.
+        assert_eq!(table(&[(1, 0.01), (64, 0.2)]).seconds(2), None);
         assert_eq!(table(&[(4, 0.01), (8, 0.02)]).seconds(2), None);
     }
 

@@ -100,20 +100,20 @@ impl SpecConfig {
     pub fn check(&self) -> Result<()> {
         if self.ngram_size < ngram::MIN_NGRAM || self.ngram_size > 1024 {
             bail!(
-                "--spec-ngram-simple-size-n {} is out of range: the n-gram size must be {} to 1024",
+                "n-gram size {} is out of range: it must be {} to 1024 (--spec-ngram-simple-size-n)",
                 self.ngram_size,
                 ngram::MIN_NGRAM
             );
         }
         if self.n_max > 1024 {
             bail!(
-                "--spec-draft-n-max {} is out of range: at most 1024 drafted tokens",
+                "draft maximum {} is out of range: at most 1024 (--spec-draft-n-max)",
                 self.n_max
             );
         }
         if self.n_min > self.n_max {
             bail!(
-                "--spec-draft-n-min {} is more than --spec-draft-n-max {}",
+                "draft minimum {} is more than the draft maximum {} (--spec-draft-n-min, --spec-draft-n-max)",
                 self.n_min,
                 self.n_max
             );
@@ -341,7 +341,7 @@ mod tests {
         for _ in 0..20 {
             d.record(4, 4);
         }
-        let flat = costs(&[(1, 0.010), (64, 0.012)]);
+        let flat = costs(&[(1, 0.010), (2, 0.0101)]);
         let mut out = Vec::new();
         d.propose(&REPEAT, 100, &flat, Planned::default(), &mut out);
         assert_eq!(out, [4, 5, 6, 7, 8, 9, 1, 2, 3]);

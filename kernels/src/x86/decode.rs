@@ -631,7 +631,7 @@ unsafe fn put_tile<I: Isa, const K: u8, const R: usize, const T: usize>(
 }
 
 /// Most tokens per tile of [`gemm_small`] (it serves fewer than
-/// [`super::K_PANEL_MIN_TOKENS`] tokens).
+/// [`crate::layout::K_PANEL_MIN_TOKENS`] tokens).
 const SMALL_T: usize = 3;
 
 /// All tokens of rows `r..r + R` of `o` in token tiles of at most [`SMALL_T`]: the weights are

@@ -12,7 +12,7 @@
 //! instantiates it for the run-time [`crate::Backend`]. Nothing here calls back into the driver or
 //! the scalar reference: a type without a kernel here is reported back to the driver.
 
-use crate::layout::{Act, BlockQ8, BlockQ8K, Packing, QuantType, RowsPlan};
+use crate::layout::{Act, BlockQ8, BlockQ8K, Packing, QuantType, RowsPlan, K_PANEL_MIN_TOKENS};
 use std::mem::size_of;
 use std::ops::Range;
 
@@ -55,11 +55,6 @@ const K_Q8_0R4: u8 = 14;
 /// take those two paths for every token count, decode included: their blocks
 /// need no transposing, so the steps kernel is also the fastest decode kernel.
 const Q32_STEPS_MAX: usize = 16;
-
-/// From this many tokens on, the K-quants (Q4_K, Q5_K, Q6_K) use the panel
-/// kernels (panel.rs); fewer: the direct R x T tiles (decode.rs: `tile_q45k`,
-/// `tile_q6k`), whose results for a token do not depend on the other tokens.
-const K_PANEL_MIN_TOKENS: usize = 4;
 
 /// Bytes of a block of the 32-element kernel `K` (for the rows4 kernels, of a group-block).
 const fn q32_block_bytes(k: u8) -> usize {
