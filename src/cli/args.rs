@@ -274,6 +274,15 @@ pub struct ModelArgs {
     /// Size limit of the persistent prompt cache, in MiB; the least recently used files go first.
     #[arg(long = "prompt-cache-max", value_name = "MiB", default_value_t = DEFAULT_PROMPT_CACHE_MAX_MIB)]
     pub prompt_cache_max: u64,
+    /// Directory of the weight cache: the CPU kernels' copy of a model's weights, which later
+    /// loads map instead of making it again (default: $XDG_CACHE_HOME/qwen-run/weight-cache, or
+    /// ~/.cache/qwen-run/weight-cache). About the size of the model file; the 4 most recently used
+    /// models are kept. Not used with --huge-pages on.
+    #[arg(long = "weight-cache", value_name = "DIR")]
+    pub weight_cache: Option<PathBuf>,
+    /// Do not read or write the weight cache (every load makes the CPU copy of the weights).
+    #[arg(long = "no-weight-cache", conflicts_with = "weight_cache")]
+    pub no_weight_cache: bool,
     /// on: keep the CPU copy of the weights in 2 MiB pages, for faster decoding, at the price of
     /// a slower load where fresh 2 MiB pages are slow to get (docs/BENCHMARKS.md has figures).
     /// Default: on for `serve`, which loads once and decodes for long, off for one-shot commands.
@@ -419,11 +428,20 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 
 /// The default directory of the persistent prompt cache, if a home or cache directory is known.
 pub fn default_prompt_cache_dir() -> Option<PathBuf> {
+    default_cache_dir("prompt-cache")
+}
+
+/// The default directory of the weight cache, beside the prompt cache's.
+pub fn default_weight_cache_dir() -> Option<PathBuf> {
+    default_cache_dir("weight-cache")
+}
+
+fn default_cache_dir(name: &str) -> Option<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir),
         None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?).join(".cache"),
     };
-    Some(base.join("qwen-run").join("prompt-cache"))
+    Some(base.join("qwen-run").join(name))
 }
 
 impl ModelArgs {
@@ -533,6 +551,11 @@ impl ModelArgs {
             prefix_block: DEFAULT_PREFIX_BLOCK,
             huge_pages: self.huge_pages.unwrap_or(long_lived),
             chat_template: None,
+            weight_cache: if self.no_weight_cache {
+                None
+            } else {
+                self.weight_cache.clone().or_else(default_weight_cache_dir)
+            },
             spec: self.spec.config()?,
         })
     }

@@ -4,7 +4,7 @@ use super::device::select_device;
 use super::{DeviceChoice, Engine};
 use crate::gguf::GgufFile;
 use crate::kv_cache::CacheType;
-use crate::model::{check_shapes, Config, ModelRunner, Placement, Qwen2};
+use crate::model::{check_shapes, Config, ModelRunner, Placement, Qwen2, WeightCache};
 use crate::prefix_cache::{model_identity, DiskCache, PromptCache, Shape};
 use crate::speculative::SpecConfig;
 use crate::tokenizer::{ChatTemplate, TemplateOverride, Tokenizer};
@@ -44,6 +44,10 @@ pub struct LoadOptions {
     pub chat_template: Option<TemplateOverride>,
     /// How generations speculate by default (`--spec-type` and its settings).
     pub spec: SpecConfig,
+    /// Directory of the weight cache (the CPU kernels' copies of the weights, mapped by later
+    /// loads instead of being made again); None turns it off. Unused with `huge_pages`, whose
+    /// point is memory a mapped file cannot have.
+    pub weight_cache: Option<PathBuf>,
 }
 
 /// Default memory budget of the prompt-prefix cache, MiB.
@@ -72,6 +76,7 @@ impl LoadOptions {
             huge_pages: false,
             chat_template: None,
             spec: SpecConfig::default(),
+            weight_cache: None,
         }
     }
 }
@@ -122,6 +127,15 @@ impl Engine {
         };
         let placement =
             Placement::new(cfg.n_layers, &device, opts.gpu_layers.unwrap_or(usize::MAX));
+        let weight_dir = opts.weight_cache.as_ref().filter(|_| !opts.huge_pages);
+        let identity = match weight_dir.is_some() || opts.prompt_cache.is_some() {
+            true => Some(model_identity(gguf.paths())?),
+            false => None,
+        };
+        let weight_cache = weight_dir.zip(identity).map(|(dir, model)| WeightCache {
+            dir: dir.clone(),
+            model,
+        });
         // The tokenizer (a quarter of a second for Qwen's 151k-token vocabulary) is built on its
         // own thread while this one loads the weights.
         let (text, model) = std::thread::scope(|s| {
@@ -131,7 +145,13 @@ impl Engine {
                     ChatTemplate::for_model(&gguf, opts.chat_template.as_ref())?,
                 ))
             });
-            let model = Qwen2::load(&gguf, placement, ctx_size, opts.huge_pages);
+            let model = Qwen2::load(
+                &gguf,
+                placement,
+                ctx_size,
+                opts.huge_pages,
+                weight_cache.as_ref(),
+            );
             let text = text
                 .join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("building the tokenizer panicked")));
@@ -151,12 +171,12 @@ impl Engine {
         }
         let cache_ram = mib_to_bytes(opts.cache_ram_mib as u64, "--cache-ram")?;
         let prompt_cache_max = mib_to_bytes(opts.prompt_cache_max_mib, "--prompt-cache-max")?;
-        let disk = match &opts.prompt_cache {
-            Some(dir) if opts.prompt_cache_max_mib > 0 => Some(DiskCache::new(
+        let disk = match (&opts.prompt_cache, identity) {
+            (Some(dir), Some(model)) if opts.prompt_cache_max_mib > 0 => Some(DiskCache::new(
                 dir.clone(),
                 prompt_cache_max,
                 Shape {
-                    model: model_identity(gguf.paths())?,
+                    model,
                     type_k: cache_type_k,
                     type_v: cache_type_v,
                     layers: cfg.n_layers,

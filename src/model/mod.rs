@@ -11,12 +11,14 @@ mod qwen2;
 mod runner;
 mod tensor_pass;
 mod weight_arena;
+mod weight_cache;
 mod weights;
 
 pub use config::{check_shapes, Config, Logits, Placement, Sequence};
 pub use qwen2::Qwen2;
 pub use runner::{ModelRunner, Pass};
 pub use weight_arena::WeightArena;
+pub use weight_cache::{layout_probe, WeightCache};
 pub use weights::{Embedding, Linear, QMatrix};
 
 /// A host-pass step with up to this many new tokens of a sequence gives each of them the

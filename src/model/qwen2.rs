@@ -4,6 +4,7 @@
 
 use super::config::{Config, Placement};
 use super::weight_arena::WeightArena;
+use super::weight_cache::{layout_probe, StoredMatrix, WeightCache};
 use super::weights::{load_vector, Embedding, Linear};
 use crate::gguf::GgufFile;
 use anyhow::{bail, Result};
@@ -53,11 +54,14 @@ impl Qwen2 {
 
     /// `placement` comes from [`Placement::new`] with this file's layer count.
     /// `huge_pages`: back the CPU copies of the weights with 2 MiB pages ([`WeightArena`]).
+    /// `weight_cache`: map the CPU copies from there when an earlier load stored them, and store
+    /// them there when it made any.
     pub fn load(
         gguf: &Arc<GgufFile>,
         placement: Placement,
         max_positions: usize,
         huge_pages: bool,
+        weight_cache: Option<&WeightCache>,
     ) -> Result<Qwen2> {
         let cfg = Config::from_gguf(gguf)?;
         if placement.layers.len() != cfg.n_layers {
@@ -68,7 +72,9 @@ impl Qwen2 {
             );
         }
         // One arena for the CPU copies of all matrices, so that all of them sit in 2 MiB pages.
-        let arena = WeightArena::new(huge_pages);
+        let probe = weight_cache.map(|_| layout_probe());
+        let cached = weight_cache.zip(probe).and_then(|(c, p)| c.open(p));
+        let arena = WeightArena::with_cache(huge_pages, cached);
         let lin = |name: &str, bias: bool, device: &Device| {
             Linear::load(
                 gguf,
@@ -115,7 +121,7 @@ impl Qwen2 {
                 });
             }
         }
-        Ok(Qwen2 {
+        let model = Qwen2 {
             norm: load_vector(gguf, "output_norm.weight", out_dev)?,
             cfg,
             placement,
@@ -123,7 +129,41 @@ impl Qwen2 {
             layers,
             output,
             rope,
-        })
+        };
+        if let Some((cache, probe)) = weight_cache.zip(probe) {
+            if let Err(e) = model.store_rows4_copies(cache, probe) {
+                eprintln!("warning: the weight cache was not written: {e:#}");
+            }
+        }
+        Ok(model)
+    }
+
+    /// Writes the rows4 copies of all matrices to `cache` if this load made any of them.
+    fn store_rows4_copies(&self, cache: &WeightCache, probe: u64) -> Result<()> {
+        let linears = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
+        let mut any_made = false;
+        let mut stored = Vec::new();
+        for lin in linears.chain([&self.output]) {
+            let Some((w, _)) = lin.native() else { continue };
+            let Some((bytes, made_here)) = w.rows4_copy() else {
+                continue;
+            };
+            any_made |= made_here;
+            stored.push(StoredMatrix {
+                name: w.name(),
+                ty: w.ty(),
+                rows: w.rows,
+                cols: w.cols,
+                bytes,
+            });
+        }
+        if any_made {
+            cache.store(probe, &stored)?;
+        }
+        Ok(())
     }
 }
 

@@ -1,13 +1,16 @@
 //! Host memory for the weights the CPU kernels read from a copy (the rows4 layout): large
-//! anonymous regions backed by 2 MiB pages, carved into one buffer per matrix in load order.
+//! anonymous regions backed by 2 MiB pages, carved into one buffer per matrix in load order,
+//! or the copies an earlier load left in a mapped [`weight cache`](super::weight_cache) file.
 //!
 //! Decode streams every weight once per token, and with 4 KiB pages every page of it is a TLB
 //! miss. A matrix in its own allocation gets 2 MiB pages only over the part that covers whole
 //! aligned 2 MiB spans, none at all under 2 MiB (most of the 0.5B's); matrices carved from one
 //! region get them throughout.
 
+use super::weight_cache::{CachedWeights, MappedWeights};
 use anyhow::{Context, Result};
 use memmap2::MmapMut;
+use qwen_run_kernels::QuantType;
 use std::sync::{Arc, Mutex};
 
 const HUGE_PAGE: usize = 2 << 20;
@@ -21,6 +24,8 @@ pub struct WeightArena {
     /// The region being carved, and how much of it is handed out.
     current: Mutex<Option<(Arc<Region>, usize)>>,
     huge_pages: bool,
+    /// Copies made by an earlier load, used instead of repacking.
+    cached: Option<CachedWeights>,
 }
 
 /// One anonymous mapping; `base`, its first 2 MiB boundary, starts `len` usable bytes.
@@ -61,7 +66,27 @@ impl WeightArena {
         WeightArena {
             current: Mutex::new(None),
             huge_pages,
+            cached: None,
         }
+    }
+
+    /// An arena that hands out the copies `cached` holds before making any.
+    pub fn with_cache(huge_pages: bool, cached: Option<CachedWeights>) -> WeightArena {
+        WeightArena {
+            cached,
+            ..WeightArena::new(huge_pages)
+        }
+    }
+
+    /// The rows4 copy of matrix `name` an earlier load stored, if there is one of this shape.
+    pub fn cached(
+        &self,
+        name: &str,
+        ty: QuantType,
+        rows: usize,
+        cols: usize,
+    ) -> Option<MappedWeights> {
+        self.cached.as_ref()?.get(name, ty, rows, cols)
     }
 
     /// A zeroed buffer of `len` bytes.

@@ -1,6 +1,7 @@
 //! Weights as the model uses them: quantized matrices that stay quantized, and small float tensors.
 
 use super::weight_arena::{WeightArena, WeightBuf};
+use super::weight_cache::MappedWeights;
 use crate::gguf::{GgufFile, TensorInfo};
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
@@ -18,7 +19,25 @@ pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
     /// The rows4 copy ([`Packing::Rows4`]), when the CPU kernels read that layout faster.
-    repacked: Option<WeightBuf>,
+    repacked: Option<Repacked>,
+}
+
+/// Where a matrix's rows4 copy lives.
+enum Repacked {
+    /// Made by this load.
+    Copied(WeightBuf),
+    /// Made by an earlier one, in a mapped weight cache file.
+    Mapped(MappedWeights),
+}
+
+impl std::ops::Deref for Repacked {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Repacked::Copied(b) => b,
+            Repacked::Mapped(m) => m,
+        }
+    }
 }
 
 impl QMatrix {
@@ -44,10 +63,15 @@ impl QMatrix {
     /// Copies the weights into the layout the CPU kernels read fastest on this machine, if that
     /// is not the GGUF one, in 1 MiB parts over the worker threads, giving each part of the
     /// mapping back to the system once copied: the process holds one copy of the weights, not
-    /// two, even at its peak. The copy lives in `arena`.
+    /// two, even at its peak. The copy lives in `arena`, or is the one `arena`'s weight cache
+    /// file holds.
     pub fn repack_for_cpu(&mut self, arena: &WeightArena) -> Result<()> {
         let (ty, rows, cols) = (self.ty(), self.rows, self.cols);
         if qwen_run_kernels::best_packing(ty, rows) != Packing::Rows4 {
+            return Ok(());
+        }
+        if let Some(mapped) = arena.cached(self.name(), ty, rows, cols) {
+            self.repacked = Some(Repacked::Mapped(mapped));
             return Ok(());
         }
         let rb = self.row_bytes();
@@ -66,8 +90,15 @@ impl QMatrix {
                 self.file.release(&self.info, i * step..(i + 1) * step);
                 anyhow::Ok(())
             })?;
-        self.repacked = Some(out);
+        self.repacked = Some(Repacked::Copied(out));
         Ok(())
+    }
+
+    /// The rows4 copy, if the kernels read one, and whether this load made it (rather than
+    /// finding it in the weight cache).
+    pub fn rows4_copy(&self) -> Option<(&[u8], bool)> {
+        let made_here = matches!(self.repacked, Some(Repacked::Copied(_)));
+        self.repacked.as_deref().map(|b| (b, made_here))
     }
 
     /// The weights as the kernels get them: their layout and bytes.

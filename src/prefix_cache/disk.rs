@@ -78,7 +78,7 @@ pub fn model_identity(paths: &[PathBuf]) -> Result<u64> {
 
 /// Opens a cache file for reading only if it is a regular file reached without a symlink; the
 /// open itself never blocks (a FIFO).
-fn open_regular(path: &Path) -> Result<(fs::File, u64)> {
+pub(crate) fn open_regular(path: &Path) -> Result<(fs::File, u64)> {
     let mut options = fs::File::options();
     options.read(true);
     #[cfg(unix)]
@@ -88,12 +88,12 @@ fn open_regular(path: &Path) -> Result<(fs::File, u64)> {
     }
     #[cfg(not(unix))]
     if fs::symlink_metadata(path)?.file_type().is_symlink() {
-        bail!("it is a symbolic link, which the prompt cache never follows");
+        bail!("it is a symbolic link, which qwen-run's caches never follow");
     }
     let f = options.open(path).map_err(|e| {
         #[cfg(unix)]
         if e.raw_os_error() == Some(libc::ELOOP) {
-            return anyhow::anyhow!("it is a symbolic link, which the prompt cache never follows");
+            return anyhow::anyhow!("it is a symbolic link, which qwen-run's caches never follow");
         }
         anyhow::anyhow!("cannot open it: {e}")
     })?;
@@ -475,7 +475,7 @@ impl DiskCache {
 }
 
 /// Marks files used now, in the given order (the last gets the newest time).
-fn touch<'a>(paths: impl Iterator<Item = &'a PathBuf>) {
+pub(crate) fn touch<'a>(paths: impl Iterator<Item = &'a PathBuf>) {
     for p in paths {
         let mut options = fs::File::options();
         options.append(true);
@@ -494,7 +494,7 @@ fn touch<'a>(paths: impl Iterator<Item = &'a PathBuf>) {
 
 /// Creates `dir` (and its parents) readable and writable by this user only; the parents get
 /// the usual mode.
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
