@@ -29,9 +29,9 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// The raw bytes each token stands for; empty for control tokens, which print nothing.
-    token_bytes: Vec<Vec<u8>>,
+    token_bytes: Packed<Vec<u8>>,
     /// Literal text of every token (control tokens included), for `--special` style output.
-    token_text: Vec<String>,
+    token_text: Packed<String>,
     eog: Vec<u32>,
     pub eos: u32,
     /// The model's beginning-of-text token, added to prompts only when `add_bos` says so.
@@ -75,69 +75,16 @@ impl Tokenizer {
                 .collect(),
             None => vec![1; tokens.len()],
         };
-        let merges: Vec<(String, String)> = gguf
-            .get_array("tokenizer.ggml.merges")?
-            .iter()
-            .map(|m| {
-                let m = m
-                    .as_str()
-                    .context("tokenizer.ggml.merges holds a non-string")?;
-                let (a, b) = m.split_once(' ').with_context(|| {
-                    format!("merge rule {m:?} is not two tokens separated by a space")
-                })?;
-                Ok((a.to_string(), b.to_string()))
-            })
-            .collect::<Result<_>>()?;
-        let vocab: HashMap<String, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(
-                vocab
-                    .into_iter()
-                    .collect::<tokenizers::models::bpe::Vocab>(),
-                merges,
-            )
-            .build()
-            .map_err(|e| {
-                anyhow::anyhow!("cannot build the BPE tokenizer from the GGUF vocabulary: {e}")
-            })?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let split = Split::new(
-            SplitPattern::Regex(QWEN2_SPLIT.to_string()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?;
-        inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
-            PreTokenizerWrapper::Split(split),
-            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
-        ]))));
-        inner.with_decoder(Some(ByteLevel::default()));
-
-        let added: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &ty)| ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED)
-            .map(|(t, &ty)| AddedToken::from(t.to_string(), ty == TOKEN_TYPE_CONTROL))
-            .collect();
-        inner.add_special_tokens(&added);
-
-        let decode_byte = byte_level_decoder();
-        let token_bytes = tokens
-            .iter()
-            .zip(&types)
-            .map(|(t, &ty)| match ty {
-                TOKEN_TYPE_CONTROL => Vec::new(),
-                TOKEN_TYPE_USER_DEFINED => t.as_bytes().to_vec(),
-                _ => t
-                    .chars()
-                    .map(|c| decode_byte.get(&c).copied().unwrap_or(b'?'))
-                    .collect(),
-            })
-            .collect();
+        // The byte and text tables on a second thread while this one builds the BPE model: the
+        // two halves of building a 151k-token vocabulary.
+        let (inner, (token_bytes, token_text)) = std::thread::scope(|s| -> Result<_> {
+            let tables = s.spawn(|| token_tables(&tokens, &types));
+            let inner = bpe_tokenizer(gguf, &tokens, &types)?;
+            let tables = tables
+                .join()
+                .map_err(|_| anyhow::anyhow!("building the token tables panicked"))?;
+            Ok((inner, tables))
+        })?;
         // Special ids index the vocabulary (and the embedding rows): one past its end would be
         // read far from where it belongs.
         let id = |key: &str| -> Result<Option<u32>> {
@@ -185,7 +132,7 @@ impl Tokenizer {
         Ok(Tokenizer {
             inner,
             token_bytes,
-            token_text: tokens.iter().map(|t| t.to_string()).collect(),
+            token_text,
             eog,
             eos,
             bos,
@@ -195,7 +142,7 @@ impl Tokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.token_bytes.len()
+        self.token_bytes.ends.len()
     }
 
     /// Tokenizes text; special tokens written in the text (`<|im_start|>`) become their ids.
@@ -268,8 +215,8 @@ impl Tokenizer {
     /// Raw bytes of a token as it appears in generated text (control tokens: none).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
         self.token_bytes
-            .get(id as usize)
-            .map_or(&[], |b| b.as_slice())
+            .range(id)
+            .map_or(&[], |r| &self.token_bytes.all[r])
     }
 
     /// A token as llama.cpp prints it with special tokens shown: its bytes, or a control
@@ -282,7 +229,9 @@ impl Tokenizer {
     }
 
     pub fn token_text(&self, id: u32) -> &str {
-        self.token_text.get(id as usize).map_or("", |s| s.as_str())
+        self.token_text
+            .range(id)
+            .map_or("", |r| &self.token_text.all[r])
     }
 
     pub fn decode(&self, ids: &[u32]) -> String {
@@ -292,6 +241,100 @@ impl Tokenizer {
             .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
+}
+
+/// One table entry per token, all in one buffer (one allocation, not one per token).
+struct Packed<T> {
+    all: T,
+    /// Where each token's entry ends in `all`.
+    ends: Vec<usize>,
+}
+
+impl<T> Packed<T> {
+    fn range(&self, id: u32) -> Option<std::ops::Range<usize>> {
+        let end = *self.ends.get(id as usize)?;
+        let start = match id {
+            0 => 0,
+            _ => self.ends[id as usize - 1],
+        };
+        Some(start..end)
+    }
+}
+
+/// The bytes each token stands for (none for control tokens) and its literal text.
+fn token_tables(tokens: &[&str], types: &[i64]) -> (Packed<Vec<u8>>, Packed<String>) {
+    let decode_byte = byte_level_decoder();
+    let mut bytes = Packed {
+        all: Vec::with_capacity(tokens.iter().map(|t| t.len()).sum()),
+        ends: Vec::with_capacity(tokens.len()),
+    };
+    let mut text = Packed {
+        all: String::with_capacity(bytes.all.capacity()),
+        ends: Vec::with_capacity(tokens.len()),
+    };
+    for (i, t) in tokens.iter().enumerate() {
+        match types.get(i).copied().unwrap_or(1) {
+            TOKEN_TYPE_CONTROL => {}
+            TOKEN_TYPE_USER_DEFINED => bytes.all.extend_from_slice(t.as_bytes()),
+            _ => bytes.all.extend(
+                t.chars()
+                    .map(|c| decode_byte.get(&c).copied().unwrap_or(b'?')),
+            ),
+        }
+        bytes.ends.push(bytes.all.len());
+        text.all.push_str(t);
+        text.ends.push(text.all.len());
+    }
+    (bytes, text)
+}
+
+/// The byte-level BPE model over the GGUF vocabulary and merges, with Qwen2's pre-tokenizer and
+/// the control and user-defined tokens as added tokens.
+fn bpe_tokenizer(gguf: &GgufFile, tokens: &[&str], types: &[i64]) -> Result<tokenizers::Tokenizer> {
+    let merges: Vec<(String, String)> = gguf
+        .get_array("tokenizer.ggml.merges")?
+        .iter()
+        .map(|m| {
+            let m = m
+                .as_str()
+                .context("tokenizer.ggml.merges holds a non-string")?;
+            let (a, b) = m.split_once(' ').with_context(|| {
+                format!("merge rule {m:?} is not two tokens separated by a space")
+            })?;
+            Ok((a.to_string(), b.to_string()))
+        })
+        .collect::<Result<_>>()?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| {
+            anyhow::anyhow!("cannot build the BPE tokenizer from the GGUF vocabulary: {e}")
+        })?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let split = Split::new(
+        SplitPattern::Regex(QWEN2_SPLIT.to_string()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?;
+    inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+        PreTokenizerWrapper::Split(split),
+        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
+    ]))));
+    inner.with_decoder(Some(ByteLevel::default()));
+    let added: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types)
+        .filter(|(_, &ty)| ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED)
+        .map(|(t, &ty)| AddedToken::from(t.to_string(), ty == TOKEN_TYPE_CONTROL))
+        .collect();
+    inner.add_special_tokens(&added);
+    Ok(inner)
 }
 
 fn vocab_lookup(tokens: &[&str], name: &str) -> Option<u32> {
