@@ -696,7 +696,8 @@ fn llama_cpp_spellings_that_clap_would_misparse() {
     assert_ne!(sys, tiny_run(&["-p", "hello"]).0);
     let (_, err) = tiny_run(&["-p", "hello", "-ctk", "q8_0", "-ctv", "f16"]);
     assert!(err.contains("KV K q8_0 V f16"), "{err}");
-    // Accepted with no effect (README says why), and the prompt flags that do something.
+    // Accepted with no effect (README says why; --no-mmap only turns the weight cache off), and
+    // the prompt flags that do something.
     let (_, err) = tiny_run(&[
         "-p",
         "hello",

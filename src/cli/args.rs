@@ -276,8 +276,8 @@ pub struct ModelArgs {
     pub prompt_cache_max: u64,
     /// Directory of the weight cache: the CPU kernels' copy of a model's weights, which later
     /// loads map instead of making it again (default: $XDG_CACHE_HOME/qwen-run/weight-cache, or
-    /// ~/.cache/qwen-run/weight-cache). About the size of the model file; the 4 most recently used
-    /// models are kept. Not used with --huge-pages on.
+    /// ~/.cache/qwen-run/weight-cache). A file is about the size of its model's GGUF; the least
+    /// recently used go when the directory passes 8 GiB. Not used with --huge-pages on.
     #[arg(long = "weight-cache", value_name = "DIR")]
     pub weight_cache: Option<PathBuf>,
     /// Do not read or write the weight cache (every load makes the CPU copy of the weights).
@@ -300,12 +300,12 @@ pub struct ModelArgs {
     /// every setting, and q8_0 values need no flash attention.
     #[arg(long = "flash-attn", value_name = "on|off|auto", value_parser = ["on", "off", "auto", "1", "0"])]
     pub flash_attn: Option<String>,
-    /// Accepted with no effect: the weights are copied into the process's memory and are not
-    /// locked there (use a machine without swap, or enough RAM, to keep them resident).
+    /// Accepted with no effect: the weights are not locked in memory (use a machine without swap,
+    /// or enough RAM, to keep them resident).
     #[arg(long = "mlock")]
     pub mlock: bool,
-    /// Accepted with no effect: the file is only mapped while its weights are copied into the
-    /// process's memory, so there is nothing left to turn off.
+    /// Do not map the kernels' copy of the weights from the weight cache: make it in the
+    /// process's memory, as --no-weight-cache does.
     #[arg(long = "no-mmap")]
     pub no_mmap: bool,
     /// llama.cpp's priority level (-1 low, 0 normal, 1 medium, 2 high, 3 realtime): accepted with
@@ -551,7 +551,7 @@ impl ModelArgs {
             prefix_block: DEFAULT_PREFIX_BLOCK,
             huge_pages: self.huge_pages.unwrap_or(long_lived),
             chat_template: None,
-            weight_cache: if self.no_weight_cache {
+            weight_cache: if self.no_weight_cache || self.no_mmap {
                 None
             } else {
                 self.weight_cache.clone().or_else(default_weight_cache_dir)

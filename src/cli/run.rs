@@ -64,6 +64,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
             break;
         }
     }
+    // The process ends after this: the system takes the engine's memory back at once, faster
+    // than dropping it piece by piece (the tokenizer's hundreds of thousands of allocations,
+    // the weights' mappings). Only the prompt cache's queued writes must finish first.
+    engine.prompt_cache().flush();
+    std::mem::forget(engine);
     Ok(())
 }
 

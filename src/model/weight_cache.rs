@@ -21,8 +21,8 @@
 //! checked is ignored with a warning and rewritten. Like the prompt cache, it trusts its
 //! directory: created private (0700, files 0600), read only as regular files, never through a
 //! symlink, and only at the size the header implies. Files are written to a temporary name and
-//! renamed, without waiting for the disk; the directory keeps the [`MAX_FILES`] most recently
-//! used.
+//! renamed, without waiting for the disk; the directory keeps the most recently used files
+//! within [`MAX_BYTES`].
 
 use crate::prefix_cache::{create_private_dir, hash_bytes, open_regular, touch};
 use anyhow::{bail, Context, Result};
@@ -42,8 +42,9 @@ const EXT: &str = "qwr4";
 const ALIGN: u64 = 4096;
 /// Bytes of each end of an entry the sampled checksum covers.
 const SAMPLE: usize = 4096;
-/// Files kept in the directory; older ones are deleted when a new one is written.
-pub const MAX_FILES: usize = 4;
+/// Bytes of files kept in the directory: when a new one is written, the least recently used
+/// others go until the rest fits (a model's file is about the size of its GGUF).
+pub const MAX_BYTES: u64 = 8 << 30;
 /// Bounds on what an index may claim, checked before anything is allocated for it.
 const MAX_ENTRIES: usize = 1 << 16;
 const MAX_INDEX_BYTES: u64 = 16 << 20;
@@ -234,7 +235,7 @@ impl WeightCache {
     }
 
     /// Writes the file of this model (atomically, replacing any), then trims the directory to
-    /// [`MAX_FILES`]. Errors are for the caller to report; nothing is fatal.
+    /// [`MAX_BYTES`]. Errors are for the caller to report; nothing is fatal.
     pub fn store(&self, probe: u64, matrices: &[StoredMatrix]) -> Result<()> {
         create_private_dir(&self.dir)
             .with_context(|| format!("cannot create {}", self.dir.display()))?;
@@ -310,36 +311,45 @@ impl WeightCache {
         Ok(())
     }
 
-    /// Deletes all but the [`MAX_FILES`] most recently used cache files (never `keep`), and
-    /// temporary files an hour old (left by a process that died while writing).
+    /// Deletes the least recently used cache files (never `keep`) until the rest fit in
+    /// [`MAX_BYTES`], and temporary files an hour old (left by a process that died while
+    /// writing).
     fn trim(&self, keep: &Path) {
         let Ok(rd) = fs::read_dir(&self.dir) else {
             return;
         };
         let now = std::time::SystemTime::now();
         let mut files = Vec::new();
+        let mut total = 0u64;
         for e in rd.flatten() {
             let p = e.path();
             let Ok(meta) = fs::symlink_metadata(&p) else {
                 continue;
             };
             let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-            let is_tmp = p.extension().and_then(|x| x.to_str()) == Some("tmp");
-            if is_tmp && meta.is_file() {
+            let ext = p.extension().and_then(|x| x.to_str());
+            if !meta.is_file() {
+                continue;
+            }
+            if ext == Some("tmp") {
                 if now.duration_since(mtime).is_ok_and(|a| a.as_secs() > 3600) {
                     let _ = fs::remove_file(&p);
                 }
-            } else if meta.is_file()
-                && p.extension().and_then(|x| x.to_str()) == Some(EXT)
-                && p != keep
-            {
-                files.push((mtime, p));
+            } else if ext == Some(EXT) {
+                total += meta.len();
+                if p != keep {
+                    files.push((mtime, meta.len(), p));
+                }
             }
         }
         files.sort();
-        let excess = (files.len() + 1).saturating_sub(MAX_FILES);
-        for (_, p) in files.into_iter().take(excess) {
-            let _ = fs::remove_file(p);
+        for (_, len, p) in files {
+            if total <= MAX_BYTES {
+                break;
+            }
+            if fs::remove_file(p).is_ok() {
+                total -= len;
+            }
         }
     }
 }
@@ -507,17 +517,33 @@ mod tests {
     }
 
     #[test]
-    fn trim_keeps_the_newest_files() {
+    fn trim_keeps_what_fits_newest_first() {
         let dir = tempfile::tempdir().unwrap();
         let m = matrices();
-        for model in 0..(MAX_FILES as u64 + 3) {
-            let cache = WeightCache {
-                dir: dir.path().to_path_buf(),
-                model,
-            };
-            store(&cache, 7, &m);
+        let cache = |model| WeightCache {
+            dir: dir.path().to_path_buf(),
+            model,
+        };
+        for model in 0..3 {
+            store(&cache(model), 7, &m);
         }
-        let n = fs::read_dir(dir.path()).unwrap().count();
-        assert_eq!(n, MAX_FILES);
+        // A file that alone takes the whole budget (sparse: no disk used).
+        let big = cache(99).path(7);
+        fs::File::create(&big).unwrap().set_len(MAX_BYTES).unwrap();
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(10);
+        fs::File::options()
+            .append(true)
+            .open(&big)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        store(&cache(3), 7, &m);
+        assert!(
+            !big.exists(),
+            "the least recently used file over the budget stays"
+        );
+        for model in 0..4 {
+            assert!(cache(model).path(7).exists(), "model {model} was deleted");
+        }
     }
 }
