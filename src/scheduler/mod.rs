@@ -60,7 +60,7 @@ struct Active<'a> {
     /// Prompt tokens in the session so far; prefill is done when this reaches the prompt length.
     fed: usize,
     decoder: Decoder,
-    /// What the next step runs, once decoding: the last sampled token, then the guide's drafts.
+    /// What the next step runs, once decoding: the last sampled token, then the drafts.
     run: Vec<u32>,
     /// The latest drafts, the guide's or the drafter's.
     drafts: Vec<u32>,
