@@ -478,6 +478,19 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Response {
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
+impl ChatRequest {
+    /// A chat body, its fields checked against what this server reads.
+    fn parse(body: Result<Bytes, BytesRejection>) -> Result<ChatRequest, ApiError> {
+        let req: ChatRequest = parse_body(body)?;
+        fields::check(
+            &req.extra,
+            &[fields::OPENAI, fields::LLAMA_SAMPLERS],
+            "the request",
+        )?;
+        Ok(req)
+    }
+}
+
 pub async fn chat(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -489,12 +502,7 @@ async fn chat_inner(
     state: Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let mut req: ChatRequest = parse_body(body)?;
-    fields::check(
-        &req.extra,
-        &[fields::OPENAI, fields::LLAMA_SAMPLERS],
-        "the request",
-    )?;
+    let mut req = ChatRequest::parse(body)?;
     let logprobs = req.common.chat_logprobs()?;
     let keep_alive = keep_alive_field(&req.common.keep_alive)?;
     let (messages, tools) = req.conversation()?;
@@ -816,12 +824,7 @@ async fn apply_template_inner(
     state: Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let mut req: ChatRequest = parse_body(body)?;
-    fields::check(
-        &req.extra,
-        &[fields::OPENAI, fields::LLAMA_SAMPLERS],
-        "the request",
-    )?;
+    let mut req = ChatRequest::parse(body)?;
     let (messages, tools) = req.conversation()?;
     let facts = RouteFacts::chat(&messages, tools.is_some());
     let lease = state
