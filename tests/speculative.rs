@@ -103,6 +103,7 @@ fn flags_are_read_or_refused_by_name() {
             "draft minimum 5 is more than the draft maximum 4",
         ),
         (&["--spec-ngram-simple-size-n", "1"], "n-gram size 1"),
+        (&["--spec-ngram-simple-size-n", "65"], "it must be 2 to 64"),
         (
             &["--spec-ngram-simple-size-m", "8", "--draft-max", "9"],
             "set the same limit",

@@ -327,7 +327,7 @@ pub struct SpecArgs {
     /// prompt and the answer so far and drafts what followed them; none turns it off.
     #[arg(long = "spec-type", value_name = "TYPE")]
     pub spec_type: Option<String>,
-    /// The longest n-gram ngram-simple looks up (it tries shorter ones down to 2).
+    /// The longest n-gram ngram-simple looks up, 2 to 64 (it tries shorter ones down to 2).
     #[arg(long = "spec-ngram-simple-size-n", value_name = "N")]
     pub ngram_size: Option<usize>,
     /// The most tokens ngram-simple drafts at once (the same setting as --spec-draft-n-max).

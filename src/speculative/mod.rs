@@ -98,11 +98,12 @@ impl SpecConfig {
     };
 
     pub fn check(&self) -> Result<()> {
-        if self.ngram_size < ngram::MIN_NGRAM || self.ngram_size > 1024 {
+        if !(ngram::MIN_NGRAM..=ngram::MAX_NGRAM).contains(&self.ngram_size) {
             bail!(
-                "n-gram size {} is out of range: it must be {} to 1024 (--spec-ngram-simple-size-n)",
+                "n-gram size {} is out of range: it must be {} to {} (--spec-ngram-simple-size-n)",
                 self.ngram_size,
-                ngram::MIN_NGRAM
+                ngram::MIN_NGRAM,
+                ngram::MAX_NGRAM
             );
         }
         if self.n_max > 1024 {

@@ -2,6 +2,9 @@
 
 /// The shortest n-gram looked up: a single repeated token predicts too little to pay for a step.
 pub const MIN_NGRAM: usize = 2;
+/// The longest n-gram that may be asked for: each size tried is a scan of the whole text, once
+/// per step.
+pub const MAX_NGRAM: usize = 64;
 
 /// Tokens before an occurrence compared with the tokens before the text's n-gram, to choose
 /// among several occurrences.
