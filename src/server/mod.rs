@@ -1,11 +1,16 @@
-//! `qwen-run serve`: an HTTP server speaking the OpenAI (`/v1/...`) and Ollama (`/api/...`)
-//! APIs, with streaming (SSE and NDJSON) and Qwen2.5 tool calls.
+//! `qwen-run serve`: an HTTP server speaking the OpenAI (`/v1/...`), Ollama (`/api/...`) and
+//! llama-server (`/completion`, `/tokenize`, `/props`, `/slots`...) APIs, with streaming (SSE
+//! and NDJSON) and Qwen2.5 tool calls. A layer on the engine: it talks to the scheduler only
+//! through a model's worker thread.
 //!
-//! Layout: [`state`] is what the handlers share (the model pool, error answers, a generation's
-//! output), [`models`] the pool (which models are loaded, keep-alive, `--max-loaded`, `"auto"`
-//! routing), [`scheduler`] one loaded model's generation thread (`--parallel` slots batched into
-//! shared forward passes), [`response_cache`] the cache of deterministic answers, [`openai`] and
-//! [`ollama`] the two APIs, [`tool_calls`] the `<tool_call>` parser, [`metrics`] `GET /metrics`.
+//! Layout: [`access`] who may call it, [`api`] what the APIs share (state, body parsing,
+//! sampling, chat prompts, streaming), [`openai`], [`ollama`] and [`llama_server`] the APIs,
+//! [`fields`] the request fields each reads or refuses, [`models`] the pool (which models are
+//! loaded, keep-alive, `--max-loaded`) with [`routing`] for `"auto"`, [`protocol`] the jobs and
+//! events between handlers and a model's worker thread (`worker`: the scheduler's `--parallel`
+//! slots), [`output`] a generation's events as handlers read them, [`tool_calls`] the
+//! `<tool_call>` parser, [`response_cache`] the cache of deterministic answers, [`error`] error
+//! answers, [`metrics`] `GET /metrics`.
 
 pub mod access;
 pub mod api;
