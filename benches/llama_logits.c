@@ -7,6 +7,10 @@
 // Output, little-endian: "QRLOGIT1", u32 n_tokens, u32 n_vocab, n_tokens u32 ids,
 // n_tokens x n_vocab f32 logits. The text is tokenized without special tokens and run as one
 // batch with flash attention off (the attention numerics qwen-run's f32 KV cache follows).
+// Rope scaling comes from llama.cpp's own environment variables, as its tools read them:
+// LLAMA_ARG_ROPE_SCALING_TYPE (none|linear|yarn), LLAMA_ARG_ROPE_SCALE, LLAMA_ARG_ROPE_FREQ_BASE,
+// LLAMA_ARG_ROPE_FREQ_SCALE, LLAMA_ARG_YARN_ORIG_CTX, LLAMA_ARG_YARN_EXT_FACTOR,
+// LLAMA_ARG_YARN_ATTN_FACTOR, LLAMA_ARG_YARN_BETA_SLOW, LLAMA_ARG_YARN_BETA_FAST.
 #include "llama.h"
 #include <stdint.h>
 #include <stdio.h>
@@ -16,6 +20,13 @@
 static void quiet(enum ggml_log_level level, const char *text, void *user) {
     (void)user;
     if (level >= GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
+}
+
+static int env_float(const char *name, float *out) {
+    const char *v = getenv(name);
+    if (!v || !*v) return 0;
+    *out = strtof(v, NULL);
+    return 1;
 }
 
 static int fail(const char *what) {
@@ -62,6 +73,20 @@ int main(int argc, char **argv) {
         cp.type_k = GGML_TYPE_F32;
         cp.type_v = GGML_TYPE_F32;
     }
+    const char *scaling = getenv("LLAMA_ARG_ROPE_SCALING_TYPE");
+    if (scaling && strcmp(scaling, "none") == 0) cp.rope_scaling_type = LLAMA_ROPE_SCALING_TYPE_NONE;
+    else if (scaling && strcmp(scaling, "linear") == 0) cp.rope_scaling_type = LLAMA_ROPE_SCALING_TYPE_LINEAR;
+    else if (scaling && strcmp(scaling, "yarn") == 0) cp.rope_scaling_type = LLAMA_ROPE_SCALING_TYPE_YARN;
+    else if (scaling && *scaling) return fail("LLAMA_ARG_ROPE_SCALING_TYPE must be none, linear or yarn");
+    float f;
+    if (env_float("LLAMA_ARG_ROPE_SCALE", &f)) cp.rope_freq_scale = 1.0f / f;
+    if (env_float("LLAMA_ARG_ROPE_FREQ_SCALE", &f)) cp.rope_freq_scale = f;
+    if (env_float("LLAMA_ARG_ROPE_FREQ_BASE", &f)) cp.rope_freq_base = f;
+    if (env_float("LLAMA_ARG_YARN_ORIG_CTX", &f)) cp.yarn_orig_ctx = (uint32_t)f;
+    if (env_float("LLAMA_ARG_YARN_EXT_FACTOR", &f)) cp.yarn_ext_factor = f;
+    if (env_float("LLAMA_ARG_YARN_ATTN_FACTOR", &f)) cp.yarn_attn_factor = f;
+    if (env_float("LLAMA_ARG_YARN_BETA_SLOW", &f)) cp.yarn_beta_slow = f;
+    if (env_float("LLAMA_ARG_YARN_BETA_FAST", &f)) cp.yarn_beta_fast = f;
     struct llama_context *ctx = llama_init_from_model(model, cp);
     if (!ctx) return fail("cannot create the context");
 

@@ -856,3 +856,139 @@ fn chat_reports_on_request_and_at_the_end() {
         common::qwen_run_with_input(&args, "hello\n").1
     );
 }
+
+/// A greedy run of `model` with `args` (no prompt cache): exit code, stdout, stderr.
+fn rope_run(model: &Path, args: &[&str]) -> (i32, String, String) {
+    let m = model.to_str().unwrap();
+    let mut all = vec![
+        "-m",
+        m,
+        "-p",
+        "hello there",
+        "-n",
+        "8",
+        "--temp",
+        "0",
+        "-t",
+        "2",
+        "--no-prompt-cache",
+        "--spec-type",
+        "none",
+    ];
+    all.extend(args);
+    common::qwen_run_with_input(&all, "")
+}
+
+#[test]
+fn rope_scaling_flags_and_file_keys() {
+    let tiny = common::shared_tiny_model();
+    let t = tiny.to_str().unwrap();
+    // Past the trained context (256) only with scaling, and only as far as it reaches.
+    expect_error(
+        &["-m", t, "-p", "hi", "-c", "1024"],
+        &[
+            "exceeds the model's trained context of 256",
+            "--rope-scaling yarn --rope-scale 4",
+        ],
+    );
+    expect_error(
+        &[
+            "-m",
+            t,
+            "-p",
+            "hi",
+            "-c",
+            "2048",
+            "--rope-scaling",
+            "yarn",
+            "--rope-scale",
+            "4",
+        ],
+        &["exceeds the 1024 tokens this rope scaling reaches"],
+    );
+    expect_error(
+        &["-m", t, "-p", "hi", "--rope-scaling", "cubic"],
+        &["unknown rope scaling 'cubic'", "none, linear or yarn"],
+    );
+    expect_error(
+        &["-m", t, "-p", "hi", "--rope-scale", "0"],
+        &["--rope-scale 0"],
+    );
+    expect_error(
+        &[
+            "-m",
+            t,
+            "-p",
+            "hi",
+            "--rope-scale",
+            "2",
+            "--rope-freq-scale",
+            "0.5",
+        ],
+        &["cannot be used with"],
+    );
+    expect_error(
+        &["-m", t, "-p", "hi", "--yarn-ext-factor", "2"],
+        &["--yarn-ext-factor 2", "between 0"],
+    );
+    expect_error(
+        &["-m", t, "-p", "hi", "--yarn-orig-ctx", "0"],
+        &["--yarn-orig-ctx"],
+    );
+    expect_error(
+        &["-m", t, "-p", "hi", "--rope-freq-base", "1"],
+        &["above 1"],
+    );
+
+    let yarn = [
+        "--rope-scaling",
+        "yarn",
+        "--rope-scale",
+        "4",
+        "--yarn-orig-ctx",
+        "256",
+    ];
+    let (code, plain, err) = rope_run(tiny, &["-c", "256"]);
+    assert_eq!(code, 0, "{err}");
+    let mut args = yarn.to_vec();
+    args.extend(["-c", "1024"]);
+    let (code, flagged, err) = rope_run(tiny, &args);
+    assert_eq!(code, 0, "{err}");
+    // none turns scaling off whatever the factor says
+    let (code, none, err) = rope_run(
+        tiny,
+        &["-c", "256", "--rope-scaling", "none", "--rope-scale", "4"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(none, plain);
+
+    // A file that says the same in its metadata runs the same, and reaches the same context.
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = common::tiny_model_writer(QuantType::Q8_0);
+    w.meta("qwen2.rope.scaling.type", Value::String("yarn".into()))
+        .meta("qwen2.rope.scaling.factor", Value::F32(4.0))
+        .meta(
+            "qwen2.rope.scaling.original_context_length",
+            Value::U32(256),
+        );
+    let p = dir.path().join("yarn.gguf");
+    w.write(&p).unwrap();
+    let (code, from_file, err) = rope_run(&p, &["-c", "1024"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(from_file, flagged);
+    // and --rope-scaling none undoes it
+    let (code, undone, err) = rope_run(&p, &["-c", "256", "--rope-scaling", "none"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(undone, plain);
+
+    let mut w = common::tiny_model_writer(QuantType::Q8_0);
+    w.meta("qwen2.rope.scaling.type", Value::String("longrope".into()));
+    let bad = dir.path().join("bad.gguf");
+    w.write(&bad).unwrap();
+    let (code, _, err) = rope_run(&bad, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("'qwen2.rope.scaling.type'") && err.contains("none, linear and yarn"),
+        "{err}"
+    );
+}

@@ -4,6 +4,7 @@ use crate::engine::{
 };
 use crate::grammar::Format;
 use crate::kv_cache::CacheType;
+use crate::model::{RopeOverrides, RopeScaling};
 use crate::sampler::SamplingParams;
 use crate::server::ModelSource;
 use crate::speculative::{SpecConfig, SpecType};
@@ -317,6 +318,69 @@ pub struct ModelArgs {
     pub log_file: Option<PathBuf>,
     #[command(flatten)]
     pub spec: SpecArgs,
+    #[command(flatten)]
+    pub rope: RopeArgs,
+}
+
+/// Rotary position scaling for contexts beyond the trained one, with llama.cpp's flag names;
+/// each overrides what the GGUF file says.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RopeArgs {
+    /// How positions are scaled: none, linear or yarn (default: the file's `rope.scaling.type`,
+    /// linear when it has none). Qwen2.5 models reach 128k tokens with yarn: `--rope-scaling
+    /// yarn --rope-scale 4 --yarn-orig-ctx 32768 -c 131072`.
+    #[arg(long = "rope-scaling", value_name = "none|linear|yarn", value_parser = RopeScaling::parse)]
+    pub scaling: Option<RopeScaling>,
+    /// The context scaling factor N: the context reaches N times the original one (the same as
+    /// --rope-freq-scale 1/N).
+    #[arg(long = "rope-scale", value_name = "N", conflicts_with = "freq_scale")]
+    pub scale: Option<f32>,
+    /// Rotary base frequency (default: the file's `rope.freq_base`).
+    #[arg(long = "rope-freq-base", value_name = "N")]
+    pub freq_base: Option<f32>,
+    /// Rotary frequency scale: the context reaches 1/N times the original one.
+    #[arg(long = "rope-freq-scale", value_name = "N")]
+    pub freq_scale: Option<f32>,
+    /// YaRN: the context the model was trained with before extension (default: the file's
+    /// `rope.scaling.original_context_length`, else its context length).
+    #[arg(long = "yarn-orig-ctx", value_name = "N")]
+    pub orig_ctx: Option<usize>,
+    /// YaRN: the blend of trained and interpolated frequencies, 0 (plain interpolation) to 1
+    /// (default: 1 with yarn, 0 otherwise).
+    #[arg(long = "yarn-ext-factor", value_name = "N")]
+    pub ext_factor: Option<f32>,
+    /// YaRN: multiplies the magnitude of the rotated queries and keys (default 1; with yarn it
+    /// multiplies YaRN's own correction, where llama.cpp drops it).
+    #[arg(long = "yarn-attn-factor", value_name = "N")]
+    pub attn_factor: Option<f32>,
+    /// YaRN: the low correction dimension (default 32).
+    #[arg(long = "yarn-beta-fast", value_name = "N")]
+    pub beta_fast: Option<f32>,
+    /// YaRN: the high correction dimension (default 1).
+    #[arg(long = "yarn-beta-slow", value_name = "N")]
+    pub beta_slow: Option<f32>,
+}
+
+impl RopeArgs {
+    pub fn overrides(&self) -> Result<RopeOverrides> {
+        let freq_scale = match self.scale {
+            Some(n) if !(n.is_finite() && n > 0.0) => {
+                bail!("--rope-scale {n} must be a positive factor (4 stretches the context four times)")
+            }
+            Some(n) => Some(1.0 / n),
+            None => self.freq_scale,
+        };
+        Ok(RopeOverrides {
+            scaling: self.scaling,
+            freq_scale,
+            freq_base: self.freq_base,
+            orig_ctx: self.orig_ctx,
+            ext_factor: self.ext_factor,
+            attn_factor: self.attn_factor,
+            beta_fast: self.beta_fast,
+            beta_slow: self.beta_slow,
+        })
+    }
 }
 
 /// Speculative decoding, with llama.cpp's flag names.
@@ -557,6 +621,7 @@ impl ModelArgs {
                 self.weight_cache.clone().or_else(default_weight_cache_dir)
             },
             spec: self.spec.config()?,
+            rope: self.rope.overrides()?,
         })
     }
 }

@@ -4,7 +4,9 @@ use super::device::select_device;
 use super::{DeviceChoice, Engine};
 use crate::gguf::GgufFile;
 use crate::kv_cache::CacheType;
-use crate::model::{check_shapes, Config, ModelRunner, Placement, Qwen2, WeightCache};
+use crate::model::{
+    check_shapes, Config, ModelRunner, Placement, Qwen2, RopeOverrides, WeightCache,
+};
 use crate::prefix_cache::{model_identity, DiskCache, PromptCache, Shape};
 use crate::speculative::SpecConfig;
 use crate::tokenizer::{ChatTemplate, TemplateOverride, Tokenizer};
@@ -48,6 +50,8 @@ pub struct LoadOptions {
     /// loads instead of being made again); None turns it off. Unused with `huge_pages`, whose
     /// point is memory a mapped file cannot have.
     pub weight_cache: Option<PathBuf>,
+    /// Rotary settings overriding the file's (`--rope-scaling`, `--rope-scale`, `--yarn-*`).
+    pub rope: RopeOverrides,
 }
 
 /// Default memory budget of the prompt-prefix cache, MiB.
@@ -77,6 +81,7 @@ impl LoadOptions {
             chat_template: None,
             spec: SpecConfig::default(),
             weight_cache: None,
+            rope: RopeOverrides::default(),
         }
     }
 }
@@ -112,16 +117,25 @@ impl Engine {
             .context("cannot start the worker threads")?;
         let device = select_device(opts.device, opts.gpu_layers)?;
         let gguf = Arc::new(GgufFile::open(&opts.model)?);
-        let cfg = Config::from_gguf(&gguf)?;
+        let mut cfg = Config::from_gguf(&gguf)?;
         check_shapes(&gguf, &cfg)?;
+        cfg.rope = cfg.rope.resolve(&opts.rope, "the command line")?;
         if opts.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
+        let max_ctx = cfg.rope.max_context(cfg.context_length);
         let ctx_size = match opts.ctx_size {
             0 => cfg.context_length.min(4096),
-            n if n > cfg.context_length => bail!(
-                "--ctx-size {n} exceeds the model's trained context of {} tokens",
+            n if n > max_ctx && max_ctx == cfg.context_length => bail!(
+                "--ctx-size {n} exceeds the model's trained context of {} tokens; a longer one needs rope scaling, e.g. --rope-scaling yarn --rope-scale {} --yarn-orig-ctx {} (as the model card says, if it was trained for it)",
+                cfg.context_length,
+                n.div_ceil(cfg.context_length),
                 cfg.context_length
+            ),
+            n if n > max_ctx => bail!(
+                "--ctx-size {n} exceeds the {max_ctx} tokens this rope scaling reaches ({} original tokens x {}); raise --rope-scale",
+                cfg.rope.orig_ctx,
+                1.0 / cfg.rope.freq_scale
             ),
             n => n,
         };
@@ -147,6 +161,7 @@ impl Engine {
             });
             let model = Qwen2::load(
                 &gguf,
+                cfg.clone(),
                 placement,
                 ctx_size,
                 opts.huge_pages,
@@ -176,7 +191,7 @@ impl Engine {
                 dir.clone(),
                 prompt_cache_max,
                 Shape {
-                    model,
+                    model: rope_keyed(model, &cfg),
                     type_k: cache_type_k,
                     type_v: cache_type_v,
                     layers: cfg.n_layers,
@@ -258,4 +273,10 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// The prompt cache's model key: the file's identity and the rotary settings, which the cached
+/// keys were rotated with.
+fn rope_keyed(identity: u64, cfg: &Config) -> u64 {
+    crate::prefix_cache::hash_bytes(identity, &cfg.rope.fingerprint())
 }

@@ -1,6 +1,7 @@
 //! The types both passes and the engine share: the model's shape, where its layers run, and a
 //! step's sequences.
 
+use super::rope::RopeParams;
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use anyhow::{bail, Context, Result};
@@ -14,7 +15,7 @@ pub struct Config {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    pub rope_base: f32,
+    pub rope: RopeParams,
     pub rms_eps: f32,
     pub context_length: usize,
     pub vocab_size: usize,
@@ -59,10 +60,7 @@ impl Config {
             n_heads,
             n_kv_heads,
             head_dim: hidden / n_heads,
-            rope_base: gguf
-                .get("qwen2.rope.freq_base")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(1e6) as f32,
+            rope: RopeParams::from_gguf(gguf, "qwen2", context_length)?,
             rms_eps: gguf
                 .get("qwen2.attention.layer_norm_rms_epsilon")
                 .and_then(|v| v.as_f64())

@@ -8,6 +8,7 @@ mod config;
 mod host_pass;
 mod ops;
 mod qwen2;
+mod rope;
 mod runner;
 mod tensor_pass;
 mod weight_arena;
@@ -16,6 +17,7 @@ mod weights;
 
 pub use config::{check_shapes, Config, Logits, Placement, Sequence};
 pub use qwen2::Qwen2;
+pub use rope::{RopeOverrides, RopeParams, RopeScaling};
 pub use runner::{ModelRunner, Pass};
 pub use weight_arena::WeightArena;
 pub use weight_cache::{layout_probe, WeightCache};

@@ -52,18 +52,19 @@ impl Qwen2 {
             .chain([&self.output])
     }
 
-    /// `placement` comes from [`Placement::new`] with this file's layer count.
+    /// `cfg` is this file's [`Config`] (its rotary settings maybe overridden); `placement` comes
+    /// from [`Placement::new`] with its layer count.
     /// `huge_pages`: back the CPU copies of the weights with 2 MiB pages ([`WeightArena`]).
     /// `weight_cache`: map the CPU copies from there when an earlier load stored them, and store
     /// them there when it made any.
     pub fn load(
         gguf: &Arc<GgufFile>,
+        cfg: Config,
         placement: Placement,
         max_positions: usize,
         huge_pages: bool,
         weight_cache: Option<&WeightCache>,
     ) -> Result<Qwen2> {
-        let cfg = Config::from_gguf(gguf)?;
         if placement.layers.len() != cfg.n_layers {
             bail!(
                 "placement for {} layers, the model has {}",
@@ -113,7 +114,7 @@ impl Qwen2 {
         let mut rope: Vec<Rope> = Vec::new();
         for d in placement.layers.iter() {
             if !rope.iter().any(|r| r.device.same_device(d)) {
-                let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_base, max_positions, d)?;
+                let (cos, sin) = cfg.rope.tensors(cfg.head_dim, max_positions, d)?;
                 rope.push(Rope {
                     device: d.clone(),
                     cos,
@@ -165,30 +166,4 @@ impl Qwen2 {
         }
         Ok(())
     }
-}
-
-/// cos/sin tables `[positions, head_dim / 2]` for NeoX-style rotary embeddings.
-fn rope_tables(
-    head_dim: usize,
-    base: f32,
-    positions: usize,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| base.powf(-2.0 * i as f32 / head_dim as f32))
-        .collect();
-    let mut cos = Vec::with_capacity(positions * half);
-    let mut sin = Vec::with_capacity(positions * half);
-    for p in 0..positions {
-        for &f in &inv_freq {
-            let theta = p as f32 * f;
-            cos.push(theta.cos());
-            sin.push(theta.sin());
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (positions, half), device)?,
-        Tensor::from_vec(sin, (positions, half), device)?,
-    ))
 }
