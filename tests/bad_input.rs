@@ -975,6 +975,7 @@ fn rope_scaling_flags_and_file_keys() {
     w.write(&p).unwrap();
     let (code, from_file, err) = rope_run(&p, &["-c", "1024"]);
     assert_eq!(code, 0, "{err}");
+    assert!(err.contains("ctx 1024 (rope yarn x4 of 256)"), "{err}");
     assert_eq!(from_file, flagged);
     // and --rope-scaling none undoes it
     let (code, undone, err) = rope_run(&p, &["-c", "256", "--rope-scaling", "none"]);

@@ -118,7 +118,7 @@ pub fn report(engine: &Engine, g: &Generation) -> String {
         g.finish.as_str(),
         engine.device_name(),
         engine.threads,
-        engine.ctx_size,
+        engine.ctx_report(),
         mib(g.kv_bytes),
         mib(engine.kv_bytes_per_token() * engine.ctx_size),
     )

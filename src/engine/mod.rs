@@ -70,6 +70,14 @@ impl Engine {
         self.runner.config()
     }
 
+    /// The context size for reports, with the rope scaling that allows it when there is one.
+    pub fn ctx_report(&self) -> String {
+        match self.config().rope.scaling_note() {
+            Some(note) => format!("{} ({note})", self.ctx_size),
+            None => self.ctx_size.to_string(),
+        }
+    }
+
     pub fn placement(&self) -> &Placement {
         self.runner.placement()
     }

@@ -252,6 +252,19 @@ impl RopeParams {
         (low, high)
     }
 
+    /// "rope yarn x4 of 32768" when positions are scaled; None when they run as trained.
+    pub fn scaling_note(&self) -> Option<String> {
+        match self.freq_scale == 1.0 && self.ext_factor == 0.0 && self.attn_factor == 1.0 {
+            true => None,
+            false => Some(format!(
+                "rope {} x{} of {}",
+                self.scaling.name(),
+                1.0 / self.freq_scale,
+                self.orig_ctx
+            )),
+        }
+    }
+
     /// A fingerprint of the settings, for keys of caches whose contents depend on them.
     pub fn fingerprint(&self) -> [u8; 33] {
         let mut b = [0u8; 33];

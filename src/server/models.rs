@@ -625,7 +625,7 @@ impl ModelPool {
             engine.load_time.as_secs_f64(),
             engine.device_name(),
             engine.threads,
-            engine.ctx_size
+            engine.ctx_report()
         );
         if let Some(gpu) = engine.gpu_report() {
             eprintln!("[qwen-run] GPU {gpu}");
