@@ -196,8 +196,9 @@ pub fn best_packing(ty: QuantType, rows: usize) -> Packing {
 }
 
 /// Tokens per call up to which [`matmul_many`] gives each token of a `ty` matrix in `packing`
-/// the bits a call with that token alone gives (`usize::MAX`: any number): the rows4 kernels
-/// and the scalar reference do the same operations for every token count; the K-quants in the
+/// the bits a call with that token alone gives (`usize::MAX`: any number): the rows4 kernels,
+/// the Q2_K and Q3_K kernels and the scalar reference do the same operations for every token
+/// count; the K-quants in the
 /// GGUF layout switch from direct tiles to panels at 4 tokens, the 32-element types from the
 /// decode kernel at 2; the float and Q8_K tiles are not checked for it, so no more than 1 is
 /// promised. Speculative decoding checks drafts only in steps within it.
@@ -216,8 +217,7 @@ pub fn batch_invariant_tokens(ty: QuantType, packing: Packing) -> usize {
         | QuantType::F32
         | QuantType::F16
         | QuantType::BF16 => 1,
-        // No SIMD kernel: the scalar reference runs it.
-        _ => usize::MAX,
+        QuantType::Q2K | QuantType::Q3K => usize::MAX,
     }
 }
 

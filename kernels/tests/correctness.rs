@@ -250,6 +250,8 @@ fn matmul_larger_shapes() {
         QuantType::Q8_0,
         QuantType::Q4_1,
         QuantType::Q5_1,
+        QuantType::Q2K,
+        QuantType::Q3K,
         QuantType::Q4K,
         QuantType::Q5K,
         QuantType::Q6K,
@@ -380,6 +382,8 @@ fn matmul_small_batches() {
         QuantType::Q5_0,
         QuantType::Q5_1,
         QuantType::Q8_0,
+        QuantType::Q2K,
+        QuantType::Q3K,
         QuantType::Q4K,
         QuantType::Q5K,
         QuantType::Q6K,
@@ -407,6 +411,8 @@ fn batched_results_do_not_depend_on_the_batch() {
         QuantType::Q5_0,
         QuantType::Q5_1,
         QuantType::Q8_0,
+        QuantType::Q2K,
+        QuantType::Q3K,
         QuantType::Q4K,
         QuantType::Q5K,
         QuantType::Q6K,
@@ -433,6 +439,8 @@ fn batched_results_do_not_depend_on_the_batch() {
         };
         let groups: &[&[usize]] = if ty.block_size() == 32 {
             &[&[2, 3, 5, 8, 9, 16, 17, 40]]
+        } else if matches!(ty, QuantType::Q2K | QuantType::Q3K) {
+            &[&[1, 2, 3, 4, 5, 8, 9, 16, 40]]
         } else {
             &[&[1, 2, 3], &[4, 5, 8, 9, 16, 40]]
         };

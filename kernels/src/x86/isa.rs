@@ -15,7 +15,7 @@
 //! compiled with its level's features by `entry_points!`: `#[target_feature]` cannot vary with
 //! a generic parameter, so each level's impl stamps them out.
 
-use super::{decode, panel, Operands};
+use super::{decode, kquant_low, panel, Operands};
 use crate::layout::{BlockQ8, BlockQ8K};
 use std::arch::x86_64::*;
 
@@ -52,6 +52,8 @@ pub(crate) trait Isa {
     unsafe fn gemm_k_rows4<const SIX: bool>(o: Operands<BlockQ8K>);
     /// [`panel::gemm_panel_k`] compiled for this level.
     unsafe fn gemm_panel_k<const K: u8>(o: Operands<BlockQ8K>);
+    /// [`kquant_low::gemm_low_k`] compiled for this level.
+    unsafe fn gemm_low_k<const Q3: bool>(o: Operands<BlockQ8K>);
     /// [`decode::gemm_small`] compiled for this level.
     unsafe fn gemm_small<const K: u8>(o: Operands<u8>);
     /// [`decode::gemm`] compiled for this level.
@@ -82,6 +84,10 @@ macro_rules! entry_points {
         #[target_feature(enable = $features)]
         unsafe fn gemm_panel_k<const K: u8>(o: Operands<BlockQ8K>) {
             panel::gemm_panel_k::<$kquants, K>(o)
+        }
+        #[target_feature(enable = $features)]
+        unsafe fn gemm_low_k<const Q3: bool>(o: Operands<BlockQ8K>) {
+            kquant_low::gemm_low_k::<$kquants, Q3>(o)
         }
         #[target_feature(enable = $features)]
         unsafe fn gemm_small<const K: u8>(o: Operands<u8>) {

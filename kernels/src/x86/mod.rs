@@ -5,6 +5,8 @@
 //! * `decode.rs`: the direct R x T tile kernels (decode, small batches, float and Q8_K weights).
 //! * `panel.rs`: batches and prefill, weights unpacked once per panel of four rows, and every
 //!   token count of the rows4 layouts.
+//! * `kquant_low.rs`: Q2_K and Q3_K, every token count, each super-block of four rows transposed
+//!   in registers and combined with the tokens by the panel kernels' K-quant arithmetic.
 //! * `simd.rs`: loads and block unpacking both share.
 //! * `act.rs`: activation quantization; `repack.rs`: the rows4 packer.
 //!
@@ -19,6 +21,7 @@ use std::ops::Range;
 mod act;
 mod decode;
 mod isa;
+mod kquant_low;
 mod pairs;
 mod panel;
 mod repack;
@@ -140,7 +143,7 @@ unsafe fn operands<A>(
 /// Rows `rows` of `plan` for all its tokens, with the kernels of feature level `I` (`Avx2` or
 /// `Avx512Vnni`): this only picks the kernel, which its level's [`Isa`] entry point runs.
 /// Returns false, having written nothing, where this module has no kernel for the plan's type
-/// (Q2_K, Q3_K).
+/// and activations.
 ///
 /// # Safety
 /// Requires the level's CPU features; `plan.y` must be valid for `n_tokens * plan.rows` writes
@@ -227,6 +230,8 @@ pub(crate) unsafe fn chunk_rows<I: Isa>(plan: &RowsPlan<'_>, rows: Range<usize>)
                 _ => I::gemm_small::<K_Q6K>(o),
             }
         }
+        (QuantType::Q2K, Act::Q8K(a)) => I::gemm_low_k::<false>(q8k(a)),
+        (QuantType::Q3K, Act::Q8K(a)) => I::gemm_low_k::<true>(q8k(a)),
         (QuantType::Q8K, Act::Q8K(a)) => I::gemm::<K_Q8K, 4, 4>(q8k(a).in_bytes()),
         (QuantType::F32 | QuantType::F16 | QuantType::BF16, Act::F32(x)) => {
             // one row of f32 values per token, `cols` of them

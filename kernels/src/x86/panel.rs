@@ -54,7 +54,7 @@ thread_local! {
 /// rows in a single maddubs).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn steps4(v: [__m256i; 4]) -> [__m256i; 4] {
+pub(super) unsafe fn steps4(v: [__m256i; 4]) -> [__m256i; 4] {
     // 4x4 transpose of 64-bit elements
     let t0 = _mm256_unpacklo_epi64(v[0], v[1]); // r0q0 r1q0 | r0q2 r1q2
     let t1 = _mm256_unpackhi_epi64(v[0], v[1]); // r0q1 r1q1 | r0q3 r1q3
@@ -400,6 +400,7 @@ macro_rules! token_tiles {
         }
     }};
 }
+pub(super) use token_tiles;
 
 /// All rows and tokens of `o`. Every token gets the same operations whatever the number of
 /// tokens is (1 included).
@@ -815,10 +816,10 @@ const fn scale_spread<const HIGH: bool>() -> [[i8; 16]; 8] {
 const Q4K_SCALE_SPREAD: [[i8; 16]; 8] = scale_spread::<false>();
 
 /// Controls for Q6_K rows4 group `g % 8` of a half of the scale bytes (for [`spread_i8`]).
-const Q6K_SCALE_SPREAD: [[i8; 16]; 8] = scale_spread::<true>();
+pub(super) const Q6K_SCALE_SPREAD: [[i8; 16]; 8] = scale_spread::<true>();
 
 /// Controls for the Q6_K bsum factors of step q (its group scales 4 (q % 2)..+4 per row).
-const Q6K_MINS_SPREAD: [[i8; 16]; 2] = {
+pub(super) const Q6K_MINS_SPREAD: [[i8; 16]; 2] = {
     let mut t = [[0i8; 16]; 2];
     let mut h = 0;
     while h < 2 {
@@ -834,7 +835,7 @@ const Q6K_MINS_SPREAD: [[i8; 16]; 2] = {
 /// arithmetic shift).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn spread_i8(v: __m256i, c: &[i8; 16]) -> __m256i {
+pub(super) unsafe fn spread_i8(v: __m256i, c: &[i8; 16]) -> __m256i {
     _mm256_srai_epi16::<8>(_mm256_shuffle_epi8(v, shuffle_control(c)))
 }
 

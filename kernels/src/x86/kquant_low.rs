@@ -1,0 +1,258 @@
+//! Q2_K and Q3_K in the GGUF layout, for every token count (decode, batches, prefill).
+//!
+//! Each super-block of four rows is transposed in registers into the panel kernels' steps
+//! (layout.rs) while it is still packed: a sub-block's 2-bit fields (and Q3_K's high bits) sit at
+//! the same byte positions for every sub-block, only at another bit, so one transpose of the
+//! packed bytes serves four sub-blocks (Q3_K's high bits: all eight), and each sub-block's steps
+//! are then a shift and a mask away. The tokens meet them through the K-quant panel arithmetic
+//! in Q6_K's form, a scale per 16 values (`k_sub_block`, `k_block_token`). A token gets the same
+//! operations whatever the number of tokens of the call, so its bits do not depend on them.
+//!
+//! * Q2_K: values 0..3 with a 4-bit scale and a 4-bit min per 16 values,
+//!   `d * scale * q - dmin * min`; the mins go through the activation's bsums, as Q4_K's do.
+//! * Q3_K: values -4..3 (two low bits, one high bit) with a signed 6-bit scale per 16 values. The
+//!   kernel takes them as unsigned 0..7 times 8, with Q6_K's -32 offset and d / 8: Q6_K's
+//!   arithmetic on eight times the integers, which scaling by a power of two keeps exact, so Q3_K
+//!   needs no float step of its own.
+
+#![allow(clippy::needless_range_loop)]
+
+use super::isa::Isa;
+use super::panel::{
+    finish, k_block_token, k_sub_block, spread_i8, steps4, tile_width, token_tiles, PR, PT_MAX,
+    Q6K_MINS_SPREAD, Q6K_SCALE_SPREAD,
+};
+use super::simd::{ld128, ld256, prefetch};
+use super::Operands;
+use crate::layout::BlockQ8K;
+use std::arch::x86_64::*;
+use std::mem::size_of;
+
+/// Bytes of a Q2_K and of a Q3_K super-block.
+const Q2K_BYTES: usize = 84;
+const Q3K_BYTES: usize = 110;
+
+/// The block that stands in for the missing rows of a last group of fewer than four: d = 0, so
+/// its products are zero (and never stored).
+static ZERO_BLOCK: [u8; Q3K_BYTES] = [0; Q3K_BYTES];
+
+/// One super-block of four rows, transposed and partly unpacked (see the module docs).
+struct LowBlock {
+    /// The packed 2-bit fields of sub-blocks `4n..4n + 4` as steps: sub-block `4n + k` is bits
+    /// `2k, 2k + 1` of `low[n]`.
+    low: [[__m256i; 4]; 2],
+    /// Q3_K: the high bits as steps (sub-block `j`'s at bit `j`).
+    high: [__m256i; 4],
+    /// Groups `8h..8h + 8` of every row as bytes (Q2_K: scales 0..15; Q3_K: -32..31), rows 0
+    /// and 1 in the lower 128-bit half, 2 and 3 in the upper, each row's eight bytes in turn.
+    scales: [__m256i; 2],
+    /// The factors of the activation's 16 bsums in the same layout: Q2_K's mins, Q3_K's scales.
+    factors: [__m256i; 2],
+    /// [d0 d0 d1 d1 d2 d2 d3 d3] (Q3_K: d / 8) and the same of dmin (Q2_K).
+    d8: __m256,
+    dmin8: __m256,
+}
+
+/// Four rows' 16 bytes (one per group) as [`LowBlock::scales`]' two vectors.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_bytes(r: [__m128i; PR]) -> [__m256i; 2] {
+    [
+        _mm256_set_m128i(
+            _mm_unpacklo_epi64(r[2], r[3]),
+            _mm_unpacklo_epi64(r[0], r[1]),
+        ),
+        _mm256_set_m128i(
+            _mm_unpackhi_epi64(r[2], r[3]),
+            _mm_unpackhi_epi64(r[0], r[1]),
+        ),
+    ]
+}
+
+/// Four rows' f16 at offset `o` of their blocks as [v0 v0 v1 v1 v2 v2 v3 v3].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_pairs(p: &[*const u8; PR], o: usize) -> __m256 {
+    let h = |r: usize| std::ptr::read_unaligned(p[r].add(o) as *const i16);
+    let x = _mm_setr_epi16(h(0), h(1), h(2), h(3), 0, 0, 0, 0);
+    _mm256_cvtph_ps(_mm_unpacklo_epi16(x, x))
+}
+
+/// The 16 scales of a Q3_K block (12 bytes at `s`: low four bits in bytes 0..8, two per byte,
+/// the top two bits in bytes 8..12, four per byte), less their offset 32, as i8.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3k_scales(s: *const u8) -> __m128i {
+    let u = |i: usize| std::ptr::read_unaligned(s.add(4 * i) as *const u32);
+    let (a0, a1, a2) = (u(0), u(1), u(2));
+    let (low4, top2) = (0x0f0f_0f0fu32, 0x0303_0303u32);
+    // scales 0..4, 4..8: the low nibbles of bytes 0..8; 8..12, 12..16: their high nibbles
+    let w = |lo: u32, i: u32| (lo & low4) | (((a2 >> (2 * i)) & top2) << 4);
+    let v = _mm_setr_epi32(
+        w(a0, 0) as i32,
+        w(a1, 1) as i32,
+        w(a0 >> 4, 2) as i32,
+        w(a1 >> 4, 3) as i32,
+    );
+    _mm_sub_epi8(v, _mm_set1_epi8(32))
+}
+
+/// The super-block of four rows whose blocks are at `p` (Q3 false: Q2_K, true: Q3_K).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn low_block<const Q3: bool>(p: &[*const u8; PR]) -> LowBlock {
+    let rows = |o: usize| steps4([0, 1, 2, 3].map(|r| ld256(p[r].add(o))));
+    let m4 = _mm256_set1_epi8(0x0f);
+    if Q3 {
+        let scales = group_bytes([0, 1, 2, 3].map(|r| q3k_scales(p[r].add(96))));
+        LowBlock {
+            low: [rows(32), rows(64)],
+            high: rows(0),
+            scales,
+            factors: scales,
+            d8: _mm256_mul_ps(f16_pairs(p, 108), _mm256_set1_ps(0.125)),
+            dmin8: _mm256_setzero_ps(),
+        }
+    } else {
+        // each byte: scale in the low nibble, min in the high one
+        let raw = group_bytes([0, 1, 2, 3].map(|r| ld128(p[r])));
+        LowBlock {
+            low: [rows(16), rows(48)],
+            high: [_mm256_setzero_si256(); 4],
+            scales: raw.map(|v| _mm256_and_si256(v, m4)),
+            factors: raw.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4)),
+            d8: f16_pairs(p, 80),
+            dmin8: f16_pairs(p, 82),
+        }
+    }
+}
+
+/// `v` shifted left by `n` bits per 16-bit lane (right by `-n` when `n` is negative).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn shift16(v: __m256i, n: i32) -> __m256i {
+    if n >= 0 {
+        _mm256_sll_epi16(v, _mm_cvtsi32_si128(n))
+    } else {
+        _mm256_srl_epi16(v, _mm_cvtsi32_si128(-n))
+    }
+}
+
+impl LowBlock {
+    /// Sub-block `j`'s four steps and the scales of its two groups of 16, spread to
+    /// [r0 x4, r1 x4 | r2 x4, r3 x4] i16.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sub_block<const Q3: bool>(&self, j: usize) -> ([__m256i; 4], [__m256i; 2]) {
+        let (n, k) = (j / 4, (j % 4) as i32);
+        let w = self.low[n].map(|q| {
+            if Q3 {
+                // the two low bits to bits 3, 4 and the high bit to bit 5: eight times 0..7
+                _mm256_and_si256(shift16(q, 3 - 2 * k), _mm256_set1_epi8(0x18))
+            } else {
+                _mm256_and_si256(shift16(q, -2 * k), _mm256_set1_epi8(3))
+            }
+        });
+        let w = if Q3 {
+            let h = self
+                .high
+                .map(|h| _mm256_and_si256(shift16(h, 5 - j as i32), _mm256_set1_epi8(0x20)));
+            [0, 1, 2, 3].map(|s| _mm256_or_si256(w[s], h[s]))
+        } else {
+            w
+        };
+        let group = |g: usize| spread_i8(self.scales[g / 8], &Q6K_SCALE_SPREAD[g % 8]);
+        (w, [group(2 * j), group(2 * j + 1)])
+    }
+
+    /// The bsum factors as four steps ([`k_block_token`]'s `m`): factors `4q..4q + 4` of each
+    /// row in step `q`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn bsum_factors(&self) -> [__m256i; 4] {
+        [0, 1, 2, 3].map(|q| spread_i8(self.factors[q / 2], &Q6K_MINS_SPREAD[q % 2]))
+    }
+}
+
+/// Four rows (their blocks at `rows`, `step` bytes apart: 0 for a missing row) x T tokens over
+/// `nb` super-blocks; prefetches `pf` bytes ahead of each row's blocks (0: none).
+#[inline(always)]
+unsafe fn tile_low<I: Isa, const Q3: bool, const T: usize>(
+    rows: &[*const u8; PR],
+    step: &[usize; PR],
+    a: *const BlockQ8K,
+    nb: usize,
+    pf: usize,
+) -> [[f32; T]; PR] {
+    let bb = if Q3 { Q3K_BYTES } else { Q2K_BYTES };
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        let p = [0, 1, 2, 3].map(|r| rows[r].add(b * step[r]));
+        if pf != 0 {
+            for r in 0..PR {
+                prefetch(p[r].wrapping_add(pf), bb);
+            }
+        }
+        let block = low_block::<Q3>(&p);
+        let mut isum = [_mm256_setzero_si256(); T];
+        for j in 0..8 {
+            let (w, s) = block.sub_block::<Q3>(j);
+            for t in 0..T {
+                let aq = (*a.add(t * nb + b)).qs.as_ptr().add(32 * j) as *const u8;
+                // |4 products| <= 4 * 56 * 127 < 2^15 (Q3_K's values times 8)
+                isum[t] = k_sub_block::<I, 6>(&w, &s, aq, isum[t]);
+            }
+        }
+        let m = block.bsum_factors();
+        for t in 0..T {
+            let ab = &*a.add(t * nb + b);
+            acc[t] = k_block_token::<I, Q3>(acc[t], isum[t], &m, block.d8, block.dmin8, ab);
+        }
+    }
+    finish(acc)
+}
+
+/// All rows and tokens of `o` (Q2_K for Q3 false, Q3_K for true; GGUF layout): tokens in chunks
+/// whose activations stay in L2, each group of four rows through all tokens of a chunk in tiles
+/// of up to 8, the first tile prefetching the next group when one chunk holds every token.
+#[inline(always)]
+pub(super) unsafe fn gemm_low_k<I: Isa, const Q3: bool>(o: Operands<BlockQ8K>) {
+    let Operands {
+        w,
+        rb,
+        nrows,
+        a,
+        nb,
+        ntok,
+        y,
+        ystride,
+        ..
+    } = o;
+    let bb = if Q3 { Q3K_BYTES } else { Q2K_BYTES };
+    let tch = ((256 << 10) / (nb * size_of::<BlockQ8K>())).clamp(16, 192) / PT_MAX * PT_MAX;
+    let mut tc = 0;
+    while tc < ntok {
+        let te = (tc + tch).min(ntok);
+        let mut r = 0;
+        while r < nrows {
+            let nr = (nrows - r).min(PR);
+            let rows = [0, 1, 2, 3].map(|i| {
+                if i < nr {
+                    w.add((r + i) * rb)
+                } else {
+                    ZERO_BLOCK.as_ptr()
+                }
+            });
+            let step = [0, 1, 2, 3].map(|i| if i < nr { bb } else { 0 });
+            let yr = y.add(r);
+            let mut pf = if ntok <= tch { PR * rb } else { 0 };
+            token_tiles!(tc, te, nr, yr, ystride, |t, T| {
+                let o = tile_low::<I, Q3, T>(&rows, &step, a.add(t * nb), nb, pf);
+                pf = 0;
+                o
+            });
+            r += PR;
+        }
+        tc = te;
+    }
+}
