@@ -78,23 +78,24 @@ unsafe fn f16_pairs(p: &[*const u8; PR], o: usize) -> __m256 {
     _mm256_cvtph_ps(_mm_unpacklo_epi16(x, x))
 }
 
-/// The 16 scales of a Q3_K block (12 bytes at `s`: low four bits in bytes 0..8, two per byte,
-/// the top two bits in bytes 8..12, four per byte), less their offset 32, as i8.
+/// The 16 scales of a Q3_K block (12 bytes at `s`: the low four bits in bytes 0..8, scales 0..8
+/// in the low nibbles and 8..16 in the high ones; the top two bits in bytes 8..12, scale `i` at
+/// bits `2 (i / 4)` of byte `8 + i % 4`), less their offset 32, as i8.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q3k_scales(s: *const u8) -> __m128i {
-    let u = |i: usize| std::ptr::read_unaligned(s.add(4 * i) as *const u32);
-    let (a0, a1, a2) = (u(0), u(1), u(2));
-    let (low4, top2) = (0x0f0f_0f0fu32, 0x0303_0303u32);
-    // scales 0..4, 4..8: the low nibbles of bytes 0..8; 8..12, 12..16: their high nibbles
-    let w = |lo: u32, i: u32| (lo & low4) | (((a2 >> (2 * i)) & top2) << 4);
-    let v = _mm_setr_epi32(
-        w(a0, 0) as i32,
-        w(a1, 1) as i32,
-        w(a0 >> 4, 2) as i32,
-        w(a1 >> 4, 3) as i32,
+    // 12 bytes read as 8 and 4: 16 would reach past the last block of a matrix
+    let top = std::ptr::read_unaligned(s.add(8) as *const i32);
+    let x = _mm_insert_epi32::<2>(_mm_loadl_epi64(s as *const __m128i), top);
+    let m4 = _mm_set1_epi8(0x0f);
+    let low = _mm_unpacklo_epi64(
+        _mm_and_si128(x, m4),
+        _mm_and_si128(_mm_srli_epi16::<4>(x), m4),
     );
-    _mm_sub_epi8(v, _mm_set1_epi8(32))
+    // bytes 8..12 in every dword, dword q shifted right by 2q
+    let t = _mm_srlv_epi32(_mm_shuffle_epi32::<0xaa>(x), _mm_setr_epi32(0, 2, 4, 6));
+    let high = _mm_slli_epi32::<4>(_mm_and_si128(t, _mm_set1_epi8(3)));
+    _mm_sub_epi8(_mm_or_si128(low, high), _mm_set1_epi8(32))
 }
 
 /// The super-block of four rows whose blocks are at `p` (Q3 false: Q2_K, true: Q3_K).
