@@ -18,6 +18,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::isa::Isa;
+use super::pairs::{doubled, k_sub_block_pair, split, Interleaved, PAIR_BLOCK};
 use super::panel::{
     finish, k_block_token, k_sub_block, spread_i8, steps4, tile_width, token_tiles, PR, PT_MAX,
     Q6K_MINS_SPREAD, Q6K_SCALE_SPREAD,
@@ -213,9 +214,64 @@ unsafe fn tile_low<I: Isa, const Q3: bool, const T: usize>(
     finish(acc)
 }
 
+/// [`tile_low`] with the tokens in pairs, two to a 512-bit register (AVX-512 levels, `pairs`: the
+/// tile's first pair in [`Interleaved`] form), and when T is odd the last token alone as there:
+/// the same integer sums, so the same bits.
+#[inline(always)]
+unsafe fn tile_low_pairs<I: Isa, const Q3: bool, const T: usize>(
+    rows: &[*const u8; PR],
+    step: &[usize; PR],
+    a: *const BlockQ8K,
+    nb: usize,
+    pairs: *const u8,
+    pf: usize,
+) -> [[f32; T]; PR] {
+    let bb = if Q3 { Q3K_BYTES } else { Q2K_BYTES };
+    let np = T / 2;
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        let p = [0, 1, 2, 3].map(|r| rows[r].add(b * step[r]));
+        if pf != 0 {
+            for r in 0..PR {
+                prefetch(p[r].wrapping_add(pf), bb);
+            }
+        }
+        let block = low_block::<Q3>(&p);
+        let mut isum = [_mm512_setzero_si512(); T];
+        let mut last = _mm256_setzero_si256();
+        for j in 0..8 {
+            let (w, s) = block.sub_block::<Q3>(j);
+            let w2 = w.map(|v| doubled(v));
+            let s2 = s.map(|v| doubled(v));
+            for (i, sum) in isum.iter_mut().enumerate().take(np) {
+                let ap = pairs.add(i * nb * PAIR_BLOCK + b * PAIR_BLOCK + 64 * j);
+                *sum = k_sub_block_pair::<true>(&w2, &s2, ap, *sum);
+            }
+            if T % 2 == 1 {
+                let aq = (*a.add((T - 1) * nb + b)).qs.as_ptr().add(32 * j) as *const u8;
+                last = k_sub_block::<I, 6>(&w, &s, aq, last);
+            }
+        }
+        let m = block.bsum_factors();
+        let token = |t: usize| &*a.add(t * nb + b);
+        let (d8, dmin8) = (block.d8, block.dmin8);
+        for i in 0..np {
+            let (x, y) = split(isum[i]);
+            acc[2 * i] = k_block_token::<I, Q3>(acc[2 * i], x, &m, d8, dmin8, token(2 * i));
+            acc[2 * i + 1] =
+                k_block_token::<I, Q3>(acc[2 * i + 1], y, &m, d8, dmin8, token(2 * i + 1));
+        }
+        if T % 2 == 1 {
+            acc[T - 1] = k_block_token::<I, Q3>(acc[T - 1], last, &m, d8, dmin8, token(T - 1));
+        }
+    }
+    finish(acc)
+}
+
 /// All rows and tokens of `o` (Q2_K for Q3 false, Q3_K for true; GGUF layout): tokens in chunks
 /// whose activations stay in L2, each group of four rows through all tokens of a chunk in tiles
-/// of up to 8, the first tile prefetching the next group when one chunk holds every token.
+/// of up to 8 (on the AVX-512 levels two tokens to a register), the first tile prefetching the
+/// next group when one chunk holds every token.
 #[inline(always)]
 pub(super) unsafe fn gemm_low_k<I: Isa, const Q3: bool>(o: Operands<BlockQ8K>) {
     let Operands {
@@ -234,6 +290,7 @@ pub(super) unsafe fn gemm_low_k<I: Isa, const Q3: bool>(o: Operands<BlockQ8K>) {
     let mut tc = 0;
     while tc < ntok {
         let te = (tc + tch).min(ntok);
+        let pairs = (I::PAIRS && te - tc >= 2).then(|| Interleaved::new(a, nb, tc, te));
         let mut r = 0;
         while r < nrows {
             let nr = (nrows - r).min(PR);
@@ -248,7 +305,13 @@ pub(super) unsafe fn gemm_low_k<I: Isa, const Q3: bool>(o: Operands<BlockQ8K>) {
             let yr = y.add(r);
             let mut pf = if ntok <= tch { PR * rb } else { 0 };
             token_tiles!(tc, te, nr, yr, ystride, |t, T| {
-                let o = tile_low::<I, Q3, T>(&rows, &step, a.add(t * nb), nb, pf);
+                let at = a.add(t * nb);
+                let o = match &pairs {
+                    Some(p) if T >= 2 => {
+                        tile_low_pairs::<I, Q3, T>(&rows, &step, at, nb, p.tile(t - tc, nb), pf)
+                    }
+                    _ => tile_low::<I, Q3, T>(&rows, &step, at, nb, pf),
+                };
                 pf = 0;
                 o
             });

@@ -1,5 +1,5 @@
 //! The Q4_K and Q6_K rows4 kernels of batches with two tokens in each 512-bit register (AVX-512
-//! levels).
+//! levels); kquant_low.rs uses the same pieces for Q2_K and Q3_K.
 //!
 //! The 256-bit kernels (panel.rs: `tile_k_rows4`) meet a sub-block's step vectors, four rows of
 //! 8 bytes each, with one token's 8 activation bytes broadcast to the four rows. Here each row's
@@ -34,7 +34,7 @@ macro_rules! avx512 {
 }
 
 /// Bytes of one super-block of a pair of tokens: 256 activation bytes each.
-const PAIR_BLOCK: usize = 512;
+pub(super) const PAIR_BLOCK: usize = 512;
 
 /// The activation bytes of a chunk of tokens, in pairs: pair `i` of a tile whose first token is
 /// `u` tokens into the chunk is slot `u / 2 + i` (distinct for every pair, since a pair's
@@ -96,14 +96,14 @@ impl Drop for Interleaved {
 avx512! {
     /// Each row's 8 bytes of a step vector twice: [r0 r0 r1 r1 r2 r2 r3 r3] in 64-bit units.
     #[inline]
-    unsafe fn doubled(v: __m256i) -> __m512i {
+    pub(super) unsafe fn doubled(v: __m256i) -> __m512i {
         _mm512_permutexvar_epi64(_mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0), _mm512_castsi256_si512(v))
     }
 
     /// A pair's integer sums, [r0 t, r0 u, r1 t, ...] in 64-bit units, as one 256-bit register per
     /// token in the 256-bit kernels' lanes ([r0 r0 r1 r1 r2 r2 r3 r3] in 32-bit lanes).
     #[inline]
-    unsafe fn split(v: __m512i) -> (__m256i, __m256i) {
+    pub(super) unsafe fn split(v: __m512i) -> (__m256i, __m256i) {
         let v = _mm512_permutexvar_epi64(_mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0), v);
         (_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
     }
@@ -111,7 +111,7 @@ avx512! {
     /// [`k_sub_block`] for a pair of tokens: the steps and scales doubled, the pair's 64
     /// interleaved activation bytes of the sub-block at `ap`.
     #[inline]
-    unsafe fn k_sub_block_pair<const SIX: bool>(
+    pub(super) unsafe fn k_sub_block_pair<const SIX: bool>(
         w: &[__m512i; 4],
         s: &[__m512i; 2],
         ap: *const u8,
