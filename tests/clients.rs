@@ -1,9 +1,10 @@
 //! The unmodified `openai`, `ollama`, `instructor` and `langchain-openai` Python clients (pinned in
 //! tests/clients/requirements.txt, which tests/run.sh installs) against `qwen-run serve` with the
-//! real 0.5B model, each used the way its own docs show, for structured output and tool calls:
-//! one script per client in tests/clients/, which prints "ok". A script whose package cannot be
-//! imported prints "skip: ..." and the test notes it and passes; a "known: ..." line is a server
-//! gap the script found and stepped over (see the `# KNOWN:` comment beside it), and is printed.
+//! real 0.5B model, each used the way its own docs show, for structured output, tool calls and
+//! embeddings: one script per client in tests/clients/, which prints "ok". A script whose package
+//! cannot be imported prints "skip: ..." and the test notes it and passes; a "known: ..." line is
+//! a server gap the script found and stepped over (see the `# KNOWN:` comment beside it), and is
+//! printed.
 
 mod common;
 
@@ -28,7 +29,15 @@ fn server() -> Arc<Server> {
     }
     let s = Arc::new(Server::start(
         &common::real_model("0.5b"),
-        &["-c", "4096", "--parallel", "1", "--queue-timeout", "600"],
+        &[
+            "-c",
+            "4096",
+            "--parallel",
+            "1",
+            "--queue-timeout",
+            "600",
+            "--embedding",
+        ],
     ));
     *shared = Arc::downgrade(&s);
     s
@@ -121,6 +130,12 @@ fn openai_client() {
 #[test]
 fn ollama_client() {
     run_client("ollama_client.py");
+}
+
+/// `openai`'s `embeddings.create` (base64 and float) and `ollama`'s `embed` and `embeddings`.
+#[test]
+fn embedding_clients() {
+    run_client("embeddings_client.py");
 }
 
 /// `from_openai(..., mode=JSON_SCHEMA | TOOLS)` with `response_model=`, and partial streaming.

@@ -1,6 +1,7 @@
 //! `qwen-run serve`: the server's flags, turned into the plain options the server takes.
 
 use super::{ModelArgs, TemplateArgs};
+use crate::engine::Pooling;
 use crate::scheduler::DEFAULT_PREFILL_CHUNK_WHILE_DECODING;
 use crate::server::access::AccessOptions;
 use crate::server::{parse_keep_alive, RouteRule, ServeOptions, ServerOptions};
@@ -90,6 +91,16 @@ pub struct ServeArgs {
     /// (comma-separated). Without one, requests from web pages are refused.
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origins: Vec<String>,
+    /// Answer the embedding endpoints (POST /v1/embeddings, /embedding, /api/embed,
+    /// /api/embeddings), as llama-server's --embedding; without it they answer 501. Chat and
+    /// completions keep working.
+    #[arg(long = "embedding", visible_alias = "embeddings")]
+    pub embedding: bool,
+    /// How an embedding pools the final hidden states of a text's tokens: mean, last, cls, or
+    /// none (a vector per token; POST /embedding only). Default: the model file's
+    /// <arch>.pooling_type, else last, as Qwen2-based embedding models pool.
+    #[arg(long, value_name = "TYPE", value_parser = ["none", "mean", "cls", "last"])]
+    pub pooling: Option<String>,
     // With several models, the chat template flags apply to every one of them.
     #[command(flatten)]
     pub template: TemplateArgs,
@@ -120,6 +131,9 @@ impl ServeArgs {
                 self.queue_timeout
             );
         }
+        if self.pooling.is_some() && !self.embedding {
+            bail!("--pooling applies to embeddings, which need --embedding; add it, or leave --pooling out");
+        }
         let keep_alive = parse_keep_alive(&serde_json::Value::String(self.keep_alive.clone()))
             .map_err(|e| anyhow::anyhow!("--keep-alive: {e}"))?;
         let serve = ServeOptions {
@@ -131,6 +145,8 @@ impl ServeArgs {
             keep_alive,
             response_cache: self.response_cache,
             prefill_chunk: self.prefill_chunk,
+            embeddings: self.embedding,
+            pooling: self.pooling.as_deref().and_then(Pooling::parse),
             route: RouteRule {
                 small: self.route_small.clone(),
                 large: self.route_large.clone(),

@@ -1,12 +1,15 @@
 //! The engine: a loaded model (its [`ModelRunner`], tokenizer, chat template and prompt cache) on
 //! its own worker threads. [`Engine::step`] runs one model step over any number of sessions; the
 //! [`scheduler`](crate::scheduler) builds generation on it, and [`Engine::generate`] runs the
-//! scheduler with one slot for the CLI, the benchmark and the tests.
+//! scheduler with one slot for the CLI, the benchmark and the tests; [`Engine::embed`] pools a
+//! text's final hidden states into an embedding.
 
 mod device;
+mod embed;
 mod load;
 
 pub use device::{gpu_memory, gpu_name, select_device, DeviceChoice};
+pub use embed::Pooling;
 pub use load::{
     LoadOptions, DEFAULT_CACHE_RAM_MIB, DEFAULT_PREFIX_BLOCK, DEFAULT_PROMPT_CACHE_MAX_MIB,
 };
@@ -14,7 +17,7 @@ pub use load::{
 use crate::gguf::GgufFile;
 use crate::grammar::Grammars;
 use crate::kv_cache::CacheType;
-use crate::model::{Config, Logits, ModelRunner, Placement, Sequence};
+use crate::model::{Config, Head, Logits, ModelRunner, Placement, Sequence};
 use crate::prefix_cache::PromptCache;
 use crate::sampler::Sampler;
 use crate::scheduler::{Event, Held, Output, Request, Scheduler};
@@ -156,7 +159,7 @@ impl Engine {
             })
             .collect();
         let started = std::time::Instant::now();
-        self.run_pass(|| self.runner.step(&mut seqs, logits))?;
+        self.run_pass(|| self.runner.step(&mut seqs, Head::Logits, logits))?;
         let tokens = seqs.iter().map(|s| s.tokens.len()).sum();
         self.step_costs.record(tokens, started.elapsed());
         drop(seqs);

@@ -74,13 +74,23 @@ impl Config {
     }
 }
 
-/// Which positions the output head runs on.
+/// Which positions a step's output covers (the output head's logits, or the hidden states).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
     /// Only the last position (generation).
     Last,
     /// Every position (fidelity checks, perplexity, draft verification).
     All,
+}
+
+/// What a step writes for the positions [`Logits`] selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Head {
+    /// The output head's logits, `[rows, vocab]`.
+    Logits,
+    /// The final hidden states, after the output norm and before the output head,
+    /// `[rows, hidden]`: what embedding models pool.
+    Hidden,
 }
 
 /// The rows of a step's stacked tokens whose logits are asked for, in order.

@@ -10,7 +10,7 @@
 //! pass, writes and reads the KV caches in place, and allocates nothing once the buffers have
 //! grown to the pass's size.
 
-use super::config::{logit_rows, Sequence};
+use super::config::{logit_rows, Head, Sequence};
 use super::qwen2::Qwen2;
 use super::weights::{native_matmul, Linear, MatMulPart};
 use anyhow::{bail, Context, Result};
@@ -42,11 +42,12 @@ fn part(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut buf[..n]
 }
 
-/// Runs one step (shapes and room in the caches checked by the caller) and writes the logits
-/// the sequences ask for into `logits`, `[rows, vocab]`.
+/// Runs one step (shapes and room in the caches checked by the caller) and writes what `head`
+/// says of the rows the sequences ask for into `logits`: `[rows, vocab]` or `[rows, hidden]`.
 pub(super) fn run(
     model: &Qwen2,
     seqs: &mut [Sequence],
+    head: Head,
     scratch: &mut Scratch,
     logits: &mut Vec<f32>,
 ) -> Result<()> {
@@ -170,6 +171,11 @@ pub(super) fn run(
             &mut x[rows * d..(rows + 1) * d],
         );
         rows += 1;
+    }
+    if head == Head::Hidden {
+        logits.clear();
+        logits.extend_from_slice(&x[..rows * d]);
+        return Ok(());
     }
     let (head, _) = model
         .output

@@ -15,7 +15,7 @@ mod weight_arena;
 mod weight_cache;
 mod weights;
 
-pub use config::{check_shapes, Config, Logits, Placement, Sequence};
+pub use config::{check_shapes, Config, Head, Logits, Placement, Sequence};
 pub use qwen2::Qwen2;
 pub use rope::{RopeOverrides, RopeParams, RopeScaling};
 pub use runner::{ModelRunner, Pass};

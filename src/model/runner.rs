@@ -1,7 +1,7 @@
 //! The model runner: the one way the engine runs the model. Which pass runs is decided here, once,
 //! at load, from where the layers sit and the KV cache types; neither changes afterwards.
 
-use super::config::{check_room, Config, Placement, Sequence};
+use super::config::{check_room, Config, Head, Placement, Sequence};
 use super::host_pass::{self, Scratch};
 use super::qwen2::Qwen2;
 use super::tensor_pass;
@@ -101,17 +101,17 @@ impl ModelRunner {
 
     /// Runs one step over several sequences: their tokens are stacked into one matrix for the
     /// weight matmuls (each weight is read once for all of them), each attends only to its own
-    /// cache, and the logits of the positions each asks for are written to `logits`,
-    /// `[rows, vocab]`, sequence after sequence. The caches must come from
-    /// [`new_cache`](Self::new_cache).
-    pub fn step(&self, seqs: &mut [Sequence], logits: &mut Vec<f32>) -> Result<()> {
+    /// cache, and what `head` says of the positions each asks for is written to `out`
+    /// (`[rows, vocab]` logits or `[rows, hidden]` hidden states), sequence after sequence. The
+    /// caches must come from [`new_cache`](Self::new_cache).
+    pub fn step(&self, seqs: &mut [Sequence], head: Head, out: &mut Vec<f32>) -> Result<()> {
         check_room(seqs)?;
         match self.pass {
             Pass::Host => {
                 let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-                host_pass::run(&self.weights, seqs, &mut scratch, logits)
+                host_pass::run(&self.weights, seqs, head, &mut scratch, out)
             }
-            Pass::Tensor => tensor_pass::run(&self.weights, seqs, logits),
+            Pass::Tensor => tensor_pass::run(&self.weights, seqs, head, out),
         }
     }
 }

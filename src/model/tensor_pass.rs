@@ -3,23 +3,28 @@
 //!
 //! [`host_pass`]: super::host_pass
 
-use super::config::{logit_rows, Sequence};
+use super::config::{logit_rows, Head, Sequence};
 use super::qwen2::Qwen2;
 use super::weights::Linear;
 use super::{attention, ops};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-/// Runs one step (shapes and room in the caches checked by the caller) and writes the logits the
-/// sequences ask for into `logits`, `[rows, vocab]`.
-pub(super) fn run(model: &Qwen2, seqs: &mut [Sequence], logits: &mut Vec<f32>) -> Result<()> {
-    let out = self::logits(model, seqs)?;
+/// Runs one step (shapes and room in the caches checked by the caller) and writes what `head`
+/// says of the rows the sequences ask for into `logits`: `[rows, vocab]` or `[rows, hidden]`.
+pub(super) fn run(
+    model: &Qwen2,
+    seqs: &mut [Sequence],
+    head: Head,
+    logits: &mut Vec<f32>,
+) -> Result<()> {
+    let out = self::logits(model, seqs, head)?;
     logits.clear();
     logits.extend(out.flatten_all()?.to_vec1::<f32>()?);
     Ok(())
 }
 
-fn logits(model: &Qwen2, seqs: &mut [Sequence]) -> Result<Tensor> {
+fn logits(model: &Qwen2, seqs: &mut [Sequence], head: Head) -> Result<Tensor> {
     let c = &model.cfg;
     let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
     // Per device: the rotary rows of every token (each sequence from its own position), and
@@ -92,6 +97,9 @@ fn logits(model: &Qwen2, seqs: &mut [Sequence]) -> Result<Tensor> {
         &model.norm,
         c.rms_eps,
     )?;
+    if head == Head::Hidden {
+        return Ok(h.to_dtype(DType::F32)?);
+    }
     Ok(model.output.forward(&h)?.to_dtype(DType::F32)?)
 }
 

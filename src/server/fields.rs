@@ -136,6 +136,25 @@ pub const OLLAMA: &[(&str, Unused)] = &[
     ),
 ];
 
+/// OpenAI's embedding fields this server does not read.
+pub const EMBEDDINGS: &[(&str, Unused)] = &[("user", Ignored)];
+
+/// Ollama's generation options, which change nothing for an embedding (`/api/embed`,
+/// `/api/embeddings`).
+pub const OLLAMA_GENERATION_OPTIONS: &[(&str, Unused)] = &[
+    ("num_predict", Ignored),
+    ("temperature", Ignored),
+    ("top_p", Ignored),
+    ("top_k", Ignored),
+    ("min_p", Ignored),
+    ("seed", Ignored),
+    ("repeat_penalty", Ignored),
+    ("repeat_last_n", Ignored),
+    ("presence_penalty", Ignored),
+    ("frequency_penalty", Ignored),
+    ("stop", Ignored),
+];
+
 /// Ollama's `options` this server does not read.
 pub const OLLAMA_OPTIONS: &[(&str, Unused)] = &[
     // Load-time settings: `qwen-run serve`'s flags decide them for all requests.

@@ -5,7 +5,7 @@
 //!
 //! Layout: [`access`] who may call it, [`api`] what the APIs share (state, body parsing,
 //! sampling, chat prompts, streaming), [`openai`], [`ollama`] and [`llama_server`] the APIs,
-//! [`fields`] the request fields each reads or refuses, [`models`] the pool (which models are
+//! [`embeddings`] their embedding endpoints, [`fields`] the request fields each reads or refuses, [`models`] the pool (which models are
 //! loaded, keep-alive, `--max-loaded`) with [`routing`] for `"auto"`, [`protocol`] the jobs and
 //! events between handlers and a model's worker thread (`worker`: the scheduler's `--parallel`
 //! slots), [`output`] a generation's events as handlers read them, [`tool_calls`] the
@@ -14,6 +14,7 @@
 
 pub mod access;
 pub mod api;
+pub mod embeddings;
 pub mod error;
 pub mod fields;
 pub mod llama_server;
@@ -151,6 +152,9 @@ pub fn router(state: Arc<AppState>, access: Arc<AccessOptions>) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(embeddings::openai))
+        .route("/embedding", post(embeddings::native))
+        .route("/embeddings", post(embeddings::native))
         .route("/completion", post(llama_server::completion))
         .route("/completions", post(llama_server::completion))
         .route("/infill", post(llama_server::infill))
@@ -169,6 +173,8 @@ pub fn router(state: Arc<AppState>, access: Arc<AccessOptions>) -> Router {
         .route("/api/show", post(ollama::show))
         .route("/api/version", get(ollama::version))
         .route("/api/ps", get(ollama::ps))
+        .route("/api/embed", post(embeddings::ollama_embed))
+        .route("/api/embeddings", post(embeddings::ollama_embeddings))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(refuse_large_bodies))
         .layer(axum::middleware::from_fn_with_state(access, access::check))
@@ -187,6 +193,9 @@ const ENDPOINTS: &[&str] = &[
     "/v1/models",
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/embeddings",
+    "/embedding",
+    "/embeddings",
     "/completion",
     "/completions",
     "/infill",
@@ -201,6 +210,8 @@ const ENDPOINTS: &[&str] = &[
     "/api/show",
     "/api/version",
     "/api/ps",
+    "/api/embed",
+    "/api/embeddings",
 ];
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {

@@ -15,7 +15,7 @@ use super::protocol::{GenRequest, Job, Place, WorkerEvent};
 use super::response_cache::{CacheKey, ResponseCache};
 use super::routing::{RouteFacts, RouteRule};
 use super::worker;
-use crate::engine::{Engine, LoadOptions};
+use crate::engine::{Engine, LoadOptions, Pooling};
 use crate::gguf::GgufFile;
 use crate::scheduler::{ChunkPolicy, SlotState};
 use anyhow::{bail, Context, Result};
@@ -92,6 +92,10 @@ pub struct ServeOptions {
     pub route: RouteRule,
     /// Prompt tokens a request may run per step while others decode.
     pub prefill_chunk: usize,
+    /// The embedding endpoints answer (`--embedding`); without it they are refused.
+    pub embeddings: bool,
+    /// How embeddings pool the hidden states (`--pooling`); None: as each model file says.
+    pub pooling: Option<Pooling>,
 }
 
 /// One model the server can serve, loaded or not.
@@ -192,6 +196,8 @@ pub struct LoadedModel {
     queue_timeout: Duration,
     /// What each generation slot is doing, as its thread last published it (`GET /slots`).
     pub slots: Arc<Mutex<Vec<SlotState>>>,
+    /// How its embeddings pool; None: the server was started without `--embedding`.
+    pub pooling: Option<Pooling>,
     /// When the last request let go of the model.
     last_used: Mutex<Instant>,
     keep_alive: Mutex<KeepAlive>,
@@ -204,6 +210,11 @@ impl LoadedModel {
         opts: &ServeOptions,
         shared: &Shared,
     ) -> Result<LoadedModel> {
+        let pooling = match (opts.embeddings, opts.pooling) {
+            (false, _) => None,
+            (true, Some(p)) => Some(p),
+            (true, None) => Some(Pooling::of_model(&engine.gguf)?),
+        };
         let engine = Arc::new(engine);
         let (queue, jobs) = channel();
         let failed = Arc::new(Mutex::new(None));
@@ -258,6 +269,7 @@ impl LoadedModel {
             max_tokens: opts.max_tokens,
             queue_timeout: opts.queue_timeout,
             slots,
+            pooling,
             last_used: Mutex::new(Instant::now()),
             keep_alive: Mutex::new(opts.keep_alive),
         })
@@ -311,6 +323,27 @@ impl LoadedModel {
             )));
         }
         Ok(tokens)
+    }
+
+    /// The embeddings of `inputs` (token ids in the vocabulary, each within the context), one
+    /// list per input: one pooled vector, or one per token without pooling; not normalized.
+    /// Each input runs as a sequence of its own, in steps shared in turn with the generation
+    /// thread's; the request holds one of the model's places meanwhile (429 when none is free).
+    pub fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<Vec<f32>>>, ApiError> {
+        let Some(pooling) = self.pooling else {
+            return Err(embeddings_off());
+        };
+        let Some(_place) = Place::take(&self.places, self.capacity) else {
+            return Err(busy());
+        };
+        let engine = &self.engine;
+        super::api::off_runtime(|| {
+            inputs
+                .iter()
+                .map(|tokens| engine.embed(tokens, pooling))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))
     }
 
     /// The token budget for a request asking for `asked` (None or negative: as many as fit).
@@ -388,10 +421,7 @@ impl ModelLease {
             }
         }
         let Some(place) = Place::take(&self.places, self.capacity) else {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "the server is busy: all generation slots are taken and the request queue is full (see --parallel and --queue-size); retry later",
-            ));
+            return Err(busy());
         };
         let (tx, mut rx) = unbounded_channel();
         self.metrics.queue_depth.fetch_add(1, Ordering::SeqCst);
@@ -434,6 +464,22 @@ impl ModelLease {
             }
         }
     }
+}
+
+fn busy() -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "the server is busy: all generation slots are taken and the request queue is full (see --parallel and --queue-size); retry later",
+    )
+}
+
+/// The answer of the embedding endpoints on a server started without `--embedding`, as
+/// llama-server answers (501).
+pub fn embeddings_off() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "this server does not compute embeddings; restart `qwen-run serve` with --embedding (and --pooling mean|last|cls|none if the model file does not say how it pools)",
+    )
 }
 
 /// What every loaded model shares.
@@ -528,6 +574,11 @@ impl ModelPool {
             loading: tokio::sync::Mutex::new(()),
             loading_now: Mutex::new(None),
         })
+    }
+
+    /// Whether the embedding endpoints answer (`--embedding`).
+    pub fn embeddings(&self) -> bool {
+        self.opts.embeddings
     }
 
     /// Generation slots per loaded model (`--parallel`).
