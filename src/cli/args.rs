@@ -251,9 +251,10 @@ pub struct ModelArgs {
     /// everything on the CPU. Layers that do not fit on a small GPU stay on the CPU.
     #[arg(long = "gpu-layers", alias = "n-gpu-layers", value_name = "N")]
     pub gpu_layers: Option<usize>,
-    /// Storage type of the KV cache, keys and values: f32, f16 or q8_0.
-    #[arg(long = "cache-type", default_value = "f32", value_parser = CacheType::parse)]
-    pub cache_type: CacheType,
+    /// Storage type of the KV cache, keys and values: f32 (the default), f16 or q8_0. `serve`
+    /// also reads OLLAMA_KV_CACHE_TYPE when no cache type flag is given.
+    #[arg(long = "cache-type", value_name = "TYPE", value_parser = CacheType::parse)]
+    pub cache_type: Option<CacheType>,
     /// Storage type of the cached keys (overrides --cache-type): f32, f16 or q8_0.
     #[arg(long = "cache-type-k", value_name = "TYPE", value_parser = CacheType::parse)]
     pub cache_type_k: Option<CacheType>,
@@ -602,7 +603,7 @@ impl ModelArgs {
             threads,
             ctx_size: self.ctx_size,
             batch_size: self.pass_size(),
-            cache_type: self.cache_type,
+            cache_type: self.cache_type.unwrap_or(CacheType::F32),
             cache_type_k: self.cache_type_k,
             cache_type_v: self.cache_type_v,
             cache_ram_mib: self.cache_ram,

@@ -5,6 +5,7 @@ mod bench;
 mod chat;
 mod fidelity;
 mod log_file;
+mod ollama_env;
 mod run;
 mod serve;
 mod template;

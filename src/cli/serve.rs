@@ -1,5 +1,6 @@
 //! `qwen-run serve`: the server's flags, turned into the plain options the server takes.
 
+use super::ollama_env::OllamaEnv;
 use super::{ModelArgs, TemplateArgs};
 use crate::engine::Pooling;
 use crate::scheduler::DEFAULT_PREFILL_CHUNK_WHILE_DECODING;
@@ -12,15 +13,17 @@ use clap::Args;
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    /// Port to listen on (0: any free port; the address is printed on stderr).
-    #[arg(long, default_value_t = 8080)]
-    pub port: u16,
-    /// Requests that may wait for a free generation slot, per model; more get 429.
-    #[arg(long = "queue-size", visible_alias = "queue", default_value_t = 16)]
-    pub queue_size: usize,
+    /// Address to listen on (default 127.0.0.1). With neither --host nor --port, OLLAMA_HOST
+    /// (host[:port] or a URL; its port defaults to 11434) sets both when it is set.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port to listen on (default 8080; 0: any free port; the address is printed on stderr).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Requests that may wait for a free generation slot, per model; more get 429 (default 16;
+    /// also OLLAMA_MAX_QUEUE).
+    #[arg(long = "queue-size", visible_alias = "queue")]
+    pub queue_size: Option<usize>,
     /// Seconds a request may wait in the queue for a generation slot; then it gets 503.
     #[arg(
         long = "queue-timeout",
@@ -29,9 +32,10 @@ pub struct ServeArgs {
     )]
     pub queue_timeout: f64,
     /// Generation slots per model: requests served at the same time, batched into shared forward
-    /// passes (continuous batching). Each busy slot holds a KV cache of --ctx-size tokens.
-    #[arg(long, default_value_t = 4)]
-    pub parallel: usize,
+    /// passes (continuous batching). Each busy slot holds a KV cache of --ctx-size tokens
+    /// (default 4; also OLLAMA_NUM_PARALLEL).
+    #[arg(long)]
+    pub parallel: Option<usize>,
     /// Prompt tokens a request runs per step while other requests are generating: smaller keeps
     /// their streams flowing, larger finishes the new prompt sooner (at most --batch-size).
     #[arg(long = "prefill-chunk", value_name = "N", default_value_t = DEFAULT_PREFILL_CHUNK_WHILE_DECODING)]
@@ -44,17 +48,17 @@ pub struct ServeArgs {
     pub alias: Option<String>,
     /// How long an idle model stays loaded: seconds, or 30s / 5m / 1h; -1: for good (the
     /// default, as llama-server; Ollama's default is 5m); 0: unload as soon as it is idle.
-    /// A request's `keep_alive` replaces it for that model.
+    /// A request's `keep_alive` replaces it for that model. Also OLLAMA_KEEP_ALIVE.
     #[arg(
         long = "keep-alive",
         value_name = "DURATION",
-        default_value = "-1",
         allow_hyphen_values = true
     )]
-    pub keep_alive: String,
-    /// Models loaded at the same time; loading one more unloads the least recently used idle one.
-    #[arg(long = "max-loaded", value_name = "N", default_value_t = 3)]
-    pub max_loaded: usize,
+    pub keep_alive: Option<String>,
+    /// Models loaded at the same time; loading one more unloads the least recently used idle one
+    /// (default 3; also OLLAMA_MAX_LOADED_MODELS).
+    #[arg(long = "max-loaded", value_name = "N")]
+    pub max_loaded: Option<usize>,
     /// Answers kept for identical deterministic requests (temperature 0, or the same seed), which
     /// are then answered without the model (header x-qwen-run-cache: hit); 0: off.
     #[arg(long = "response-cache", value_name = "N", default_value_t = 0)]
@@ -107,18 +111,39 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The server's options: the models resolved (a Hugging Face repo downloaded first).
+    /// The server's options: the models resolved (a Hugging Face repo downloaded first), the
+    /// `OLLAMA_*` variables read where no flag says otherwise.
     pub fn server_options(&self) -> Result<ServerOptions> {
-        if self.parallel == 0 {
+        let env = OllamaEnv::read(|k| std::env::var(k).ok())?;
+        let vars = std::env::vars_os().map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        });
+        for name in OllamaEnv::unread(vars) {
+            eprintln!("[qwen-run] note: {name} is set, but qwen-run does not read it (the README's \"Coming from Ollama\" lists the variables it reads)");
+        }
+        let parallel = self.parallel.or(env.num_parallel).unwrap_or(4);
+        let queue_size = self.queue_size.or(env.max_queue).unwrap_or(16);
+        let max_loaded = self.max_loaded.or(env.max_loaded_models).unwrap_or(3);
+        let (host, port) = match (&self.host, self.port, env.host) {
+            (None, None, Some(from_env)) => from_env,
+            (host, port, _) => (
+                host.clone().unwrap_or_else(|| "127.0.0.1".into()),
+                port.unwrap_or(8080),
+            ),
+        };
+        if parallel == 0 {
             bail!("--parallel must be at least 1");
         }
-        if self.queue_size == 0 {
+        if queue_size == 0 {
             bail!("--queue-size must be at least 1");
         }
         if self.prefill_chunk == 0 {
             bail!("--prefill-chunk must be at least 1");
         }
-        if self.max_loaded == 0 {
+        if max_loaded == 0 {
             bail!("--max-loaded must be at least 1");
         }
         // a day at most: longer would overflow the clock before it meant anything
@@ -134,14 +159,19 @@ impl ServeArgs {
         if self.pooling.is_some() && !self.embedding {
             bail!("--pooling applies to embeddings, which need --embedding; add it, or leave --pooling out");
         }
-        let keep_alive = parse_keep_alive(&serde_json::Value::String(self.keep_alive.clone()))
-            .map_err(|e| anyhow::anyhow!("--keep-alive: {e}"))?;
+        let keep_alive = match (&self.keep_alive, &env.keep_alive) {
+            (Some(k), _) => parse_keep_alive(&serde_json::Value::String(k.clone()))
+                .map_err(|e| anyhow::anyhow!("--keep-alive: {e}"))?,
+            (None, Some(k)) => parse_keep_alive(&serde_json::Value::String(k.clone()))
+                .map_err(|e| anyhow::anyhow!("OLLAMA_KEEP_ALIVE: {e}"))?,
+            (None, None) => None,
+        };
         let serve = ServeOptions {
-            parallel: self.parallel,
-            queue_size: self.queue_size,
+            parallel,
+            queue_size,
             queue_timeout: std::time::Duration::from_secs_f64(self.queue_timeout),
             max_tokens: self.max_tokens,
-            max_loaded: self.max_loaded,
+            max_loaded,
             keep_alive,
             response_cache: self.response_cache,
             prefill_chunk: self.prefill_chunk,
@@ -165,15 +195,28 @@ impl ServeArgs {
             std::env::var("OLLAMA_ORIGINS").ok(),
         )?;
         let template = self.template.template_override()?;
-        let mut models = self.model.load_options_all()?;
+        let mut model_args = self.model.clone();
+        if model_args.model.is_empty() && model_args.hf_repo.is_none() {
+            model_args.model.extend(env.models);
+        }
+        if model_args.ctx_size == 0 {
+            model_args.ctx_size = env.context_length.unwrap_or(0);
+        }
+        let no_cache_type_flag = model_args.cache_type.is_none()
+            && model_args.cache_type_k.is_none()
+            && model_args.cache_type_v.is_none();
+        if no_cache_type_flag {
+            model_args.cache_type = env.kv_cache_type;
+        }
+        let mut models = model_args.load_options_all()?;
         for m in &mut models {
             m.load.chat_template = template.clone();
         }
         Ok(ServerOptions {
             models,
             alias: self.alias.clone(),
-            host: self.host.clone(),
-            port: self.port,
+            host,
+            port,
             serve,
             access,
         })

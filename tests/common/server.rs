@@ -21,13 +21,25 @@ impl Server {
         Self::start_with_env(model, extra, &[])
     }
 
-    /// Starts it with `env` set (and QWEN_RUN_API_KEY / OLLAMA_ORIGINS cleared unless given).
+    /// Starts it with `env` set (and QWEN_RUN_API_KEY and the OLLAMA_* variables cleared unless
+    /// given).
     pub fn start_with_env(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut args = vec!["serve", "-m", model.to_str().unwrap(), "--port", "0"];
+        args.extend(extra);
+        Self::spawn(&args, env)
+    }
+
+    /// Runs `qwen-run ARGS` (which must make it serve on 127.0.0.1, e.g. with OLLAMA_HOST in
+    /// `env`), with `env` set and QWEN_RUN_API_KEY and the OLLAMA_* variables cleared unless
+    /// given.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-run"));
-        cmd.args(["serve", "-m", model.to_str().unwrap(), "--port", "0"])
-            .args(extra)
-            .env_remove("QWEN_RUN_API_KEY")
-            .env_remove("OLLAMA_ORIGINS");
+        cmd.args(args).env_remove("QWEN_RUN_API_KEY");
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("OLLAMA_") {
+                cmd.env_remove(k);
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
