@@ -155,6 +155,14 @@ pub const OLLAMA_GENERATION_OPTIONS: &[(&str, Unused)] = &[
     ("stop", Ignored),
 ];
 
+/// Ollama's `/api/show` fields this server does not read: the older API's, which change what a
+/// show shows in Ollama only for models built on the fly.
+pub const OLLAMA_SHOW: &[(&str, Unused)] = &[
+    ("system", Ignored),
+    ("template", Ignored),
+    ("options", Ignored),
+];
+
 /// Ollama's `options` this server does not read.
 pub const OLLAMA_OPTIONS: &[(&str, Unused)] = &[
     // Load-time settings: `qwen-run serve`'s flags decide them for all requests.

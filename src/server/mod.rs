@@ -35,7 +35,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 pub use models::ModelSource;
 use models::{ModelPool, ModelSpec};
@@ -173,6 +173,9 @@ pub fn router(state: Arc<AppState>, access: Arc<AccessOptions>) -> Router {
         .route("/api/show", post(ollama::show))
         .route("/api/version", get(ollama::version))
         .route("/api/ps", get(ollama::ps))
+        .route("/api/copy", post(ollama::copy))
+        .route("/api/pull", post(ollama::pull))
+        .route("/api/delete", delete(ollama::delete))
         .route("/api/embed", post(embeddings::ollama_embed))
         .route("/api/embeddings", post(embeddings::ollama_embeddings))
         .fallback(not_found)
@@ -212,6 +215,9 @@ const ENDPOINTS: &[&str] = &[
     "/api/ps",
     "/api/embed",
     "/api/embeddings",
+    "/api/copy",
+    "/api/delete",
+    "/api/pull",
 ];
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {

@@ -512,6 +512,17 @@ pub struct ModelPool {
     loading: tokio::sync::Mutex<()>,
     /// The index of the model being loaded, while one is.
     loading_now: Mutex<Option<usize>>,
+    /// Names given to served models by Ollama's `/api/copy`, with the model each names.
+    copies: Mutex<Vec<(String, usize)>>,
+}
+
+/// Names `/api/copy` may add, all models together.
+pub const MAX_COPIES: usize = 256;
+
+/// Whether `name` is `asked`, in any case, with or without Ollama's `:latest` tag on either.
+fn same_name(name: &str, asked: &str) -> bool {
+    let base = |n: &str| n.strip_suffix(":latest").unwrap_or(n).to_ascii_lowercase();
+    base(name) == base(asked)
 }
 
 impl ModelPool {
@@ -573,6 +584,7 @@ impl ModelPool {
             large,
             loading: tokio::sync::Mutex::new(()),
             loading_now: Mutex::new(None),
+            copies: Mutex::new(Vec::new()),
         })
     }
 
@@ -636,6 +648,12 @@ impl ModelPool {
         self.entries
             .iter()
             .position(|e| e.spec.answers_to(m))
+            .or_else(|| {
+                lock(&self.copies)
+                    .iter()
+                    .find(|(name, _)| same_name(name, m))
+                    .map(|&(_, i)| i)
+            })
             .ok_or_else(|| {
                 ApiError::new(
                     StatusCode::NOT_FOUND,
@@ -649,6 +667,60 @@ impl ModelPool {
                     ),
                 )
             })
+    }
+
+    /// Ollama's `/api/copy`: `destination` becomes another name of the model `source` names
+    /// (replacing a copy of that name). It must not be a served model's own name.
+    pub fn copy(&self, source: &str, destination: &str) -> Result<(), ApiError> {
+        let i = self.index(Some(source))?;
+        let name = destination.trim();
+        if name.is_empty()
+            || name.len() > 256
+            || name.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(ApiError::bad_request(format!(
+                "destination '{destination}' is not a model name: 1 to 256 characters, no spaces or control characters"
+            )));
+        }
+        if self.entries.iter().any(|e| e.spec.answers_to(name)) {
+            return Err(ApiError::bad_request(format!(
+                "'{name}' already names a served model; copy to a new name"
+            )));
+        }
+        let mut copies = lock(&self.copies);
+        copies.retain(|(n, _)| !same_name(n, name));
+        if copies.len() >= MAX_COPIES {
+            return Err(ApiError::bad_request(format!(
+                "the server holds {MAX_COPIES} copied names already; delete one first (DELETE /api/delete)"
+            )));
+        }
+        copies.push((name.to_string(), i));
+        Ok(())
+    }
+
+    /// Ollama's `/api/delete`: removes a name `/api/copy` made. A served model's own name is
+    /// refused: the files `serve` was started with stay (it deletes no file).
+    pub fn delete(&self, name: &str) -> Result<(), ApiError> {
+        let mut copies = lock(&self.copies);
+        let before = copies.len();
+        copies.retain(|(n, _)| !same_name(n, name));
+        if copies.len() < before {
+            return Ok(());
+        }
+        drop(copies);
+        let i = self.index(Some(name))?;
+        Err(ApiError::bad_request(format!(
+            "'{name}' is the model file {} that this server was started with; /api/delete removes only names made by /api/copy, and qwen-run deletes no model file (remove it yourself and restart the server)",
+            self.entries[i].spec.opts.model.display()
+        )))
+    }
+
+    /// The names `/api/copy` made, each with the model it names.
+    pub fn copies(&self) -> Vec<(String, &ModelSpec)> {
+        lock(&self.copies)
+            .iter()
+            .map(|(n, i)| (n.clone(), &self.entries[*i].spec))
+            .collect()
     }
 
     /// Loads the default model now, at startup.

@@ -500,8 +500,72 @@ fn details(spec: &ModelSpec) -> Value {
             "{:.2}B",
             spec.parameters as f64 / 1e9
         ),
-        "quantization_level": file_type.map_or(String::new(), |t| format!("file type {t}")),
+        "quantization_level": file_type.map_or(String::new(), quantization_name),
     })
+}
+
+/// Ollama's name for llama.cpp's `general.file_type` (its `details.quantization_level`).
+fn quantization_name(file_type: u64) -> String {
+    let name = match file_type {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
+        38 => "MXFP4",
+        other => return format!("file type {other}"),
+    };
+    name.to_string()
+}
+
+/// A GGUF metadata value as JSON; arrays (the vocabulary, the merges) only when `verbose`, else
+/// null, as Ollama shows them.
+fn metadata_json(v: &crate::gguf::Value, verbose: bool) -> Value {
+    use crate::gguf::Value as G;
+    match v {
+        G::U8(x) => json!(x),
+        G::I8(x) => json!(x),
+        G::U16(x) => json!(x),
+        G::I16(x) => json!(x),
+        G::U32(x) => json!(x),
+        G::I32(x) => json!(x),
+        G::U64(x) => json!(x),
+        G::I64(x) => json!(x),
+        // Through its shortest decimal form: 1e-6, not the f64 nearest to the f32 nearest to it.
+        G::F32(x) => json!(x.to_string().parse::<f64>().unwrap_or(*x as f64)),
+        G::F64(x) => json!(x),
+        G::Bool(x) => json!(x),
+        G::String(s) => json!(s),
+        G::Array(items) if verbose => items.iter().map(|i| metadata_json(i, true)).collect(),
+        G::Array(_) => Value::Null,
+    }
 }
 
 fn modified_at(spec: &ModelSpec) -> String {
@@ -526,6 +590,17 @@ pub async fn tags(State(state): State<Arc<AppState>>) -> Response {
                 "state": model_state(m),
             })
         })
+        .chain(state.pool.copies().into_iter().map(|(name, spec)| {
+            json!({
+                "name": name,
+                "model": name,
+                "modified_at": modified_at(spec),
+                "size": spec.file_size,
+                "digest": "",
+                "details": details(spec),
+                "copy_of": spec.name,
+            })
+        }))
         .collect();
     Json(json!({"models": models})).into_response()
 }
@@ -562,49 +637,158 @@ pub async fn ps(State(state): State<Arc<AppState>>) -> Response {
     Json(json!({"models": models})).into_response()
 }
 
+/// `POST /api/show`: the model's Modelfile (as `ollama show --modelfile` writes one), its
+/// parameters (the server's sampling defaults, and its context once loaded), its chat template
+/// (Jinja here, where Ollama's are Go templates), details with the quantization's name, and
+/// `model_info`: the GGUF file's metadata (arrays only with `verbose`, as Ollama).
 pub async fn show(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    show_inner(state, body).await.unwrap_or_else(error)
+}
+
+async fn show_inner(
+    state: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     #[derive(Deserialize)]
     struct ShowRequest {
         #[serde(default)]
         model: Option<String>,
         #[serde(default)]
         name: Option<String>,
+        #[serde(default)]
+        verbose: Option<bool>,
+        #[serde(flatten)]
+        extra: Map<String, Value>,
     }
-    let req: ShowRequest = match parse_body(body) {
-        Ok(r) => r,
-        Err(e) => return error(e),
-    };
-    let spec = match state
+    let req: ShowRequest = parse_body(body)?;
+    fields::check(&req.extra, &[fields::OLLAMA_SHOW], "the request")?;
+    let spec = state
         .pool
-        .find(req.model.as_deref().or(req.name.as_deref()))
-    {
-        Ok(s) => s,
-        Err(e) => return error(e),
-    };
-    let template = match super::api::off_runtime(|| spec.chat_template()) {
-        Ok(t) => t,
-        Err(e) => {
-            return error(ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot read the model file of '{}': {e:#}", spec.name),
-            ))
-        }
-    };
-    Json(json!({
-        "modelfile": "",
-        "parameters": "",
+        .find(req.model.as_deref().or(req.name.as_deref()))?;
+    let ctx = state
+        .pool
+        .statuses()
+        .iter()
+        .find(|s| s.spec.name == spec.name)
+        .and_then(|s| s.loaded.as_ref().map(|m| m.engine.ctx_size));
+    let verbose = req.verbose.unwrap_or(false);
+    let (template, model_info) = super::api::off_runtime(|| -> anyhow::Result<_> {
+        let template = spec.chat_template()?;
+        let gguf = crate::gguf::GgufFile::open(&spec.opts.model)?;
+        let mut info: Map<String, Value> = gguf
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), metadata_json(v, verbose)))
+            .collect();
+        info.entry("general.parameter_count")
+            .or_insert(json!(spec.parameters));
+        Ok((template, info))
+    })
+    .map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the model file of '{}': {e:#}", spec.name),
+        )
+    })?;
+    let d = crate::sampler::SamplingParams::default();
+    let mut parameters: Vec<(&str, String)> = ctx
+        .map(|n| ("num_ctx", n.to_string()))
+        .into_iter()
+        .collect();
+    parameters.extend([
+        ("temperature", d.temperature.to_string()),
+        ("top_k", d.top_k.to_string()),
+        ("top_p", d.top_p.to_string()),
+        ("min_p", d.min_p.to_string()),
+        ("repeat_penalty", d.repeat_penalty.to_string()),
+        ("repeat_last_n", d.repeat_last_n.to_string()),
+    ]);
+    let mut modelfile = format!(
+        "# Modelfile of '{name}', as `ollama show --modelfile` writes one. TEMPLATE is the model's\n# Jinja chat template (Ollama's are Go templates).\n# FROM {name}\n\nFROM {path}\nTEMPLATE \"\"\"{template}\"\"\"\n",
+        name = spec.name,
+        path = spec.opts.model.display(),
+    );
+    for (k, v) in &parameters {
+        modelfile.push_str(&format!("PARAMETER {k} {v}\n"));
+    }
+    let parameters = parameters
+        .iter()
+        .map(|(k, v)| format!("{k:<30} {v}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut capabilities = vec!["completion", "tools"];
+    if state.pool.embeddings() {
+        capabilities.push("embedding");
+    }
+    Ok(Json(json!({
+        "modelfile": modelfile,
+        "parameters": parameters,
         "template": template,
         "details": details(spec),
-        "model_info": {
-            "general.architecture": "qwen2",
-            "qwen2.context_length": spec.context_length,
-        },
-        "capabilities": ["completion", "tools"],
+        "model_info": model_info,
+        "capabilities": capabilities,
+        "modified_at": modified_at(spec),
     }))
-    .into_response()
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct CopyRequest {
+    source: String,
+    destination: String,
+}
+
+/// `POST /api/copy` `{"source", "destination"}`: another name for a served model, listed by
+/// `/api/tags` and answered by every endpoint, until `/api/delete` removes it (or the server
+/// stops: names are not kept across restarts).
+pub async fn copy(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = || -> Result<Response, ApiError> {
+        let req: CopyRequest = parse_body(body)?;
+        state.pool.copy(&req.source, &req.destination)?;
+        Ok(Json(json!({})).into_response())
+    };
+    run().unwrap_or_else(error)
+}
+
+/// `POST /api/pull`: refused (501). The server serves the models it was started with; `-hf
+/// REPO[:QUANT]` downloads one at startup.
+pub async fn pull() -> Response {
+    error(ApiError::new(
+        axum::http::StatusCode::NOT_IMPLEMENTED,
+        "qwen-run does not pull models while it runs: start `qwen-run serve -hf REPO[:QUANT]` (e.g. -hf Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M) to download and serve one, or -m FILE.gguf",
+    ))
+}
+
+#[derive(Deserialize)]
+struct DeleteRequest {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// `DELETE /api/delete` `{"model"}`: removes a name `/api/copy` made. A served model file is
+/// not deleted (a 400 that says so).
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = || -> Result<Response, ApiError> {
+        let req: DeleteRequest = parse_body(body)?;
+        let name = req
+            .model
+            .or(req.name)
+            .ok_or_else(|| ApiError::bad_request("'model' is required"))?;
+        state.pool.delete(&name)?;
+        Ok(Json(json!({})).into_response())
+    };
+    run().unwrap_or_else(error)
 }
 
 pub async fn version() -> Response {
