@@ -42,6 +42,8 @@ fn every_weight_type_loads_and_runs() {
         QuantType::Q4K,
         QuantType::Q5K,
         QuantType::Q6K,
+        QuantType::IQ4NL,
+        QuantType::IQ4XS,
     ] {
         let engine = load(&write_tiny_model(dir.path(), ty));
         let mut session = engine.new_session().unwrap();

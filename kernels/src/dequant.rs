@@ -1,6 +1,6 @@
 //! Scalar reference dequantization of every block format.
 
-use crate::layout::QuantType;
+use crate::layout::{QuantType, IQ4NL_VALUES};
 
 #[inline(always)]
 pub(crate) fn f16_at(b: &[u8], o: usize) -> f32 {
@@ -49,6 +49,29 @@ pub(crate) fn scales_q3k(s: &[u8]) -> [i8; 16] {
         *o = ((lo | (hi << 4)) as i8) - 32;
     }
     out
+}
+
+/// The eight 6-bit scales of an IQ4_XS block, minus 32.
+#[inline(always)]
+pub(crate) fn scales_iq4xs(b: &[u8]) -> [i8; 8] {
+    let high = u16::from_le_bytes([b[2], b[3]]);
+    let mut out = [0i8; 8];
+    for (j, o) in out.iter_mut().enumerate() {
+        let low = (b[4 + j / 2] >> (4 * (j % 2))) & 0x0f;
+        *o = (low | (((high >> (2 * j)) & 3) as u8) << 4) as i8 - 32;
+    }
+    out
+}
+
+/// The 32 values of 16 bytes of IQ4_NL indices (low nibbles first).
+#[inline(always)]
+pub(crate) fn iq4nl_values(qs: &[u8]) -> [i8; 32] {
+    let mut q = [0i8; 32];
+    for j in 0..16 {
+        q[j] = IQ4NL_VALUES[(qs[j] & 0x0f) as usize];
+        q[j + 16] = IQ4NL_VALUES[(qs[j] >> 4) as usize];
+    }
+    q
 }
 
 pub(crate) fn dequantize(ty: QuantType, data: &[u8], out: &mut [f32]) {
@@ -240,6 +263,22 @@ fn dequantize_block(ty: QuantType, b: &[u8], y: &mut [f32]) {
             let d = f32_at(b, 0);
             for j in 0..256 {
                 y[j] = d * b[4 + j] as i8 as f32;
+            }
+        }
+        QuantType::IQ4NL => {
+            let d = f16_at(b, 0);
+            for (o, q) in y.iter_mut().zip(iq4nl_values(&b[2..18])) {
+                *o = d * q as f32;
+            }
+        }
+        QuantType::IQ4XS => {
+            let d = f16_at(b, 0);
+            for (j, sc) in scales_iq4xs(b).into_iter().enumerate() {
+                let dl = d * sc as f32;
+                let q = iq4nl_values(&b[8 + 16 * j..24 + 16 * j]);
+                for (o, q) in y[32 * j..32 * j + 32].iter_mut().zip(q) {
+                    *o = dl * q as f32;
+                }
             }
         }
         QuantType::F32 | QuantType::F16 | QuantType::BF16 => unreachable!(),

@@ -22,9 +22,13 @@ thread_local! {
 fn act_kind(ty: QuantType) -> u8 {
     match ty {
         QuantType::F32 | QuantType::F16 | QuantType::BF16 => 0,
-        QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 | QuantType::Q8_0 => {
-            1
-        }
+        QuantType::Q4_0
+        | QuantType::Q4_1
+        | QuantType::Q5_0
+        | QuantType::Q5_1
+        | QuantType::Q8_0
+        | QuantType::IQ4NL
+        | QuantType::IQ4XS => 1,
         _ => 2,
     }
 }
@@ -274,10 +278,10 @@ pub fn repack_rows4_into(
 }
 
 /// Groups of four GGUF rows of `ty` (`rb` bytes per row) in `src` as rows4 groups in `dst`, with
-/// `backend`'s packer where it has one for `ty` (the K-quants have only the scalar one).
+/// `backend`'s packer where it has one for `ty` (the super-block types have only the scalar one).
 fn pack_rows4(backend: Backend, ty: QuantType, rb: usize, src: &[u8], dst: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if backend.is_simd() && !matches!(ty, QuantType::Q4K | QuantType::Q6K) {
+    if backend.is_simd() && !matches!(ty, QuantType::Q4K | QuantType::Q6K | QuantType::IQ4XS) {
         // SAFETY: the backend was checked against the CPU's features
         return unsafe { crate::x86::pack_rows4(ty, rb, src, dst) };
     }
@@ -348,7 +352,12 @@ mod tests {
     #[test]
     fn simd_packer_matches_the_scalar_one() {
         for backend in simd_levels() {
-            for ty in [QuantType::Q4_0, QuantType::Q5_0, QuantType::Q8_0] {
+            for ty in [
+                QuantType::Q4_0,
+                QuantType::Q5_0,
+                QuantType::Q8_0,
+                QuantType::IQ4NL,
+            ] {
                 let (rows, cols) = (8, 96);
                 let rb = ty.row_bytes(cols).unwrap();
                 let data = bytes(rows * rb, 11);

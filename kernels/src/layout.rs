@@ -6,7 +6,7 @@
 //!
 //! # The rows4 weight layout
 //!
-//! Q4_0, Q5_0, Q8_0, Q4_K and Q6_K rearranged once at load so that the SIMD kernels read four
+//! Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, IQ4_NL and IQ4_XS rearranged once at load so that the SIMD kernels read four
 //! rows' blocks as ready-made vectors ([`Packing::Rows4`], from [`crate::repack_rows4`]).
 //!
 //! Why: in the GGUF layout every block of every row must be unpacked and then transposed
@@ -29,6 +29,14 @@
 //!   then the mins as bytes, those of sub-blocks `2q, 2q + 1` of row `r` at `8q + 2r`; then the
 //!   four d and the four dmin as f16. The scales and mins cost the extra bytes: unpacked once
 //!   at load rather than from their 12-byte packing for every block of every row at run time.
+//!
+//! * IQ4_NL (72 bytes): Q4_0's, the nibbles being indices into [`IQ4NL_VALUES`].
+//!
+//! * IQ4_XS (608 bytes, 64 more than four GGUF blocks): per sub-block `j` of 32 values, 76
+//!   bytes: IQ4_NL's nibbles, the four rows' scales of sub-block `j` as i8 (the stored 6-bit
+//!   value minus 32), then the four rows' d as f16. The kernels take a sub-block's scale as
+//!   `d * scale` in f32 (exact: 11 by 6 significant bits), which an f16 could not always hold;
+//!   each sub-block repeats d, so all sub-blocks have one shape.
 //!
 //! * Q6_K (840 bytes): for each sub-block of 32 values three 32-byte vectors: steps 0, 1 and 2
 //!   as 6-bit values, the top two bits of each byte holding two of step 3's six (low, middle,
@@ -54,11 +62,22 @@ pub enum QuantType {
     Q5K,
     Q6K,
     Q8K,
+    /// 32 values: f16 d and 16 bytes of 4-bit indices into [`IQ4NL_VALUES`].
+    IQ4NL,
+    /// 256 values: f16 d, eight 6-bit sub-block scales (stored plus 32: the low 4 bits in 4
+    /// bytes, the top 2 in a u16) and 128 bytes of 4-bit indices into [`IQ4NL_VALUES`], each
+    /// sub-block's 16 bytes laid out as an IQ4_NL block's.
+    IQ4XS,
 }
+
+/// The 16 values the 4-bit indices of IQ4_NL and IQ4_XS stand for (ggml's non-linear grid).
+pub const IQ4NL_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 impl QuantType {
     /// All supported types.
-    pub const ALL: [QuantType; 14] = [
+    pub const ALL: [QuantType; 16] = [
         QuantType::F32,
         QuantType::F16,
         QuantType::BF16,
@@ -73,6 +92,8 @@ impl QuantType {
         QuantType::Q5K,
         QuantType::Q6K,
         QuantType::Q8K,
+        QuantType::IQ4NL,
+        QuantType::IQ4XS,
     ];
 
     /// Maps a ggml type id (as stored in GGUF tensor infos) to a [`QuantType`].
@@ -91,6 +112,8 @@ impl QuantType {
             13 => QuantType::Q5K,
             14 => QuantType::Q6K,
             15 => QuantType::Q8K,
+            20 => QuantType::IQ4NL,
+            23 => QuantType::IQ4XS,
             30 => QuantType::BF16,
             _ => return None,
         })
@@ -112,6 +135,8 @@ impl QuantType {
             QuantType::Q5K => 13,
             QuantType::Q6K => 14,
             QuantType::Q8K => 15,
+            QuantType::IQ4NL => 20,
+            QuantType::IQ4XS => 23,
             QuantType::BF16 => 30,
         }
     }
@@ -133,6 +158,8 @@ impl QuantType {
             QuantType::Q5K => "Q5_K",
             QuantType::Q6K => "Q6_K",
             QuantType::Q8K => "Q8_K",
+            QuantType::IQ4NL => "IQ4_NL",
+            QuantType::IQ4XS => "IQ4_XS",
         }
     }
 
@@ -144,13 +171,15 @@ impl QuantType {
             | QuantType::Q4_1
             | QuantType::Q5_0
             | QuantType::Q5_1
-            | QuantType::Q8_0 => 32,
+            | QuantType::Q8_0
+            | QuantType::IQ4NL => 32,
             QuantType::Q2K
             | QuantType::Q3K
             | QuantType::Q4K
             | QuantType::Q5K
             | QuantType::Q6K
-            | QuantType::Q8K => 256,
+            | QuantType::Q8K
+            | QuantType::IQ4XS => 256,
         }
     }
 
@@ -170,6 +199,8 @@ impl QuantType {
             QuantType::Q5K => 176,
             QuantType::Q6K => 210,
             QuantType::Q8K => 292,
+            QuantType::IQ4NL => 18,
+            QuantType::IQ4XS => 136,
         }
     }
 
@@ -219,7 +250,13 @@ pub fn stored_row_bytes(ty: QuantType, packing: Packing, cols: usize) -> Option<
 pub fn has_rows4(ty: QuantType) -> bool {
     matches!(
         ty,
-        QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 | QuantType::Q4K | QuantType::Q6K
+        QuantType::Q4_0
+            | QuantType::Q5_0
+            | QuantType::Q8_0
+            | QuantType::Q4K
+            | QuantType::Q6K
+            | QuantType::IQ4NL
+            | QuantType::IQ4XS
     )
 }
 
@@ -233,6 +270,7 @@ pub fn rows4_row_bytes(ty: QuantType, cols: usize) -> Option<usize> {
 pub(crate) fn group_block_bytes(ty: QuantType) -> usize {
     match ty {
         QuantType::Q4K => Q4K_GROUP_BYTES,
+        QuantType::IQ4XS => 8 * IQ4XS_GROUP_BYTES,
         _ => 4 * ty.block_bytes(),
     }
 }
@@ -249,6 +287,12 @@ pub(crate) const Q4K_SCALES: usize = 512;
 pub(crate) const Q4K_MINS: usize = 544;
 pub(crate) const Q4K_D: usize = 576;
 pub(crate) const Q4K_DMIN: usize = 584;
+
+/// Bytes of the rows4 group-block of one 32-value sub-block of IQ4_XS (eight per super-block):
+/// IQ4_NL's 72 with the four rows' sub-block scales (i8, minus 32) at [`IQ4XS_SCALES`], before
+/// the four (super-block) d.
+pub(crate) const IQ4XS_GROUP_BYTES: usize = 76;
+pub(crate) const IQ4XS_SCALES: usize = 64;
 
 /// Where a Q6_K group-block's scales and d start.
 pub(crate) const Q6K_SCALES: usize = 768;

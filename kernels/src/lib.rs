@@ -23,6 +23,7 @@ mod x86;
 pub use driver::{repack_rows4, repack_rows4_into, MatMulJob};
 pub use layout::{
     has_rows4, rows4_row_bytes, stored_row_bytes, BlockQ8, BlockQ8K, Packing, QuantType,
+    IQ4NL_VALUES,
 };
 
 /// Scalar reference dequantization of `out.len()` elements.

@@ -2,10 +2,10 @@
 //! the reference the x86 packer must match, the packer of the types that have no x86 one, and
 //! how the scalar kernels read rows4 weights.
 
-use crate::dequant::scale_min_k4;
+use crate::dequant::{scale_min_k4, scales_iq4xs};
 use crate::layout::{
-    group_block_bytes, QuantType, Q4K_D, Q4K_DMIN, Q4K_MINS, Q4K_SCALES, Q5_HIGH_BIT, Q6K_D,
-    Q6K_SCALES,
+    group_block_bytes, QuantType, IQ4XS_GROUP_BYTES, IQ4XS_SCALES, Q4K_D, Q4K_DMIN, Q4K_MINS,
+    Q4K_SCALES, Q5_HIGH_BIT, Q6K_D, Q6K_SCALES,
 };
 
 /// Groups of four GGUF rows of `ty` (`rb` bytes per row) in `src` as rows4 groups in `dst`.
@@ -198,11 +198,59 @@ fn unsigned_offset(ty: QuantType) -> i8 {
     }
 }
 
+/// Packs four rows' IQ4_XS super-blocks of one index into a group-block: each sub-block as
+/// the Q4_0-shaped block (d, its 16 bytes of nibbles) it is, with its scales inserted.
+fn pack_group_block_iq4xs(blocks: [&[u8]; 4], out: &mut [u8]) {
+    let scales = blocks.map(scales_iq4xs);
+    for (j, g) in out.chunks_exact_mut(IQ4XS_GROUP_BYTES).enumerate() {
+        let sub = |r: usize| {
+            let mut b = [0u8; 18];
+            b[..2].copy_from_slice(&blocks[r][..2]);
+            b[2..].copy_from_slice(&blocks[r][8 + 16 * j..24 + 16 * j]);
+            b
+        };
+        let subs = [sub(0), sub(1), sub(2), sub(3)];
+        let mut q4 = [0u8; 72];
+        pack_group_block(
+            QuantType::Q4_0,
+            [&subs[0], &subs[1], &subs[2], &subs[3]],
+            &mut q4,
+        );
+        g[..64].copy_from_slice(&q4[..64]);
+        for r in 0..4 {
+            g[IQ4XS_SCALES + r] = scales[r][j] as u8;
+        }
+        g[68..76].copy_from_slice(&q4[64..72]);
+    }
+}
+
+/// The inverse of [`pack_group_block_iq4xs`]: row `r`'s GGUF super-block into `out`.
+fn unpack_group_block_iq4xs(g: &[u8], r: usize, out: &mut [u8]) {
+    out[..136].fill(0);
+    let mut high = 0u16;
+    for (j, g) in g.chunks_exact(IQ4XS_GROUP_BYTES).enumerate() {
+        let mut q4 = [0u8; 72];
+        q4[..64].copy_from_slice(&g[..64]);
+        q4[64..].copy_from_slice(&g[68..76]);
+        let mut sub = [0u8; 18];
+        unpack_group_block(QuantType::Q4_0, &q4, r, &mut sub);
+        out[..2].copy_from_slice(&sub[..2]);
+        out[8 + 16 * j..24 + 16 * j].copy_from_slice(&sub[2..]);
+        let stored = (g[IQ4XS_SCALES + r] as i8 + 32) as u8;
+        out[4 + j / 2] |= (stored & 0x0f) << (4 * (j % 2));
+        high |= ((stored >> 4) as u16) << (2 * j);
+    }
+    out[2..4].copy_from_slice(&high.to_le_bytes());
+}
+
 /// Packs four rows' blocks of index `b` (`blocks[r]` is row r's GGUF block) into `out`.
 fn pack_group_block(ty: QuantType, blocks: [&[u8]; 4], out: &mut [u8]) {
     match ty {
         QuantType::Q4K => return pack_group_block_q4k(blocks, out),
         QuantType::Q6K => return pack_group_block_q6k(blocks, out),
+        QuantType::IQ4XS => return pack_group_block_iq4xs(blocks, out),
+        // its blocks have Q4_0's bytes (f16 d, 16 bytes of nibbles), only read differently
+        QuantType::IQ4NL => return pack_group_block(QuantType::Q4_0, blocks, out),
         _ => {}
     }
     // steps[k][s]: the stored value (unsigned for Q4_0/Q5_0) of step k, byte s
@@ -243,6 +291,8 @@ fn unpack_group_block(ty: QuantType, g: &[u8], r: usize, out: &mut [u8]) {
     match ty {
         QuantType::Q4K => return unpack_group_block_q4k(g, r, out),
         QuantType::Q6K => return unpack_group_block_q6k(g, r, out),
+        QuantType::IQ4XS => return unpack_group_block_iq4xs(g, r, out),
+        QuantType::IQ4NL => return unpack_group_block(QuantType::Q4_0, g, r, out),
         _ => {}
     }
     let mut q = [0i8; 32];
@@ -294,15 +344,22 @@ pub(crate) mod tests {
 
     #[test]
     fn round_trip_is_exact() {
-        for ty in [QuantType::Q4_0, QuantType::Q5_0, QuantType::Q8_0] {
-            let (rows, cols) = (8, 96);
+        for ty in [
+            QuantType::Q4_0,
+            QuantType::Q5_0,
+            QuantType::Q8_0,
+            QuantType::IQ4NL,
+            QuantType::IQ4XS,
+        ] {
+            let (rows, cols) = (8, 256);
             let rb = ty.row_bytes(cols).unwrap();
+            let prb = crate::layout::rows4_row_bytes(ty, cols).unwrap();
             let data = bytes(rows * rb, 7);
-            let mut packed = vec![0u8; data.len()];
+            let mut packed = vec![0u8; rows * prb];
             pack_rows4(ty, rb, &data, &mut packed);
             let mut back = vec![0u8; data.len()];
             for (g, o) in packed
-                .chunks_exact(4 * rb)
+                .chunks_exact(4 * prb)
                 .zip(back.chunks_exact_mut(4 * rb))
             {
                 unpack_rows4_group(ty, rb, g, o);

@@ -2,7 +2,9 @@
 //! Q8 and Q8_K blocks (round-half-to-even of `x * (1/d)` with `d = amax / 127`), dot products of
 //! one weight row with one activation row, and a row chunk of a product built from them.
 
-use crate::dequant::{bf16_at, f16_at, f32_at, scale_min_k4, scales_q3k, u32_at};
+use crate::dequant::{
+    bf16_at, f16_at, f32_at, iq4nl_values, scale_min_k4, scales_iq4xs, scales_q3k, u32_at,
+};
 use crate::layout::{q8_scale, Act, BlockQ8, BlockQ8K, Packing, QuantType, RowsPlan};
 use crate::repack::unpack_rows4_group;
 use std::ops::Range;
@@ -118,8 +120,12 @@ pub(crate) fn dot_float(ty: QuantType, w: &[u8], x: &[f32]) -> f32 {
     s
 }
 
-/// Dot of a 32-element-block weight row (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) with Q8 activations.
+/// Dot of a weight row of a type with 32-value blocks or sub-blocks (Q4_0, Q4_1, Q5_0, Q5_1,
+/// Q8_0, IQ4_NL, IQ4_XS) with Q8 activations.
 pub(crate) fn dot_q8(ty: QuantType, w: &[u8], a: &[BlockQ8]) -> f32 {
+    if ty == QuantType::IQ4XS {
+        return dot_iq4xs_q8(w, a);
+    }
     let bb = ty.block_bytes();
     let mut sum = 0f32;
     for (b, ab) in w.chunks_exact(bb).zip(a) {
@@ -162,10 +168,35 @@ pub(crate) fn dot_q8(ty: QuantType, w: &[u8], a: &[BlockQ8]) -> f32 {
                 }
                 (f16_at(b, 0), 0.0)
             }
+            QuantType::IQ4NL => {
+                for (o, v) in q.iter_mut().zip(iq4nl_values(&b[2..18])) {
+                    *o = v as i32;
+                }
+                (f16_at(b, 0), 0.0)
+            }
             _ => unreachable!(),
         };
         let isum: i32 = q.iter().zip(&ab.qs).map(|(&w, &x)| w * x as i32).sum();
         sum += isum as f32 * (d * ab.d) + m * ab.s;
+    }
+    sum
+}
+
+/// Dot of an IQ4_XS row with Q8 activations, one activation block per 32-value sub-block,
+/// whose scale is `d * scale` (exact in f32).
+fn dot_iq4xs_q8(w: &[u8], a: &[BlockQ8]) -> f32 {
+    let mut sum = 0f32;
+    for (b, ab) in w.chunks_exact(136).zip(a.chunks_exact(8)) {
+        let d = f16_at(b, 0);
+        for (j, (sc, ab)) in scales_iq4xs(b).into_iter().zip(ab).enumerate() {
+            let q = iq4nl_values(&b[8 + 16 * j..24 + 16 * j]);
+            let isum: i32 = q
+                .iter()
+                .zip(&ab.qs)
+                .map(|(&w, &x)| w as i32 * x as i32)
+                .sum();
+            sum += isum as f32 * (d * sc as f32 * ab.d);
+        }
     }
     sum
 }

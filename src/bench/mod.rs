@@ -548,6 +548,8 @@ pub fn file_type_name(ft: u64) -> &'static str {
         16 => "Q5_K - Small",
         17 => "Q5_K - Medium",
         18 => "Q6_K",
+        25 => "IQ4_NL - 4.5 bpw",
+        30 => "IQ4_XS - 4.25 bpw",
         32 => "BF16",
         _ => "mixed",
     }

@@ -154,6 +154,18 @@ impl QMatrix {
             QuantType::Q5K => GgmlDType::Q5K,
             QuantType::Q6K => GgmlDType::Q6K,
             QuantType::Q8K => GgmlDType::Q8K,
+            // Candle has no i-quants: the device holds the values, as f16 (exact for IQ4_NL,
+            // within an f16 rounding of each value for IQ4_XS)
+            QuantType::IQ4NL | QuantType::IQ4XS => {
+                let f16: Vec<u8> = self
+                    .dequantize_all()
+                    .into_iter()
+                    .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+                    .collect();
+                let q =
+                    qtensor_from_ggml(GgmlDType::F16, &f16, vec![self.rows, self.cols], device)?;
+                return Ok(QMatMul::from_qtensor(q)?);
+            }
         };
         let q = qtensor_from_ggml(dtype, self.data(), vec![self.rows, self.cols], device)?;
         Ok(QMatMul::from_qtensor(q)?)

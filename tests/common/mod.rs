@@ -72,8 +72,8 @@ fn byte_symbols() -> Vec<String> {
         .collect()
 }
 
-fn candle_dtype(ty: QuantType) -> GgmlDType {
-    match ty {
+fn candle_dtype(ty: QuantType) -> Option<GgmlDType> {
+    Some(match ty {
         QuantType::F32 => GgmlDType::F32,
         QuantType::F16 => GgmlDType::F16,
         QuantType::BF16 => GgmlDType::BF16,
@@ -88,7 +88,8 @@ fn candle_dtype(ty: QuantType) -> GgmlDType {
         QuantType::Q5K => GgmlDType::Q5K,
         QuantType::Q6K => GgmlDType::Q6K,
         QuantType::Q8K => GgmlDType::Q8K,
-    }
+        QuantType::IQ4NL | QuantType::IQ4XS => return None,
+    })
 }
 
 /// Random weights of `rows x cols`, quantized to `ty` (by Candle, an independent quantizer).
@@ -105,9 +106,29 @@ pub fn random_weights(ty: QuantType, rows: usize, cols: usize, scale: f32, seed:
             ((state >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0 * scale
         })
         .collect();
+    let Some(dtype) = candle_dtype(ty) else {
+        return random_iquant_blocks(ty, rows * cols, scale, values);
+    };
     let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
-    let q = QTensor::quantize(&t, candle_dtype(ty)).unwrap();
+    let q = QTensor::quantize(&t, dtype).unwrap();
     q.data().unwrap().into_owned()
+}
+
+/// `n` values of an i-quant (which Candle cannot quantize to): blocks of bytes drawn from
+/// `values`, with d chosen so that the values are about `scale` in size.
+fn random_iquant_blocks(ty: QuantType, n: usize, scale: f32, values: Vec<f32>) -> Vec<u8> {
+    let mut bytes: Vec<u8> = values
+        .iter()
+        .cycle()
+        .take(n / ty.block_size() * ty.block_bytes())
+        .map(|v| (v.to_bits() >> 7) as u8)
+        .collect();
+    // the largest grid value is 127; IQ4_XS's sub-block scales average about 16
+    let d = scale / 127.0 / if ty == QuantType::IQ4XS { 16.0 } else { 1.0 };
+    for b in bytes.chunks_exact_mut(ty.block_bytes()) {
+        b[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+    }
+    bytes
 }
 
 /// A complete tiny Qwen2 model whose matrices are of type `ty`.

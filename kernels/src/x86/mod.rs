@@ -8,6 +8,7 @@
 //! * `kquant_low.rs`: Q2_K and Q3_K, every token count, each super-block of four rows transposed
 //!   in registers and combined with the tokens by the panel kernels' K-quant arithmetic.
 //! * `simd.rs`: loads and block unpacking both share.
+//! * `iquant.rs`: IQ4_NL and IQ4_XS rows4 blocks unpacked for the 32-element kernels.
 //! * `act.rs`: activation quantization; `repack.rs`: the rows4 packer.
 //!
 //! [`chunk_rows`] is the way in: it only picks the kernel for a row chunk, and the driver
@@ -20,6 +21,7 @@ use std::ops::Range;
 
 mod act;
 mod decode;
+mod iquant;
 mod isa;
 mod kquant_low;
 mod pairs;
@@ -47,6 +49,9 @@ const K_BF16: u8 = 11;
 const K_Q4_0R4: u8 = 12;
 const K_Q5_0R4: u8 = 13;
 const K_Q8_0R4: u8 = 14;
+/// The rows4 layouts of IQ4_NL and IQ4_XS (iquant.rs).
+const K_IQ4NLR4: u8 = 20;
+const K_IQ4XSR4: u8 = 21;
 
 /// Token counts and kernels of the 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1,
 /// Q8_0): 1: the decode kernel (decode.rs: `tile_q32_dec`); 2..=Q32_STEPS_MAX (decode steps
@@ -70,6 +75,8 @@ const fn q32_block_bytes(k: u8) -> usize {
         K_Q4_0R4 => 72,
         K_Q5_0R4 => 88,
         K_Q8_0R4 => 136,
+        K_IQ4NLR4 => 72,
+        K_IQ4XSR4 => crate::layout::IQ4XS_GROUP_BYTES,
         _ => 34,
     }
 }
@@ -77,7 +84,7 @@ const fn q32_block_bytes(k: u8) -> usize {
 /// Whether the 32-element kernel `K` multiplies signed weights (the sign trick) rather than
 /// unsigned values with an offset.
 const fn q32_signed(k: u8) -> bool {
-    matches!(k, K_Q8_0 | K_Q8_0R4)
+    matches!(k, K_Q8_0 | K_Q8_0R4 | K_IQ4NLR4 | K_IQ4XSR4)
 }
 
 /// A row chunk of a product as the kernels address it: `nrows` weight rows from `w`, `rb` bytes
@@ -143,7 +150,7 @@ unsafe fn operands<A>(
 /// Rows `rows` of `plan` for all its tokens, with the kernels of feature level `I` (`Avx2` or
 /// `Avx512Vnni`): this only picks the kernel, which its level's [`Isa`] entry point runs.
 /// Returns false, having written nothing, where this module has no kernel for the plan's type
-/// and activations.
+/// and activations (IQ4_NL / IQ4_XS in the GGUF layout).
 ///
 /// # Safety
 /// Requires the level's CPU features; `plan.y` must be valid for `n_tokens * plan.rows` writes
@@ -190,6 +197,15 @@ pub(crate) unsafe fn chunk_rows<I: Isa>(plan: &RowsPlan<'_>, rows: Range<usize>)
                 (QuantType::Q5_0, _) => q32!(K_Q5_0),
                 (QuantType::Q5_1, _) => q32!(K_Q5_1),
                 _ => q32!(K_Q8_0),
+            }
+        }
+        (QuantType::IQ4NL | QuantType::IQ4XS, Act::Q8(a)) if packing == Packing::Rows4 => {
+            let o = q8(a);
+            match (ty == QuantType::IQ4XS, n_tokens <= Q32_STEPS_MAX) {
+                (false, true) => I::gemm_steps_q32::<K_IQ4NLR4>(o),
+                (false, false) => I::gemm_panel_q32::<K_IQ4NLR4>(o),
+                (true, true) => I::gemm_steps_q32::<K_IQ4XSR4>(o),
+                (true, false) => I::gemm_panel_q32::<K_IQ4XSR4>(o),
             }
         }
         (QuantType::Q4K | QuantType::Q6K, Act::Q8K(a)) if packing == Packing::Rows4 => {

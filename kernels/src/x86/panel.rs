@@ -22,12 +22,13 @@
 
 #![allow(clippy::needless_range_loop)]
 
+use super::iquant::unpack_rows4_iq4;
 use super::isa::Isa;
 use super::pairs::{tile_k_rows4_pairs, Interleaved};
 use super::simd::{f16_ld, ld128, ld256, prefetch, scale_min_bytes_k4, unpack32u_vals};
 use super::{
-    q32_block_bytes, q32_signed, Operands, K_Q4_0, K_Q4_0R4, K_Q4_1, K_Q5K, K_Q5_0, K_Q5_0R4,
-    K_Q5_1, K_Q6K, K_Q8_0, K_Q8_0R4,
+    q32_block_bytes, q32_signed, Operands, K_IQ4NLR4, K_IQ4XSR4, K_Q4_0, K_Q4_0R4, K_Q4_1, K_Q5K,
+    K_Q5_0, K_Q5_0R4, K_Q5_1, K_Q6K, K_Q8_0, K_Q8_0R4,
 };
 use crate::layout::{
     BlockQ8, BlockQ8K, Q4K_D, Q4K_DMIN, Q4K_GROUP_BYTES, Q4K_MINS, Q4K_SCALES, Q6K_D, Q6K_SCALES,
@@ -81,14 +82,14 @@ unsafe fn store_steps(v: [__m256i; 4], dst: *mut u8) {
 /// One block of a 4-row panel, unpacked in registers.
 #[derive(Clone, Copy)]
 pub(super) struct PanelBlock {
-    /// Value steps: |w| for Q8_0, unsigned values otherwise.
+    /// Value steps: |w| for the signed types (Q8_0, IQ4_NL, IQ4_XS), unsigned values otherwise.
     pub w: [__m256i; 4],
-    /// Signed steps (Q8_0 only).
+    /// Signed steps (the signed types only).
     pub s: [__m256i; 4],
     /// [d0 d0 d1 d1 d2 d2 d3 d3]
-    d: __m256,
+    pub d: __m256,
     /// [m0 0 m1 0 m2 0 m3 0]: x = d * v + m (Q4_0/Q5_0: the -8/-16 offset)
-    m: __m256,
+    pub m: __m256,
 }
 
 /// Unpacks block `p` of rows `0..nr` (nr <= 4, row stride `rb`); missing rows are
@@ -103,6 +104,12 @@ pub(super) unsafe fn unpack_block<const K: u8>(
 ) -> PanelBlock {
     if matches!(K, K_Q4_0R4 | K_Q5_0R4 | K_Q8_0R4) {
         return unpack_rows4::<K>(p, pf);
+    }
+    if K == K_IQ4NLR4 {
+        return unpack_rows4_iq4::<false>(p, pf);
+    }
+    if K == K_IQ4XSR4 {
+        return unpack_rows4_iq4::<true>(p, pf);
     }
     let bb = q32_block_bytes(K);
     let ld16 = |p: *const u8| std::ptr::read_unaligned(p as *const i16);

@@ -6,7 +6,7 @@ use super::{q32_block_bytes, K_Q4_0, K_Q5_0, K_Q8_0};
 use crate::layout::QuantType;
 use std::arch::x86_64::*;
 
-/// Groups of four GGUF rows of `ty` (Q4_0, Q5_0 or Q8_0; `rb` bytes per row) in `src` as
+/// Groups of four GGUF rows of `ty` (Q4_0, Q5_0, Q8_0 or IQ4_NL; `rb` bytes per row) in `src` as
 /// rows4 groups in `dst` (see [`crate::layout`]).
 ///
 /// # Safety
@@ -17,7 +17,8 @@ pub(crate) unsafe fn pack_rows4(ty: QuantType, rb: usize, src: &[u8], dst: &mut 
     for (s, d) in src.chunks_exact(4 * rb).zip(dst.chunks_exact_mut(4 * rb)) {
         let (s, d) = (s.as_ptr(), d.as_mut_ptr());
         match ty {
-            QuantType::Q4_0 => pack_group_blocks::<K_Q4_0>(s, rb, nb, d),
+            // IQ4_NL blocks have Q4_0's bytes
+            QuantType::Q4_0 | QuantType::IQ4NL => pack_group_blocks::<K_Q4_0>(s, rb, nb, d),
             QuantType::Q5_0 => pack_group_blocks::<K_Q5_0>(s, rb, nb, d),
             QuantType::Q8_0 => pack_group_blocks::<K_Q8_0>(s, rb, nb, d),
             _ => unreachable!("no rows4 form for {ty}"),
