@@ -32,11 +32,11 @@
 //!
 //! * IQ4_NL (72 bytes): Q4_0's, the nibbles being indices into [`IQ4NL_VALUES`].
 //!
-//! * IQ4_XS (608 bytes, 64 more than four GGUF blocks): per sub-block `j` of 32 values, 76
-//!   bytes: IQ4_NL's nibbles, the four rows' scales of sub-block `j` as i8 (the stored 6-bit
-//!   value minus 32), then the four rows' d as f16. The kernels take a sub-block's scale as
-//!   `d * scale` in f32 (exact: 11 by 6 significant bits), which an f16 could not always hold;
-//!   each sub-block repeats d, so all sub-blocks have one shape.
+//! * IQ4_XS (552 bytes, 8 more than four GGUF blocks): per sub-block `j` of 32 values, 68
+//!   bytes: IQ4_NL's nibbles, then the four rows' scales of sub-block `j` as i8 (the stored
+//!   6-bit value minus 32); after the eight sub-blocks the four rows' d as f16. The kernels
+//!   take a sub-block's scale as `d * scale` in f32 (exact: 11 by 6 significant bits), which
+//!   an f16 could not always hold.
 //!
 //! * Q6_K (840 bytes): for each sub-block of 32 values three 32-byte vectors: steps 0, 1 and 2
 //!   as 6-bit values, the top two bits of each byte holding two of step 3's six (low, middle,
@@ -270,7 +270,7 @@ pub fn rows4_row_bytes(ty: QuantType, cols: usize) -> Option<usize> {
 pub(crate) fn group_block_bytes(ty: QuantType) -> usize {
     match ty {
         QuantType::Q4K => Q4K_GROUP_BYTES,
-        QuantType::IQ4XS => 8 * IQ4XS_GROUP_BYTES,
+        QuantType::IQ4XS => IQ4XS_GROUP_BYTES,
         _ => 4 * ty.block_bytes(),
     }
 }
@@ -288,11 +288,12 @@ pub(crate) const Q4K_MINS: usize = 544;
 pub(crate) const Q4K_D: usize = 576;
 pub(crate) const Q4K_DMIN: usize = 584;
 
-/// Bytes of the rows4 group-block of one 32-value sub-block of IQ4_XS (eight per super-block):
-/// IQ4_NL's 72 with the four rows' sub-block scales (i8, minus 32) at [`IQ4XS_SCALES`], before
-/// the four (super-block) d.
-pub(crate) const IQ4XS_GROUP_BYTES: usize = 76;
+/// Bytes of an IQ4_XS group-block, of each of its eight sub-blocks, where a sub-block's four
+/// scales start in it, and where the four d start in the group-block.
+pub(crate) const IQ4XS_GROUP_BYTES: usize = 552;
+pub(crate) const IQ4XS_SUB_BYTES: usize = 68;
 pub(crate) const IQ4XS_SCALES: usize = 64;
+pub(crate) const IQ4XS_D: usize = 544;
 
 /// Where a Q6_K group-block's scales and d start.
 pub(crate) const Q6K_SCALES: usize = 768;

@@ -4,8 +4,8 @@
 
 use crate::dequant::{scale_min_k4, scales_iq4xs};
 use crate::layout::{
-    group_block_bytes, QuantType, IQ4XS_GROUP_BYTES, IQ4XS_SCALES, Q4K_D, Q4K_DMIN, Q4K_MINS,
-    Q4K_SCALES, Q5_HIGH_BIT, Q6K_D, Q6K_SCALES,
+    group_block_bytes, QuantType, IQ4XS_D, IQ4XS_SCALES, IQ4XS_SUB_BYTES, Q4K_D, Q4K_DMIN,
+    Q4K_MINS, Q4K_SCALES, Q5_HIGH_BIT, Q6K_D, Q6K_SCALES,
 };
 
 /// Groups of four GGUF rows of `ty` (`rb` bytes per row) in `src` as rows4 groups in `dst`.
@@ -202,7 +202,11 @@ fn unsigned_offset(ty: QuantType) -> i8 {
 /// the Q4_0-shaped block (d, its 16 bytes of nibbles) it is, with its scales inserted.
 fn pack_group_block_iq4xs(blocks: [&[u8]; 4], out: &mut [u8]) {
     let scales = blocks.map(scales_iq4xs);
-    for (j, g) in out.chunks_exact_mut(IQ4XS_GROUP_BYTES).enumerate() {
+    let (subs, d) = out.split_at_mut(IQ4XS_D);
+    for r in 0..4 {
+        d[2 * r..2 * r + 2].copy_from_slice(&blocks[r][..2]);
+    }
+    for (j, g) in subs.chunks_exact_mut(IQ4XS_SUB_BYTES).enumerate() {
         let sub = |r: usize| {
             let mut b = [0u8; 18];
             b[..2].copy_from_slice(&blocks[r][..2]);
@@ -220,7 +224,6 @@ fn pack_group_block_iq4xs(blocks: [&[u8]; 4], out: &mut [u8]) {
         for r in 0..4 {
             g[IQ4XS_SCALES + r] = scales[r][j] as u8;
         }
-        g[68..76].copy_from_slice(&q4[64..72]);
     }
 }
 
@@ -228,10 +231,11 @@ fn pack_group_block_iq4xs(blocks: [&[u8]; 4], out: &mut [u8]) {
 fn unpack_group_block_iq4xs(g: &[u8], r: usize, out: &mut [u8]) {
     out[..136].fill(0);
     let mut high = 0u16;
-    for (j, g) in g.chunks_exact(IQ4XS_GROUP_BYTES).enumerate() {
+    let (subs, d) = g.split_at(IQ4XS_D);
+    for (j, g) in subs.chunks_exact(IQ4XS_SUB_BYTES).enumerate() {
         let mut q4 = [0u8; 72];
         q4[..64].copy_from_slice(&g[..64]);
-        q4[64..].copy_from_slice(&g[68..76]);
+        q4[64..].copy_from_slice(&d[..8]);
         let mut sub = [0u8; 18];
         unpack_group_block(QuantType::Q4_0, &q4, r, &mut sub);
         out[..2].copy_from_slice(&sub[..2]);

@@ -76,7 +76,8 @@ const fn q32_block_bytes(k: u8) -> usize {
         K_Q5_0R4 => 88,
         K_Q8_0R4 => 136,
         K_IQ4NLR4 => 72,
-        K_IQ4XSR4 => crate::layout::IQ4XS_GROUP_BYTES,
+        // a sub-block; the eight of a group-block are followed by their d
+        K_IQ4XSR4 => crate::layout::IQ4XS_SUB_BYTES,
         _ => 34,
     }
 }

@@ -22,7 +22,7 @@
 
 #![allow(clippy::needless_range_loop)]
 
-use super::iquant::unpack_rows4_iq4;
+use super::iquant::{unpack_rows4_iq4nl, unpack_rows4_iq4xs};
 use super::isa::Isa;
 use super::pairs::{tile_k_rows4_pairs, Interleaved};
 use super::simd::{f16_ld, ld128, ld256, prefetch, scale_min_bytes_k4, unpack32u_vals};
@@ -92,26 +92,29 @@ pub(super) struct PanelBlock {
     pub m: __m256,
 }
 
-/// Unpacks block `p` of rows `0..nr` (nr <= 4, row stride `rb`); missing rows are
+/// Unpacks block `b` of rows `0..nr` (nr <= 4, row stride `rb`) at `w`; missing rows are
 /// zero. Prefetches the same block `pf` bytes ahead (0: none).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn unpack_block<const K: u8>(
-    p: *const u8,
+    w: *const u8,
+    b: usize,
     rb: usize,
     nr: usize,
     pf: usize,
 ) -> PanelBlock {
+    // IQ4_XS's sub-blocks share their group-block's d, so are not addressed alone
+    if K == K_IQ4XSR4 {
+        return unpack_rows4_iq4xs(w, b, pf);
+    }
+    if K == K_IQ4NLR4 {
+        return unpack_rows4_iq4nl(w, b, pf);
+    }
+    let bb = q32_block_bytes(K);
+    let p = w.add(b * bb);
     if matches!(K, K_Q4_0R4 | K_Q5_0R4 | K_Q8_0R4) {
         return unpack_rows4::<K>(p, pf);
     }
-    if K == K_IQ4NLR4 {
-        return unpack_rows4_iq4::<false>(p, pf);
-    }
-    if K == K_IQ4XSR4 {
-        return unpack_rows4_iq4::<true>(p, pf);
-    }
-    let bb = q32_block_bytes(K);
     let ld16 = |p: *const u8| std::ptr::read_unaligned(p as *const i16);
     // lanes [0 0 1 1 2 2 3 3] of the four rows' f16 fields
     let f16x4 = |f: [i16; 4]| {
@@ -234,10 +237,9 @@ unsafe fn unpack_panel<const K: u8>(
     panel: *mut u8,
     pf: usize,
 ) {
-    let bb = q32_block_bytes(K);
     for b in 0..nb {
         let pb = panel.add(b * PB);
-        let u = unpack_block::<K>(w.add(b * bb), rb, nr, pf);
+        let u = unpack_block::<K>(w, b, rb, nr, pf);
         for k in 0..4 {
             _mm256_storeu_si256(pb.add(32 * k) as *mut __m256i, u.w[k]);
             if q32_signed(K) {
@@ -333,10 +335,9 @@ pub(super) unsafe fn tile_steps<I: Isa, const K: u8, const T: usize>(
     nb: usize,
     pf: usize,
 ) -> [[f32; T]; PR] {
-    let bb = q32_block_bytes(K);
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
-        let u = unpack_block::<K>(w.add(b * bb), rb, nr, pf);
+        let u = unpack_block::<K>(w, b, rb, nr, pf);
         for t in 0..T {
             let ab = &*a.add(t * astride + b);
             acc[t] = if q32_signed(K) {

@@ -37,7 +37,7 @@ unsafe fn pack_group_blocks<const K: u8>(src: *const u8, rb: usize, nb: usize, d
     let b4 = _mm256_set1_epi8(0x10);
     for b in 0..nb {
         let (p, g) = (src.add(b * bb), dst.add(b * gb));
-        let u = unpack_block::<K>(p, rb, PR, 0);
+        let u = unpack_block::<K>(src, b, rb, PR, 0);
         for r in 0..PR {
             std::ptr::copy_nonoverlapping(p.add(r * rb), g.add(gb - 8 + 2 * r), 2);
         }
