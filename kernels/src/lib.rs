@@ -197,8 +197,9 @@ pub fn best_packing(ty: QuantType, rows: usize) -> Packing {
 }
 
 /// Tokens per call up to which [`matmul_many`] gives each token of a `ty` matrix in `packing`
-/// the bits a call with that token alone gives (`usize::MAX`: any number): the rows4 kernels,
-/// the Q2_K and Q3_K kernels and the scalar reference do the same operations for every token
+/// the bits a call with that token alone gives (`usize::MAX`: any number): the rows4 kernels
+/// (IQ4_NL and IQ4_XS included), the Q2_K and Q3_K kernels and the scalar reference (which IQ4
+/// matrices outside the rows4 layout run) do the same operations for every token
 /// count; the K-quants in the
 /// GGUF layout switch from direct tiles to panels at 4 tokens, the 32-element types from the
 /// decode kernel at 2; the float and Q8_K tiles are not checked for it, so no more than 1 is
@@ -218,7 +219,8 @@ pub fn batch_invariant_tokens(ty: QuantType, packing: Packing) -> usize {
         | QuantType::F32
         | QuantType::F16
         | QuantType::BF16 => 1,
-        QuantType::Q2K | QuantType::Q3K => usize::MAX,
+        // IQ4 in the GGUF layout (rows not a multiple of 4) runs the scalar reference
+        QuantType::Q2K | QuantType::Q3K | QuantType::IQ4NL | QuantType::IQ4XS => usize::MAX,
     }
 }
 
