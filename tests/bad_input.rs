@@ -912,39 +912,29 @@ fn rope_scaling_flags_and_file_keys() {
         ],
         &["exceeds the 1024 tokens this rope scaling reaches"],
     );
-    expect_error(
-        &["-m", t, "-p", "hi", "--rope-scaling", "cubic"],
-        &["unknown rope scaling 'cubic'", "none, linear or yarn"],
-    );
-    expect_error(
-        &["-m", t, "-p", "hi", "--rope-scale", "0"],
-        &["--rope-scale 0"],
-    );
-    expect_error(
-        &[
-            "-m",
-            t,
-            "-p",
-            "hi",
-            "--rope-scale",
-            "2",
-            "--rope-freq-scale",
-            "0.5",
-        ],
-        &["cannot be used with"],
-    );
-    expect_error(
-        &["-m", t, "-p", "hi", "--yarn-ext-factor", "2"],
-        &["--yarn-ext-factor 2", "between 0"],
-    );
-    expect_error(
-        &["-m", t, "-p", "hi", "--yarn-orig-ctx", "0"],
-        &["--yarn-orig-ctx"],
-    );
-    expect_error(
-        &["-m", t, "-p", "hi", "--rope-freq-base", "1"],
-        &["above 1"],
-    );
+    let refused: [(&[&str], &[&str]); 7] = [
+        (
+            &["--rope-scaling", "cubic"],
+            &["unknown rope scaling 'cubic'", "none, linear or yarn"],
+        ),
+        (&["--rope-scale", "0"], &["--rope-scale 0"]),
+        (
+            &["--rope-scale", "2", "--rope-freq-scale", "0.5"],
+            &["cannot be used with"],
+        ),
+        (
+            &["--yarn-ext-factor", "2"],
+            &["--yarn-ext-factor 2", "between 0"],
+        ),
+        (&["--yarn-orig-ctx", "0"], &["--yarn-orig-ctx"]),
+        (&["--rope-freq-base", "1"], &["above 1"]),
+        (&["--yarn-beta-fast", "0"], &["--yarn-beta-fast 0"]),
+    ];
+    for (flags, needles) in refused {
+        let mut args = vec!["-m", t, "-p", "hi"];
+        args.extend(flags);
+        expect_error(&args, needles);
+    }
 
     let yarn = [
         "--rope-scaling",
