@@ -989,3 +989,45 @@ fn rope_scaling_flags_and_file_keys() {
         "{err}"
     );
 }
+
+#[test]
+fn the_disk_prompt_cache_is_keyed_by_the_rope_settings() {
+    let tiny = common::shared_tiny_model().to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().to_str().unwrap();
+    let prompt = "the cat sat on the mat ".repeat(7);
+    let run = |rope: &[&str]| {
+        let mut args = vec![
+            "-m",
+            tiny,
+            "-p",
+            &prompt,
+            "-n",
+            "2",
+            "--temp",
+            "0",
+            "-c",
+            "256",
+            "-t",
+            "2",
+            "--prompt-cache",
+            cache,
+        ];
+        args.extend(rope);
+        let (code, _, err) = common::qwen_run_with_input(&args, "");
+        assert_eq!(code, 0, "{err}");
+        err
+    };
+    run(&[]);
+    assert!(
+        run(&[]).contains("from disk"),
+        "a second plain run reuses the prefix"
+    );
+    let linear = ["--rope-scaling", "linear", "--rope-scale", "2"];
+    let scaled = run(&linear);
+    assert!(
+        !scaled.contains("from disk"),
+        "keys rotated otherwise: {scaled}"
+    );
+    assert!(run(&linear).contains("from disk"));
+}
