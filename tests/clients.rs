@@ -1,6 +1,6 @@
-//! The unmodified `openai`, `ollama`, `instructor` and `langchain-openai` Python clients (pinned in
-//! tests/clients/requirements.txt, which tests/run.sh installs) against `qwen-run serve` with the
-//! real 0.5B model, each used the way its own docs show, for structured output, tool calls and
+//! The unmodified `openai`, `ollama`, `instructor`, `langchain-openai` and `langchain-ollama`
+//! Python clients (pinned in tests/clients/requirements.txt, which tests/run.sh installs) against
+//! `qwen-run serve` with the real 0.5B model, each used the way its own docs show, for structured output, tool calls and
 //! embeddings: one script per client in tests/clients/, which prints "ok". A script whose package
 //! cannot be imported prints "skip: ..." and the test notes it and passes; a "known: ..." line is
 //! a server gap the script found and stepped over (see the `# KNOWN:` comment beside it), and is
@@ -149,4 +149,11 @@ fn instructor_client() {
 #[test]
 fn langchain_client() {
     run_client("langchain_client.py");
+}
+
+/// `langchain-ollama`: `ChatOllama` invoke and stream, `with_structured_output`, `bind_tools`, and
+/// `OllamaEmbeddings` (issue 25, part 6).
+#[test]
+fn langchain_ollama_client() {
+    run_client("langchain_ollama_client.py");
 }
