@@ -88,6 +88,21 @@ fn make_weights(ty: QuantType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>,
     }
 }
 
+/// The quantized weight types candle can make test weights of (`make_weights`), in a fixed order
+/// (some tests seed each type's weights by its index).
+const QUANTIZED: [QuantType; 10] = [
+    QuantType::Q4_0,
+    QuantType::Q4_1,
+    QuantType::Q5_0,
+    QuantType::Q5_1,
+    QuantType::Q8_0,
+    QuantType::Q2K,
+    QuantType::Q3K,
+    QuantType::Q4K,
+    QuantType::Q5K,
+    QuantType::Q6K,
+];
+
 #[test]
 fn ids_names_sizes() {
     for ty in QuantType::ALL {
@@ -390,18 +405,7 @@ fn bad_cols_panics() {
 #[test]
 fn matmul_small_batches() {
     let mut seed = 900;
-    for ty in [
-        QuantType::Q4_0,
-        QuantType::Q4_1,
-        QuantType::Q5_0,
-        QuantType::Q5_1,
-        QuantType::Q8_0,
-        QuantType::Q2K,
-        QuantType::Q3K,
-        QuantType::Q4K,
-        QuantType::Q5K,
-        QuantType::Q6K,
-    ] {
+    for ty in QUANTIZED {
         let cols = if ty.block_size() == 256 { 512 } else { 160 };
         for &n in &[2, 3, 4, 5, 7, 8, 9, 16, 17] {
             for &rows in &[1, 3, 6, 13, 41] {
@@ -419,21 +423,7 @@ fn matmul_small_batches() {
 /// n >= 4 (panels).
 #[test]
 fn batched_results_do_not_depend_on_the_batch() {
-    for (i, ty) in [
-        QuantType::Q4_0,
-        QuantType::Q4_1,
-        QuantType::Q5_0,
-        QuantType::Q5_1,
-        QuantType::Q8_0,
-        QuantType::Q2K,
-        QuantType::Q3K,
-        QuantType::Q4K,
-        QuantType::Q5K,
-        QuantType::Q6K,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, ty) in QUANTIZED.into_iter().enumerate() {
         let (rows, cols) = (45, 512);
         let (bytes, _) = make_weights(ty, rows, cols, 40 + i as u64);
         let mut rng = StdRng::seed_from_u64(70 + i as u64);
@@ -609,21 +599,7 @@ fn batch_invariant_tokens_holds() {
         batch_invariant_tokens, has_rows4, matmul_many, repack_rows4, MatMulJob, Packing,
     };
     let (rows, cols) = (12, 512);
-    for (i, ty) in [
-        QuantType::Q4_0,
-        QuantType::Q4_1,
-        QuantType::Q5_0,
-        QuantType::Q5_1,
-        QuantType::Q8_0,
-        QuantType::Q2K,
-        QuantType::Q3K,
-        QuantType::Q4K,
-        QuantType::Q5K,
-        QuantType::Q6K,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, ty) in QUANTIZED.into_iter().enumerate() {
         let (bytes, _) = make_weights(ty, rows, cols, 500 + i as u64);
         let mut layouts = vec![(Packing::Gguf, bytes.clone())];
         if has_rows4(ty) {
