@@ -186,16 +186,9 @@ unsafe fn tile_low<I: Isa, const Q3: bool, const T: usize>(
     nb: usize,
     pf: usize,
 ) -> [[f32; T]; PR] {
-    let bb = if Q3 { Q3K_BYTES } else { Q2K_BYTES };
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
-        let p = [0, 1, 2, 3].map(|r| rows[r].add(b * step[r]));
-        if pf != 0 {
-            for r in 0..PR {
-                prefetch(p[r].wrapping_add(pf), bb);
-            }
-        }
-        let block = low_block::<Q3>(&p);
+        let block = low_block::<Q3>(&block_rows::<Q3>(rows, step, b, pf));
         let mut isum = [_mm256_setzero_si256(); T];
         for j in 0..8 {
             let (w, s) = block.sub_block::<Q3>(j);
@@ -214,6 +207,25 @@ unsafe fn tile_low<I: Isa, const Q3: bool, const T: usize>(
     finish(acc)
 }
 
+/// Where super-block `b` of each of the four rows starts, prefetching `pf` bytes ahead of it (0:
+/// none).
+#[inline(always)]
+unsafe fn block_rows<const Q3: bool>(
+    rows: &[*const u8; PR],
+    step: &[usize; PR],
+    b: usize,
+    pf: usize,
+) -> [*const u8; PR] {
+    let p = [0, 1, 2, 3].map(|r| rows[r].add(b * step[r]));
+    if pf != 0 {
+        let bytes = if Q3 { Q3K_BYTES } else { Q2K_BYTES };
+        for r in p {
+            prefetch(r.wrapping_add(pf), bytes);
+        }
+    }
+    p
+}
+
 /// [`tile_low`] with the tokens in pairs, two to a 512-bit register (AVX-512 levels, `pairs`: the
 /// tile's first pair in [`Interleaved`] form), and when T is odd the last token alone as there:
 /// the same integer sums, so the same bits.
@@ -226,17 +238,10 @@ unsafe fn tile_low_pairs<I: Isa, const Q3: bool, const T: usize>(
     pairs: *const u8,
     pf: usize,
 ) -> [[f32; T]; PR] {
-    let bb = if Q3 { Q3K_BYTES } else { Q2K_BYTES };
     let np = T / 2;
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
-        let p = [0, 1, 2, 3].map(|r| rows[r].add(b * step[r]));
-        if pf != 0 {
-            for r in 0..PR {
-                prefetch(p[r].wrapping_add(pf), bb);
-            }
-        }
-        let block = low_block::<Q3>(&p);
+        let block = low_block::<Q3>(&block_rows::<Q3>(rows, step, b, pf));
         let mut isum = [_mm512_setzero_si512(); T];
         let mut last = _mm256_setzero_si256();
         for j in 0..8 {
