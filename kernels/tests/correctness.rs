@@ -1,6 +1,8 @@
 //! Correctness of dequantization (against candle) and of matmul (SIMD and
 //! scalar against dequantize + f64 dot).
 
+mod common;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use qwen_run_kernels::{dequantize, matmul, matmul_scalar, matmul_with, Backend, QuantType};
@@ -58,20 +60,7 @@ fn make_weights(ty: QuantType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>,
             let bytes = h.iter().flat_map(|v| v.to_le_bytes()).collect();
             (bytes, h.iter().map(|v| v.to_f32()).collect())
         }
-        QuantType::IQ4NL | QuantType::IQ4XS => {
-            // Candle has no i-quants: random blocks with a sane d, read back by our
-            // dequantization (which tests/iquants.rs checks against gguf-py)
-            let mut bytes: Vec<u8> = (0..ty.row_bytes(cols).unwrap() * rows)
-                .map(|_| rng.random())
-                .collect();
-            for b in bytes.chunks_exact_mut(ty.block_bytes()) {
-                let d = rng.random_range(0.002f32..0.02) * if rng.random() { 1.0 } else { -1.0 };
-                b[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
-            }
-            let mut deq = vec![0f32; rows * cols];
-            dequantize(ty, &bytes, &mut deq);
-            (bytes, deq)
-        }
+        QuantType::IQ4NL | QuantType::IQ4XS => common::random_iq4(ty, rows, cols, &mut rng),
         _ => {
             let t = Tensor::from_vec(vals, (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&t, candle_dtype(ty).unwrap()).unwrap();

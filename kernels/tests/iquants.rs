@@ -3,6 +3,8 @@
 //! and the rows4 kernels that the engine loads them into against the scalar reference, on every
 //! level this CPU has.
 
+mod common;
+
 use qwen_run_kernels::{
     batch_invariant_tokens, dequantize, matmul_many_with, repack_rows4, Backend, MatMulJob,
     Packing, QuantType,
@@ -43,17 +45,7 @@ fn dequantization_matches_gguf_py() {
 
 /// Random `rows x cols` weights of `ty` (every index and scale value occurs) and their values.
 fn weights(ty: QuantType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut bytes: Vec<u8> = (0..ty.row_bytes(cols).unwrap() * rows)
-        .map(|_| rng.random())
-        .collect();
-    for b in bytes.chunks_exact_mut(ty.block_bytes()) {
-        let d = rng.random_range(0.002f32..0.02) * if rng.random() { 1.0 } else { -1.0 };
-        b[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
-    }
-    let mut vals = vec![0f32; rows * cols];
-    dequantize(ty, &bytes, &mut vals);
-    (bytes, vals)
+    common::random_iq4(ty, rows, cols, &mut StdRng::seed_from_u64(seed))
 }
 
 fn activations(n: usize, seed: u64) -> Vec<f32> {
