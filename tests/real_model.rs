@@ -195,3 +195,63 @@ fn second_model_loads_and_answers() {
     .unwrap();
     assert!(text.contains("Paris"), "answer: {text:?}");
 }
+
+/// Our BPE model against the `tokenizers` crate's, built from the same vocabulary and merges,
+/// on every source and document file of this repository and on text made to stress the
+/// pre-tokenizer and the merges (scripts, emoji, whitespace runs, digits, control tokens).
+#[test]
+fn tokenization_matches_the_tokenizers_crate() {
+    let e = engine_05b();
+    let reference = qwen_run::tokenizer::reference_encode(&e.gguf).unwrap();
+    let mut texts: Vec<String> = vec![
+        "Hello, world! It's a test: don't, won't, we'll, I'd, you're, they've, I'm.".into(),
+        "日本語のテキストと中文文本，还有한국어 텍스트. Ελληνικά, русский, عربي, עברית, हिन्दी"
+            .into(),
+        "emoji 👩‍💻🚀🇫🇷 and ✓ ✗ → ∑ ∞ ≠ and combining é é".into(),
+        format!(
+            "{}x{}\n\n\n\t\t  \r\n end",
+            " ".repeat(300),
+            "\n".repeat(50)
+        ),
+        "1234567890 3.14159 1e-9 0xdeadbeef 12,345.67 $100 100% #42".into(),
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<tool_call>{\"a\": 1}</tool_call>"
+            .into(),
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            .into(),
+        "\u{0}\u{1}\u{7f}\u{80}\u{ff}\u{fffd}\u{10ffff}".into(),
+    ];
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in [
+        "src",
+        "src/tokenizer",
+        "src/server",
+        "src/model",
+        "docs",
+        "benches",
+        "tests",
+    ] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                texts.push(text);
+            }
+        }
+    }
+    texts.push(std::fs::read_to_string(root.join("README.md")).unwrap());
+    let mut tokens = 0;
+    for text in &texts {
+        let ours = e.tokenizer.encode(text).unwrap();
+        let theirs = reference(text);
+        tokens += ours.len();
+        if ours != theirs {
+            let at = ours.iter().zip(&theirs).take_while(|(a, b)| a == b).count();
+            panic!(
+                "ids differ at token {at} of a {}-byte text: ours {:?}, the crate's {:?}",
+                text.len(),
+                &ours[at..(at + 8).min(ours.len())],
+                &theirs[at..(at + 8).min(theirs.len())]
+            );
+        }
+    }
+    assert!(tokens > 100_000, "only {tokens} tokens compared");
+}

@@ -108,8 +108,8 @@ pub fn report(engine: &Engine, g: &Generation) -> String {
         None => String::new(),
     };
     format!(
-        "\n[qwen-run] load {:.2} s | prompt {} tokens{cached} | time to first token {:.0} ms | prefill {:.1} tok/s | generated {} tokens | decode {:.1} tok/s{spec} | finish: {} | {} | {} threads | ctx {} | KV {types} {:.1} MiB used of {:.0} MiB{prefix}{gpu}",
-        engine.load_time.as_secs_f64(),
+        "\n[qwen-run] load {:.0} ms | prompt {} tokens{cached} | time to first token {:.0} ms | prefill {:.1} tok/s | generated {} tokens | decode {:.1} tok/s{spec} | finish: {} | {} | {} threads | ctx {} | KV {types} {:.1} MiB used of {:.0} MiB{prefix}{gpu}",
+        engine.load_time.as_secs_f64() * 1e3,
         g.prompt_tokens,
         g.ttft.as_secs_f64() * 1e3,
         g.prefill_tok_s(),

@@ -221,10 +221,11 @@ impl WeightCache {
         let entries = parse_index(&index, n, data_start, len)?;
         // SAFETY: a file this process maps read-only; files are only ever replaced by rename,
         // never written in place, so the mapping's bytes do not change under it.
-        let map = unsafe { MmapOptions::new().populate().map(&f) }.context("cannot map it")?;
+        let map = unsafe { MmapOptions::new().map(&f) }.context("cannot map it")?;
         if map.len() as u64 != len {
             bail!("it changed size while being read");
         }
+        populate(&map);
         if sample_sum(&map, entries.values().map(|e| e.range.clone())) != sampled {
             bail!("data checksum mismatch (the file is corrupt)");
         }
@@ -405,6 +406,34 @@ fn sample_hash(h: u64, bytes: &[u8]) -> u64 {
     let head = &bytes[..bytes.len().min(SAMPLE)];
     let tail = &bytes[bytes.len().saturating_sub(SAMPLE)..];
     hash_bytes(hash_bytes(h, head), tail)
+}
+
+/// Maps every page of `map` in now, on several threads: the page tables of a large file are
+/// most of what opening it costs, and one thread filling them all is the longest part of a load.
+/// What a thread cannot map here is faulted in when first read.
+fn populate(map: &Mmap) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let chunk = map
+        .len()
+        .div_ceil(threads)
+        .next_multiple_of(1 << 21)
+        .max(1 << 21);
+    std::thread::scope(|s| {
+        for start in (0..map.len()).step_by(chunk) {
+            let len = chunk.min(map.len() - start);
+            s.spawn(move || {
+                if map
+                    .advise_range(memmap2::Advice::PopulateRead, start, len)
+                    .is_err()
+                {
+                    // Kernels before Linux 5.14 have no MADV_POPULATE_READ: a read per page.
+                    for page in (start..start + len).step_by(4096) {
+                        std::hint::black_box(map[page]);
+                    }
+                }
+            });
+        }
+    });
 }
 
 #[cfg(test)]

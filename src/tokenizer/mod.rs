@@ -1,5 +1,6 @@
 //! The tokenizer and chat template, both built from the GGUF metadata alone (no tokenizer.json).
 
+mod bpe;
 mod chat_template;
 mod stream;
 
@@ -11,12 +12,14 @@ pub use stream::TextStream;
 
 use crate::gguf::{GgufFile, Value};
 use anyhow::{bail, Context, Result};
-use std::collections::HashMap;
-use tokenizers::models::bpe::BPE;
+use bpe::ByteLevelBpe;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    SplitDelimiterBehavior, TokenizerImpl,
+};
 
 /// Qwen2's pre-tokenizer split (the `qwen2` pre-tokenizer of llama.cpp, the same regex as the
 /// model's own tokenizer.json): single digits, letters with one leading non-letter, punctuation
@@ -26,12 +29,22 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
+/// The `tokenizers` pipeline (pre-tokenizer split, control tokens) around our BPE model.
+type Pipeline = TokenizerImpl<
+    ByteLevelBpe,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Pipeline,
+    /// The BPE model in `inner`, which also holds the literal text of every token (control
+    /// tokens included), for `--special` style output.
+    bpe: ByteLevelBpe,
     /// The raw bytes each token stands for; empty for control tokens, which print nothing.
     token_bytes: Packed<Vec<u8>>,
-    /// Literal text of every token (control tokens included), for `--special` style output.
-    token_text: Packed<String>,
     eog: Vec<u32>,
     pub eos: u32,
     /// The model's beginning-of-text token, added to prompts only when `add_bos` says so.
@@ -39,7 +52,7 @@ pub struct Tokenizer {
     pub add_bos: Option<u32>,
     /// A copy of `inner` that reads control tokens written in the text as plain text (llama-server's
     /// `parse_special: false`); made on first use, since few requests ask for it.
-    plain: std::sync::OnceLock<tokenizers::Tokenizer>,
+    plain: std::sync::OnceLock<Pipeline>,
 }
 
 impl Tokenizer {
@@ -75,16 +88,8 @@ impl Tokenizer {
                 .collect(),
             None => vec![1; tokens.len()],
         };
-        // The byte and text tables on a second thread while this one builds the BPE model: the
-        // two halves of building a 151k-token vocabulary.
-        let (inner, (token_bytes, token_text)) = std::thread::scope(|s| -> Result<_> {
-            let tables = s.spawn(|| token_tables(&tokens, &types));
-            let inner = bpe_tokenizer(gguf, &tokens, &types)?;
-            let tables = tables
-                .join()
-                .map_err(|_| anyhow::anyhow!("building the token tables panicked"))?;
-            Ok((inner, tables))
-        })?;
+        let token_bytes = token_bytes(&tokens, &types);
+        let (inner, bpe) = bpe_pipeline(gguf, &tokens, &types)?;
         // Special ids index the vocabulary (and the embedding rows): one past its end would be
         // read far from where it belongs.
         let id = |key: &str| -> Result<Option<u32>> {
@@ -131,8 +136,8 @@ impl Tokenizer {
         };
         Ok(Tokenizer {
             inner,
+            bpe,
             token_bytes,
-            token_text,
             eog,
             eos,
             bos,
@@ -142,7 +147,7 @@ impl Tokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.token_bytes.ends.len()
+        self.bpe.len()
     }
 
     /// Tokenizes text; special tokens written in the text (`<|im_start|>`) become their ids.
@@ -229,9 +234,7 @@ impl Tokenizer {
     }
 
     pub fn token_text(&self, id: u32) -> &str {
-        self.token_text
-            .range(id)
-            .map_or("", |r| &self.token_text.all[r])
+        self.bpe.text(id).unwrap_or("")
     }
 
     pub fn decode(&self, ids: &[u32]) -> String {
@@ -261,15 +264,11 @@ impl<T> Packed<T> {
     }
 }
 
-/// The bytes each token stands for (none for control tokens) and its literal text.
-fn token_tables(tokens: &[&str], types: &[i64]) -> (Packed<Vec<u8>>, Packed<String>) {
+/// The bytes each token stands for (none for control tokens).
+fn token_bytes(tokens: &[&str], types: &[i64]) -> Packed<Vec<u8>> {
     let decode_byte = byte_level_decoder();
     let mut bytes = Packed {
         all: Vec::with_capacity(tokens.iter().map(|t| t.len()).sum()),
-        ends: Vec::with_capacity(tokens.len()),
-    };
-    let mut text = Packed {
-        all: String::with_capacity(bytes.all.capacity()),
         ends: Vec::with_capacity(tokens.len()),
     };
     for (i, t) in tokens.iter().enumerate() {
@@ -278,44 +277,44 @@ fn token_tables(tokens: &[&str], types: &[i64]) -> (Packed<Vec<u8>>, Packed<Stri
             TOKEN_TYPE_USER_DEFINED => bytes.all.extend_from_slice(t.as_bytes()),
             _ => bytes.all.extend(
                 t.chars()
-                    .map(|c| decode_byte.get(&c).copied().unwrap_or(b'?')),
+                    .map(|c| decode_byte.get(c as usize).copied().unwrap_or(b'?')),
             ),
         }
         bytes.ends.push(bytes.all.len());
-        text.all.push_str(t);
-        text.ends.push(text.all.len());
     }
-    (bytes, text)
+    bytes
 }
 
-/// The byte-level BPE model over the GGUF vocabulary and merges, with Qwen2's pre-tokenizer and
-/// the control and user-defined tokens as added tokens.
-fn bpe_tokenizer(gguf: &GgufFile, tokens: &[&str], types: &[i64]) -> Result<tokenizers::Tokenizer> {
-    let merges: Vec<(String, String)> = gguf
-        .get_array("tokenizer.ggml.merges")?
-        .iter()
-        .map(|m| {
-            let m = m
-                .as_str()
-                .context("tokenizer.ggml.merges holds a non-string")?;
-            let (a, b) = m.split_once(' ').with_context(|| {
-                format!("merge rule {m:?} is not two tokens separated by a space")
-            })?;
-            Ok((a.to_string(), b.to_string()))
-        })
-        .collect::<Result<_>>()?;
-    let vocab: tokenizers::models::bpe::Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), i as u32))
-        .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| {
-            anyhow::anyhow!("cannot build the BPE tokenizer from the GGUF vocabulary: {e}")
-        })?;
-    let mut inner = tokenizers::Tokenizer::new(bpe);
+/// Our BPE model over the GGUF vocabulary and merges, in the `tokenizers` pipeline.
+fn bpe_pipeline(
+    gguf: &GgufFile,
+    tokens: &[&str],
+    types: &[i64],
+) -> Result<(Pipeline, ByteLevelBpe)> {
+    let merges = gguf.get_array("tokenizer.ggml.merges")?;
+    let bpe = ByteLevelBpe::new(
+        tokens,
+        merges.iter().map(|m| {
+            m.as_str()
+                .context("tokenizer.ggml.merges holds a non-string")
+        }),
+    )
+    .map_err(|e| {
+        anyhow::anyhow!("cannot build the BPE tokenizer from the GGUF vocabulary: {e:#}")
+    })?;
+    Ok((pipeline(bpe.clone(), tokens, types)?, bpe))
+}
+
+/// A BPE model with Qwen2's pre-tokenizer, the byte-level decoder, and the control and
+/// user-defined tokens as added tokens.
+fn pipeline<M: tokenizers::Model>(
+    model: M,
+    tokens: &[&str],
+    types: &[i64],
+) -> Result<
+    TokenizerImpl<M, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>,
+> {
+    let mut inner = TokenizerImpl::new(model);
     let split = Split::new(
         SplitPattern::Regex(QWEN2_SPLIT.to_string()),
         SplitDelimiterBehavior::Isolated,
@@ -326,7 +325,7 @@ fn bpe_tokenizer(gguf: &GgufFile, tokens: &[&str], types: &[i64]) -> Result<toke
         PreTokenizerWrapper::Split(split),
         PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
     ]))));
-    inner.with_decoder(Some(ByteLevel::default()));
+    inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
     let added: Vec<AddedToken> = tokens
         .iter()
         .zip(types)
@@ -337,6 +336,39 @@ fn bpe_tokenizer(gguf: &GgufFile, tokens: &[&str], types: &[i64]) -> Result<toke
     Ok(inner)
 }
 
+/// The same pipeline around the `tokenizers` crate's own BPE model, which ours is checked
+/// against: ids of `text` (control tokens written in it read as such).
+#[cfg(feature = "test-hooks")]
+pub fn reference_encode(gguf: &GgufFile) -> Result<impl Fn(&str) -> Vec<u32>> {
+    let tokens: Vec<&str> = gguf
+        .get_array("tokenizer.ggml.tokens")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let types: Vec<i64> = gguf
+        .get_array("tokenizer.ggml.token_type")?
+        .iter()
+        .map(|t| t.as_i64().unwrap_or(1))
+        .collect();
+    let merges: Vec<(String, String)> = gguf
+        .get_array("tokenizer.ggml.merges")?
+        .iter()
+        .filter_map(|m| m.as_str()?.split_once(' '))
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
+    let bpe = tokenizers::models::bpe::BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let inner = pipeline(bpe, &tokens, &types)?;
+    Ok(move |text: &str| inner.encode_fast(text, false).unwrap().get_ids().to_vec())
+}
+
 fn vocab_lookup(tokens: &[&str], name: &str) -> Option<u32> {
     // Special tokens sit at the end of the vocabulary; search from there.
     tokens.iter().rposition(|t| *t == name).map(|i| i as u32)
@@ -344,8 +376,8 @@ fn vocab_lookup(tokens: &[&str], name: &str) -> Option<u32> {
 
 /// GPT-2's byte-level alphabet: printable bytes stand for themselves, the others are shifted to
 /// code points from 256 on, in order. This is the inverse map.
-fn byte_level_decoder() -> HashMap<char, u8> {
-    let mut map = HashMap::with_capacity(256);
+fn byte_level_decoder() -> Vec<u8> {
+    let mut map = vec![b'?'; 256 + 68];
     let mut shifted = 0u32;
     for b in 0..=255u8 {
         let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
@@ -355,7 +387,7 @@ fn byte_level_decoder() -> HashMap<char, u8> {
             shifted += 1;
             char::from_u32(255 + shifted).expect("valid code point")
         };
-        map.insert(c, b);
+        map[c as usize] = b;
     }
     map
 }
