@@ -72,6 +72,7 @@ impl ByteLevelBpe {
         let hasher = DefaultHashBuilder::default();
         let mut ids = HashTable::with_capacity(tokens.len());
         let mut chars = vec![NONE; CHAR_TABLE];
+        let mut repeated = false;
         for (id, t) in tokens.iter().enumerate() {
             let id = id as u32;
             let hash = hasher.hash_one(t);
@@ -81,7 +82,9 @@ impl ByteLevelBpe {
                 |&other: &u32| hasher.hash_one(token(&text, &ends, other)),
             );
             // A text given twice keeps the later id, as a map built from the list would.
-            *entry.or_insert(id).get_mut() = id;
+            let entry = entry.or_insert(id);
+            repeated |= *entry.get() != id;
+            *entry.into_mut() = id;
             let mut cs = t.chars();
             if let (Some(c), None) = (cs.next(), cs.next()) {
                 if (c as usize) < CHAR_TABLE {
@@ -103,12 +106,26 @@ impl ByteLevelBpe {
             let Some((left, right)) = rule.split_once(' ') else {
                 bail!("merge rule {rank} ({rule:?}) is not two tokens separated by a space");
             };
-            joined.clear();
-            joined.push_str(left);
-            joined.push_str(right);
-            let (Some(l), Some(r), Some(m)) =
-                (tables.id(left), tables.id(right), tables.id(&joined))
-            else {
+            // GPT-2 style vocabularies (Qwen's among them) list the 256 byte tokens, then each
+            // rule's merged token in rule order: look there before hashing the joined text.
+            let guess = 256 + rank as u32;
+            let merged = match tables.text_of(guess) {
+                Some(t)
+                    if !repeated
+                        && t.len() == left.len() + right.len()
+                        && t.starts_with(left)
+                        && t.ends_with(right) =>
+                {
+                    Some(guess)
+                }
+                _ => {
+                    joined.clear();
+                    joined.push_str(left);
+                    joined.push_str(right);
+                    tables.id(&joined)
+                }
+            };
+            let (Some(l), Some(r), Some(m)) = (tables.id(left), tables.id(right), merged) else {
                 bail!("merge rule {rank} ({rule:?}) names a token that is not in the vocabulary");
             };
             // The first rule for a pair is the one that applies.
@@ -119,8 +136,7 @@ impl ByteLevelBpe {
 
     /// A token's text as the vocabulary spells it.
     pub fn text(&self, id: u32) -> Option<&str> {
-        let t = &*self.0;
-        ((id as usize) < t.ends.len()).then(|| token(&t.text, &t.ends, id))
+        self.0.text_of(id)
     }
 
     pub fn len(&self) -> usize {
@@ -195,6 +211,10 @@ impl ByteLevelBpe {
 }
 
 impl Tables {
+    fn text_of(&self, id: u32) -> Option<&str> {
+        ((id as usize) < self.ends.len()).then(|| token(&self.text, &self.ends, id))
+    }
+
     fn id(&self, text: &str) -> Option<u32> {
         self.ids
             .find(self.hasher.hash_one(text), |&id| {
@@ -325,5 +345,27 @@ mod tests {
     fn a_repeated_text_keeps_the_later_id() {
         let m = model(&["a", "b", "a"], &[]);
         assert_eq!(m.token_to_id("a"), Some(2));
+    }
+
+    /// Merged tokens found where GPT-2 vocabularies put them (id 256 + rank) and elsewhere.
+    #[test]
+    fn merged_tokens_in_rule_order_or_not() {
+        let bytes: Vec<String> = (0..256).map(|i| format!("<{i}>")).collect();
+        let mut tokens: Vec<&str> = bytes.iter().map(String::as_str).collect();
+        tokens.extend(["<1><2>", "<3><4>", "<1><2><3><4>"]);
+        let m = model(&tokens, &["<1> <2>", "<3> <4>", "<1><2> <3><4>"]);
+        let swapped = model(&tokens, &["<3> <4>", "<1> <2>", "<1><2> <3><4>"]);
+        for m in [m, swapped] {
+            let merged = |l: &str, r: &str| {
+                m.0.merges[&(m.token_to_id(l).unwrap(), m.token_to_id(r).unwrap())]
+            };
+            assert_eq!(merged("<1>", "<2>").1, 256);
+            assert_eq!(merged("<3>", "<4>").1, 257);
+            assert_eq!(merged("<1><2>", "<3><4>"), (2, 258));
+        }
+        // A repeated text: the later id, not the one at 256 + rank.
+        tokens.push("<1><2>");
+        let m = model(&tokens, &["<1> <2>"]);
+        assert_eq!(m.0.merges[&(1, 2)], (0, 259));
     }
 }
