@@ -134,6 +134,60 @@ fn a_web_page_cannot_drive_the_server() {
     );
 }
 
+/// The chat page at `/`: served to a browser with its types and a strict CSP (the one-line
+/// answer to anything else), its files open without the key, and its own requests (of the
+/// server's origin) taken while other pages stay refused.
+#[test]
+fn the_chat_page_is_served_and_may_call_its_server() {
+    let s = Server::start(tiny_model(), &["-t", "1", "--api-key", "k"]);
+    let (status, h, text) = send(&s, "GET", "/", &[], None);
+    assert_eq!((status, text.as_str()), (200, "qwen-run is running"));
+    assert!(h.get("content-security-policy").is_none());
+    let html = ("accept", "text/html,application/xhtml+xml,*/*;q=0.8");
+    for (path, accept, kind) in [
+        ("/", html, "text/html"),
+        ("/ui/app.js", ("accept", "*/*"), "text/javascript"),
+        ("/ui/style.css", ("accept", "text/css"), "text/css"),
+        ("/ui/icon.svg", ("accept", "*/*"), "image/svg+xml"),
+    ] {
+        let (status, h, text) = send(&s, "GET", path, &[accept], None);
+        assert_eq!(status, 200, "{path}: {text}");
+        let ct = h["content-type"].to_str().unwrap();
+        assert!(ct.starts_with(kind), "{path}: {ct}");
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+            "{csp}"
+        );
+        assert_eq!(h["x-content-type-options"], "nosniff");
+    }
+    let page = s.base.clone();
+    let host = page.strip_prefix("http://").unwrap();
+    let body = chat().to_string();
+    let own = [JSON, ("origin", page.as_str()), ("host", host)];
+    let (status, _, text) = send(&s, "POST", "/v1/chat/completions", &own, Some(&body));
+    assert_eq!(status, 401, "the page needs the key too: {text}");
+    let keyed = [
+        JSON,
+        ("origin", page.as_str()),
+        ("host", host),
+        ("authorization", "Bearer k"),
+    ];
+    let (status, _, text) = send(&s, "POST", "/v1/chat/completions", &keyed, Some(&body));
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(v["timings"]["predicted_n"].is_u64(), "{v}");
+    // Another page (another port of this machine is another origin) is still refused.
+    let other = [
+        JSON,
+        ("origin", "http://127.0.0.1:1"),
+        ("host", host),
+        ("authorization", "Bearer k"),
+    ];
+    let (status, _, text) = send(&s, "POST", "/v1/chat/completions", &other, Some(&body));
+    assert_eq!(status, 403, "{text}");
+}
+
 #[test]
 fn allowed_origins_get_cors_headers() {
     let s = Server::start_with_env(

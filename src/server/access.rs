@@ -7,9 +7,10 @@
 //! browser hides its answer. Requests from a page (they carry `Origin`) are therefore refused
 //! unless `--cors-origin` / `OLLAMA_ORIGINS` allows that origin, and a DNS-rebinding page (whose
 //! requests name the attacker's host in `Host`) is refused while the server listens on loopback.
+//! The server's own chat page (`/`) is of the server's origin, and its requests are taken.
 
 use super::error::ApiError;
-use super::{ollama, openai};
+use super::{ollama, openai, webui};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
@@ -29,7 +30,8 @@ pub struct AccessOptions {
     pub loopback: bool,
 }
 
-/// Paths anyone may read without a key: liveness checks.
+/// Paths anyone may read without a key: liveness checks (and the chat page at `/`, with its
+/// files in [`webui::PATHS`]).
 const OPEN_PATHS: &[&str] = &["/", "/health"];
 
 /// Headers a page may read from our answers besides the CORS-safelisted ones.
@@ -156,6 +158,14 @@ pub async fn check(State(access): State<Arc<AccessOptions>>, req: Request, next:
     let origin = headers
         .get(header::ORIGIN)
         .map(|o| o.to_str().unwrap_or("").to_string());
+    // A page of this server's own origin: the chat page. Under DNS rebinding a hostile page is
+    // of "our" origin too, which is why the Host check above comes first on loopback; beyond
+    // loopback the API key is what guards the server.
+    let same_origin = origin.as_deref().is_some_and(|o| {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        host.is_some_and(|h| o.strip_prefix("http://").or(o.strip_prefix("https://")) == Some(h))
+    });
+    let origin = origin.filter(|_| !same_origin);
     if let Some(origin) = &origin {
         if !access.origin_allowed(origin) {
             return refuse(
@@ -171,6 +181,7 @@ pub async fn check(State(access): State<Arc<AccessOptions>>, req: Request, next:
     }
     if !access.api_keys.is_empty()
         && !OPEN_PATHS.contains(&path.as_str())
+        && !webui::PATHS.contains(&path.as_str())
         && !access.key_accepted(headers)
     {
         let why =

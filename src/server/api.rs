@@ -7,7 +7,7 @@ use super::models::{LoadedModel, ModelPool, ModelStatus};
 use super::protocol::Logprob;
 use crate::grammar::{Constraint, Format};
 use crate::sampler::SamplingParams;
-use crate::scheduler::MAX_TOP_LOGPROBS;
+use crate::scheduler::{Generation, MAX_TOP_LOGPROBS};
 use crate::tokenizer::Message;
 use axum::body::{Body, Bytes};
 use axum::http::{header, StatusCode};
@@ -404,6 +404,33 @@ pub fn stream_response(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .expect("valid response")
+}
+
+/// llama-server's `timings` of a generation (its `/completion` answers carry them, and so do the
+/// last chunk and the answer of `/v1/chat/completions`, as llama-server's do).
+pub fn timings(s: &Generation) -> Value {
+    let prompt_n = s.prompt_tokens - s.reused_tokens;
+    let prompt_ms = s.prefill_time.as_secs_f64() * 1e3;
+    let predicted_n = s.completion_tokens;
+    let predicted_ms = s.decode_time.as_secs_f64() * 1e3;
+    let per = |ms: f64, n: usize| if n > 0 { ms / n as f64 } else { 0.0 };
+    let rate = |ms: f64, n: usize| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
+    let mut timings = json!({
+        "cache_n": s.reused_tokens,
+        "prompt_n": prompt_n,
+        "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": per(prompt_ms, prompt_n),
+        "prompt_per_second": rate(prompt_ms, prompt_n),
+        "predicted_n": predicted_n,
+        "predicted_ms": predicted_ms,
+        "predicted_per_token_ms": per(predicted_ms, predicted_n),
+        "predicted_per_second": rate(predicted_ms, predicted_n),
+    });
+    if s.spec.drafted > 0 {
+        timings["draft_n"] = json!(s.spec.drafted);
+        timings["draft_n_accepted"] = json!(s.spec.accepted);
+    }
+    timings
 }
 
 pub fn unix_now() -> u64 {

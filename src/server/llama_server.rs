@@ -5,7 +5,8 @@
 //! [`openai`](super::openai), since it takes a chat completion's body).
 
 use super::api::{
-    compile_format, grammar_fields, parse_body, stream_response, top_logprobs, AppState, Sampling,
+    compile_format, grammar_fields, parse_body, stream_response, timings, top_logprobs, AppState,
+    Sampling,
 };
 use super::error::ApiError;
 use super::fields;
@@ -261,31 +262,6 @@ fn stop_type(f: FinishReason, stopped_by_word: bool) -> &'static str {
         _ if stopped_by_word => "word",
         _ => "eos",
     }
-}
-
-fn timings(s: &Generation) -> Value {
-    let prompt_n = s.prompt_tokens - s.reused_tokens;
-    let prompt_ms = s.prefill_time.as_secs_f64() * 1e3;
-    let predicted_n = s.completion_tokens;
-    let predicted_ms = s.decode_time.as_secs_f64() * 1e3;
-    let per = |ms: f64, n: usize| if n > 0 { ms / n as f64 } else { 0.0 };
-    let rate = |ms: f64, n: usize| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
-    let mut timings = json!({
-        "cache_n": s.reused_tokens,
-        "prompt_n": prompt_n,
-        "prompt_ms": prompt_ms,
-        "prompt_per_token_ms": per(prompt_ms, prompt_n),
-        "prompt_per_second": rate(prompt_ms, prompt_n),
-        "predicted_n": predicted_n,
-        "predicted_ms": predicted_ms,
-        "predicted_per_token_ms": per(predicted_ms, predicted_n),
-        "predicted_per_second": rate(predicted_ms, predicted_n),
-    });
-    if s.spec.drafted > 0 {
-        timings["draft_n"] = json!(s.spec.drafted);
-        timings["draft_n_accepted"] = json!(s.spec.accepted);
-    }
-    timings
 }
 
 /// llama-server's `completion_probabilities` entries.

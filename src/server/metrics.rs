@@ -61,6 +61,8 @@ pub struct Metrics {
     pub queue_depth: AtomicUsize,
     pub busy: AtomicUsize,
     pub response_cache_hits: AtomicU64,
+    /// Generations stopped because their client went away (closed the stream, or aborted).
+    pub cancelled: AtomicU64,
     pub queue_timeouts: AtomicU64,
     pub model_loads: AtomicU64,
     pub model_unloads: AtomicU64,
@@ -82,6 +84,7 @@ impl Default for Metrics {
             queue_depth: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
             response_cache_hits: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
             queue_timeouts: AtomicU64::new(0),
             model_loads: AtomicU64::new(0),
             model_unloads: AtomicU64::new(0),
@@ -182,6 +185,11 @@ impl Metrics {
                 "qwen_run_response_cache_hits_total",
                 "Requests answered from the response cache (--response-cache).",
                 self.response_cache_hits.load(Ordering::Relaxed),
+            ),
+            (
+                "qwen_run_generations_cancelled_total",
+                "Generations stopped because their client went away.",
+                self.cancelled.load(Ordering::Relaxed),
             ),
             (
                 "qwen_run_queue_timeouts_total",

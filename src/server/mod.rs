@@ -10,7 +10,7 @@
 //! events between handlers and a model's worker thread (`worker`: the scheduler's `--parallel`
 //! slots), [`output`] a generation's events as handlers read them, [`tool_calls`] the
 //! `<tool_call>` parser, [`response_cache`] the cache of deterministic answers, [`error`] error
-//! answers, [`metrics`] `GET /metrics`.
+//! answers, [`metrics`] `GET /metrics`, [`webui`] the chat page at `/`.
 
 pub mod access;
 pub mod api;
@@ -27,6 +27,7 @@ pub mod protocol;
 pub mod response_cache;
 pub mod routing;
 pub mod tool_calls;
+pub mod webui;
 mod worker;
 
 use access::AccessOptions;
@@ -146,7 +147,10 @@ pub fn serve(options: ServerOptions) -> Result<()> {
 
 pub fn router(state: Arc<AppState>, access: Arc<AccessOptions>) -> Router {
     Router::new()
-        .route("/", get(|| async { "qwen-run is running" }))
+        .route("/", get(webui::index))
+        .route("/ui/app.js", get(webui::app_js))
+        .route("/ui/style.css", get(webui::style_css))
+        .route("/ui/icon.svg", get(webui::icon_svg))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/v1/models", get(openai::models))
@@ -191,6 +195,9 @@ pub fn router(state: Arc<AppState>, access: Arc<AccessOptions>) -> Router {
 
 const ENDPOINTS: &[&str] = &[
     "/",
+    "/ui/app.js",
+    "/ui/style.css",
+    "/ui/icon.svg",
     "/health",
     "/metrics",
     "/v1/models",

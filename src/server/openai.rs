@@ -4,7 +4,7 @@
 use super::api::AppState;
 use super::api::{
     chat_prompt, compile_format, grammar_fields, logprob_json, normalize_tool_calls, parse_body,
-    stream_response, tool_call_format, top_logprobs, unix_now, Sampling,
+    stream_response, timings, tool_call_format, top_logprobs, unix_now, Sampling,
 };
 use super::error::ApiError;
 use super::fields;
@@ -554,6 +554,7 @@ async fn chat_inner(
                     "finish_reason": finish_str(s.finish),
                 }],
                 "usage": usage(&s),
+                "timings": timings(&s),
             }))
             .into_response(),
             &headers,
@@ -599,10 +600,9 @@ async fn chat_inner(
             )),
             OutEvent::Logprob(_) => None,
             OutEvent::Done(s) => {
-                let mut last = vec![with_logprobs(
-                    chunk(json!({}), Some(finish_str(s.finish))),
-                    lps,
-                )];
+                let mut end = with_logprobs(chunk(json!({}), Some(finish_str(s.finish))), lps);
+                end["timings"] = timings(&s);
+                let mut last = vec![end];
                 if include_usage {
                     let mut u = chunk(json!({}), None);
                     u["choices"] = json!([]);

@@ -6,7 +6,9 @@ use super::metrics::Metrics;
 use super::protocol::{Job, Logprob, Place, ShownToken, WorkerEvent};
 use crate::engine::Engine;
 use crate::sampler::Sampler;
-use crate::scheduler::{ChunkPolicy, Event, Held, Output, Request, Scheduler, SlotState};
+use crate::scheduler::{
+    ChunkPolicy, Event, FinishReason, Held, Output, Request, Scheduler, SlotState,
+};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -124,6 +126,9 @@ impl Output for JobOutput {
                     g.decode_time,
                 );
                 self.metrics.record_speculation(g.spec);
+                if g.finish == FinishReason::Cancelled {
+                    self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
                 WorkerEvent::Done(g)
             }
             Event::Error(e) => {
