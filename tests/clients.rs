@@ -4,7 +4,8 @@
 //! embeddings: one script per client in tests/clients/, which prints "ok". A script whose package
 //! cannot be imported prints "skip: ..." and the test notes it and passes; a "known: ..." line is
 //! a server gap the script found and stepped over (see the `# KNOWN:` comment beside it), and is
-//! printed.
+//! printed. `webui_browser.py` drives the chat page at `/` in headless chromium through selenium
+//! (tests/run.sh installs chromium and chromium-driver when it runs as root).
 
 mod common;
 
@@ -45,9 +46,13 @@ fn server() -> Arc<Server> {
 
 /// Runs tests/clients/`script` against the shared server and checks that it printed "ok".
 fn run_client(script: &str) {
+    run_script(&server(), script);
+}
+
+/// Runs tests/clients/`script` against `s` and checks that it printed "ok".
+fn run_script(s: &Server, script: &str) {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/");
     let path = format!("{path}{script}");
-    let s = server();
     let t0 = Instant::now();
     let child = Command::new("python3")
         .arg(&path)
@@ -156,4 +161,17 @@ fn langchain_client() {
 #[test]
 fn langchain_ollama_client() {
     run_client("langchain_ollama_client.py");
+}
+
+/// The chat page at `/` in headless chromium (selenium): it loads, streams a reply with its
+/// figures, and its Stop button cancels the generation on the server (issue 25, part 5). Skipped
+/// without chromium, chromium-driver or selenium. A server of its own, so that the cancellation
+/// it counts in /metrics is its own.
+#[test]
+fn web_chat_page_in_a_browser() {
+    let s = Server::start(
+        &common::real_model("0.5b"),
+        &["-c", "4096", "--parallel", "1", "--queue-timeout", "600"],
+    );
+    run_script(&s, "webui_browser.py");
 }

@@ -8,8 +8,18 @@ echo "== fetching the real test models (cached after the first run)"
 export QWEN_RUN_MODEL_0_5B="$(python3 models/fetch.py 0.5b)"
 export QWEN_RUN_MODEL_1_5B="$(python3 models/fetch.py 1.5b)"
 
-echo "== the Python clients (openai, ollama, instructor, langchain-openai, langchain-ollama) for tests/clients.rs and tests/server.rs (skipped there when missing)"
+echo "== the Python clients (openai, ollama, instructor, langchain-openai, langchain-ollama, selenium) for tests/clients.rs and tests/server.rs (skipped there when missing)"
 python3 -m pip install -q -r tests/clients/requirements.txt || echo "note: pip install -r tests/clients/requirements.txt failed; the Python client tests whose package cannot be imported will be skipped"
+
+echo "== chromium and its driver for the chat page's browser test in tests/clients.rs (skipped there when missing)"
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+    echo "already installed"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) >/dev/null \
+        || echo "note: apt-get install chromium chromium-driver failed; the browser test will be skipped"
+else
+    echo "note: chromium or chromedriver missing and not root with apt-get; the browser test will be skipped"
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
