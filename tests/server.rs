@@ -2013,6 +2013,170 @@ fn llama_server_completion() {
     }
 }
 
+/// llama-server's `POST /slots/{id}?action=save|erase|restore` on the real 0.5B model, with no
+/// other cache (`--cache-ram 0`): an erased slot no longer serves its prompt, a restored one
+/// does; bad filenames, actions, slots and files are refused.
+#[test]
+fn slots_save_erase_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let slot_dir = dir.path().join("slots");
+    let s = Server::start(
+        &common::real_model("0.5b"),
+        &[
+            "-c",
+            "1024",
+            "--parallel",
+            "1",
+            "--cache-ram",
+            "0",
+            "--slot-save-path",
+            slot_dir.to_str().unwrap(),
+        ],
+    );
+    let prompt = "// A ring buffer of fixed capacity in Rust, with push, pop, len and an iterator over the items from the oldest to the newest.\npub struct RingBuffer<T> {";
+    let complete = || {
+        let (st, v) = s.post(
+            "/completion",
+            &json!({"prompt": prompt, "n_predict": 8, "temperature": 0}),
+        );
+        assert_eq!(st, 200, "{v}");
+        v
+    };
+    let cached = |v: &Value| v["tokens_cached"].as_u64().unwrap();
+    let first = complete();
+    let n_prompt = first["tokens_evaluated"].as_u64().unwrap();
+    let slot_cached = || {
+        let (_, body) = s.get("/slots");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v[0]["n_cached"].as_u64().unwrap()
+    };
+    let held = slot_cached();
+    assert!(held >= n_prompt, "{held} {n_prompt}");
+
+    let (st, v) = s.post("/slots/0?action=save", &json!({"filename": "ring.bin"}));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["id_slot"], 0);
+    assert_eq!(v["filename"], "ring.bin");
+    assert_eq!(v["n_saved"], held, "{v}");
+    let file = slot_dir.join("ring.bin");
+    assert_eq!(
+        v["n_written"].as_u64().unwrap(),
+        std::fs::metadata(&file).unwrap().len()
+    );
+    assert!(v["timings"]["save_ms"].as_f64().is_some(), "{v}");
+
+    // Erased, the slot holds nothing and the prompt runs whole.
+    let (st, v) = s.post("/slots/0?action=erase", &json!({}));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["n_erased"], held, "{v}");
+    assert_eq!(slot_cached(), 0);
+    assert_eq!(cached(&complete()), 0);
+
+    // Restored, it serves the prompt again, with the same answer.
+    s.post("/slots/0?action=erase", &json!({}));
+    let (st, v) = s.post("/slots/0?action=restore", &json!({"filename": "ring.bin"}));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["n_restored"], held, "{v}");
+    assert!(v["timings"]["restore_ms"].as_f64().is_some(), "{v}");
+    assert_eq!(slot_cached(), held);
+    let again = complete();
+    assert_eq!(cached(&again), n_prompt - 1, "{again}");
+    assert_eq!(again["content"], first["content"]);
+
+    // Refused: each a 4xx naming why.
+    let refused = |path: &str, body: Value, status: u16, needle: &str| {
+        let (st, v) = s.post(path, &body);
+        assert_eq!(st, status, "{path} {body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{path} {body}: {msg}");
+    };
+    for bad in [
+        "../ring.bin",
+        "a/b.bin",
+        "..",
+        ".hidden",
+        "",
+        "a\\b",
+        "x\u{0}y",
+    ] {
+        for action in ["save", "restore"] {
+            refused(
+                &format!("/slots/0?action={action}"),
+                json!({"filename": bad}),
+                400,
+                "invalid slot filename",
+            );
+        }
+    }
+    refused("/slots/0?action=save", json!({}), 400, "'filename'");
+    refused(
+        "/slots/0?action=save",
+        json!({"filename": "a", "path": "/"}),
+        400,
+        "'path'",
+    );
+    refused(
+        "/slots/0?action=load",
+        json!({}),
+        400,
+        "save, restore or erase",
+    );
+    refused("/slots/0", json!({}), 400, "save, restore or erase");
+    refused("/slots/7?action=erase", json!({}), 400, "no slot 7");
+    refused("/slots/x?action=erase", json!({}), 400, "number");
+    refused(
+        "/slots/0?action=erase",
+        json!({"filename": "ring.bin"}),
+        400,
+        "no 'filename'",
+    );
+    refused(
+        "/slots/0?action=restore",
+        json!({"filename": "none.bin"}),
+        404,
+        "none.bin",
+    );
+    std::fs::write(
+        slot_dir.join("junk.bin"),
+        b"not a KV file at all, just text",
+    )
+    .unwrap();
+    refused(
+        "/slots/0?action=restore",
+        json!({"filename": "junk.bin"}),
+        400,
+        "bad magic",
+    );
+    let mut cut = std::fs::read(&file).unwrap();
+    cut.truncate(cut.len() - 100);
+    std::fs::write(slot_dir.join("cut.bin"), cut).unwrap();
+    refused(
+        "/slots/0?action=restore",
+        json!({"filename": "cut.bin"}),
+        400,
+        "truncated",
+    );
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(&file, slot_dir.join("link.bin")).unwrap();
+        refused(
+            "/slots/0?action=restore",
+            json!({"filename": "link.bin"}),
+            400,
+            "symbolic link",
+        );
+        std::fs::create_dir(slot_dir.join("sub.bin")).unwrap();
+        refused(
+            "/slots/0?action=restore",
+            json!({"filename": "sub.bin"}),
+            400,
+            "not a regular file",
+        );
+    }
+    // A refused restore left the slot as it was.
+    assert_eq!(slot_cached(), held);
+}
+
 /// llama-server's tools around generation, on the real 0.5B model: /tokenize and /detokenize
 /// (round trip of non-ASCII text, pieces, special tokens), /apply-template (the prompt the chat
 /// endpoint runs), /props, /slots, /health and its `llamacpp:*` metrics.
@@ -2189,12 +2353,13 @@ fn llama_server_tokenize_template_props_slots() {
     );
     let (st, body) = s.get("/slots?action=save");
     assert_eq!(st, 400, "{body}");
+    // Saving needs a directory for the files.
     let (st, v) = s.post("/slots/0?action=save", &json!({"filename": "a.bin"}));
     assert_eq!(st, 501, "{v}");
     assert!(v["error"]["message"]
         .as_str()
         .unwrap()
-        .contains("not supported"));
+        .contains("--slot-save-path"));
 
     let (st, body) = s.get("/health");
     assert_eq!(st, 200, "{body}");

@@ -105,6 +105,11 @@ pub struct ServeArgs {
     /// <arch>.pooling_type, else last, as Qwen2-based embedding models pool.
     #[arg(long, value_name = "TYPE", value_parser = ["none", "mean", "cls", "last"])]
     pub pooling: Option<String>,
+    /// Directory for POST /slots/{id}?action=save|restore (a slot's tokens and KV cache in a
+    /// file named by the request; created private if missing). Without it those actions are
+    /// refused.
+    #[arg(long = "slot-save-path", value_name = "DIR")]
+    pub slot_save_path: Option<std::path::PathBuf>,
     // With several models, the chat template flags apply to every one of them.
     #[command(flatten)]
     pub template: TemplateArgs,
@@ -177,6 +182,7 @@ impl ServeArgs {
             prefill_chunk: self.prefill_chunk,
             embeddings: self.embedding,
             pooling: self.pooling.as_deref().and_then(Pooling::parse),
+            slot_save_path: self.slot_save_path.clone(),
             route: RouteRule {
                 small: self.route_small.clone(),
                 large: self.route_large.clone(),

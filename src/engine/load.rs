@@ -277,6 +277,6 @@ impl Engine {
 
 /// The prompt cache's model key: the file's identity and the rotary settings, which the cached
 /// keys were rotated with.
-fn rope_keyed(identity: u64, cfg: &Config) -> u64 {
+pub(super) fn rope_keyed(identity: u64, cfg: &Config) -> u64 {
     crate::prefix_cache::hash_bytes(identity, &cfg.rope.fingerprint())
 }

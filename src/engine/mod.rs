@@ -114,6 +114,22 @@ impl Engine {
         Ok(Session::new(self.runner.new_cache(self.ctx_size)?))
     }
 
+    /// How this engine's KV is laid out in files (the prompt cache's, a saved slot's), in blocks
+    /// of `block` tokens: reads the model file's identity.
+    pub fn kv_file_shape(&self, block: usize) -> Result<crate::prefix_cache::Shape> {
+        let c = self.config();
+        let identity = crate::prefix_cache::model_identity(self.gguf.paths())?;
+        Ok(crate::prefix_cache::Shape {
+            model: load::rope_keyed(identity, c),
+            type_k: self.cache_type_k(),
+            type_v: self.cache_type_v(),
+            layers: c.n_layers,
+            kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            block,
+        })
+    }
+
     /// Bytes of KV per token, all layers, in this engine's cache types.
     pub fn kv_bytes_per_token(&self) -> usize {
         let c = self.config();

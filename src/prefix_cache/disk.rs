@@ -29,6 +29,9 @@
 //! and only when their size is the one their header implies, so a file there cannot make the
 //! reader block (a FIFO), read elsewhere (a link) or allocate more than a block's size. Point
 //! `--prompt-cache` only at a directory no other user can write.
+//!
+//! A saved server slot (llama-server's `POST /slots/{id}?action=save`, [`save_session`]) is a
+//! file of the same layout and checks: one block, index 0, of all the tokens the slot holds.
 
 use super::hash_bytes;
 use crate::kv_cache::{CacheType, KvBlock};
@@ -195,16 +198,8 @@ impl DiskCache {
         self.dir.join(format!("{key:016x}.{EXT}"))
     }
 
-    fn block_bytes(&self) -> usize {
-        let s = &self.shape;
-        s.layers
-            * s.kv_heads
-            * s.block
-            * (s.type_k.row_bytes(s.head_dim) + s.type_v.row_bytes(s.head_dim))
-    }
-
     fn file_size(&self, index: usize) -> usize {
-        HEADER + 4 * (index + 1) * self.shape.block + self.block_bytes() + 8
+        self.shape.file_size(index)
     }
 
     /// The blocks of `tokens` stored on disk, from block `from` on while they continue.
@@ -236,90 +231,7 @@ impl DiskCache {
     }
 
     fn read(&self, path: &Path, index: usize, tokens: &[u32]) -> Result<KvBlock> {
-        let (mut f, len) = open_regular(path)?;
-        // The header first, so a foreign file is named for what it is; the rest only when the
-        // size is the one the header implies, so a huge file is never read into memory.
-        let expect = self.file_size(index);
-        let mut bytes = vec![0u8; HEADER.min(len as usize)];
-        f.read_exact(&mut bytes).context("cannot read it")?;
-        if bytes.len() < 8 || &bytes[..8] != MAGIC {
-            bail!("not a qwen-run prompt cache file (bad magic)");
-        }
-        if bytes.len() < HEADER {
-            bail!("it is {len} bytes, expected {expect} (truncated or damaged)");
-        }
-        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4"));
-        let version = u32_at(8);
-        if version != FORMAT_VERSION {
-            bail!("format version {version}, this qwen-run reads version {FORMAT_VERSION} (stale file)");
-        }
-        let model = u64::from_le_bytes(bytes[12..20].try_into().expect("8"));
-        let s = &self.shape;
-        if model != s.model {
-            bail!("it was made for another model file");
-        }
-        let (tk, tv) = (CacheType::from_id(bytes[20]), CacheType::from_id(bytes[21]));
-        if tk != Some(s.type_k) || tv != Some(s.type_v) {
-            bail!(
-                "it holds a {}/{} KV cache, this run uses {}/{}",
-                tk.map_or("unknown", CacheType::name),
-                tv.map_or("unknown", CacheType::name),
-                s.type_k.name(),
-                s.type_v.name()
-            );
-        }
-        let mut at = 24;
-        let mut next = || {
-            let v = u32_at(at) as usize;
-            at += 4;
-            v
-        };
-        let (layers, kv_heads, head_dim, block, at_index, n_tokens) =
-            (next(), next(), next(), next(), next(), next());
-        if (layers, kv_heads, head_dim, block) != (s.layers, s.kv_heads, s.head_dim, s.block) {
-            bail!("its KV shape (layers {layers}, KV heads {kv_heads}, head size {head_dim}, block {block}) does not match this model's");
-        }
-        if at_index != index || n_tokens != tokens.len() {
-            bail!(
-                "it holds block {at_index} of {n_tokens} tokens, expected block {index} of {}",
-                tokens.len()
-            );
-        }
-        if len != expect as u64 {
-            bail!(
-                "it is {len} bytes, expected {expect} (truncated or damaged), so it was not read"
-            );
-        }
-        bytes.resize(expect, 0);
-        f.read_exact(&mut bytes[HEADER..])
-            .context("cannot read it")?;
-        let sum = u64::from_le_bytes(bytes[expect - 8..].try_into().expect("8"));
-        if hash_bytes(0, &bytes[..expect - 8]) != sum {
-            bail!("checksum mismatch (the file is corrupt)");
-        }
-        if bytes[HEADER..HEADER + 4 * n_tokens]
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
-            .ne(tokens.iter().copied())
-        {
-            bail!("it holds other tokens (hash collision)");
-        }
-        let (rk, rv) = (
-            s.kv_heads * block * s.type_k.row_bytes(s.head_dim),
-            s.kv_heads * block * s.type_v.row_bytes(s.head_dim),
-        );
-        let mut at = HEADER + 4 * n_tokens;
-        let mut take = |n: usize| {
-            let v = bytes[at..at + n].to_vec();
-            at += n;
-            v
-        };
-        Ok(KvBlock {
-            tokens: block,
-            type_k: s.type_k,
-            type_v: s.type_v,
-            layers: (0..layers).map(|_| (take(rk), take(rv))).collect(),
-        })
+        read_file(path, &self.shape, Expect::Block { index, tokens }).map(|(_, b)| b)
     }
 
     /// Stores the prefix's blocks (`blocks[i]` is block `i`, whose chained hash is `hashes[i]`)
@@ -359,60 +271,7 @@ impl DiskCache {
     }
 
     fn write_block(&self, path: &Path, index: usize, tokens: &[u32], b: &KvBlock) -> Result<()> {
-        let s = &self.shape;
-        if b.type_k != s.type_k || b.type_v != s.type_v || b.layers.len() != s.layers {
-            bail!("a block of another cache layout");
-        }
-        let size = self.file_size(index);
-        let mut buf = Vec::with_capacity(size);
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        buf.extend_from_slice(&s.model.to_le_bytes());
-        buf.extend_from_slice(&[s.type_k.id(), s.type_v.id(), 0, 0]);
-        for v in [
-            s.layers,
-            s.kv_heads,
-            s.head_dim,
-            s.block,
-            index,
-            tokens.len(),
-        ] {
-            buf.extend_from_slice(&(v as u32).to_le_bytes());
-        }
-        for t in tokens {
-            buf.extend_from_slice(&t.to_le_bytes());
-        }
-        for (k, v) in &b.layers {
-            buf.extend_from_slice(k);
-            buf.extend_from_slice(v);
-        }
-        let sum = hash_bytes(0, &buf);
-        buf.extend_from_slice(&sum.to_le_bytes());
-        if buf.len() != size {
-            bail!("internal error: the prompt cache block has an unexpected size");
-        }
-        let tmp = self.dir.join(format!(
-            ".{}.{}-{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("entry"),
-            std::process::id(),
-            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let write = || -> Result<()> {
-            let mut options = fs::File::options();
-            options.write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut f = options.open(&tmp)?;
-            f.write_all(&buf)?;
-            f.sync_all()?;
-            fs::rename(&tmp, path)?;
-            Ok(())
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("cannot write {}", path.display()));
-        }
-        Ok(())
+        write_file(path, &self.shape, index, tokens, b).map(|_| ())
     }
 
     /// Deletes the least recently used cache files until the directory is within budget,
@@ -472,6 +331,226 @@ impl DiskCache {
             })
             .unwrap_or(0)
     }
+}
+
+impl Shape {
+    /// Bytes of one block's keys and values, all layers.
+    fn block_bytes(&self) -> usize {
+        self.layers
+            * self.kv_heads
+            * self.block
+            * (self.type_k.row_bytes(self.head_dim) + self.type_v.row_bytes(self.head_dim))
+    }
+
+    /// The size of the file of block `index`.
+    fn file_size(&self, index: usize) -> usize {
+        HEADER + 4 * (index + 1) * self.block + self.block_bytes() + 8
+    }
+}
+
+/// What a reader expects of a file.
+enum Expect<'a> {
+    /// Block `index` of a prompt prefix, whose tokens up to the block's end are `tokens`.
+    Block { index: usize, tokens: &'a [u32] },
+    /// A saved session: one block (index 0) of any length up to `max_tokens`.
+    Session { max_tokens: usize },
+}
+
+/// Reads a file written by [`write_file`] after checking it is the file expected (of this
+/// model, cache types and shape, intact); its tokens and its block's KV.
+fn read_file(path: &Path, shape: &Shape, expect: Expect) -> Result<(Vec<u32>, KvBlock)> {
+    let (mut f, len) = open_regular(path)?;
+    // The header first, so a foreign file is named for what it is; the rest only when the
+    // size is the one the header implies, so a huge file is never read into memory.
+    let mut bytes = vec![0u8; HEADER.min(len as usize)];
+    f.read_exact(&mut bytes).context("cannot read it")?;
+    if bytes.len() < 8 || &bytes[..8] != MAGIC {
+        bail!("not a qwen-run KV file (bad magic)");
+    }
+    if bytes.len() < HEADER {
+        bail!("it is {len} bytes, shorter than a header (truncated or damaged)");
+    }
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4"));
+    let version = u32_at(8);
+    if version != FORMAT_VERSION {
+        bail!(
+            "format version {version}, this qwen-run reads version {FORMAT_VERSION} (stale file)"
+        );
+    }
+    let model = u64::from_le_bytes(bytes[12..20].try_into().expect("8"));
+    if model != shape.model {
+        bail!("it was made for another model file (or other rope settings)");
+    }
+    let (tk, tv) = (CacheType::from_id(bytes[20]), CacheType::from_id(bytes[21]));
+    if tk != Some(shape.type_k) || tv != Some(shape.type_v) {
+        bail!(
+            "it holds a {}/{} KV cache, this run uses {}/{}",
+            tk.map_or("unknown", CacheType::name),
+            tv.map_or("unknown", CacheType::name),
+            shape.type_k.name(),
+            shape.type_v.name()
+        );
+    }
+    let mut at = 24;
+    let mut next = || {
+        let v = u32_at(at) as usize;
+        at += 4;
+        v
+    };
+    let (layers, kv_heads, head_dim, block, at_index, n_tokens) =
+        (next(), next(), next(), next(), next(), next());
+    let (index, want_block, known) = match expect {
+        Expect::Block { index, tokens } => (index, shape.block, Some(tokens)),
+        Expect::Session { max_tokens } => {
+            if n_tokens > max_tokens {
+                bail!("it holds {n_tokens} tokens, more than the context of {max_tokens}");
+            }
+            (0, n_tokens, None)
+        }
+    };
+    let want_tokens = known.map_or(n_tokens, <[u32]>::len);
+    if (layers, kv_heads, head_dim, block)
+        != (shape.layers, shape.kv_heads, shape.head_dim, want_block)
+    {
+        bail!("its KV shape (layers {layers}, KV heads {kv_heads}, head size {head_dim}, block {block}) does not match this model's");
+    }
+    if at_index != index || n_tokens != want_tokens {
+        bail!("it holds block {at_index} of {n_tokens} tokens, expected block {index} of {want_tokens}");
+    }
+    let shape = Shape {
+        block,
+        ..shape.clone()
+    };
+    let size = shape.file_size(index);
+    if len != size as u64 {
+        bail!("it is {len} bytes, expected {size} (truncated or damaged), so it was not read");
+    }
+    bytes.resize(size, 0);
+    f.read_exact(&mut bytes[HEADER..])
+        .context("cannot read it")?;
+    let sum = u64::from_le_bytes(bytes[size - 8..].try_into().expect("8"));
+    if hash_bytes(0, &bytes[..size - 8]) != sum {
+        bail!("checksum mismatch (the file is corrupt)");
+    }
+    let tokens: Vec<u32> = bytes[HEADER..HEADER + 4 * n_tokens]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
+        .collect();
+    if known.is_some_and(|want| tokens != want) {
+        bail!("it holds other tokens (hash collision)");
+    }
+    let (rk, rv) = (
+        shape.kv_heads * block * shape.type_k.row_bytes(shape.head_dim),
+        shape.kv_heads * block * shape.type_v.row_bytes(shape.head_dim),
+    );
+    let mut at = HEADER + 4 * n_tokens;
+    let mut take = |n: usize| {
+        let v = bytes[at..at + n].to_vec();
+        at += n;
+        v
+    };
+    let kv = KvBlock {
+        tokens: block,
+        type_k: shape.type_k,
+        type_v: shape.type_v,
+        layers: (0..layers).map(|_| (take(rk), take(rv))).collect(),
+    };
+    Ok((tokens, kv))
+}
+
+/// Writes `tokens` and block `index`'s KV `b` to `path` atomically (a temporary file in the same
+/// directory, renamed), private to this user; the bytes written.
+fn write_file(
+    path: &Path,
+    shape: &Shape,
+    index: usize,
+    tokens: &[u32],
+    b: &KvBlock,
+) -> Result<usize> {
+    if b.type_k != shape.type_k
+        || b.type_v != shape.type_v
+        || b.layers.len() != shape.layers
+        || b.tokens != shape.block
+    {
+        bail!("a block of another cache layout");
+    }
+    let size = shape.file_size(index);
+    let mut buf = Vec::with_capacity(size);
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    buf.extend_from_slice(&shape.model.to_le_bytes());
+    buf.extend_from_slice(&[shape.type_k.id(), shape.type_v.id(), 0, 0]);
+    for v in [
+        shape.layers,
+        shape.kv_heads,
+        shape.head_dim,
+        shape.block,
+        index,
+        tokens.len(),
+    ] {
+        buf.extend_from_slice(&(v as u32).to_le_bytes());
+    }
+    for t in tokens {
+        buf.extend_from_slice(&t.to_le_bytes());
+    }
+    for (k, v) in &b.layers {
+        buf.extend_from_slice(k);
+        buf.extend_from_slice(v);
+    }
+    let sum = hash_bytes(0, &buf);
+    buf.extend_from_slice(&sum.to_le_bytes());
+    if buf.len() != size {
+        bail!("internal error: the KV block has an unexpected size");
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.{}-{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("entry"),
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let write = || -> Result<()> {
+        let mut options = fs::File::options();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut f = options.open(&tmp)?;
+        f.write_all(&buf)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(size)
+}
+
+/// Saves a session (its `tokens` and their KV `kv`) to `path` in the cache's file layout: one
+/// block, index 0, of all its tokens. `shape.block` is ignored. The bytes written.
+pub fn save_session(path: &Path, shape: &Shape, tokens: &[u32], kv: &KvBlock) -> Result<usize> {
+    if kv.tokens != tokens.len() {
+        bail!(
+            "internal error: the KV holds {} tokens, the session {}",
+            kv.tokens,
+            tokens.len()
+        );
+    }
+    let shape = Shape {
+        block: tokens.len(),
+        ..shape.clone()
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        create_private_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    write_file(path, &shape, 0, tokens, kv)
+}
+
+/// Reads a session saved by [`save_session`] under the same checks as a cache file, refusing
+/// one of more than `max_tokens`; its tokens and their KV. `shape.block` is ignored.
+pub fn load_session(path: &Path, shape: &Shape, max_tokens: usize) -> Result<(Vec<u32>, KvBlock)> {
+    read_file(path, shape, Expect::Session { max_tokens })
 }
 
 /// Marks files used now, in the given order (the last gets the newest time).

@@ -13,7 +13,9 @@ mod disk;
 mod prompt_cache;
 
 pub(crate) use disk::{create_private_dir, open_regular, touch};
-pub use disk::{model_identity, DiskCache, DiskLoad, Shape, FORMAT_VERSION, MAGIC};
+pub use disk::{
+    load_session, model_identity, save_session, DiskCache, DiskLoad, Shape, FORMAT_VERSION, MAGIC,
+};
 pub use prompt_cache::{CacheSource, Found, PromptCache};
 
 use crate::kv_cache::{CacheType, KvBlock};

@@ -403,6 +403,25 @@ pub struct SlotState {
 }
 
 impl Scheduler<'_> {
+    /// Slot `id`'s session while it serves no request (made now if it was not yet), for the
+    /// server to save, restore or erase; an error saying why not.
+    pub fn idle_session(&mut self, id: usize) -> anyhow::Result<&mut Session> {
+        let n = self.slots.len();
+        let Some(slot) = self.slots.get_mut(id) else {
+            anyhow::bail!("there is no slot {id}: this model has {n} (0..{n})");
+        };
+        if slot.active.is_some() {
+            anyhow::bail!("slot {id} is serving a request");
+        }
+        if let SlotSession::Unmade = slot.session {
+            slot.session = SlotSession::Ready(Held::Owned(self.engine.new_session()?));
+        }
+        match &mut slot.session {
+            SlotSession::Ready(session) => Ok(session),
+            SlotSession::Unmade => unreachable!("made above"),
+        }
+    }
+
     /// Each slot's state, in slot order.
     pub fn slot_states(&self) -> impl Iterator<Item = SlotState> + '_ {
         self.slots.iter().map(|slot| {

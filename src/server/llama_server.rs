@@ -12,8 +12,9 @@ use super::error::ApiError;
 use super::fields;
 use super::models::LoadedModel;
 use super::output::{served_headers, OutEvent};
-use super::protocol::{GenRequest, Logprob};
+use super::protocol::{GenRequest, Logprob, SlotAction, SlotReply};
 use super::routing::RouteFacts;
+use crate::prefix_cache::{load_session, save_session};
 use crate::scheduler::{FinishReason, Generation};
 use crate::speculative::{SpecConfig, SpecType};
 use axum::body::Bytes;
@@ -26,6 +27,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub fn error(e: ApiError) -> Response {
     let kind = match e.status {
@@ -660,10 +662,218 @@ fn slots_inner(state: Arc<AppState>, query: HashMap<String, String>) -> Result<R
     Ok(Json(Value::Array(list)).into_response())
 }
 
-/// `POST /slots/{id}?action=save|restore|erase`: not supported.
-pub async fn slot_action(Path(_id): Path<String>) -> Response {
-    error(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "saving, restoring and erasing a slot's cache (POST /slots/{id}?action=..., --slot-save-path) is not supported; GET /slots reads the slots, and qwen-run keeps prompt prefixes itself (--cache-ram, --prompt-cache DIR)",
-    ))
+/// The body of `POST /slots/{id}`: the file to save to or restore from.
+#[derive(Deserialize, Default)]
+struct SlotBody {
+    #[serde(default)]
+    filename: Option<String>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+/// `POST /slots/{id}?action=save|restore|erase`, as llama-server: a slot's tokens and KV cache
+/// saved to, or restored from, a file under `--slot-save-path` (the prompt cache's file layout
+/// and checks, one block of all the slot's tokens), or dropped. A slot serving a request is
+/// refused (400); the action waits while every slot is busy.
+pub async fn slot_action(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    slot_action_inner(state, id, query, body)
+        .await
+        .unwrap_or_else(error)
+}
+
+async fn slot_action_inner(
+    state: Arc<AppState>,
+    id: String,
+    query: HashMap<String, String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let asked = query_model(&query, &["action"])?;
+    let slot: usize = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("the slot id must be a number, got '{id}'")))?;
+    let action = match query.get("action").map(String::as_str) {
+        Some(a @ ("save" | "restore" | "erase")) => a,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown action '{other}'; POST /slots/{{id}} takes ?action=save, restore or erase"
+            )))
+        }
+        None => {
+            return Err(ApiError::bad_request(
+                "POST /slots/{id} needs ?action=save, restore or erase",
+            ))
+        }
+    };
+    let body: SlotBody = match body {
+        Ok(b) if b.iter().all(u8::is_ascii_whitespace) => SlotBody::default(),
+        other => parse_body(other)?,
+    };
+    if let Some(k) = body.extra.keys().next() {
+        return Err(ApiError::bad_request(format!(
+            "unknown field '{k}'; POST /slots/{{id}} takes 'filename'"
+        )));
+    }
+    let dir = match action {
+        "erase" => None,
+        _ => Some(state.pool.slot_save_path().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                format!("saving and restoring slots needs a directory for their files: start the server with --slot-save-path DIR (?action={action})"),
+            )
+        })?),
+    };
+    let lease = state
+        .pool
+        .acquire(
+            state.pool.any_name_if_one(asked.as_deref()),
+            &RouteFacts::default(),
+            None,
+        )
+        .await?;
+    let Some(dir) = dir else {
+        if body.filename.is_some() {
+            return Err(ApiError::bad_request(
+                "?action=erase takes no 'filename': it drops what the slot holds, not a file",
+            ));
+        }
+        let SlotReply::Erased(n) = lease.slot_job(slot, SlotAction::Erase).await? else {
+            return Err(unexpected_reply());
+        };
+        return Ok(Json(json!({"id_slot": slot, "n_erased": n})).into_response());
+    };
+    let filename = body
+        .filename
+        .ok_or_else(|| ApiError::bad_request(format!("?action={action} needs 'filename'")))?;
+    check_slot_filename(&filename)?;
+    let path = dir.join(&filename);
+    let engine = lease.engine.clone();
+    let t0 = Instant::now();
+    let ms = |t0: Instant| t0.elapsed().as_secs_f64() * 1e3;
+    if action == "save" {
+        let SlotReply::Exported(tokens, kv) = lease.slot_job(slot, SlotAction::Export).await?
+        else {
+            return Err(unexpected_reply());
+        };
+        let n = tokens.len();
+        let written = tokio::task::spawn_blocking(move || {
+            save_session(&path, &engine.kv_file_shape(0)?, &tokens, &kv)
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot save slot {slot} to '{filename}': {e:#}"),
+            )
+        })?;
+        return Ok(Json(json!({
+            "id_slot": slot,
+            "filename": filename,
+            "n_saved": n,
+            "n_written": written,
+            "timings": {"save_ms": ms(t0)},
+        }))
+        .into_response());
+    }
+    if std::fs::symlink_metadata(&path).is_err() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("there is no saved slot '{filename}' in --slot-save-path"),
+        ));
+    }
+    let ctx = engine.ctx_size;
+    let (tokens, kv, read) = tokio::task::spawn_blocking(move || {
+        let (tokens, kv) = load_session(&path, &engine.kv_file_shape(0)?, ctx)?;
+        let read = std::fs::metadata(&path).map_or(0, |m| m.len());
+        anyhow::Ok((tokens, kv, read))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| {
+        ApiError::bad_request(format!(
+            "cannot restore slot {slot} from '{filename}': {e:#}"
+        ))
+    })?;
+    let SlotReply::Imported(n) = lease.slot_job(slot, SlotAction::Import(tokens, kv)).await? else {
+        return Err(unexpected_reply());
+    };
+    Ok(Json(json!({
+        "id_slot": slot,
+        "filename": filename,
+        "n_restored": n,
+        "n_read": read,
+        "timings": {"restore_ms": ms(t0)},
+    }))
+    .into_response())
+}
+
+fn unexpected_reply() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the generation thread answered another slot action",
+    )
+}
+
+/// A slot file's name: a plain file name in --slot-save-path, never a path out of it, nor a
+/// hidden file (the cache's temporary files start with a dot).
+fn check_slot_filename(name: &str) -> Result<(), ApiError> {
+    let why = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > 255 {
+        Some("it is longer than 255 bytes")
+    } else if name.contains(['/', '\\']) {
+        Some("it contains a path separator")
+    } else if name.contains("..") {
+        Some("it contains '..'")
+    } else if name.starts_with('.') {
+        Some("it starts with '.'")
+    } else if name.chars().any(|c| c.is_control() || c == ':') {
+        Some("it contains a control character or ':'")
+    } else if name.trim() != name {
+        Some("it starts or ends with white space")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(ApiError::bad_request(format!(
+            "invalid slot filename '{}': {why}; give a plain file name, saved in --slot-save-path",
+            name.escape_debug()
+        ))),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_slot_filename;
+
+    #[test]
+    fn slot_filenames() {
+        for ok in ["x.bin", "slot 0.bin", "a-b_c.bin", "été.kv"] {
+            assert!(check_slot_filename(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "..",
+            "a/b",
+            "a\\b",
+            "/etc/passwd",
+            ".hidden",
+            "x..y",
+            "a\0b",
+            "c:x",
+            " x",
+            "x ",
+            "a\nb",
+        ] {
+            assert!(check_slot_filename(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_slot_filename(&"a".repeat(256)).is_err());
+    }
 }

@@ -11,7 +11,7 @@
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::output::{Output, Served};
-use super::protocol::{GenRequest, Job, Place, WorkerEvent};
+use super::protocol::{GenRequest, Job, Place, SlotAction, SlotJob, SlotReply, Task, WorkerEvent};
 use super::response_cache::{CacheKey, ResponseCache};
 use super::routing::{RouteFacts, RouteRule};
 use super::worker;
@@ -96,6 +96,9 @@ pub struct ServeOptions {
     pub embeddings: bool,
     /// How embeddings pool the hidden states (`--pooling`); None: as each model file says.
     pub pooling: Option<Pooling>,
+    /// Where `POST /slots/{id}?action=save|restore` keep their files (`--slot-save-path`);
+    /// None: those actions are refused.
+    pub slot_save_path: Option<std::path::PathBuf>,
 }
 
 /// One model the server can serve, loaded or not.
@@ -181,7 +184,7 @@ pub struct LoadedModel {
     pub engine: Arc<Engine>,
     metrics: Arc<Metrics>,
     /// None only while it is being dropped.
-    queue: Option<Sender<Job>>,
+    queue: Option<Sender<Task>>,
     /// Why its generation thread stopped, if it did: the model is then reloaded on its next
     /// request.
     failed: Arc<Mutex<Option<String>>>,
@@ -398,6 +401,35 @@ impl ModelLease {
         }
     }
 
+    /// Has the model's thread save, restore or erase slot `slot`'s session between steps; waits
+    /// at most --queue-timeout for it (while every slot is busy it waits as a request does).
+    pub async fn slot_job(&self, slot: usize, action: SlotAction) -> Result<SlotReply, ApiError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = SlotJob { slot, action, tx };
+        if self
+            .queue
+            .as_ref()
+            .is_none_or(|q| q.send(Task::Slot(job)).is_err())
+        {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the generation worker has stopped",
+            ));
+        }
+        match tokio::time::timeout(self.queue_timeout, rx).await {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(e))) => Err(ApiError::bad_request(e)),
+            Ok(Err(_)) => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the generation worker has stopped",
+            )),
+            Err(_) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("slot {slot} stayed busy past --queue-timeout"),
+            )),
+        }
+    }
+
     /// Queues a generation and waits until a slot takes it. The answer comes from the response
     /// cache when it has one; a full queue gets 429, a wait past --queue-timeout 503.
     pub async fn submit(self, req: GenRequest) -> Result<Output, ApiError> {
@@ -431,7 +463,11 @@ impl ModelLease {
             enqueued: Instant::now(),
             place,
         };
-        if self.queue.as_ref().is_none_or(|q| q.send(job).is_err()) {
+        if self
+            .queue
+            .as_ref()
+            .is_none_or(|q| q.send(Task::Generate(Box::new(job))).is_err())
+        {
             self.metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -618,6 +654,11 @@ impl ModelPool {
 
     /// The model a request names, if it is loaded and working, without loading it or counting
     /// the look as a use (keep-alive runs on): for the endpoints that only report.
+    /// `--slot-save-path`.
+    pub fn slot_save_path(&self) -> Option<&std::path::Path> {
+        self.opts.slot_save_path.as_deref()
+    }
+
     pub fn peek(
         &self,
         asked: Option<&str>,

@@ -2,6 +2,7 @@
 //! [`WorkerEvent`]s back. A leaf module: it imports nothing else from the server.
 
 use crate::grammar::{Constraint, Format};
+use crate::kv_cache::KvBlock;
 use crate::sampler::SamplingParams;
 use crate::scheduler::Generation;
 use crate::speculative::SpecConfig;
@@ -57,6 +58,37 @@ pub struct Job {
     pub enqueued: Instant,
     /// Holds the request's place among the model's slots and queue until the job is dropped.
     pub place: Place,
+}
+
+/// What a model's thread is asked to do: a generation, or something to one of its slots.
+pub enum Task {
+    Generate(Box<Job>),
+    Slot(SlotJob),
+}
+
+/// `POST /slots/{id}?action=...`: the thread does the part that touches the slot's session, the
+/// handler the file.
+pub struct SlotJob {
+    pub slot: usize,
+    pub action: SlotAction,
+    pub tx: tokio::sync::oneshot::Sender<Result<SlotReply, String>>,
+}
+
+pub enum SlotAction {
+    /// The tokens the slot holds and their KV, to save.
+    Export,
+    /// Replace what the slot holds with these tokens and their KV (read from a saved file).
+    Import(Vec<u32>, KvBlock),
+    /// Forget what the slot holds.
+    Erase,
+}
+
+pub enum SlotReply {
+    Exported(Vec<u32>, KvBlock),
+    /// Tokens the slot now holds.
+    Imported(usize),
+    /// Tokens it held.
+    Erased(usize),
 }
 
 /// One of a model's `--parallel` + `--queue-size` places; given back when dropped.

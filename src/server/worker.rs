@@ -3,7 +3,9 @@
 //! Dropping the receiver (the client left) stops that request.
 
 use super::metrics::Metrics;
-use super::protocol::{Job, Logprob, Place, ShownToken, WorkerEvent};
+use super::protocol::{
+    Job, Logprob, Place, ShownToken, SlotAction, SlotJob, SlotReply, Task, WorkerEvent,
+};
 use crate::engine::Engine;
 use crate::sampler::Sampler;
 use crate::scheduler::{
@@ -17,26 +19,34 @@ use tokio::sync::mpsc::UnboundedSender;
 pub(super) fn run(
     engine: Arc<Engine>,
     metrics: Arc<Metrics>,
-    jobs: Receiver<Job>,
+    jobs: Receiver<Task>,
     parallel: usize,
     chunks: ChunkPolicy,
     slots: Arc<Mutex<Vec<SlotState>>>,
 ) {
     let mut scheduler = Scheduler::new(&engine, parallel).with_chunks(chunks);
+    let take = |scheduler: &mut Scheduler, task| match task {
+        Task::Generate(job) => admit(scheduler, &engine, &metrics, *job),
+        Task::Slot(job) => slot_job(scheduler, job),
+    };
     loop {
         if scheduler.is_idle() {
-            let Ok(job) = jobs.recv() else {
+            let Ok(task) = jobs.recv() else {
                 return; // The server is shutting down and nothing is running.
             };
-            admit(&mut scheduler, &engine, &metrics, job);
+            take(&mut scheduler, task);
         }
+        // Slot jobs wait here while every slot is busy, as generations do.
         while scheduler.has_free_slot() {
-            let Ok(job) = jobs.try_recv() else {
+            let Ok(task) = jobs.try_recv() else {
                 break;
             };
-            admit(&mut scheduler, &engine, &metrics, job);
+            take(&mut scheduler, task);
         }
         let busy = publish(&scheduler, &slots, &metrics);
+        if scheduler.is_idle() {
+            continue; // only slot jobs came, or a request that could not start
+        }
         scheduler.step();
         metrics.llamacpp.record_step(busy);
         publish(&scheduler, &slots, &metrics);
@@ -80,6 +90,35 @@ fn admit(scheduler: &mut Scheduler, engine: &Arc<Engine>, metrics: &Arc<Metrics>
         .map(|(_, c)| Box::new(c) as Box<dyn crate::scheduler::Guide>);
     req.enqueued = job.enqueued;
     scheduler.admit(req, out);
+}
+
+/// Saves, restores or erases a slot's session between steps; refused while the slot serves a
+/// request.
+fn slot_job(scheduler: &mut Scheduler, job: SlotJob) {
+    let reply = scheduler
+        .idle_session(job.slot)
+        .and_then(|session| match job.action {
+            SlotAction::Export => {
+                let tokens = session.tokens().to_vec();
+                let kv = session.cache.export(0, tokens.len())?;
+                Ok(SlotReply::Exported(tokens, kv))
+            }
+            SlotAction::Import(tokens, kv) => {
+                session.truncate(0);
+                if let Err(e) = session.cache.import(0, &kv) {
+                    session.truncate(0);
+                    return Err(e);
+                }
+                session.set_tokens(&tokens);
+                Ok(SlotReply::Imported(tokens.len()))
+            }
+            SlotAction::Erase => {
+                let n = session.tokens().len();
+                session.truncate(0);
+                Ok(SlotReply::Erased(n))
+            }
+        });
+    let _ = job.tx.send(reply.map_err(|e| format!("{e:#}")));
 }
 
 /// A request's events, sent to its handler; counts it busy from its start to its end.
