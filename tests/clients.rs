@@ -1,5 +1,5 @@
-//! The unmodified `openai`, `ollama`, `instructor`, `langchain-openai` and `langchain-ollama`
-//! Python clients (pinned in tests/clients/requirements.txt, which tests/run.sh installs) against
+//! The unmodified `openai`, `ollama`, `instructor`, `langchain-openai`, `langchain-ollama` and
+//! `llama-index-llms-ollama` Python clients (pinned in tests/clients/requirements.txt, which tests/run.sh installs) against
 //! `qwen-run serve` with the real 0.5B model, each used the way its own docs show, for structured output, tool calls and
 //! embeddings: one script per client in tests/clients/, which prints "ok". A script whose package
 //! cannot be imported prints "skip: ..." and the test notes it and passes; a "known: ..." line is
@@ -161,6 +161,13 @@ fn langchain_client() {
 #[test]
 fn langchain_ollama_client() {
     run_client("langchain_ollama_client.py");
+}
+
+/// `llama-index-llms-ollama`: `Ollama` complete and chat, streamed and not, `achat`,
+/// `as_structured_llm`, and tool calls through `chat_with_tools` (issue 25, part 6).
+#[test]
+fn llama_index_client() {
+    run_client("llama_index_client.py");
 }
 
 /// The chat page at `/` in headless chromium (selenium): it loads, streams a reply with its

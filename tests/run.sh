@@ -8,7 +8,7 @@ echo "== fetching the real test models (cached after the first run)"
 export QWEN_RUN_MODEL_0_5B="$(python3 models/fetch.py 0.5b)"
 export QWEN_RUN_MODEL_1_5B="$(python3 models/fetch.py 1.5b)"
 
-echo "== the Python clients (openai, ollama, instructor, langchain-openai, langchain-ollama, selenium) for tests/clients.rs and tests/server.rs (skipped there when missing)"
+echo "== the Python clients (openai, ollama, instructor, langchain-openai, langchain-ollama, llama-index-llms-ollama, selenium) for tests/clients.rs and tests/server.rs (skipped there when missing)"
 python3 -m pip install -q -r tests/clients/requirements.txt || echo "note: pip install -r tests/clients/requirements.txt failed; the Python client tests whose package cannot be imported will be skipped"
 
 echo "== chromium and its driver for the chat page's browser test in tests/clients.rs (skipped there when missing)"
