@@ -170,15 +170,26 @@ fn llama_index_client() {
     run_client("llama_index_client.py");
 }
 
-/// The chat page at `/` in headless chromium (selenium): it loads, streams a reply with its
-/// figures, and its Stop button cancels the generation on the server (issue 25, part 5). Skipped
-/// without chromium, chromium-driver or selenium. A server of its own, so that the cancellation
-/// it counts in /metrics is its own.
+/// The chat page at `/` in headless chromium (selenium): it loads, offers both models, streams
+/// a reply with its figures, shows a tool call, and its Stop button cancels the generation on the
+/// server (issue 25, part 5). Skipped without chromium, chromium-driver or selenium. A server of
+/// its own (the 1.5B model is listed, never loaded), so that the cancellation it counts in
+/// /metrics is its own.
 #[test]
 fn web_chat_page_in_a_browser() {
+    let large = common::real_model("1.5b");
     let s = Server::start(
         &common::real_model("0.5b"),
-        &["-c", "4096", "--parallel", "1", "--queue-timeout", "600"],
+        &[
+            "-m",
+            large.to_str().unwrap(),
+            "-c",
+            "4096",
+            "--parallel",
+            "1",
+            "--queue-timeout",
+            "600",
+        ],
     );
     run_script(&s, "webui_browser.py");
 }

@@ -1,6 +1,7 @@
 """The chat page at `/` in a real headless browser (Debian's chromium and chromium-driver, driven
 by selenium): the page loads under its Content-Security-Policy without errors, lists the model,
-streams a reply with its speed and cache figures, and its Stop button aborts the request, which
+streams a reply with its speed and cache figures, shows a tool call as a call, offers the models
+to pick from, and its Stop button aborts the request, which
 the server sees (its generation is cancelled: /metrics counts it).
 
 Usage: python3 webui_browser.py BASE_URL   (prints "ok", or "skip: ..." without chromium, its
@@ -50,10 +51,17 @@ try:
     wait = WebDriverWait(driver, 240)
     driver.get(base + "/")
     assert driver.title == "qwen-run", driver.title
-    # One model served: its name is shown, the picker is not.
-    model = json.load(urllib.request.urlopen(base + "/v1/models", timeout=30))["data"][0]["id"]
-    wait.until(lambda d: d.find_element(By.ID, "model-name").text == model)
-    assert not driver.find_element(By.ID, "model-picker").is_displayed()
+    # Several models served: the picker lists them, the first (the default) chosen. (One model:
+    # its name is shown instead.)
+    models = [m["id"] for m in json.load(urllib.request.urlopen(base + "/v1/models", timeout=30))["data"]]
+    if len(models) > 1:
+        wait.until(lambda d: d.find_element(By.ID, "model-picker").is_displayed())
+        options = [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#model option")]
+        assert options == models, (options, models)
+        assert driver.find_element(By.ID, "model").get_attribute("value") == models[0]
+    else:
+        wait.until(lambda d: d.find_element(By.ID, "model-name").text == models[0])
+        assert not driver.find_element(By.ID, "model-picker").is_displayed()
 
     def setting(id, value):
         e = driver.find_element(By.ID, id)
@@ -91,6 +99,21 @@ try:
     stats = last_answer().find_element(By.CLASS_NAME, "stats").text
     cached = int(re.search(r"\((\d+) cached\)", stats).group(1))
     assert cached > 0, stats
+
+    # With tools given, the model's call is shown as a call.
+    driver.find_element(By.ID, "new-chat").click()
+    setting("system", " ")
+    setting("tools", json.dumps([{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]))
+    setting("max_tokens", "60")
+    ask("What is the weather in Paris? Use the tool.")
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+    call = last_answer().find_element(By.CLASS_NAME, "tool-call")
+    assert call.find_element(By.CLASS_NAME, "tool-name").text == "tool call: get_weather", call.text
+    assert json.loads(call.find_element(By.CLASS_NAME, "tool-arguments").text)["city"] == "Paris", call.text
+    assert last_answer().find_element(By.CLASS_NAME, "stats").text.endswith("tool_calls")
+    driver.find_element(By.ID, "tools").clear()
 
     # A long answer, stopped while it streams: the server cancels its generation.
     cancelled = metric("qwen_run_generations_cancelled_total")
