@@ -588,3 +588,62 @@ pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> Shape {
+        Shape {
+            model: 7,
+            type_k: CacheType::F32,
+            type_v: CacheType::F32,
+            layers: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            block: 64,
+        }
+    }
+
+    fn kv(tokens: usize) -> KvBlock {
+        let row = CacheType::F32.row_bytes(4);
+        KvBlock {
+            tokens,
+            type_k: CacheType::F32,
+            type_v: CacheType::F32,
+            layers: (0..2u8)
+                .map(|l| (vec![l; tokens * row], vec![l + 10; tokens * row]))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_saved_session_comes_back_only_into_what_it_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slots").join("a.bin");
+        let tokens: Vec<u32> = (0..5).collect();
+        let written = save_session(&path, &shape(), &tokens, &kv(5)).unwrap();
+        assert_eq!(written as u64, fs::metadata(&path).unwrap().len());
+        let (back, block) = load_session(&path, &shape(), 5).unwrap();
+        assert_eq!(back, tokens);
+        assert_eq!(block.layers, kv(5).layers);
+        // More tokens than the context, another model, another cache type: refused by name.
+        let err = |s: &Shape, max: usize| format!("{:#}", load_session(&path, s, max).unwrap_err());
+        assert!(err(&shape(), 4).contains("more than the context"));
+        let other = Shape {
+            model: 8,
+            ..shape()
+        };
+        assert!(err(&other, 5).contains("another model"));
+        let f16 = Shape {
+            type_k: CacheType::F16,
+            ..shape()
+        };
+        assert!(err(&f16, 5).contains("f32/f32"));
+        // An empty slot saves and restores as nothing.
+        save_session(&path, &shape(), &[], &kv(0)).unwrap();
+        assert!(load_session(&path, &shape(), 5).unwrap().0.is_empty());
+        // The KV must be the tokens'.
+        assert!(save_session(&path, &shape(), &tokens, &kv(4)).is_err());
+    }
+}
