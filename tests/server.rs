@@ -2301,7 +2301,13 @@ fn llama_server_tokenize_template_props_slots() {
         "{v}"
     );
 
-    // /slots: one per --parallel, idle now; saving a slot is refused by name.
+    // /slots: one per --parallel, idle now; saving a slot is refused by name. The board is
+    // published after the step that answered the chat, which may come a moment after the answer
+    // on a loaded machine.
+    wait_until("the slots show idle", || {
+        let (_, body) = s.get("/slots");
+        !body.contains("\"is_processing\":true")
+    });
     let (st, body) = s.get("/slots");
     assert_eq!(st, 200, "{body}");
     let slots: Value = serde_json::from_str(&body).unwrap();
