@@ -349,6 +349,15 @@ fn listening_beyond_loopback_without_a_key_warns() {
         None,
     );
     assert_eq!(status, 200);
+    // A page of the origin its Host names: the chat page when reached by IP address, but under
+    // a name it may be a rebinding page (its own name resolved to this server): refused.
+    let body = chat().to_string();
+    for (host, expected) in [("192.168.1.5:8080", 200), ("evil.test:8080", 403)] {
+        let origin = format!("http://{host}");
+        let headers = [JSON, ("origin", origin.as_str()), ("host", host)];
+        let (status, _, text) = send(&s, "POST", "/v1/chat/completions", &headers, Some(&body));
+        assert_eq!(status, expected, "{host}: {text}");
+    }
     let keyed = Server::start(
         tiny_model(),
         &["-t", "1", "--host", "0.0.0.0", "--api-key", "k"],

@@ -83,19 +83,29 @@ fn glob_match(pattern: &str, text: &str) -> bool {
     rest.len() >= last.len() && rest.ends_with(last)
 }
 
-/// Whether a `Host` header names this machine's loopback interface (any port).
-fn loopback_host(host: &str) -> bool {
+/// A `Host` header's name, without its port or IPv6 brackets, lower case.
+fn host_name(host: &str) -> String {
     let name = if let Some(v6) = host.strip_prefix('[') {
         v6.split(']').next().unwrap_or("")
     } else {
         host.rsplit_once(':').map_or(host, |(h, _)| h)
     };
-    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Whether a `Host` header names this machine's loopback interface (any port).
+fn loopback_host(host: &str) -> bool {
+    let name = host_name(host);
     name == "localhost"
         || name.ends_with(".localhost")
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether a `Host` header is an IP address (any port): no name that a page could rebind.
+fn ip_literal_host(host: &str) -> bool {
+    host_name(host).parse::<std::net::IpAddr>().is_ok()
 }
 
 /// Whether the request comes from a web page (browsers add these; other clients do not).
@@ -159,11 +169,15 @@ pub async fn check(State(access): State<Arc<AccessOptions>>, req: Request, next:
         .get(header::ORIGIN)
         .map(|o| o.to_str().unwrap_or("").to_string());
     // A page of this server's own origin: the chat page. Under DNS rebinding a hostile page is
-    // of "our" origin too, which is why the Host check above comes first on loopback; beyond
-    // loopback the API key is what guards the server.
+    // of "our" origin too, under a name of its own that resolves to us: taken only where the
+    // Host check above has run (loopback) or where no name is involved (the page was reached
+    // by IP address); a page reached by a host name needs that origin in --cors-origin.
     let same_origin = origin.as_deref().is_some_and(|o| {
         let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-        host.is_some_and(|h| o.strip_prefix("http://").or(o.strip_prefix("https://")) == Some(h))
+        host.is_some_and(|h| {
+            o.strip_prefix("http://").or(o.strip_prefix("https://")) == Some(h)
+                && (access.loopback || ip_literal_host(h))
+        })
     });
     let origin = origin.filter(|_| !same_origin);
     if let Some(origin) = &origin {
@@ -304,6 +318,18 @@ mod tests {
             "",
         ] {
             assert!(!loopback_host(h), "{h}");
+        }
+        for h in ["192.168.1.5:8080", "10.0.0.1", "[fe80::1]:80", "127.0.0.1"] {
+            assert!(ip_literal_host(h), "{h}");
+        }
+        for h in [
+            "evil.test:8080",
+            "myserver.lan",
+            "localhost",
+            "1.2.3.4.evil.test",
+            "",
+        ] {
+            assert!(!ip_literal_host(h), "{h}");
         }
     }
 
