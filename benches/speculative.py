@@ -13,6 +13,12 @@ whether the lookup's text is identical to plain decoding's (it must be).
     python3 benches/speculative.py --model 1.5b
     python3 benches/speculative.py --model 0.5b --rounds 3 --cases tool-call,story
     python3 benches/speculative.py --model 1.5b --no-llama   # qwen-run only
+    python3 benches/speculative.py --model 1.5b --draft 0.5b --no-llama   # and a draft model
+
+With --draft, qwen-run also runs with that draft model (`-md`, `--spec-type draft-simple`: the
+draft model alone, adaptive unless --draft-args says otherwise), reported beside the lookup: its
+speed-up over plain decoding, the share of its drafted tokens kept, and whether its text is
+identical to plain decoding's (it must be).
 
 llama.cpp is the pinned b11434 build from benches/install_llama_cpp.sh; `llama-lookup` drafts from
 an n-gram cache of the context with `--spec-draft-n-max` tokens (default here 8).
@@ -75,6 +81,8 @@ def main(argv):
     ap.add_argument("--cases", help="comma list of case names (default: all)")
     ap.add_argument("--draft-max", type=int, default=8, help="llama-lookup's --spec-draft-n-max")
     ap.add_argument("--qwen-args", default="", help="extra flags for qwen-run's lookup runs")
+    ap.add_argument("--draft", help="also run qwen-run with this draft model (a GGUF path or a test model alias)")
+    ap.add_argument("--draft-args", default="", help="extra flags for qwen-run's draft-model runs")
     ap.add_argument("--qwen-run", help="qwen-run binary (default: cargo build --release)")
     ap.add_argument("--llama-bin", help="folder with llama-lookup (default: install_llama_cpp.sh)")
     ap.add_argument("--no-llama", action="store_true", help="qwen-run only")
@@ -104,6 +112,10 @@ def main(argv):
         "lookup": lambda c: [qwen] + common + ["--no-chat-template", "--no-prompt-cache", "-f", c["prompt_file"],
                                                "--spec-type", "ngram-simple"] + args.qwen_args.split(),
     }
+    if args.draft:
+        draft = resolve_model(args.draft)
+        engines["draft"] = lambda c: [qwen] + common + ["--no-chat-template", "--no-prompt-cache", "-f", c["prompt_file"],
+                                                        "-md", draft, "--spec-type", "draft-simple"] + args.draft_args.split()
     if lookup:
         engines["llama-lookup"] = lambda c: [lookup] + common + ["-f", c["prompt_file"], "-c", "4096", "-b", "4096",
                                                                  "--spec-draft-n-max", str(args.draft_max)]
@@ -120,10 +132,13 @@ def main(argv):
                     texts.setdefault((c["name"], e), out)
 
     head = ["case", "kind", "plain t/s", "lookup t/s", "speed-up", "kept", "tokens/step", "same text"]
+    if args.draft:
+        head += ["draft t/s", "speed-up", "kept", "tokens/step", "same text"]
     if lookup:
         head += ["llama-lookup t/s", "kept", "lookup / llama-lookup"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * 2 + " ---: |" * (len(head) - 2)]
     speedups = {"grounded": [], "free": []}
+    draft_speedups = {"grounded": [], "free": []}
     for c in cases:
         res = results[c["name"]]
         plain = median([x["tok_s"] for x in res["plain"]])
@@ -135,22 +150,37 @@ def main(argv):
         speedups[c["kind"]].append(ours / plain)
         row = [c["name"], c["kind"], "%.2f" % plain, "%.2f" % ours, "%.2fx" % (ours / plain), kept,
                "%.2f" % per_step, "yes" if same else "NO"]
+        if args.draft:
+            theirs = median([x["tok_s"] for x in res["draft"]])
+            d_last = res["draft"][-1]
+            d_per_step = d_last["generated"] / max(1, d_last["generated"] - d_last["kept"])
+            d_same = texts[(c["name"], "plain")] == texts[(c["name"], "draft")]
+            draft_speedups[c["kind"]].append(theirs / plain)
+            row += ["%.2f" % theirs, "%.2fx" % (theirs / plain), "%d/%d" % (d_last["kept"], d_last["drafted"]),
+                    "%.2f" % d_per_step, "yes" if d_same else "NO"]
         if lookup:
             theirs = median([x["tok_s"] for x in res["llama-lookup"]])
             l_last = res["llama-lookup"][-1]
             row += ["%.2f" % theirs, "%d/%d" % (l_last["kept"], l_last["drafted"]), "%.2fx" % (ours / theirs)]
         lines.append("| " + " | ".join(row) + " |")
-    print("model: %s, %d threads, %d rounds, greedy, at most %d tokens" % (
-        os.path.basename(model), args.threads, args.rounds, args.n_gen))
+    print("model: %s%s, %d threads, %d rounds, greedy, at most %d tokens" % (
+        os.path.basename(model), ", draft " + os.path.basename(draft) if args.draft else "",
+        args.threads, args.rounds, args.n_gen))
     print("\n".join(lines))
     for kind, xs in speedups.items():
         if xs:
             print("%s: median speed-up of lookup over plain %.2fx (%s)" % (
                 kind, median(xs), ", ".join("%.2f" % x for x in xs)))
+    for kind, xs in draft_speedups.items():
+        if xs:
+            print("%s: median speed-up of the draft model over plain %.2fx (%s)" % (
+                kind, median(xs), ", ".join("%.2f" % x for x in xs)))
     if args.json:
         json.dump(results, open(args.json, "w"), indent=1)
     if not all(texts[(c["name"], "plain")] == texts[(c["name"], "lookup")] for c in cases):
         sys.exit("speculative: the lookup's text differs from plain decoding's")
+    if args.draft and not all(texts[(c["name"], "plain")] == texts[(c["name"], "draft")] for c in cases):
+        sys.exit("speculative: the draft model's text differs from plain decoding's")
 
 
 if __name__ == "__main__":

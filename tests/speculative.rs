@@ -92,7 +92,10 @@ fn flags_are_read_or_refused_by_name() {
         common::qwen_run_with_input(&args, "")
     };
     for (extra, says) in [
-        (&["-md", "draft.gguf"][..], "draft models"),
+        (
+            &["-md", "draft.gguf"][..],
+            "cannot load the draft model draft.gguf",
+        ),
         (
             &["--spec-type", "ngram-mod"],
             "supported: none, ngram-simple",

@@ -67,9 +67,22 @@ pub struct FormatTimes {
     pub mask_us_per_token: Option<f64>,
 }
 
+/// What a draft model did in a bench generation.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct DraftTimes {
+    /// Drafted tokens kept over drafted tokens.
+    pub acceptance: f64,
+    /// Tokens generated per target decode step.
+    pub tokens_per_pass: f64,
+    pub drafted: usize,
+    pub accepted: usize,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchExtras {
     pub load_s: f64,
+    /// With a draft model (`-md`): what it did in the last `chatN +draft` test.
+    pub draft: Option<DraftTimes>,
     pub format: Option<FormatTimes>,
     pub ttft_ms: f64,
     pub ttft_prompt_tokens: usize,
@@ -129,6 +142,7 @@ pub fn run_constrained(opts: &BenchOptions, format: Option<&Format>) -> Result<B
     let mut macs_per_token = 0;
     let mut gpu_bandwidth_gbs = None;
     let mut per_token = DecodeCosts::default();
+    let mut draft = None;
     for &threads in &opts.threads {
         let mut load = opts.load.clone();
         load.threads = threads;
@@ -199,6 +213,51 @@ pub fn run_constrained(opts: &BenchOptions, format: Option<&Format>) -> Result<B
                 })
             }))
             .flat_map(|test| depths.iter().map(move |&d| (test.clone(), d)));
+        let chat_tests = match engine.draft() {
+            // With a draft model, each tg length also runs as a greedy chat answer through the
+            // scheduler, plain and drafted: tg's fixed tokens give a draft nothing to predict.
+            Some(_) => opts.gen_lens.iter().filter(|&&n| n > 0).copied().collect(),
+            None => Vec::new(),
+        };
+        for n in chat_tests {
+            for drafted in [false, true] {
+                let once = |e: &Engine| time_chat_answer(e, n, drafted);
+                once(&engine)?; // warm-up
+                let runs = (0..opts.repetitions)
+                    .map(|_| once(&engine))
+                    .collect::<Result<Vec<_>>>()?;
+                let samples: Vec<f64> = runs.iter().map(|g| g.decode_tok_s()).collect();
+                if let (true, Some(g)) = (drafted, runs.last()) {
+                    draft = Some(DraftTimes {
+                        acceptance: g.spec.acceptance(),
+                        tokens_per_pass: g.tokens_per_pass(),
+                        drafted: g.spec.drafted,
+                        accepted: g.spec.accepted,
+                    });
+                }
+                let (avg, sd) = mean_sd(&samples);
+                rows.push(BenchRow {
+                    model: model_label(&engine),
+                    size_bytes: engine.gguf.tensors.iter().map(|t| t.size as u64).sum(),
+                    params: engine
+                        .gguf
+                        .tensors
+                        .iter()
+                        .map(|t| t.elements() as u64)
+                        .sum(),
+                    backend: engine.device_name(),
+                    threads: engine.threads,
+                    test: format!("chat{n}{}", if drafted { " +draft" } else { "" }),
+                    n_tokens: runs.last().map_or(n, |g| g.tokens.len()),
+                    sequences: 1,
+                    depth: 0,
+                    format: None,
+                    samples_ts: samples,
+                    avg_ts: avg,
+                    stddev_ts: sd,
+                });
+            }
+        }
         for ((name, n, is_prompt, seqs), depth) in tests {
             let format = format.filter(|_| !is_prompt);
             let name = match format {
@@ -277,6 +336,7 @@ pub fn run_constrained(opts: &BenchOptions, format: Option<&Format>) -> Result<B
         rows,
         extras: BenchExtras {
             load_s,
+            draft,
             format: format_times,
             ttft_ms,
             ttft_prompt_tokens,
@@ -501,6 +561,31 @@ fn time_to_first_token(engine: &Engine) -> Result<(Duration, usize)> {
     Ok((best, tokens.len()))
 }
 
+/// A greedy answer of up to `n` tokens to a coding request, through the scheduler, with the
+/// engine's speculation (`drafted`) or none; the prompt is run anew each time.
+fn time_chat_answer(
+    engine: &Engine,
+    n: usize,
+    drafted: bool,
+) -> Result<crate::scheduler::Generation> {
+    let messages = [crate::tokenizer::Message::new(
+        "user",
+        "Write a Python function that checks whether a string is a palindrome, with a docstring and two examples.",
+    )];
+    let tokens = engine
+        .tokenizer
+        .encode(&engine.template.render(&messages, None, true)?)?;
+    let mut sampler = crate::sampler::Sampler::new(crate::sampler::SamplingParams::greedy())?;
+    let mut session = engine.new_session()?;
+    let mut req =
+        crate::scheduler::Request::new(tokens, n, crate::scheduler::Held::Borrowed(&mut sampler));
+    req.spec = Some(match drafted {
+        true => engine.spec,
+        false => crate::speculative::SpecConfig::OFF,
+    });
+    engine.generate_request(&mut session, req, |_| true)
+}
+
 fn mean_sd(x: &[f64]) -> (f64, f64) {
     let n = x.len() as f64;
     let mean = x.iter().sum::<f64>() / n;
@@ -625,6 +710,15 @@ pub fn to_markdown(report: &BenchReport) -> String {
         s.push_str(&format!(
             " | GPU memory bandwidth {bw:.0} GB/s (copy) | weights read per token from the GPU {:.1} MiB",
             e.decode_bytes_on_gpu as f64 / (1 << 20) as f64
+        ));
+    }
+    if let Some(d) = e.draft {
+        s.push_str(&format!(
+            " | draft model: drafted {} kept {} ({:.0}%), {:.2} tokens per pass",
+            d.drafted,
+            d.accepted,
+            100.0 * d.acceptance,
+            d.tokens_per_pass
         ));
     }
     if let Some(p) = e.roofline_pct {

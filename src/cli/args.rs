@@ -388,8 +388,10 @@ impl RopeArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct SpecArgs {
     /// How to draft tokens ahead of the model, checked in the same step as the token before
-    /// them (output unchanged): ngram-simple (the default) looks the text's last words up in the
-    /// prompt and the answer so far and drafts what followed them; none turns it off.
+    /// them (output unchanged), a comma list: ngram-simple (the default) looks the text's last
+    /// words up in the prompt and the answer so far and drafts what followed them;
+    /// draft-simple asks the draft model (-md), where ngram-simple found nothing when both are
+    /// given; none turns it off. With -md and no --spec-type: ngram-simple,draft-simple.
     #[arg(long = "spec-type", value_name = "TYPE")]
     pub spec_type: Option<String>,
     /// The longest n-gram ngram-simple looks up, 2 to 64 (it tries shorter ones down to 2).
@@ -401,13 +403,14 @@ pub struct SpecArgs {
     /// Accepted with no effect, as in llama.cpp b11434, whose ngram-simple does not read it.
     #[arg(long = "spec-ngram-simple-min-hits", value_name = "N")]
     pub ngram_min_hits: Option<usize>,
-    /// The most tokens drafted at once.
+    /// The most tokens drafted at once, by either type.
     #[arg(long = "spec-draft-n-max", visible_aliases = ["draft-max", "draft", "draft-n"], value_name = "N")]
     pub draft_max: Option<usize>,
     /// Drafts of fewer tokens than this are not tried.
     #[arg(long = "spec-draft-n-min", visible_aliases = ["draft-min", "draft-n-min"], value_name = "N")]
     pub draft_min: Option<usize>,
-    /// Accepted with no effect: it applies to draft models, which are not supported yet.
+    /// The draft model stops drafting at a token whose probability, among its ten most likely,
+    /// is below P (0 to 1; default 0, as in llama.cpp b11434). Only the draft model reads it.
     #[arg(
         long = "spec-draft-p-min",
         visible_alias = "draft-p-min",
@@ -415,18 +418,22 @@ pub struct SpecArgs {
     )]
     pub draft_p_min: Option<f32>,
     /// on (default): each draft is as long as pays on this machine, from the measured share of
-    /// drafted tokens kept and the measured cost of longer steps, and none while none pays;
-    /// off: every draft found is tried whole, up to --spec-draft-n-max.
+    /// drafted tokens kept and the measured cost of longer steps (and of the draft model's own
+    /// steps), and none while none pays; off: every draft is tried whole, up to
+    /// --spec-draft-n-max.
     #[arg(long = "spec-adaptive", value_name = "on|off", value_parser = parse_on_off)]
     pub adaptive: Option<bool>,
-    /// Draft models are not supported yet: refused (--spec-type ngram-simple needs none).
+    /// A draft model (-md): a smaller model with the target's vocabulary (Qwen2.5 0.5B for the
+    /// larger Qwen2.5 models), loaded with the target's settings, that proposes tokens for the
+    /// target to check (speculative type draft-simple).
     #[arg(
         long = "model-draft",
         visible_alias = "spec-draft-model",
-        value_name = "FILE"
+        value_name = "FILE",
+        conflicts_with = "hf_repo_draft"
     )]
     pub model_draft: Option<PathBuf>,
-    /// Draft models are not supported yet: refused.
+    /// The draft model from Hugging Face (-hfd ORG/REPO[:QUANT]), downloaded as -hf is.
     #[arg(
         long = "hf-repo-draft",
         visible_alias = "spec-draft-hf",
@@ -438,22 +445,26 @@ pub struct SpecArgs {
 impl SpecArgs {
     /// The speculation these flags ask for.
     pub fn config(&self) -> Result<SpecConfig> {
-        if self.model_draft.is_some() || self.hf_repo_draft.is_some() {
-            bail!("draft models (-md/--model-draft, -hfd) are not supported yet; --spec-type ngram-simple (the default) drafts from the prompt without one");
-        }
+        let has_model = self.model_draft.is_some() || self.hf_repo_draft.is_some();
         let mut c = SpecConfig::default();
-        if let Some(types) = &self.spec_type {
-            let mut kinds = types.split(',').map(|t| SpecType::parse(t.trim()));
-            c.kind = kinds
-                .next()
-                .unwrap_or(Ok(SpecType::None))
-                .map_err(anyhow::Error::msg)?;
-            if let Some(other) = kinds.next() {
-                other.map_err(anyhow::Error::msg)?;
-                bail!(
-                    "--spec-type {types}: one type at a time is supported (none or ngram-simple)"
-                );
+        match &self.spec_type {
+            Some(types) => {
+                c.kind = SpecType::None;
+                for t in types.split(',') {
+                    match SpecType::parse(t.trim()).map_err(anyhow::Error::msg)? {
+                        SpecType::None => {}
+                        SpecType::NgramSimple => c.kind = SpecType::NgramSimple,
+                        SpecType::DraftSimple => c.draft_model = true,
+                    }
+                }
+                if c.draft_model && !has_model {
+                    bail!("--spec-type {types}: draft-simple needs a draft model, -md FILE or -hfd ORG/REPO[:QUANT]");
+                }
+                if has_model && !c.draft_model {
+                    bail!("a draft model (-md/-hfd) is given but --spec-type {types} does not use it; add draft-simple (--spec-type ngram-simple,draft-simple), or leave --spec-type out");
+                }
             }
+            None => c.draft_model = has_model,
         }
         if let Some(n) = self.ngram_size {
             c.ngram_size = n;
@@ -468,11 +479,30 @@ impl SpecArgs {
         if let Some(n) = self.draft_min {
             c.n_min = n;
         }
+        if let Some(p) = self.draft_p_min {
+            c.p_min = p;
+        }
         if let Some(on) = self.adaptive {
             c.adaptive = on;
         }
         c.check()?;
         Ok(c)
+    }
+
+    /// The draft model's file: -md, or -hfd's (downloaded if it is not in the cache).
+    pub fn draft_file(&self, hf_no_verify: bool) -> Result<Option<PathBuf>> {
+        let file = match (&self.model_draft, &self.hf_repo_draft) {
+            (Some(f), _) => f.clone(),
+            (None, Some(repo)) => crate::hub::resolve_model(repo, None, hf_no_verify)?,
+            (None, None) => return Ok(None),
+        };
+        if file.is_dir() {
+            bail!(
+                "--model-draft {} is a directory; give one GGUF file",
+                file.display()
+            );
+        }
+        Ok(Some(file))
     }
 }
 
@@ -622,6 +652,7 @@ impl ModelArgs {
                 self.weight_cache.clone().or_else(default_weight_cache_dir)
             },
             spec: self.spec.config()?,
+            draft_model: self.spec.draft_file(self.hf_no_verify)?,
             rope: self.rope.overrides()?,
         })
     }

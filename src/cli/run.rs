@@ -92,7 +92,7 @@ pub fn report(engine: &Engine, g: &Generation) -> String {
         Some((used, _, _)) => format!(" | prefix cache {:.1} MiB", mib(used)),
         None => String::new(),
     };
-    let spec = if g.spec.drafted > 0 {
+    let spec = if g.spec.drafted > 0 || engine.draft().is_some() {
         format!(
             " | drafted {} kept {} ({:.0}%), {:.2} tokens/pass",
             g.spec.drafted,
@@ -102,6 +102,17 @@ pub fn report(engine: &Engine, g: &Generation) -> String {
         )
     } else {
         String::new()
+    };
+    let spec = match engine.draft() {
+        Some(d) => format!(
+            "{spec} | draft model {}",
+            d.gguf
+                .path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+        ),
+        None => spec,
     };
     let gpu = match engine.gpu_report() {
         Some(r) => format!("\n[qwen-run] GPU {r}"),

@@ -46,6 +46,9 @@ pub struct LoadOptions {
     pub chat_template: Option<TemplateOverride>,
     /// How generations speculate by default (`--spec-type` and its settings).
     pub spec: SpecConfig,
+    /// The draft model (`-md`), loaded with these options; `spec.draft_model` must be set
+    /// with it.
+    pub draft_model: Option<PathBuf>,
     /// Directory of the weight cache (the CPU kernels' copies of the weights, mapped by later
     /// loads instead of being made again); None turns it off. Unused with `huge_pages`, whose
     /// point is memory a mapped file cannot have.
@@ -80,6 +83,7 @@ impl LoadOptions {
             huge_pages: false,
             chat_template: None,
             spec: SpecConfig::default(),
+            draft_model: None,
             weight_cache: None,
             rope: RopeOverrides::default(),
         }
@@ -209,7 +213,12 @@ impl Engine {
             cache_type_k,
             cache_type_v,
         );
-        let engine = Engine {
+        if opts.spec.draft_model != opts.draft_model.is_some() {
+            bail!(
+                "speculative type draft-simple needs a draft model (-md FILE or -hfd REPO), and a draft model needs draft-simple among --spec-type"
+            );
+        }
+        let mut engine = Engine {
             gguf,
             runner: ModelRunner::new(weights, cache_type_k, cache_type_v),
             tokenizer,
@@ -224,7 +233,11 @@ impl Engine {
             grammars: Default::default(),
             spec: opts.spec,
             step_costs: Default::default(),
+            draft: None,
         };
+        if let Some(path) = &opts.draft_model {
+            engine.draft = Some(Box::new(super::draft::load(&engine, opts, path)?));
+        }
         engine.check_kv_fits(1)?;
         Ok(engine)
     }
@@ -259,7 +272,9 @@ impl Engine {
         if self.placement().gpu().is_some() {
             return Ok(()); // GPU memory is checked by the device when the caches are made.
         }
-        let per_session = (self.ctx_size as u64).saturating_mul(self.kv_bytes_per_token() as u64);
+        let per_token =
+            self.kv_bytes_per_token() + self.draft().map_or(0, |d| d.kv_bytes_per_token());
+        let per_session = (self.ctx_size as u64).saturating_mul(per_token as u64);
         let need = per_session.saturating_mul(sessions as u64);
         if need > available {
             let mib = |b: u64| b >> 20;
@@ -267,7 +282,7 @@ impl Engine {
                 "the KV caches need {} MiB ({sessions} slot(s) x {} tokens of context x {} bytes per token), but only {} MiB of memory is available; lower --parallel or --ctx-size, or use a smaller KV type (--cache-type f16 or q8_0)",
                 mib(need),
                 self.ctx_size,
-                self.kv_bytes_per_token(),
+                per_token,
                 mib(available)
             );
         }

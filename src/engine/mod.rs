@@ -5,10 +5,12 @@
 //! text's final hidden states into an embedding.
 
 mod device;
+mod draft;
 mod embed;
 mod load;
 
 pub use device::{gpu_memory, gpu_name, select_device, DeviceChoice};
+pub use draft::{check_vocabulary, VOCAB_SIZE_TOLERANCE};
 pub use embed::Pooling;
 pub use load::{
     LoadOptions, DEFAULT_CACHE_RAM_MIB, DEFAULT_PREFIX_BLOCK, DEFAULT_PROMPT_CACHE_MAX_MIB,
@@ -52,6 +54,8 @@ pub struct Engine {
     pub spec: SpecConfig,
     /// Step times by tokens per step, for sizing drafts.
     step_costs: StepCosts,
+    /// The draft model of speculative decoding (`-md`), with its own steps and step costs.
+    draft: Option<Box<Engine>>,
 }
 
 /// One session's part of a step: the tokens to append and which of them need logits.

@@ -5,12 +5,20 @@ use super::KvCache;
 pub struct Session {
     pub cache: KvCache,
     tokens: Vec<u32>,
+    /// The draft model's session beside this one (speculative decoding with `-md`), made on
+    /// first use. It holds its own tokens: the scheduler brings it to the text before each
+    /// draft, so it may lag behind or hold rejected drafts in between.
+    pub draft: Option<Box<Session>>,
 }
 
 impl Session {
     pub fn new(cache: KvCache) -> Session {
         let tokens = Vec::with_capacity(cache.capacity());
-        Session { cache, tokens }
+        Session {
+            cache,
+            tokens,
+            draft: None,
+        }
     }
 
     pub fn tokens(&self) -> &[u32] {

@@ -6,6 +6,7 @@
 //! ([`Engine::generate`](crate::engine::Engine::generate)).
 
 mod decoder;
+mod draft;
 mod request;
 pub mod stop;
 
@@ -92,6 +93,9 @@ pub struct Scheduler<'a> {
     logits: Vec<f32>,
     /// The engine's step costs, copied for the drafters before each step.
     costs: CostTable,
+    /// The draft model's step costs and logits, when the engine has one.
+    draft_costs: CostTable,
+    draft_logits: Vec<f32>,
 }
 
 impl<'a> Scheduler<'a> {
@@ -108,6 +112,8 @@ impl<'a> Scheduler<'a> {
             chunks: ChunkPolicy::of(engine),
             logits: Vec::new(),
             costs: CostTable::default(),
+            draft_costs: CostTable::default(),
+            draft_logits: Vec::new(),
         }
     }
 
@@ -179,7 +185,9 @@ impl<'a> Scheduler<'a> {
         };
         // The request leaves the queue: from here on its queue time-out no longer applies.
         out.send(Event::Started);
-        let drafter = Drafter::new(req.spec.unwrap_or(engine.spec));
+        let mut spec = req.spec.unwrap_or(engine.spec);
+        spec.draft_model &= engine.draft().is_some();
+        let drafter = Drafter::new(spec);
         let decoder = Decoder::new(
             prompt,
             req.max_tokens,
@@ -226,6 +234,9 @@ impl<'a> Scheduler<'a> {
         });
         if drafting {
             engine.step_costs().snapshot(&mut self.costs);
+            if let Some(d) = engine.draft() {
+                d.step_costs().snapshot(&mut self.draft_costs);
+            }
         }
         let mut planned = Planned::default();
         let exact_step_tokens = engine.runner.exact_step_tokens();
@@ -262,6 +273,43 @@ impl<'a> Scheduler<'a> {
                         let history = a.decoder.history();
                         let room = a.decoder.left().min(exact_step_tokens - 1);
                         expected = d.propose(history, room, &self.costs, planned, &mut a.drafts);
+                        let model = match (engine.draft(), &mut slot.session) {
+                            (Some(model), SlotSession::Ready(session)) if a.drafts.is_empty() => {
+                                Some((model, session))
+                            }
+                            _ => None,
+                        };
+                        if let Some((model, session)) = model {
+                            let k = d.model_length(room, &self.costs, &self.draft_costs, planned);
+                            if k > 0 {
+                                let proposed =
+                                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                        draft::propose(
+                                            model,
+                                            &mut session.draft,
+                                            history,
+                                            k,
+                                            d.config().p_min,
+                                            engine.tokenizer.vocab_size(),
+                                            &mut self.draft_logits,
+                                            &mut a.drafts,
+                                        )
+                                    }));
+                                let failure = match proposed {
+                                    Ok(Ok(())) => None,
+                                    Ok(Err(e)) => Some(format!("{e:#}")),
+                                    Err(p) => Some(panic_message(&p)),
+                                };
+                                if let Some(why) = failure {
+                                    // Drafts change speed only: the request goes on without them.
+                                    eprintln!("warning: the draft model failed ({why}); this generation goes on without it");
+                                    d.stop_model();
+                                    session.draft = None;
+                                    a.drafts.clear();
+                                }
+                                expected = d.model_drafted(&mut a.drafts);
+                            }
+                        }
                         a.drafter_drafted = !a.drafts.is_empty();
                     }
                 }

@@ -16,7 +16,7 @@ use super::protocol::{GenRequest, Logprob, SlotAction, SlotReply};
 use super::routing::RouteFacts;
 use crate::prefix_cache::{load_session, save_session};
 use crate::scheduler::{FinishReason, Generation};
-use crate::speculative::{SpecConfig, SpecType};
+use crate::speculative::SpecConfig;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
@@ -89,9 +89,9 @@ struct Common {
     spec_n_max: Option<usize>,
     #[serde(default, rename = "speculative.n_min")]
     spec_n_min: Option<usize>,
-    /// Read for draft models, which are not supported: no effect.
+    /// The draft model's confidence floor (no effect without a draft model).
     #[serde(default, rename = "speculative.p_min")]
-    _spec_p_min: Option<f32>,
+    spec_p_min: Option<f32>,
     #[serde(default)]
     model: Option<String>,
     #[serde(flatten)]
@@ -168,9 +168,10 @@ impl Common {
 }
 
 impl Common {
-    /// The model's speculation with the request's `speculative.n_max` / `n_min`, if it sets them.
+    /// The model's speculation with the request's `speculative.n_max` / `n_min` / `p_min`, if
+    /// it sets them.
     fn spec(&self, model: &LoadedModel) -> Result<Option<SpecConfig>, ApiError> {
-        if self.spec_n_max.is_none() && self.spec_n_min.is_none() {
+        if self.spec_n_max.is_none() && self.spec_n_min.is_none() && self.spec_p_min.is_none() {
             return Ok(None);
         }
         let mut spec = model.engine.spec;
@@ -180,8 +181,13 @@ impl Common {
         if let Some(n) = self.spec_n_min {
             spec.n_min = n;
         }
+        if let Some(p) = self.spec_p_min {
+            spec.p_min = p;
+        }
         spec.check().map_err(|e| {
-            ApiError::bad_request(format!("speculative.n_max / speculative.n_min: {e:#}"))
+            ApiError::bad_request(format!(
+                "speculative.n_max / speculative.n_min / speculative.p_min: {e:#}"
+            ))
         })?;
         Ok(Some(spec))
     }
@@ -548,7 +554,7 @@ async fn props_inner(
             "id_task": -1,
             "n_ctx": engine.ctx_size,
             "is_processing": false,
-            "speculative": engine.spec.kind != SpecType::None,
+            "speculative": engine.spec.speculates(),
             "params": {
                 "n_predict": n_predict,
                 "max_tokens": n_predict,
@@ -577,9 +583,10 @@ async fn props_inner(
                 "samplers": ["penalties", "top_k", "top_p", "min_p", "temperature"],
                 "post_sampling_probs": false,
                 "lora": [],
-                "speculative.type": engine.spec.kind.name(),
+                "speculative.type": engine.spec.type_names(),
                 "speculative.n_max": engine.spec.n_max,
                 "speculative.n_min": engine.spec.n_min,
+                "speculative.p_min": engine.spec.p_min,
             },
             "prompt": "",
         },

@@ -18,6 +18,12 @@ pub const LAYERS: usize = 2;
 
 /// A byte-level vocabulary: the 256 byte symbols, a few merges, and Qwen's special tokens.
 pub fn tokenizer_metadata(w: &mut GgufWriter) -> usize {
+    tokenizer_metadata_with(w, 0)
+}
+
+/// [`tokenizer_metadata`] with `extra` plain tokens after the special ones (a larger vocabulary
+/// with the same ids for what both have).
+pub fn tokenizer_metadata_with(w: &mut GgufWriter, extra: usize) -> usize {
     let mut tokens: Vec<String> = byte_symbols();
     let merges = [
         "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d",
@@ -31,6 +37,10 @@ pub fn tokenizer_metadata(w: &mut GgufWriter) -> usize {
         types.push(3);
     }
     let n = tokens.len();
+    for i in 0..extra {
+        tokens.push(format!("extra{i}"));
+        types.push(1);
+    }
     w.meta("tokenizer.ggml.model", Value::String("gpt2".into()))
         .meta("tokenizer.ggml.pre", Value::String("qwen2".into()))
         .meta(
@@ -53,7 +63,7 @@ pub fn tokenizer_metadata(w: &mut GgufWriter) -> usize {
         .meta("tokenizer.ggml.eos_token_id", Value::U32(n as u32 - 1))
         .meta("tokenizer.ggml.bos_token_id", Value::U32(n as u32 - 3))
         .meta("tokenizer.ggml.add_bos_token", Value::Bool(false));
-    n
+    n + extra
 }
 
 /// GPT-2's byte-to-symbol alphabet, in byte order.
@@ -133,8 +143,14 @@ fn random_iquant_blocks(ty: QuantType, n: usize, scale: f32, values: Vec<f32>) -
 
 /// A complete tiny Qwen2 model whose matrices are of type `ty`.
 pub fn tiny_model_writer(ty: QuantType) -> GgufWriter {
+    tiny_model_writer_with_vocab(ty, 0)
+}
+
+/// [`tiny_model_writer`] with `extra` tokens after the vocabulary's (see
+/// [`tokenizer_metadata_with`]).
+pub fn tiny_model_writer_with_vocab(ty: QuantType, extra: usize) -> GgufWriter {
     let mut w = GgufWriter::new();
-    let vocab = tokenizer_metadata(&mut w);
+    let vocab = tokenizer_metadata_with(&mut w, extra);
     let chatml = "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
     w.meta("general.architecture", Value::String("qwen2".into()))
         .meta("general.name", Value::String("tiny-test".into()))
