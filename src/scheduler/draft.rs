@@ -32,10 +32,7 @@ pub(super) fn propose(
     if max == 0 || history.is_empty() {
         return Ok(());
     }
-    let session = match session {
-        Some(s) => s,
-        None => session.insert(Box::new(draft.new_session()?)),
-    };
+    let session = made(draft, session)?;
     // Keep what the draft holds of the text, less the last token, whose logits are needed.
     let keep = session.common_prefix(history).min(history.len() - 1);
     session.truncate(keep);
@@ -46,14 +43,7 @@ pub(super) fn propose(
             None => &history[keep..],
             Some(t) => std::slice::from_ref(t),
         };
-        for chunk in run.chunks(draft.batch_size) {
-            let mut step = [Step {
-                session,
-                tokens: chunk,
-                logits: Logits::Last,
-            }];
-            draft.step(&mut step, logits)?;
-        }
+        run_tokens(draft, session, run, logits)?;
         let (token, p) = most_likely(&logits[..draft_vocab]);
         if p < p_min || token as usize >= vocab {
             break;
@@ -63,6 +53,49 @@ pub(super) fn propose(
             break;
         }
         last = Some(token);
+    }
+    Ok(())
+}
+
+/// Brings the draft's session to hold `text` (a prompt, as it finishes): the draft reads the
+/// prompt as part of the prefill rather than in the first decode step.
+pub(super) fn catch_up(
+    draft: &Engine,
+    session: &mut Option<Box<Session>>,
+    text: &[u32],
+    logits: &mut Vec<f32>,
+) -> Result<()> {
+    let session = made(draft, session)?;
+    let keep = session.common_prefix(text);
+    session.truncate(keep);
+    run_tokens(draft, session, &text[keep..], logits)
+}
+
+/// The slot's draft session, made on first use.
+fn made<'s>(draft: &Engine, session: &'s mut Option<Box<Session>>) -> Result<&'s mut Session> {
+    let made = match session.take() {
+        Some(s) => s,
+        None => Box::new(draft.new_session()?),
+    };
+    let made: &mut Session = session.insert(made);
+    Ok(made)
+}
+
+/// Runs `tokens` on the draft's session in `--batch-size` steps; the last one's logits in
+/// `logits`.
+fn run_tokens(
+    draft: &Engine,
+    session: &mut Session,
+    tokens: &[u32],
+    logits: &mut Vec<f32>,
+) -> Result<()> {
+    for chunk in tokens.chunks(draft.batch_size) {
+        let mut step = [Step {
+            session: &mut *session,
+            tokens: chunk,
+            logits: Logits::Last,
+        }];
+        draft.step(&mut step, logits)?;
     }
     Ok(())
 }

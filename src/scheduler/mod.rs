@@ -512,6 +512,18 @@ fn take_slot_tokens(engine: &Engine, slot: &mut Slot, n: usize, rows: usize, log
         return;
     };
     if a.prefill_time.is_none() {
+        if let (Some(model), Some(d)) = (engine.draft(), a.drafter.as_mut()) {
+            if d.config().draft_model {
+                let mut draft_logits = Vec::new();
+                let read =
+                    draft::catch_up(model, &mut session.draft, &a.req.prompt, &mut draft_logits);
+                if let Err(e) = read {
+                    eprintln!("warning: the draft model failed ({e:#}); this generation goes on without it");
+                    d.stop_model();
+                    session.draft = None;
+                }
+            }
+        }
         a.prefill_time = Some(a.started.elapsed());
         engine
             .prompt_cache()
