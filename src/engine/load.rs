@@ -237,6 +237,7 @@ impl Engine {
         };
         if let Some(path) = &opts.draft_model {
             engine.draft = Some(Box::new(super::draft::load(&engine, opts, path)?));
+            engine.load_time = t0.elapsed();
         }
         engine.check_kv_fits(1)?;
         Ok(engine)
