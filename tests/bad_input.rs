@@ -93,17 +93,19 @@ fn unsupported_tensor_type_is_named() {
     // The type field follows the name, the dimension count and two u64 dimensions.
     let name = b"blk.0.attn_q.weight";
     let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4 + 16;
-    bytes[at..at + 4].copy_from_slice(&18u32.to_le_bytes());
-    let p = dir.path().join("iq3.gguf");
+    bytes[at..at + 4].copy_from_slice(&34u32.to_le_bytes());
+    let p = dir.path().join("tq1.gguf");
     std::fs::write(&p, &bytes).unwrap();
     run_model(
         &p,
         &[
             "blk.0.attn_q.weight",
-            "IQ3_XXS",
+            "TQ1_0",
             "does not support",
             "Q4_K",
             "IQ4_XS",
+            "IQ3_XXS",
+            "IQ1_M",
         ],
     );
 }

@@ -1,5 +1,6 @@
 //! Scalar reference dequantization of every block format.
 
+use crate::iquant_grids::{IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID};
 use crate::layout::{QuantType, IQ4NL_VALUES};
 
 #[inline(always)]
@@ -72,6 +73,158 @@ pub(crate) fn iq4nl_values(qs: &[u8]) -> [i8; 32] {
         q[j + 16] = IQ4NL_VALUES[(qs[j] >> 4) as usize];
     }
     q
+}
+
+/// The sign byte of 7-bit sign index `i` of IQ2_XXS, IQ2_XS and IQ3_XXS: bit `j` set makes
+/// value `j` of a group of eight negative, and the eighth bit makes the number of negative
+/// values even.
+pub(crate) const KSIGNS: [u8; 128] = {
+    let mut t = [0u8; 128];
+    let mut i = 0;
+    while i < 128 {
+        t[i] = i as u8 | (((i as u32).count_ones() & 1) << 7) as u8;
+        i += 1;
+    }
+    t
+};
+
+/// A block of a grid i-quant ([`QuantType::is_grid_iquant`]) as integers: value `i` is
+/// `d * f * (2 ls[i / 16] + 1) * q[i]`, with `f` the type's factor ([`grid_iquant_factor`]).
+pub(crate) struct GridBlock {
+    pub d: f32,
+    /// The signed grid values (IQ1_S, IQ1_M: eight times the grid value plus the offset's sign,
+    /// as the offset is 1/8).
+    pub q: [i8; 256],
+    /// The scale of each 16 values (of each 32 duplicated).
+    pub ls: [u8; 16],
+}
+
+/// The power of two each grid i-quant's integers are multiplied by (see [`GridBlock`]): its
+/// scales are `(2 ls + 1) / 8` (IQ2), `/ 4` (IQ3_XXS), `/ 1` (IQ3_S), and IQ1's values eighths.
+pub(crate) fn grid_iquant_factor(ty: QuantType) -> f32 {
+    match ty {
+        QuantType::IQ3XXS => 0.25,
+        QuantType::IQ3S => 1.0,
+        _ => 0.125,
+    }
+}
+
+/// The eight bytes of `grid` entry `g` with the signs of `signs`' bits applied.
+#[inline(always)]
+fn signed8(q: &mut [i8], grid: u64, signs: u8) {
+    for (j, o) in q.iter_mut().enumerate().take(8) {
+        let v = (grid >> (8 * j)) as u8 as i8;
+        *o = if signs >> j & 1 != 0 { -v } else { v };
+    }
+}
+
+/// Unpacks a block of a grid i-quant (see [`GridBlock`]).
+pub(crate) fn grid_block(ty: QuantType, b: &[u8]) -> GridBlock {
+    let mut q = [0i8; 256];
+    let mut ls = [0u8; 16];
+    let d = match ty {
+        QuantType::IQ1M => {
+            let sc = |k: usize| u16::from_le_bytes([b[48 + 2 * k], b[49 + 2 * k]]);
+            let bits =
+                (sc(0) >> 12) | ((sc(1) >> 8) & 0xf0) | ((sc(2) >> 4) & 0xf00) | (sc(3) & 0xf000);
+            half::f16::from_bits(bits).to_f32()
+        }
+        _ => f16_at(b, 0),
+    };
+    match ty {
+        QuantType::IQ2XXS => {
+            for ib in 0..8 {
+                let o = 2 + 8 * ib;
+                let aux = u32_at(b, o + 4);
+                ls[2 * ib] = (aux >> 28) as u8;
+                ls[2 * ib + 1] = ls[2 * ib];
+                for l in 0..4 {
+                    let grid = IQ2XXS_GRID[b[o + l] as usize];
+                    let signs = KSIGNS[(aux >> (7 * l) & 127) as usize];
+                    signed8(&mut q[32 * ib + 8 * l..], grid, signs);
+                }
+            }
+        }
+        QuantType::IQ2XS | QuantType::IQ2S => {
+            for i in 0..32 {
+                let (grid, signs) = if ty == QuantType::IQ2XS {
+                    let v = u16::from_le_bytes([b[2 + 2 * i], b[3 + 2 * i]]);
+                    (IQ2XS_GRID[(v & 511) as usize], KSIGNS[(v >> 9) as usize])
+                } else {
+                    let high = (b[66 + i / 4] >> (2 * (i % 4)) & 3) as usize;
+                    (IQ2S_GRID[b[2 + i] as usize | high << 8], b[34 + i])
+                };
+                signed8(&mut q[8 * i..], grid, signs);
+            }
+            let scales = if ty == QuantType::IQ2XS { 66 } else { 74 };
+            for (g, l) in ls.iter_mut().enumerate() {
+                *l = b[scales + g / 2] >> (4 * (g % 2)) & 15;
+            }
+        }
+        QuantType::IQ3XXS => {
+            for ib in 0..8 {
+                let aux = u32_at(b, 66 + 4 * ib);
+                ls[2 * ib] = (aux >> 28) as u8;
+                ls[2 * ib + 1] = ls[2 * ib];
+                for l in 0..4 {
+                    let o = 2 + 8 * ib + 2 * l;
+                    let grid = IQ3XXS_GRID[b[o] as usize] as u64
+                        | (IQ3XXS_GRID[b[o + 1] as usize] as u64) << 32;
+                    let signs = KSIGNS[(aux >> (7 * l) & 127) as usize];
+                    signed8(&mut q[32 * ib + 8 * l..], grid, signs);
+                }
+            }
+        }
+        QuantType::IQ3S => {
+            for i in 0..32 {
+                let index =
+                    |k: usize| b[2 + k] as usize | ((b[66 + k / 8] >> (k % 8) & 1) as usize) << 8;
+                let grid =
+                    IQ3S_GRID[index(2 * i)] as u64 | (IQ3S_GRID[index(2 * i + 1)] as u64) << 32;
+                signed8(&mut q[8 * i..], grid, b[74 + i]);
+            }
+            for (g, l) in ls.iter_mut().enumerate() {
+                *l = b[106 + g / 4] >> (4 * (g / 2 % 2)) & 15;
+            }
+        }
+        QuantType::IQ1S => {
+            for ib in 0..8 {
+                let h = u16::from_le_bytes([b[34 + 2 * ib], b[35 + 2 * ib]]);
+                ls[2 * ib] = (h >> 12 & 7) as u8;
+                ls[2 * ib + 1] = ls[2 * ib];
+                let offset = if h & 0x8000 != 0 { -1 } else { 1 };
+                for l in 0..4 {
+                    let index = b[2 + 4 * ib + l] as usize | ((h >> (3 * l) & 7) as usize) << 8;
+                    iq1_group(&mut q[32 * ib + 8 * l..], IQ1S_GRID[index], offset);
+                }
+            }
+        }
+        QuantType::IQ1M => {
+            for i in 0..32 {
+                let h = b[32 + i / 2] >> (4 * (i % 2));
+                let offset = if h & 8 != 0 { -1 } else { 1 };
+                iq1_group(
+                    &mut q[8 * i..],
+                    IQ1S_GRID[b[i] as usize | ((h & 7) as usize) << 8],
+                    offset,
+                );
+            }
+            for (g, l) in ls.iter_mut().enumerate() {
+                let sc = u16::from_le_bytes([b[48 + 2 * (g / 4)], b[49 + 2 * (g / 4)]]);
+                *l = (sc >> (3 * (g % 4)) & 7) as u8;
+            }
+        }
+        _ => unreachable!("{ty} is not a grid i-quant"),
+    }
+    GridBlock { d, q, ls }
+}
+
+/// Eight IQ1 values (grid values -1, 0, 1 plus an offset of `offset` / 8) as eighths.
+#[inline(always)]
+fn iq1_group(q: &mut [i8], grid: u64, offset: i8) {
+    for (j, o) in q.iter_mut().enumerate().take(8) {
+        *o = 8 * (grid >> (8 * j)) as u8 as i8 + offset;
+    }
 }
 
 pub(crate) fn dequantize(ty: QuantType, data: &[u8], out: &mut [f32]) {
@@ -281,6 +434,49 @@ fn dequantize_block(ty: QuantType, b: &[u8], y: &mut [f32]) {
                 }
             }
         }
-        QuantType::F32 | QuantType::F16 | QuantType::BF16 => unreachable!(),
+        _ if ty.is_grid_iquant() => {
+            let g = grid_block(ty, b);
+            for (i, (o, &q)) in y.iter_mut().zip(&g.q).enumerate() {
+                let ls = g.ls[i / 16] as f32;
+                // each type's float steps in gguf-py's order, for the same bits
+                *o = match ty {
+                    QuantType::IQ2XXS | QuantType::IQ2XS | QuantType::IQ2S => {
+                        g.d * (0.5 + ls) * 0.25 * q as f32
+                    }
+                    QuantType::IQ3XXS => g.d * (0.5 + ls) * 0.5 * q as f32,
+                    QuantType::IQ3S => g.d * (1.0 + 2.0 * ls) * q as f32,
+                    // the grid value plus the offset, exact in eighths
+                    _ => g.d * (2.0 * ls + 1.0) * (q as f32 * 0.125),
+                };
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The grids and sign bytes are gguf-py's (`kernels/tests/data/make_iq_vectors.py` dumped
+    /// them, one byte per value).
+    #[test]
+    fn grids_and_signs_are_gguf_py_s() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/iq_grids.gguf_py.i8"
+        );
+        let want = std::fs::read(path).unwrap();
+        let mut ours = Vec::new();
+        for grid in [&IQ2XXS_GRID[..], &IQ2XS_GRID, &IQ2S_GRID] {
+            ours.extend(grid.iter().flat_map(|g| g.to_le_bytes()));
+        }
+        for grid in [&IQ3XXS_GRID[..], &IQ3S_GRID] {
+            ours.extend(grid.iter().flat_map(|g| g.to_le_bytes()));
+        }
+        ours.extend(IQ1S_GRID.iter().flat_map(|g| g.to_le_bytes()));
+        ours.extend(KSIGNS);
+        assert_eq!(ours.len(), want.len());
+        assert!(ours == want, "a grid or sign table differs from gguf-py's");
     }
 }

@@ -68,6 +68,30 @@ pub enum QuantType {
     /// bytes, the top 2 in a u16) and 128 bytes of 4-bit indices into [`IQ4NL_VALUES`], each
     /// sub-block's 16 bytes laid out as an IQ4_NL block's.
     IQ4XS,
+    /// 256 values (66 bytes): f16 d, then per 32 values four 8-bit indices into
+    /// [`crate::iquant_grids`]' IQ2_XXS grid of eight magnitudes and a u32 of four 7-bit sign
+    /// indices and a 4-bit scale.
+    IQ2XXS,
+    /// 256 values (74 bytes): f16 d, 32 u16 (a 9-bit grid index and a 7-bit sign index per 8
+    /// values), a 4-bit scale per 16 values.
+    IQ2XS,
+    /// 256 values (82 bytes): f16 d, the low 8 bits of 32 10-bit grid indices, 32 sign bytes,
+    /// the indices' top 2 bits, a 4-bit scale per 16 values.
+    IQ2S,
+    /// 256 values (98 bytes): f16 d, 64 8-bit indices of groups of four magnitudes, then per 32
+    /// values a u32 of four 7-bit sign indices and a 4-bit scale.
+    IQ3XXS,
+    /// 256 values (110 bytes): f16 d, the low 8 bits of 64 9-bit indices of groups of four
+    /// magnitudes, their top bits, 32 sign bytes, a 4-bit scale per 32 values.
+    IQ3S,
+    /// 256 values (50 bytes): f16 d, the low 8 bits of 32 11-bit indices of groups of eight
+    /// values -1, 0, 1, then per 32 values a u16 of their top 3 bits, a 3-bit scale and the sign
+    /// of an offset of 1/8 added to every value.
+    IQ1S,
+    /// 256 values (56 bytes): IQ1_S's indices, their top 3 bits and the offset's sign per 8
+    /// values, a 3-bit scale per 16 values, and d as an f16 spread over the top nibbles of the
+    /// four u16 that hold the scales.
+    IQ1M,
 }
 
 /// The 16 values the 4-bit indices of IQ4_NL and IQ4_XS stand for (ggml's non-linear grid).
@@ -77,7 +101,7 @@ pub const IQ4NL_VALUES: [i8; 16] = [
 
 impl QuantType {
     /// All supported types.
-    pub const ALL: [QuantType; 16] = [
+    pub const ALL: [QuantType; 23] = [
         QuantType::F32,
         QuantType::F16,
         QuantType::BF16,
@@ -94,6 +118,13 @@ impl QuantType {
         QuantType::Q8K,
         QuantType::IQ4NL,
         QuantType::IQ4XS,
+        QuantType::IQ2XXS,
+        QuantType::IQ2XS,
+        QuantType::IQ2S,
+        QuantType::IQ3XXS,
+        QuantType::IQ3S,
+        QuantType::IQ1S,
+        QuantType::IQ1M,
     ];
 
     /// Maps a ggml type id (as stored in GGUF tensor infos) to a [`QuantType`].
@@ -112,8 +143,15 @@ impl QuantType {
             13 => QuantType::Q5K,
             14 => QuantType::Q6K,
             15 => QuantType::Q8K,
+            16 => QuantType::IQ2XXS,
+            17 => QuantType::IQ2XS,
+            18 => QuantType::IQ3XXS,
+            19 => QuantType::IQ1S,
             20 => QuantType::IQ4NL,
+            21 => QuantType::IQ3S,
+            22 => QuantType::IQ2S,
             23 => QuantType::IQ4XS,
+            29 => QuantType::IQ1M,
             30 => QuantType::BF16,
             _ => return None,
         })
@@ -137,6 +175,13 @@ impl QuantType {
             QuantType::Q8K => 15,
             QuantType::IQ4NL => 20,
             QuantType::IQ4XS => 23,
+            QuantType::IQ2XXS => 16,
+            QuantType::IQ2XS => 17,
+            QuantType::IQ3XXS => 18,
+            QuantType::IQ1S => 19,
+            QuantType::IQ3S => 21,
+            QuantType::IQ2S => 22,
+            QuantType::IQ1M => 29,
             QuantType::BF16 => 30,
         }
     }
@@ -160,6 +205,13 @@ impl QuantType {
             QuantType::Q8K => "Q8_K",
             QuantType::IQ4NL => "IQ4_NL",
             QuantType::IQ4XS => "IQ4_XS",
+            QuantType::IQ2XXS => "IQ2_XXS",
+            QuantType::IQ2XS => "IQ2_XS",
+            QuantType::IQ2S => "IQ2_S",
+            QuantType::IQ3XXS => "IQ3_XXS",
+            QuantType::IQ3S => "IQ3_S",
+            QuantType::IQ1S => "IQ1_S",
+            QuantType::IQ1M => "IQ1_M",
         }
     }
 
@@ -179,7 +231,14 @@ impl QuantType {
             | QuantType::Q5K
             | QuantType::Q6K
             | QuantType::Q8K
-            | QuantType::IQ4XS => 256,
+            | QuantType::IQ4XS
+            | QuantType::IQ2XXS
+            | QuantType::IQ2XS
+            | QuantType::IQ2S
+            | QuantType::IQ3XXS
+            | QuantType::IQ3S
+            | QuantType::IQ1S
+            | QuantType::IQ1M => 256,
         }
     }
 
@@ -201,6 +260,13 @@ impl QuantType {
             QuantType::Q8K => 292,
             QuantType::IQ4NL => 18,
             QuantType::IQ4XS => 136,
+            QuantType::IQ2XXS => 66,
+            QuantType::IQ2XS => 74,
+            QuantType::IQ2S => 82,
+            QuantType::IQ3XXS => 98,
+            QuantType::IQ3S => 110,
+            QuantType::IQ1S => 50,
+            QuantType::IQ1M => 56,
         }
     }
 
@@ -212,6 +278,21 @@ impl QuantType {
         } else {
             Some(n / bs * self.block_bytes())
         }
+    }
+
+    /// Whether this is one of the i-quants whose indices stand for groups of grid values
+    /// (IQ1_S to IQ3_S: not IQ4_NL and IQ4_XS, which index single values).
+    pub fn is_grid_iquant(self) -> bool {
+        matches!(
+            self,
+            QuantType::IQ2XXS
+                | QuantType::IQ2XS
+                | QuantType::IQ2S
+                | QuantType::IQ3XXS
+                | QuantType::IQ3S
+                | QuantType::IQ1S
+                | QuantType::IQ1M
+        )
     }
 
     /// True for the float (non block-quantized) types.

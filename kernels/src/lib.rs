@@ -13,6 +13,7 @@ mod dequant;
 mod driver;
 pub mod elementwise;
 mod f32_gemm;
+mod iquant_grids;
 mod layout;
 pub mod pool;
 mod repack;
@@ -221,6 +222,13 @@ pub fn batch_invariant_tokens(ty: QuantType, packing: Packing) -> usize {
         | QuantType::BF16 => 1,
         // IQ4 in the GGUF layout (rows not a multiple of 4) runs the scalar reference
         QuantType::Q2K | QuantType::Q3K | QuantType::IQ4NL | QuantType::IQ4XS => usize::MAX,
+        QuantType::IQ2XXS
+        | QuantType::IQ2XS
+        | QuantType::IQ2S
+        | QuantType::IQ3XXS
+        | QuantType::IQ3S
+        | QuantType::IQ1S
+        | QuantType::IQ1M => usize::MAX,
     }
 }
 

@@ -3,7 +3,8 @@
 //! one weight row with one activation row, and a row chunk of a product built from them.
 
 use crate::dequant::{
-    bf16_at, f16_at, f32_at, iq4nl_values, scale_min_k4, scales_iq4xs, scales_q3k, u32_at,
+    bf16_at, f16_at, f32_at, grid_block, grid_iquant_factor, iq4nl_values, scale_min_k4,
+    scales_iq4xs, scales_q3k, u32_at,
 };
 use crate::layout::{q8_scale, Act, BlockQ8, BlockQ8K, Packing, QuantType, RowsPlan};
 use crate::repack::unpack_rows4_group;
@@ -201,7 +202,7 @@ fn dot_iq4xs_q8(w: &[u8], a: &[BlockQ8]) -> f32 {
     sum
 }
 
-/// Dot of a K-quant weight row with Q8_K activations.
+/// Dot of a K-quant or grid i-quant weight row with Q8_K activations.
 pub(crate) fn dot_q8k(ty: QuantType, w: &[u8], a: &[BlockQ8K]) -> f32 {
     let bb = ty.block_bytes();
     let mut sum = 0f32;
@@ -313,6 +314,20 @@ pub(crate) fn dot_q8k(ty: QuantType, w: &[u8], a: &[BlockQ8K]) -> f32 {
                 let d = f32_at(b, 0);
                 let isum: i32 = (0..256).map(|j| b[4 + j] as i8 as i32 * x[j] as i32).sum();
                 ab.d * d * isum as f32
+            }
+            // integer sums of each 16 values times their scale's odd multiplier; the type's
+            // power-of-two factor folded into d
+            _ if ty.is_grid_iquant() => {
+                let g = grid_block(ty, b);
+                let isum: i32 = (0..16)
+                    .map(|k| {
+                        let s: i32 = (16 * k..16 * k + 16)
+                            .map(|i| g.q[i] as i32 * x[i] as i32)
+                            .sum();
+                        (2 * g.ls[k] as i32 + 1) * s
+                    })
+                    .sum();
+                ab.d * (g.d * grid_iquant_factor(ty)) * isum as f32
             }
             _ => unreachable!(),
         };

@@ -60,7 +60,8 @@ fn make_weights(ty: QuantType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>,
             let bytes = h.iter().flat_map(|v| v.to_le_bytes()).collect();
             (bytes, h.iter().map(|v| v.to_f32()).collect())
         }
-        QuantType::IQ4NL | QuantType::IQ4XS => common::random_iq4(ty, rows, cols, &mut rng),
+        QuantType::IQ4NL | QuantType::IQ4XS => common::random_iquant(ty, rows, cols, &mut rng),
+        _ if ty.is_grid_iquant() => common::random_iquant(ty, rows, cols, &mut rng),
         _ => {
             let t = Tensor::from_vec(vals, (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&t, candle_dtype(ty).unwrap()).unwrap();
