@@ -88,14 +88,27 @@ pub(crate) const KSIGNS: [u8; 128] = {
     t
 };
 
-/// A block of a grid i-quant ([`QuantType::is_grid_iquant`]) as integers: value `i` is
-/// `d * f * (2 ls[i / 16] + 1) * q[i]`, with `f` the type's factor ([`grid_iquant_factor`]).
+/// A block of a grid i-quant ([`QuantType::is_grid_iquant`]) as its 32 groups of eight values:
+/// the grid entries its indices select, what sets their signs, and the scales. The scalar
+/// reference ([`grid_block`]) and the SIMD kernels both start from it.
+pub(crate) struct GridGroups {
+    pub d: f32,
+    /// Group `i`'s eight grid bytes (IQ2: magnitudes; IQ3: two entries of four; IQ1: -1, 0, 1).
+    pub grid: [u64; 32],
+    /// IQ2, IQ3: group `i`'s sign byte (bit `j` set: value `j` negative). IQ1: 1 where the
+    /// group's offset is -1/8, 0 where it is +1/8.
+    pub signs: [u8; 32],
+    /// The scale of each 16 values (of each 32 duplicated).
+    pub ls: [u8; 16],
+}
+
+/// A block of a grid i-quant as integers: value `i` is `d * f * (2 ls[i / 16] + 1) * q[i]`,
+/// with `f` the type's factor ([`grid_iquant_factor`]).
 pub(crate) struct GridBlock {
     pub d: f32,
     /// The signed grid values (IQ1_S, IQ1_M: eight times the grid value plus the offset's sign,
     /// as the offset is 1/8).
     pub q: [i8; 256],
-    /// The scale of each 16 values (of each 32 duplicated).
     pub ls: [u8; 16],
 }
 
@@ -109,121 +122,130 @@ pub(crate) fn grid_iquant_factor(ty: QuantType) -> f32 {
     }
 }
 
-/// The eight bytes of `grid` entry `g` with the signs of `signs`' bits applied.
+/// Reads a block of a grid i-quant (see [`GridGroups`]).
 #[inline(always)]
-fn signed8(q: &mut [i8], grid: u64, signs: u8) {
-    for (j, o) in q.iter_mut().enumerate().take(8) {
-        let v = (grid >> (8 * j)) as u8 as i8;
-        *o = if signs >> j & 1 != 0 { -v } else { v };
-    }
-}
-
-/// Unpacks a block of a grid i-quant (see [`GridBlock`]).
-pub(crate) fn grid_block(ty: QuantType, b: &[u8]) -> GridBlock {
-    let mut q = [0i8; 256];
+pub(crate) fn grid_groups(ty: QuantType, b: &[u8]) -> GridGroups {
+    let mut grid = [0u64; 32];
+    let mut signs = [0u8; 32];
     let mut ls = [0u8; 16];
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
     let d = match ty {
         QuantType::IQ1M => {
-            let sc = |k: usize| u16::from_le_bytes([b[48 + 2 * k], b[49 + 2 * k]]);
+            let sc = |k: usize| u16_at(48 + 2 * k);
             let bits =
                 (sc(0) >> 12) | ((sc(1) >> 8) & 0xf0) | ((sc(2) >> 4) & 0xf00) | (sc(3) & 0xf000);
             half::f16::from_bits(bits).to_f32()
         }
         _ => f16_at(b, 0),
     };
+    // IQ2_XXS, IQ3_XXS: per 32 values a u32 of four 7-bit sign indices and the scale
+    let sign_words = |first: usize, stride: usize, ls: &mut [u8; 16], signs: &mut [u8; 32]| {
+        for ib in 0..8 {
+            let aux = u32_at(b, first + stride * ib);
+            ls[2 * ib] = (aux >> 28) as u8;
+            ls[2 * ib + 1] = ls[2 * ib];
+            for l in 0..4 {
+                signs[4 * ib + l] = KSIGNS[(aux >> (7 * l) & 127) as usize];
+            }
+        }
+    };
+    let nibble_scales = |first: usize, per: usize, ls: &mut [u8; 16]| {
+        for (g, l) in ls.iter_mut().enumerate() {
+            let k = g / per;
+            *l = b[first + k / 2] >> (4 * (k % 2)) & 15;
+        }
+    };
     match ty {
         QuantType::IQ2XXS => {
             for ib in 0..8 {
-                let o = 2 + 8 * ib;
-                let aux = u32_at(b, o + 4);
-                ls[2 * ib] = (aux >> 28) as u8;
-                ls[2 * ib + 1] = ls[2 * ib];
                 for l in 0..4 {
-                    let grid = IQ2XXS_GRID[b[o + l] as usize];
-                    let signs = KSIGNS[(aux >> (7 * l) & 127) as usize];
-                    signed8(&mut q[32 * ib + 8 * l..], grid, signs);
+                    grid[4 * ib + l] = IQ2XXS_GRID[b[2 + 8 * ib + l] as usize];
                 }
             }
+            // each after its four grid indices
+            sign_words(6, 8, &mut ls, &mut signs);
         }
-        QuantType::IQ2XS | QuantType::IQ2S => {
+        QuantType::IQ2XS => {
             for i in 0..32 {
-                let (grid, signs) = if ty == QuantType::IQ2XS {
-                    let v = u16::from_le_bytes([b[2 + 2 * i], b[3 + 2 * i]]);
-                    (IQ2XS_GRID[(v & 511) as usize], KSIGNS[(v >> 9) as usize])
-                } else {
-                    let high = (b[66 + i / 4] >> (2 * (i % 4)) & 3) as usize;
-                    (IQ2S_GRID[b[2 + i] as usize | high << 8], b[34 + i])
-                };
-                signed8(&mut q[8 * i..], grid, signs);
+                let v = u16_at(2 + 2 * i);
+                grid[i] = IQ2XS_GRID[(v & 511) as usize];
+                signs[i] = KSIGNS[(v >> 9) as usize];
             }
-            let scales = if ty == QuantType::IQ2XS { 66 } else { 74 };
-            for (g, l) in ls.iter_mut().enumerate() {
-                *l = b[scales + g / 2] >> (4 * (g % 2)) & 15;
+            nibble_scales(66, 1, &mut ls);
+        }
+        QuantType::IQ2S => {
+            for i in 0..32 {
+                let high = (b[66 + i / 4] >> (2 * (i % 4)) & 3) as usize;
+                grid[i] = IQ2S_GRID[b[2 + i] as usize | high << 8];
+                signs[i] = b[34 + i];
             }
+            nibble_scales(74, 1, &mut ls);
         }
         QuantType::IQ3XXS => {
-            for ib in 0..8 {
-                let aux = u32_at(b, 66 + 4 * ib);
-                ls[2 * ib] = (aux >> 28) as u8;
-                ls[2 * ib + 1] = ls[2 * ib];
-                for l in 0..4 {
-                    let o = 2 + 8 * ib + 2 * l;
-                    let grid = IQ3XXS_GRID[b[o] as usize] as u64
-                        | (IQ3XXS_GRID[b[o + 1] as usize] as u64) << 32;
-                    let signs = KSIGNS[(aux >> (7 * l) & 127) as usize];
-                    signed8(&mut q[32 * ib + 8 * l..], grid, signs);
-                }
+            for i in 0..32 {
+                let (lo, hi) = (b[2 + 2 * i] as usize, b[3 + 2 * i] as usize);
+                grid[i] = IQ3XXS_GRID[lo] as u64 | (IQ3XXS_GRID[hi] as u64) << 32;
             }
+            sign_words(66, 4, &mut ls, &mut signs);
         }
         QuantType::IQ3S => {
+            let index =
+                |k: usize| b[2 + k] as usize | ((b[66 + k / 8] >> (k % 8) & 1) as usize) << 8;
             for i in 0..32 {
-                let index =
-                    |k: usize| b[2 + k] as usize | ((b[66 + k / 8] >> (k % 8) & 1) as usize) << 8;
-                let grid =
+                grid[i] =
                     IQ3S_GRID[index(2 * i)] as u64 | (IQ3S_GRID[index(2 * i + 1)] as u64) << 32;
-                signed8(&mut q[8 * i..], grid, b[74 + i]);
+                signs[i] = b[74 + i];
             }
-            for (g, l) in ls.iter_mut().enumerate() {
-                *l = b[106 + g / 4] >> (4 * (g / 2 % 2)) & 15;
-            }
+            nibble_scales(106, 2, &mut ls);
         }
         QuantType::IQ1S => {
             for ib in 0..8 {
-                let h = u16::from_le_bytes([b[34 + 2 * ib], b[35 + 2 * ib]]);
+                let h = u16_at(34 + 2 * ib);
                 ls[2 * ib] = (h >> 12 & 7) as u8;
                 ls[2 * ib + 1] = ls[2 * ib];
-                let offset = if h & 0x8000 != 0 { -1 } else { 1 };
                 for l in 0..4 {
                     let index = b[2 + 4 * ib + l] as usize | ((h >> (3 * l) & 7) as usize) << 8;
-                    iq1_group(&mut q[32 * ib + 8 * l..], IQ1S_GRID[index], offset);
+                    grid[4 * ib + l] = IQ1S_GRID[index];
+                    signs[4 * ib + l] = (h >> 15) as u8;
                 }
             }
         }
         QuantType::IQ1M => {
             for i in 0..32 {
                 let h = b[32 + i / 2] >> (4 * (i % 2));
-                let offset = if h & 8 != 0 { -1 } else { 1 };
-                iq1_group(
-                    &mut q[8 * i..],
-                    IQ1S_GRID[b[i] as usize | ((h & 7) as usize) << 8],
-                    offset,
-                );
+                grid[i] = IQ1S_GRID[b[i] as usize | ((h & 7) as usize) << 8];
+                signs[i] = h >> 3 & 1;
             }
             for (g, l) in ls.iter_mut().enumerate() {
-                let sc = u16::from_le_bytes([b[48 + 2 * (g / 4)], b[49 + 2 * (g / 4)]]);
-                *l = (sc >> (3 * (g % 4)) & 7) as u8;
+                *l = (u16_at(48 + 2 * (g / 4)) >> (3 * (g % 4)) & 7) as u8;
             }
         }
         _ => unreachable!("{ty} is not a grid i-quant"),
     }
-    GridBlock { d, q, ls }
+    GridGroups { d, grid, signs, ls }
 }
 
-/// Eight IQ1 values (grid values -1, 0, 1 plus an offset of `offset` / 8) as eighths.
-#[inline(always)]
-fn iq1_group(q: &mut [i8], grid: u64, offset: i8) {
-    for (j, o) in q.iter_mut().enumerate().take(8) {
-        *o = 8 * (grid >> (8 * j)) as u8 as i8 + offset;
+/// Unpacks a block of a grid i-quant (see [`GridBlock`]).
+pub(crate) fn grid_block(ty: QuantType, b: &[u8]) -> GridBlock {
+    let g = grid_groups(ty, b);
+    let iq1 = matches!(ty, QuantType::IQ1S | QuantType::IQ1M);
+    let mut q = [0i8; 256];
+    for (i, q) in q.chunks_exact_mut(8).enumerate() {
+        for (j, o) in q.iter_mut().enumerate() {
+            let v = (g.grid[i] >> (8 * j)) as u8 as i8;
+            *o = if iq1 {
+                8 * v + if g.signs[i] != 0 { -1 } else { 1 }
+            } else if g.signs[i] >> j & 1 != 0 {
+                -v
+            } else {
+                v
+            };
+        }
+    }
+    GridBlock {
+        d: g.d,
+        q,
+        ls: g.ls,
     }
 }
 

@@ -199,9 +199,9 @@ pub fn best_packing(ty: QuantType, rows: usize) -> Packing {
 
 /// Tokens per call up to which [`matmul_many`] gives each token of a `ty` matrix in `packing`
 /// the bits a call with that token alone gives (`usize::MAX`: any number): the rows4 kernels
-/// (IQ4_NL and IQ4_XS included), the Q2_K and Q3_K kernels and the scalar reference (which IQ4
-/// matrices outside the rows4 layout run) do the same operations for every token
-/// count; the K-quants in the
+/// (IQ4_NL and IQ4_XS included), the Q2_K and Q3_K kernels, the grid i-quants' kernel and the
+/// scalar reference (which IQ4 matrices outside the rows4 layout run) do the same operations for
+/// every token count; the K-quants in the
 /// GGUF layout switch from direct tiles to panels at 4 tokens, the 32-element types from the
 /// decode kernel at 2; the float and Q8_K tiles are not checked for it, so no more than 1 is
 /// promised. Speculative decoding checks drafts only in steps within it.
@@ -222,6 +222,7 @@ pub fn batch_invariant_tokens(ty: QuantType, packing: Packing) -> usize {
         | QuantType::BF16 => 1,
         // IQ4 in the GGUF layout (rows not a multiple of 4) runs the scalar reference
         QuantType::Q2K | QuantType::Q3K | QuantType::IQ4NL | QuantType::IQ4XS => usize::MAX,
+        // the grid i-quants' kernel computes the scalar reference's bits
         QuantType::IQ2XXS
         | QuantType::IQ2XS
         | QuantType::IQ2S

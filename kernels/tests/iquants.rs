@@ -170,6 +170,12 @@ fn check(ty: QuantType, bytes: (&[u8], &[u8]), wv: &[f32], rows: usize, cols: us
                 None => first = Some(y),
             }
         }
+        if ty.is_grid_iquant() {
+            // the same integer sums and float steps as the reference
+            if let Some(y) = &first {
+                assert_eq!(bits(y), bits(&scalar), "{ty} {rows}x{cols} n={n} vs scalar");
+            }
+        }
         let (y, level) = match first {
             Some(y) => (y, simd[0]),
             None => (scalar.clone(), Backend::Scalar),

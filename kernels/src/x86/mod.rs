@@ -9,6 +9,8 @@
 //!   in registers and combined with the tokens by the panel kernels' K-quant arithmetic.
 //! * `simd.rs`: loads and block unpacking both share.
 //! * `iquant.rs`: IQ4_NL and IQ4_XS rows4 blocks unpacked for the 32-element kernels.
+//! * `iquant_low.rs`: the grid i-quants (IQ1_S to IQ3_S), every token count, one AVX2 kernel
+//!   for every level.
 //! * `act.rs`: activation quantization; `repack.rs`: the rows4 packer.
 //!
 //! [`chunk_rows`] is the way in: it only picks the kernel for a row chunk, and the driver
@@ -22,6 +24,7 @@ use std::ops::Range;
 mod act;
 mod decode;
 mod iquant;
+mod iquant_low;
 mod isa;
 mod kquant_low;
 mod pairs;
@@ -250,6 +253,18 @@ pub(crate) unsafe fn chunk_rows<I: Isa>(plan: &RowsPlan<'_>, rows: Range<usize>)
         (QuantType::Q2K, Act::Q8K(a)) => I::gemm_low_k::<false>(q8k(a)),
         (QuantType::Q3K, Act::Q8K(a)) => I::gemm_low_k::<true>(q8k(a)),
         (QuantType::Q8K, Act::Q8K(a)) => I::gemm::<K_Q8K, 4, 4>(q8k(a).in_bytes()),
+        (_, Act::Q8K(a)) if ty.is_grid_iquant() => {
+            let o = q8k(a);
+            match ty {
+                QuantType::IQ2XXS => iquant_low::gemm_grid::<16>(o),
+                QuantType::IQ2XS => iquant_low::gemm_grid::<17>(o),
+                QuantType::IQ3XXS => iquant_low::gemm_grid::<18>(o),
+                QuantType::IQ1S => iquant_low::gemm_grid::<19>(o),
+                QuantType::IQ3S => iquant_low::gemm_grid::<21>(o),
+                QuantType::IQ2S => iquant_low::gemm_grid::<22>(o),
+                _ => iquant_low::gemm_grid::<29>(o),
+            }
+        }
         (QuantType::F32 | QuantType::F16 | QuantType::BF16, Act::F32(x)) => {
             // one row of f32 values per token, `cols` of them
             let o = operands(plan, &rows, x.as_ptr(), cols, cols).in_bytes();
