@@ -8,6 +8,7 @@ fixed text of 500+ tokens, greedy continuations of the reference prompts) and th
     python3 benches/compare.py                 # the 0.5B test model, 2 threads
     python3 benches/compare.py --model 1.5b -r 3 --rounds 2
     python3 benches/compare.py --model path/to/any.gguf --no-fidelity
+    python3 benches/compare.py --model 1.5b-iq4_xs -r 2   # made by llama-quantize once
 
 llama.cpp is the pinned b11434 build from benches/install_llama_cpp.sh (installed on first use).
 Speeds are the mean of every sample of every round; the machine is shared and noisy, so the
@@ -52,9 +53,34 @@ def run_with_peak_rss(cmd, **kw):
     return stdout, stderr, usage.ru_maxrss / 1024.0
 
 
-def resolve_model(m):
+# Quant types llama-quantize makes from a test model without an importance matrix, for
+# `--model 1.5b-iq4_xs` and the like. (The IQ1/IQ2/IQ3 types need one, which the pinned build
+# cannot make.) IQ4_XS keeps a Q4_K token embedding: the 1.5B's embedding rows do not take it.
+REQUANT_TYPES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_1", "q5_0", "q5_1", "q5_k_s",
+                 "q5_k_m", "q6_k", "q8_0", "iq4_nl", "iq4_xs"]
+REQUANT_EXTRA = {"iq4_xs": ["--token-embedding-type", "q4_k"], "iq4_nl": ["--token-embedding-type", "q4_k"]}
+
+
+def resolve_model(m, llama_bin=None):
+    """A GGUF path, a test model name (0.5b, 1.5b: models/fetch.py), or a test model made into
+    another quant type by llama.cpp's llama-quantize (`1.5b-iq4_xs`), made once and kept beside
+    the test models (minutes each on 2 cores)."""
     if os.path.isfile(m):
         return os.path.abspath(m)
+    base, _, quant = m.partition("-")
+    if quant and base in ("0.5b", "1.5b"):
+        if quant.lower() not in REQUANT_TYPES:
+            sys.exit(f"compare: --model {m}: no such quant type made here; one of {', '.join(REQUANT_TYPES)} "
+                     "after 0.5b- or 1.5b-, or a GGUF file")
+        source = resolve_model(base)
+        target = source.replace("-q4_k_m.gguf", f"-{quant.lower()}.gguf")
+        if not os.path.isfile(target):
+            quantize = os.path.join(llama_bin_dir(llama_bin), "llama-quantize")
+            log(f"making {target} with llama-quantize (once; minutes)")
+            run([quantize, "--allow-requantize", *REQUANT_EXTRA.get(quant.lower(), []), source,
+                 target + ".part", quant.upper(), "2"])
+            os.replace(target + ".part", target)
+        return target
     out, _ = run([sys.executable, os.path.join(ROOT, "models", "fetch.py"), m])
     return out.strip()
 
@@ -145,7 +171,7 @@ def main(argv):
     ap.add_argument("--json", help="also write the raw results here")
     args = ap.parse_args(argv)
 
-    model = resolve_model(args.model)
+    model = resolve_model(args.model, args.llama_bin)
     name = os.path.basename(model)[:-5] if model.endswith(".gguf") else os.path.basename(model)
     qr = qwen_run_binary(args.qwen_run)
     lb = llama_bin_dir(args.llama_bin)
