@@ -2050,6 +2050,12 @@ fn slots_save_erase_restore() {
         let v: Value = serde_json::from_str(&body).unwrap();
         v[0]["n_cached"].as_u64().unwrap()
     };
+    // The board is published after the step that answered, which may come a moment after the
+    // answer on a loaded machine (see llama_server_tokenize_template_props_slots).
+    wait_until("the slot shows idle", || {
+        let (_, body) = s.get("/slots");
+        !body.contains("\"is_processing\":true")
+    });
     let held = slot_cached();
     assert!(held >= n_prompt, "{held} {n_prompt}");
 
