@@ -466,3 +466,20 @@ pub(crate) struct RowsPlan<'a> {
 /// kernels (panel.rs); fewer: the direct R x T tiles (decode.rs: `tile_q45k`,
 /// `tile_q6k`), whose results for a token do not depend on the other tokens.
 pub(crate) const K_PANEL_MIN_TOKENS: usize = 4;
+
+/// Sets the f16 scale `d` of an i-quant block, for code that writes such blocks (tests, tools):
+/// its first two bytes, but for IQ1_M, whose d is spread over the top nibbles of the four u16 at
+/// bytes 48..56.
+pub fn set_iquant_d(ty: QuantType, block: &mut [u8], d: f32) {
+    let bits = half::f16::from_f32(d).to_bits();
+    if ty == QuantType::IQ1M {
+        for k in 0..4 {
+            let o = 48 + 2 * k;
+            let w = u16::from_le_bytes([block[o], block[o + 1]]) & 0x0fff;
+            let w = w | ((bits >> (4 * k)) & 0xf) << 12;
+            block[o..o + 2].copy_from_slice(&w.to_le_bytes());
+        }
+    } else {
+        block[..2].copy_from_slice(&bits.to_le_bytes());
+    }
+}

@@ -23,8 +23,8 @@ mod x86;
 
 pub use driver::{repack_rows4, repack_rows4_into, MatMulJob};
 pub use layout::{
-    has_rows4, rows4_row_bytes, stored_row_bytes, BlockQ8, BlockQ8K, Packing, QuantType,
-    IQ4NL_VALUES,
+    has_rows4, rows4_row_bytes, set_iquant_d, stored_row_bytes, BlockQ8, BlockQ8K, Packing,
+    QuantType, IQ4NL_VALUES,
 };
 
 /// Scalar reference dequantization of `out.len()` elements.
@@ -223,13 +223,7 @@ pub fn batch_invariant_tokens(ty: QuantType, packing: Packing) -> usize {
         // IQ4 in the GGUF layout (rows not a multiple of 4) runs the scalar reference
         QuantType::Q2K | QuantType::Q3K | QuantType::IQ4NL | QuantType::IQ4XS => usize::MAX,
         // the grid i-quants' kernel computes the scalar reference's bits
-        QuantType::IQ2XXS
-        | QuantType::IQ2XS
-        | QuantType::IQ2S
-        | QuantType::IQ3XXS
-        | QuantType::IQ3S
-        | QuantType::IQ1S
-        | QuantType::IQ1M => usize::MAX,
+        grid if grid.is_grid_iquant() => usize::MAX,
     }
 }
 

@@ -55,6 +55,40 @@ pub struct BenchRow {
     pub stddev_ts: f64,
 }
 
+impl BenchRow {
+    /// A test's row: its sequences decoded together and the tokens of context before its own.
+    fn new(
+        engine: &Engine,
+        test: String,
+        n_tokens: usize,
+        (sequences, depth): (usize, usize),
+        format: Option<String>,
+        samples: Vec<f64>,
+    ) -> BenchRow {
+        let (avg_ts, stddev_ts) = mean_sd(&samples);
+        BenchRow {
+            model: model_label(engine),
+            size_bytes: engine.gguf.tensors.iter().map(|t| t.size as u64).sum(),
+            params: engine
+                .gguf
+                .tensors
+                .iter()
+                .map(|t| t.elements() as u64)
+                .sum(),
+            backend: engine.device_name(),
+            threads: engine.threads,
+            test,
+            n_tokens,
+            sequences,
+            depth,
+            format,
+            samples_ts: samples,
+            avg_ts,
+            stddev_ts,
+        }
+    }
+}
+
 /// What a format costs before its first token, in milliseconds: the model's vocabulary indexed
 /// for llguidance (once per model), the format compiled (once per format text), and a copy of the
 /// compiled parser (each request after the first).
@@ -235,27 +269,14 @@ pub fn run_constrained(opts: &BenchOptions, format: Option<&Format>) -> Result<B
                         accepted: g.spec.accepted,
                     });
                 }
-                let (avg, sd) = mean_sd(&samples);
-                rows.push(BenchRow {
-                    model: model_label(&engine),
-                    size_bytes: engine.gguf.tensors.iter().map(|t| t.size as u64).sum(),
-                    params: engine
-                        .gguf
-                        .tensors
-                        .iter()
-                        .map(|t| t.elements() as u64)
-                        .sum(),
-                    backend: engine.device_name(),
-                    threads: engine.threads,
-                    test: format!("chat{n}{}", if drafted { " +draft" } else { "" }),
-                    n_tokens: runs.last().map_or(n, |g| g.tokens.len()),
-                    sequences: 1,
-                    depth: 0,
-                    format: None,
-                    samples_ts: samples,
-                    avg_ts: avg,
-                    stddev_ts: sd,
-                });
+                rows.push(BenchRow::new(
+                    &engine,
+                    format!("chat{n}{}", if drafted { " +draft" } else { "" }),
+                    runs.last().map_or(n, |g| g.tokens.len()),
+                    (1, 0),
+                    None,
+                    samples,
+                ));
             }
         }
         for ((name, n, is_prompt, seqs), depth) in tests {
@@ -280,30 +301,17 @@ pub fn run_constrained(opts: &BenchOptions, format: Option<&Format>) -> Result<B
             let samples = (0..opts.repetitions)
                 .map(|_| once(&engine).map(|d| (n * seqs) as f64 / d.as_secs_f64()))
                 .collect::<Result<Vec<f64>>>()?;
-            let (avg, sd) = mean_sd(&samples);
             if let (Some(times), (spent, tokens @ 1..)) = (&mut format_times, masked.get()) {
                 times.mask_us_per_token = Some(spent.as_secs_f64() * 1e6 / tokens as f64);
             }
-            rows.push(BenchRow {
-                model: model_label(&engine),
-                size_bytes: engine.gguf.tensors.iter().map(|t| t.size as u64).sum(),
-                params: engine
-                    .gguf
-                    .tensors
-                    .iter()
-                    .map(|t| t.elements() as u64)
-                    .sum(),
-                backend: engine.device_name(),
-                threads: engine.threads,
-                test: name,
-                n_tokens: n * seqs,
-                sequences: seqs,
-                depth,
-                format: format.map(|f| format_label(f).to_string()),
-                samples_ts: samples,
-                avg_ts: avg,
-                stddev_ts: sd,
-            });
+            rows.push(BenchRow::new(
+                &engine,
+                name,
+                n * seqs,
+                (seqs, depth),
+                format.map(|f| format_label(f).to_string()),
+                samples,
+            ));
         }
     }
     // before the bandwidth probe, whose 512 MiB buffer is not the engine's

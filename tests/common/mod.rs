@@ -137,7 +137,7 @@ fn random_iquant_blocks(ty: QuantType, n: usize, scale: f32, values: Vec<f32>) -
     for b in bytes.chunks_exact_mut(ty.block_bytes()) {
         let d = if ty.is_grid_iquant() {
             // the largest value of the block with d = 1 becomes `scale`
-            set_iquant_d(ty, b, 1.0);
+            qwen_run_kernels::set_iquant_d(ty, b, 1.0);
             let mut v = vec![0f32; ty.block_size()];
             qwen_run_kernels::dequantize(ty, b, &mut v);
             scale / v.iter().fold(1e-3f32, |m, x| m.max(x.abs()))
@@ -145,25 +145,9 @@ fn random_iquant_blocks(ty: QuantType, n: usize, scale: f32, values: Vec<f32>) -
             // the largest grid value is 127; IQ4_XS's sub-block scales average about 16
             scale / 127.0 / if ty == QuantType::IQ4XS { 16.0 } else { 1.0 }
         };
-        set_iquant_d(ty, b, d);
+        qwen_run_kernels::set_iquant_d(ty, b, d);
     }
     bytes
-}
-
-/// Sets the f16 scale d of an i-quant block: its first two bytes, but for IQ1_M, whose d is
-/// spread over the top nibbles of the four u16 at bytes 48..56.
-fn set_iquant_d(ty: QuantType, block: &mut [u8], d: f32) {
-    let bits = half::f16::from_f32(d).to_bits();
-    if ty == QuantType::IQ1M {
-        for k in 0..4 {
-            let o = 48 + 2 * k;
-            let w = u16::from_le_bytes([block[o], block[o + 1]]) & 0x0fff;
-            let w = w | ((bits >> (4 * k)) & 0xf) << 12;
-            block[o..o + 2].copy_from_slice(&w.to_le_bytes());
-        }
-    } else {
-        block[..2].copy_from_slice(&bits.to_le_bytes());
-    }
 }
 
 /// A complete tiny Qwen2 model whose matrices are of type `ty`.
