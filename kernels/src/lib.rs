@@ -223,7 +223,13 @@ pub fn batch_invariant_tokens(ty: QuantType, packing: Packing) -> usize {
         // IQ4 in the GGUF layout (rows not a multiple of 4) runs the scalar reference
         QuantType::Q2K | QuantType::Q3K | QuantType::IQ4NL | QuantType::IQ4XS => usize::MAX,
         // the grid i-quants' kernel computes the scalar reference's bits
-        grid if grid.is_grid_iquant() => usize::MAX,
+        QuantType::IQ2XXS
+        | QuantType::IQ2XS
+        | QuantType::IQ2S
+        | QuantType::IQ3XXS
+        | QuantType::IQ3S
+        | QuantType::IQ1S
+        | QuantType::IQ1M => usize::MAX,
     }
 }
 

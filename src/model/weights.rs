@@ -156,7 +156,15 @@ impl QMatrix {
             QuantType::Q8K => GgmlDType::Q8K,
             // Candle has no i-quants: the device holds the values, as f16 (exact for IQ4_NL,
             // within an f16 rounding of each value for the others)
-            i if i == QuantType::IQ4NL || i == QuantType::IQ4XS || i.is_grid_iquant() => {
+            QuantType::IQ4NL
+            | QuantType::IQ4XS
+            | QuantType::IQ2XXS
+            | QuantType::IQ2XS
+            | QuantType::IQ2S
+            | QuantType::IQ3XXS
+            | QuantType::IQ3S
+            | QuantType::IQ1S
+            | QuantType::IQ1M => {
                 let f16: Vec<u8> = self
                     .dequantize_all()
                     .into_iter()
